@@ -1,0 +1,144 @@
+#!/usr/bin/env bash
+# Run the node or the tests on a machine with nothing but Python 3.11 (and a C/C++ compiler):
+#
+#   ./quickstart.sh node [extra ROS arguments, e.g. -r image:=/my_camera/image_raw]
+#   ./quickstart.sh test [pytest arguments]
+#
+# The first run creates .venv/ in the repository with the pinned Python dependencies and the
+# ROS 2 Kilted PyPI wheels, and builds the interface package (a few minutes). Later runs only
+# reinstall what changed. On a machine with ROS from apt, use colcon instead (see README).
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+VENV="$REPO/.venv"
+INTERFACES="$REPO/interfaces/personal_vlm_interfaces"
+# The test runner is not a dependency of the package; pinned here so test runs are repeatable.
+PYTEST_REQUIREMENT="pytest==9.2.0"
+
+say() { echo "[quickstart] $*"; }
+die() { echo "[quickstart] error: $*" >&2; exit 1; }
+
+usage() {
+    cat >&2 <<'EOF'
+usage: ./quickstart.sh node [extra ROS arguments]
+       ./quickstart.sh test [pytest arguments]
+EOF
+    exit 2
+}
+
+[ $# -ge 1 ] || usage
+COMMAND=$1
+shift
+case "$COMMAND" in
+    node | test) ;;
+    *) usage ;;
+esac
+
+find_python() {
+    if [ -n "${PYTHON:-}" ]; then
+        echo "$PYTHON"
+    elif command -v python3.11 >/dev/null 2>&1; then
+        echo python3.11
+    elif command -v python3 >/dev/null 2>&1 &&
+        [ "$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')" = "3.11" ]; then
+        echo python3
+    else
+        die "Python 3.11 is needed (the ROS 2 Kilted wheels are built for it) and neither python3.11 nor a python3 of version 3.11 is on PATH. Install it (e.g. apt-get install python3.11 python3.11-venv, or pyenv) or set PYTHON=/path/to/python3.11."
+    fi
+}
+
+sha256_of_files() {
+    # One hash over the names and contents of the given files, in a stable order.
+    (cd "$REPO" && LC_ALL=C sort -z | xargs -0 sha256sum) | sha256sum | cut -d' ' -f1
+}
+
+# The ROS wheels' startup hook re-executes Python once to set the library path and marks that
+# in the environment; a marker inherited from another environment would make it skip this one.
+unset _ROS_WHEELS_BOOTSTRAP_COMPLETE
+
+if [ ! -x "$VENV/bin/python" ]; then
+    PY=$(find_python)
+    say "creating $VENV with $("$PY" --version 2>&1)"
+    "$PY" -m venv "$VENV" ||
+        die "could not create a virtual environment; on Debian/Ubuntu install python3.11-venv"
+fi
+VPY="$VENV/bin/python"
+[ "$("$VPY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')" = "3.11" ] ||
+    die "$VENV is not a Python 3.11 environment; remove it and rerun"
+
+# 1. Python dependencies and ROS wheels, when the requirement files changed since the last run.
+REQUIREMENTS_STAMP="$VENV/.quickstart-requirements.sha256"
+requirements_hash=$(
+    {
+        printf '%s\0' requirements.txt requirements-ros.txt | sha256_of_files
+        echo "$PYTEST_REQUIREMENT"
+    } | sha256sum | cut -d' ' -f1
+)
+if [ "$(cat "$REQUIREMENTS_STAMP" 2>/dev/null)" != "$requirements_hash" ]; then
+    say "installing requirements (first run only; a few minutes)…"
+    "$VPY" -m pip install --quiet --disable-pip-version-check \
+        -r "$REPO/requirements.txt" -r "$REPO/requirements-ros.txt" "$PYTEST_REQUIREMENT"
+    echo "$requirements_hash" >"$REQUIREMENTS_STAMP"
+else
+    say "requirements already installed"
+fi
+
+# 2. The interface package (generated C/C++/Python message code), when its sources changed.
+INTERFACES_STAMP="$VENV/.quickstart-interfaces.sha256"
+interfaces_hash=$(
+    {
+        (cd "$REPO" && find interfaces/personal_vlm_interfaces -type f \
+            ! -path '*/build/*' ! -path '*/__pycache__/*' -print0) | sha256_of_files
+        echo "$requirements_hash"
+    } | sha256sum | cut -d' ' -f1
+)
+if [ "$(cat "$INTERFACES_STAMP" 2>/dev/null)" != "$interfaces_hash" ] ||
+    [ ! -f "$VENV/share/personal_vlm_interfaces/package.xml" ]; then
+    if [ -z "${CXX:-}" ] && ! command -v c++ >/dev/null 2>&1 && ! command -v g++ >/dev/null 2>&1 &&
+        ! command -v clang++ >/dev/null 2>&1; then
+        die "building the ROS interface types needs a C and C++ compiler; install one (Debian/Ubuntu: apt-get install build-essential) and rerun"
+    fi
+    say "building personal_vlm_interfaces (about 30 s)…"
+    "$VPY" -m pip install --quiet --disable-pip-version-check --no-build-isolation "$INTERFACES"
+    echo "$interfaces_hash" >"$INTERFACES_STAMP"
+else
+    say "personal_vlm_interfaces up to date"
+fi
+
+# 3. This package itself, always (seconds): puts the ament index entry, share/ files and the
+#    node's lib/personal_vlm_node/assistant_node launcher into the environment.
+say "installing personal_vlm_node…"
+"$VPY" -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation "$REPO"
+
+export VIRTUAL_ENV="$VENV"
+export PATH="$VENV/bin:$PATH"
+export AMENT_PREFIX_PATH="$VENV${AMENT_PREFIX_PATH:+:$AMENT_PREFIX_PATH}"
+
+case "$COMMAND" in
+    node)
+        # Stay on this machine unless the caller chose otherwise; domain 0 is ROS's default, so
+        # `ros2 topic echo` from another shell on this machine sees the node.
+        export ROS_AUTOMATIC_DISCOVERY_RANGE="${ROS_AUTOMATIC_DISCOVERY_RANGE:-LOCALHOST}"
+        export ROS_DOMAIN_ID="${ROS_DOMAIN_ID:-0}"
+        say "starting the node (ROS_DOMAIN_ID=$ROS_DOMAIN_ID, discovery $ROS_AUTOMATIC_DISCOVERY_RANGE)"
+        exec "$VENV/lib/personal_vlm_node/assistant_node" \
+            --ros-args --params-file "$REPO/config/assistant.yaml" "$@"
+        ;;
+    test)
+        # Tests never talk to other machines, and each run gets its own domain so that parallel
+        # runs on one machine do not see each other's nodes.
+        export ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST
+        export ROS_DOMAIN_ID="${ROS_DOMAIN_ID:-$(($$ % 100 + 1))}"
+        say "running pytest (ROS_DOMAIN_ID=$ROS_DOMAIN_ID)"
+        cd "$REPO"
+        status=0
+        "$VPY" -m pytest -q test "$@" || status=$?
+        if [ "$status" -eq 5 ]; then
+            echo "[quickstart] !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!" >&2
+            echo "[quickstart] !!! FAILED: pytest collected no tests (exit status 5).         !!!" >&2
+            echo "[quickstart] !!! Check the test/ folder and the pytest arguments given.     !!!" >&2
+            echo "[quickstart] !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!" >&2
+        fi
+        exit "$status"
+        ;;
+esac
