@@ -1,0 +1,368 @@
+"""The adapter protocol every model family implements, and the mechanics they share.
+
+A prompt is a list of parts: text (``str``), an encoded image (:class:`ImageTokens`) or a concept
+memory (:class:`Memory`, K soft tokens). The adapter renders the parts through the checkpoint's own
+chat template, splices the image features and memories into the LLM's input embeddings, gives every
+row its position (M-RoPE for Qwen), and runs the language model directly:
+
+- ``generate``        greedy decoding with a KV cache, returning text;
+- ``yes_probability`` λ_yes / (λ_yes + λ_no) from one forward pass;
+- ``attention_to_images`` attention of chosen answer tokens to each image's visual tokens at
+  chosen layers only (see :mod:`.attention`).
+
+Family quirks (how an image becomes tokens, where the language model lives, positions) live in
+``vlm/<family>.py``.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ..errors import PersonalVLMError
+from ..images import load_image
+from . import attention
+
+MAX_ASPECT = 20.0         # wider images are padded: vision towers refuse or degrade on slivers
+MAX_SIDE = 4096           # larger images are downscaled before the processor sees them
+_SENTINEL = re.compile("\ue000(\\d+)\ue001")
+
+
+@dataclass
+class ImageTokens:
+    """One image, encoded once by the vision tower + projector, reusable across prompts."""
+
+    features: torch.Tensor        # (N, D) visual tokens in the LLM input space
+    segment_ids: list[int]        # the image's prompt segment (wrappers + N image slots)
+    slots: list[int]              # index in segment_ids of each visual token (len N)
+    token_boxes: torch.Tensor     # (N, 4) float x0, y0, x1, y1 of each token in source pixels
+    grid: tuple[int, int]         # (rows, cols) of the main token grid
+    source_size: tuple[int, int]  # (width, height) of the image the user gave
+    rope: dict = field(default_factory=dict)   # family data for positions (e.g. Qwen's grid_thw)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.features.shape[0]
+
+
+@dataclass
+class Memory:
+    """A concept memory spliced into a prompt as K soft tokens."""
+
+    tokens: torch.Tensor          # (K, D) in the LLM input space
+    name: str = ""
+
+
+@dataclass
+class Prompt:
+    input_ids: torch.Tensor                   # (1, L)
+    inputs_embeds: torch.Tensor               # (1, L, D)
+    position_ids: torch.Tensor                # family shape: (1, L) or (3, 1, L)
+    next_position: int                        # position of the first generated token
+    image_positions: list[torch.Tensor]       # per image: (N_i,) rows holding its visual tokens
+    memory_positions: list[torch.Tensor]      # per memory: (K_j,) rows holding its soft tokens
+    answer_start: int | None = None           # first row of the answer text, when one was given
+    answer_offsets: list[tuple[int, int]] | None = None   # char span of each answer token
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    prompt: Prompt
+
+
+Part = str | ImageTokens | Memory
+
+
+def grid_boxes(rows: int, cols: int, box: tuple[float, float, float, float]) -> torch.Tensor:
+    """Boxes of a rows×cols grid of tokens tiling ``box`` (x0, y0, x1, y1), row-major. (rows·cols, 4)"""
+    x0, y0, x1, y1 = box
+    xs = torch.linspace(x0, x1, cols + 1, dtype=torch.float64)
+    ys = torch.linspace(y0, y1, rows + 1, dtype=torch.float64)
+    r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+    r, c = r.reshape(-1), c.reshape(-1)
+    return torch.stack([xs[c], ys[r], xs[c + 1], ys[r + 1]], dim=1).float()
+
+
+@dataclass
+class PreparedImage:
+    """The image the processor sees, and how its pixels map back to the user's image."""
+
+    image: Image.Image
+    scale: float                  # processed = source · scale + offset
+    offset: tuple[float, float]
+    source_size: tuple[int, int]
+
+    def to_source(self, boxes: torch.Tensor) -> torch.Tensor:
+        """Boxes in processed-image pixels → boxes in source pixels, clipped to the source."""
+        ox, oy = self.offset
+        out = boxes.clone()
+        out[:, 0::2] = (out[:, 0::2] - ox) / self.scale
+        out[:, 1::2] = (out[:, 1::2] - oy) / self.scale
+        w, h = self.source_size
+        out[:, 0::2] = out[:, 0::2].clamp(0, w)
+        out[:, 1::2] = out[:, 1::2].clamp(0, h)
+        return out
+
+
+def prepare_image(source) -> PreparedImage:
+    """Load, downscale huge images, and pad extreme aspect ratios (keeping the mapping back)."""
+    image = load_image(source)
+    w, h = image.size
+    scale = min(1.0, MAX_SIDE / max(w, h))
+    if scale < 1.0:
+        image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
+    pw, ph = image.size
+    tw = max(pw, int(ph / MAX_ASPECT + 0.999))
+    th = max(ph, int(pw / MAX_ASPECT + 0.999))
+    offset = (0.0, 0.0)
+    if (tw, th) != (pw, ph):
+        canvas = Image.new("RGB", (tw, th))
+        offset = ((tw - pw) // 2, (th - ph) // 2)
+        canvas.paste(image, offset)
+        image = canvas
+    return PreparedImage(image, scale, (float(offset[0]), float(offset[1])), (w, h))
+
+
+class VLMAdapter(ABC):
+    """Common mechanics; subclasses set the family hooks marked below."""
+
+    family: str = ""
+    model_types: tuple[str, ...] = ()        # config.model_type values this adapter handles
+
+    def __init__(self, model, tokenizer, image_processor, chat_template: str, model_id: str):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.chat_template = chat_template
+        self.model_id = model_id
+        self.config = model.config
+        self.text_config = model.config.get_text_config()
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self._lock = threading.RLock()      # one forward at a time per model instance
+        model.set_attn_implementation({"text_config": attention.register()})
+        self._placeholder_id = self._pick_placeholder_id()
+        self._stop_ids = self._collect_stop_ids()
+
+    # ---- family hooks ------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def language_model(self) -> torch.nn.Module:
+        """The decoder stack (embeddings + layers + final norm) without the LM head."""
+
+    @abstractmethod
+    def _encode(self, prepared: PreparedImage) -> ImageTokens:
+        """Run the vision tower + projector on one prepared image."""
+
+    def _positions(self, input_ids: torch.Tensor, images: list[ImageTokens],
+                   image_positions: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """Position ids for the prompt and the position of the first generated token."""
+        length = input_ids.shape[1]
+        return torch.arange(length, device=self.device)[None], length
+
+    def _step_position(self, position: int) -> torch.Tensor:
+        return torch.tensor([[position]], device=self.device)
+
+    # ---- description ---------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return int(self.text_config.num_hidden_layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.text_config.hidden_size)
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the feature space memories live in: a change means memories must be rebuilt."""
+        revision = getattr(self.config, "_commit_hash", None) or "local"
+        return f"{self.family}|{self.model_id}|{revision}|{str(self.dtype).replace('torch.', '')}|d{self.hidden_size}"
+
+    # ---- images --------------------------------------------------------------------------
+    def encode_image(self, image) -> ImageTokens:
+        """Visual tokens of ``image`` in the LLM input space, with their boxes in source pixels."""
+        prepared = prepare_image(image)
+        with self._lock, torch.inference_mode():
+            tokens = self._encode(prepared)
+        tokens.source_size = prepared.source_size
+        return tokens
+
+    # ---- prompts -------------------------------------------------------------------------
+    def _pick_placeholder_id(self) -> int:
+        for candidate in (self.tokenizer.pad_token_id, self.tokenizer.unk_token_id,
+                          self.tokenizer.eos_token_id):
+            if candidate is not None:
+                return int(candidate)
+        return 0
+
+    def _collect_stop_ids(self) -> set[int]:
+        ids = set()
+        eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        for value in (eos, self.text_config.eos_token_id, self.tokenizer.eos_token_id):
+            if isinstance(value, int):
+                ids.add(value)
+            elif value:
+                ids.update(int(v) for v in value)
+        for token in ("<|im_end|>", "<end_of_utterance>", "<|endoftext|>", "<|eot_id|>"):
+            tid = self.tokenizer.convert_tokens_to_ids(token)
+            if isinstance(tid, int) and tid != self.tokenizer.unk_token_id and tid >= 0:
+                ids.add(tid)
+        return ids
+
+    def _text_ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def render(self, parts: list[Part], system: str | None = None) -> list[Part]:
+        """The chat-templated user turn (+ generation prompt) as parts; text merged around sentinels."""
+        objects: list[ImageTokens | Memory] = []
+        text = []
+        for part in parts:
+            if isinstance(part, str):
+                text.append(part)
+            elif isinstance(part, (ImageTokens, Memory)):
+                text.append(f"\ue000{len(objects)}\ue001")
+                objects.append(part)
+            else:
+                raise TypeError(f"prompt part of type {type(part).__name__}")
+        messages = []
+        if system:
+            messages.append({"role": "system", "content": [{"type": "text", "text": system}]})
+        messages.append({"role": "user", "content": [{"type": "text", "text": "".join(text)}]})
+        rendered = self.tokenizer.apply_chat_template(
+            messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True)
+        pieces = _SENTINEL.split(rendered)
+        out: list[Part] = []
+        for i, piece in enumerate(pieces):
+            out.append(objects[int(piece)] if i % 2 else piece)
+        return [p for p in out if not (isinstance(p, str) and p == "")]
+
+    def build(self, parts: list[Part], answer: str | None = None, system: str | None = None) -> Prompt:
+        """Token ids, spliced embeddings and positions of the templated prompt (+ ``answer``)."""
+        ids: list[int] = []
+        images: list[ImageTokens] = []
+        image_positions: list[torch.Tensor] = []
+        memories: list[Memory] = []
+        memory_positions: list[torch.Tensor] = []
+        for part in self.render(parts, system):
+            if isinstance(part, str):
+                ids.extend(self._text_ids(part))
+            elif isinstance(part, ImageTokens):
+                start = len(ids)
+                ids.extend(part.segment_ids)
+                images.append(part)
+                image_positions.append(torch.tensor(part.slots) + start)
+            else:
+                start = len(ids)
+                ids.extend([self._placeholder_id] * part.tokens.shape[0])
+                memories.append(part)
+                memory_positions.append(torch.arange(start, start + part.tokens.shape[0]))
+        answer_start = answer_offsets = None
+        if answer:
+            enc = self.tokenizer(answer, add_special_tokens=False, return_offsets_mapping=True)
+            answer_start = len(ids)
+            ids.extend(enc["input_ids"])
+            answer_offsets = [tuple(o) for o in enc["offset_mapping"]]
+        input_ids = torch.tensor([ids], device=self.device)                     # (1, L)
+        embeds = self.language_model.get_input_embeddings()(input_ids).clone()  # (1, L, D)
+        for tokens, rows in zip(images, image_positions):
+            embeds[0, rows.to(self.device)] = tokens.features.to(self.device, embeds.dtype)
+        for memory, rows in zip(memories, memory_positions):
+            if memory.tokens.shape[-1] != embeds.shape[-1]:
+                raise PersonalVLMError(
+                    f"memory of concept {memory.name!r} has width {memory.tokens.shape[-1]} but this model "
+                    f"expects {embeds.shape[-1]}: it was built with another model; re-teach it")
+            embeds[0, rows.to(self.device)] = memory.tokens.to(self.device, embeds.dtype)
+        position_ids, next_position = self._positions(input_ids, images, image_positions)
+        return Prompt(input_ids, embeds, position_ids, next_position, image_positions,
+                      memory_positions, answer_start, answer_offsets)
+
+    # ---- running the language model ------------------------------------------------------
+    def _run(self, embeds: torch.Tensor, position_ids: torch.Tensor, cache=None):
+        out = self.language_model(inputs_embeds=embeds, position_ids=position_ids,
+                                  past_key_values=cache, use_cache=True)
+        logits = self.model.lm_head(out.last_hidden_state[:, -1])               # (1, V)
+        return logits.float(), out.past_key_values
+
+    def generate(self, parts: list[Part], max_new_tokens: int = 64, system: str | None = None) -> Generation:
+        """Greedy decoding from the templated prompt; stops at the model's end-of-turn tokens."""
+        with self._lock, torch.inference_mode():
+            prompt = self.build(parts, system=system)
+            logits, cache = self._run(prompt.inputs_embeds, prompt.position_ids)
+            generated: list[int] = []
+            embed = self.language_model.get_input_embeddings()
+            for step in range(max_new_tokens):
+                token = int(logits.argmax(-1))
+                if token in self._stop_ids:
+                    break
+                generated.append(token)
+                if step + 1 == max_new_tokens:
+                    break
+                step_embeds = embed(torch.tensor([[token]], device=self.device))
+                logits, cache = self._run(step_embeds, self._step_position(prompt.next_position + step), cache)
+        text = self.tokenizer.decode(generated, skip_special_tokens=True)
+        return Generation(text.strip(), generated, prompt)
+
+    def _answer_token_ids(self, word: str) -> int:
+        ids = self._text_ids(word)
+        if not ids:
+            raise PersonalVLMError(f"the tokenizer cannot encode {word!r}")
+        return ids[0]
+
+    def yes_probability(self, parts: list[Part], system: str | None = None) -> float:
+        """p = λ_yes / (λ_yes + λ_no): the Yes/No softmax of the first answer token."""
+        yes, no = self._answer_token_ids("Yes"), self._answer_token_ids("No")
+        with self._lock, torch.inference_mode():
+            prompt = self.build(parts, system=system)
+            logits, _ = self._run(prompt.inputs_embeds, prompt.position_ids)
+        pair = torch.stack([logits[0, yes], logits[0, no]])
+        return float(torch.softmax(pair, dim=0)[0])
+
+    def attention_to_images(self, parts: list[Part], answer: str, spans: list[tuple[int, int]],
+                            layers: list[int], system: str | None = None) -> dict[int, list[torch.Tensor]]:
+        """Attention paid to each image's visual tokens while the model produced ``answer``'s ``spans``.
+
+        One forward pass over prompt + answer. For every answer token overlapping a character span
+        we take the row that *produced* it (row i-1 for token i), at each requested layer, average
+        over heads and those rows, and split the columns per image: ``{layer: [(N_i,), ...]}``.
+        """
+        bad = [l for l in layers if not 0 <= l < self.num_layers]
+        if bad:
+            raise PersonalVLMError(f"layers {bad} do not exist; this model has {self.num_layers} layers")
+        with self._lock, torch.inference_mode():
+            prompt = self.build(parts, answer=answer, system=system)
+            if prompt.answer_start is None:
+                raise PersonalVLMError("attention needs a non-empty answer text")
+            rows = [prompt.answer_start + i - 1 for i, (s, e) in enumerate(prompt.answer_offsets)
+                    if any(s < span_end and e > span_start for span_start, span_end in spans)]
+            if not rows:
+                raise PersonalVLMError("none of the requested answer spans maps to a token")
+            with attention.capture(layers, torch.tensor(rows)) as request:
+                self._run(prompt.inputs_embeds, prompt.position_ids)
+        result = {}
+        for layer in layers:
+            probs = request.captured[layer].mean(dim=(0, 1))                     # (S,)
+            result[layer] = [probs[pos.to(probs.device)].cpu() for pos in prompt.image_positions]
+        return result
+
+
+def read_chat_template(folder: Path, tokenizer) -> str:
+    """The checkpoint's chat template: chat_template.jinja / .json, else the tokenizer's own."""
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    js = folder / "chat_template.json"
+    if js.is_file():
+        import json
+
+        return json.loads(js.read_text())["chat_template"]
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.chat_template
+    raise PersonalVLMError(f"{folder} has no chat template; this checkpoint is not an instruction-tuned VLM")
