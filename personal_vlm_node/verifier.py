@@ -1,0 +1,271 @@
+"""VerificationQueue: settle uncertain detections with the VLM, off the frame path, on a budget.
+
+The frame path calls `submit(key, payload)` for every (concept, track) whose score fell between
+the reject and accept thresholds. It never waits: it gets a fresh cached result for the key if
+one exists, else the request is queued and `None` comes back (the detection stays uncertain on
+this frame). One worker thread runs the slow `verify` function (Ego's in-context check, then R2P)
+on the queued requests.
+
+Budget: a token bucket of capacity 1 refilled at `max_per_second` tokens per second; each
+verification spends one token, so on average at most `max_per_second` run per second, and never
+two back to back faster than 1 / max_per_second after the first.
+
+Queue: at most `max_pending` requests, oldest first. A key that is already pending keeps its
+place and takes the newest payload (the latest frame is the one worth checking); when the queue
+is full a new key evicts the oldest pending request. A key that is being verified right now is
+not queued again: its result arrives soon.
+
+Cache: each result is kept per key for `cache_seconds`, so a track is verified at most about
+once per `cache_seconds` however many frames it stays uncertain. A `verify` that returns None
+("no verdict") is cached like any result; one that raises is logged, counted and not cached.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Any
+
+from personal_vlm_node.errors import PersonalVLMError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Request:
+    """One case handed to `verify`."""
+
+    key: Hashable  # typically (concept name, track id)
+    payload: Any  # whatever `verify` needs: frame, candidate concepts, ...
+    submitted_at: float  # queue clock time of the latest submit for this key
+
+
+# Whatever `verify` returns; the queue only stores and hands it back.
+Result = Any
+
+
+class VerificationQueue:
+    """A budgeted, cached, never-blocking queue in front of one slow `verify` function."""
+
+    def __init__(
+        self,
+        verify: Callable[[Request], Result],
+        max_per_second: float = 2.0,
+        cache_seconds: float = 5.0,
+        max_pending: int = 4,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not max_per_second > 0:
+            raise PersonalVLMError(f"max_per_second must be > 0, got {max_per_second!r}")
+        if not cache_seconds >= 0:
+            raise PersonalVLMError(f"cache_seconds must be >= 0, got {cache_seconds!r}")
+        if not isinstance(max_pending, int) or max_pending < 1:
+            raise PersonalVLMError(f"max_pending must be an integer >= 1, got {max_pending!r}")
+        self._verify = verify
+        self.max_per_second = float(max_per_second)
+        self.cache_seconds = float(cache_seconds)
+        self.max_pending = max_pending
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._pending: OrderedDict[Hashable, Request] = OrderedDict()
+        self._cache: dict[Hashable, tuple[Result, float]] = {}  # key -> (result, finished at)
+        self._inflight: Hashable | None = None
+        self._inflight_cancelled = False
+        self._has_inflight = False
+        self._tokens = 1.0  # token bucket level, capacity 1 (burst 1)
+        self._refilled_at = clock()
+        self._waiting_for_budget = False
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.stats = {
+            "submitted": 0,  # submit() calls
+            "verified": 0,  # verify() calls that returned a result
+            "errors": 0,  # verify() calls that raised
+            "dropped": 0,  # pending requests evicted by newer ones
+            "cache_hits": 0,  # submit() calls answered from the cache
+            "budget_waits": 0,  # verifications that had to wait for the budget
+        }
+
+    # ------------------------------------------------------------ frame path
+    def submit(self, key: Hashable, payload: Any) -> Result | None:
+        """Return a fresh cached result for `key`, or queue the case and return None."""
+        with self._cond:
+            self.stats["submitted"] += 1
+            now = self._clock()
+            cached = self._fresh(key, now)
+            if cached is not None:
+                self.stats["cache_hits"] += 1
+                return cached[0]
+            if self._has_inflight and key == self._inflight:
+                return None
+            request = Request(key, payload, now)
+            if key in self._pending:
+                self._pending[key] = request  # newest payload, same place in the queue
+            else:
+                if len(self._pending) >= self.max_pending:
+                    self._pending.popitem(last=False)
+                    self.stats["dropped"] += 1
+                self._pending[key] = request
+            self._cond.notify()
+            return None
+
+    def result(self, key: Hashable) -> Result | None:
+        """The latest result for `key` if it is still fresh, else None."""
+        with self._cond:
+            cached = self._fresh(key, self._clock())
+            return None if cached is None else cached[0]
+
+    def invalidate(self, key_prefix_or_predicate: Hashable | Callable[[Hashable], bool]) -> int:
+        """Forget cached results and pending requests of matching keys; return how many.
+
+        A callable is used as a predicate on keys. Anything else is a prefix: a tuple matches
+        the keys that start with it, any other value matches the key equal to it and the
+        tuple keys whose first element equals it, so `invalidate("mug")` drops ("mug", 3).
+        A matching verification in flight finishes, but its result is not cached.
+        """
+        matches = _key_filter(key_prefix_or_predicate)
+        with self._cond:
+            cache_keys = [k for k in self._cache if matches(k)]
+            pending_keys = [k for k in self._pending if matches(k)]
+            for k in cache_keys:
+                del self._cache[k]
+            for k in pending_keys:
+                del self._pending[k]
+            if self._has_inflight and matches(self._inflight):
+                self._inflight_cancelled = True
+            return len(cache_keys) + len(pending_keys)
+
+    @property
+    def pending(self) -> list[Hashable]:
+        """Keys waiting for verification, oldest first."""
+        with self._cond:
+            return list(self._pending)
+
+    # ---------------------------------------------------------------- worker
+    def start(self) -> None:
+        """Start the worker thread (no-op if it runs)."""
+        with self._cond:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self._stopping = False
+            self._thread = threading.Thread(
+                target=self._run, name="verification-queue", daemon=True
+            )
+            self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> bool:
+        """Stop the worker and join it; True if it ended within `timeout` seconds.
+
+        A verification in progress is not interrupted: the worker ends after it.
+        """
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is None:
+            return True
+        thread.join(timeout)
+        if thread.is_alive():
+            return False
+        with self._cond:
+            self._thread = None
+        return True
+
+    def verify_next(self) -> bool:
+        """Run the oldest pending verification now if the budget allows; True if one ran.
+
+        The worker thread's loop body, public for single-threaded callers and tests; don't call
+        it while the worker runs.
+        """
+        with self._cond:
+            request, _ = self._take(self._clock())
+        if request is None:
+            return False
+        self._execute(request)
+        return True
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and not self._pending:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                request, wait = self._take(self._clock())
+                if request is None:
+                    # Sleep until a token is due; a stop or a new submit wakes us earlier,
+                    # which is harmless: the loop re-checks.
+                    self._cond.wait(timeout=wait)
+                    continue
+            self._execute(request)
+
+    def _take(self, now: float) -> tuple[Request | None, float]:
+        """Pop the oldest request and spend a token, or say how long until a token is due.
+
+        Called with the lock held.
+        """
+        if not self._pending:
+            return None, 0.0
+        self._tokens = min(1.0, self._tokens + (now - self._refilled_at) * self.max_per_second)
+        self._refilled_at = now
+        if self._tokens < 1.0:
+            if not self._waiting_for_budget:
+                self._waiting_for_budget = True
+                self.stats["budget_waits"] += 1
+            return None, (1.0 - self._tokens) / self.max_per_second
+        self._tokens -= 1.0
+        self._waiting_for_budget = False
+        key, request = self._pending.popitem(last=False)
+        self._inflight = key
+        self._has_inflight = True
+        self._inflight_cancelled = False
+        return request, 0.0
+
+    def _execute(self, request: Request) -> None:
+        """Run `verify` outside the lock and store its result."""
+        try:
+            result = self._verify(request)
+        except Exception:  # a failing verifier must not take the worker down
+            log.exception("verification of %r failed", request.key)
+            with self._cond:
+                self.stats["errors"] += 1
+                self._has_inflight = False
+                self._inflight = None
+            return
+        with self._cond:
+            self.stats["verified"] += 1
+            now = self._clock()
+            if not self._inflight_cancelled:
+                self._prune(now)
+                self._cache[request.key] = (result, now)
+            self._has_inflight = False
+            self._inflight = None
+
+    # --------------------------------------------------------------- helpers
+    def _fresh(self, key: Hashable, now: float) -> tuple[Result, float] | None:
+        entry = self._cache.get(key)
+        if entry is None:
+            return None
+        if now - entry[1] > self.cache_seconds:
+            del self._cache[key]
+            return None
+        return entry
+
+    def _prune(self, now: float) -> None:
+        # Track ids only grow, so keys of dead tracks would pile up without this.
+        stale = [k for k, (_, t) in self._cache.items() if now - t > self.cache_seconds]
+        for k in stale:
+            del self._cache[k]
+
+
+def _key_filter(key_prefix_or_predicate: Any) -> Callable[[Hashable], bool]:
+    if callable(key_prefix_or_predicate):
+        return key_prefix_or_predicate
+    prefix = key_prefix_or_predicate
+    if isinstance(prefix, tuple):
+        return lambda key: isinstance(key, tuple) and key[: len(prefix)] == prefix
+    return lambda key: key == prefix or (isinstance(key, tuple) and key[:1] == (prefix,))

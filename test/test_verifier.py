@@ -1,0 +1,260 @@
+"""VerificationQueue: budget, cache, bounded queue, never blocking, surviving failures."""
+
+import logging
+import threading
+import time
+
+import pytest
+
+from personal_vlm_node.errors import PersonalVLMError
+from personal_vlm_node.verifier import Request, VerificationQueue
+
+
+class FakeClock:
+    def __init__(self, now=0.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+class RecordingVerify:
+    """Answers "verdict:<payload>" and remembers every request it saw."""
+
+    def __init__(self):
+        self.requests = []
+
+    def __call__(self, request):
+        self.requests.append(request)
+        return f"verdict:{request.payload}"
+
+
+def wait_until(condition, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.005)
+    return False
+
+
+def drain(queue):
+    while queue.verify_next():
+        pass
+
+
+def test_budget_allows_three_verifications_in_one_second_at_two_per_second():
+    clock = FakeClock()
+    verify = RecordingVerify()
+    queue = VerificationQueue(verify, max_per_second=2.0, max_pending=10, clock=clock)
+    for i in range(10):
+        assert queue.submit(("mug", i), i) is None
+    # Tokens: 1 at t=0 (burst 1), then one every 0.5 s -> t = 0, 0.5, 1.0.
+    ran_at = []
+    for tick in range(9):
+        clock.now = tick / 8
+        before = len(verify.requests)
+        drain(queue)
+        ran_at += [clock.now] * (len(verify.requests) - before)
+    assert ran_at == [0.0, 0.5, 1.0]
+    assert [r.key for r in verify.requests] == [("mug", 0), ("mug", 1), ("mug", 2)]
+    assert queue.stats["verified"] == 3
+    # The 2nd, 3rd and (still waiting) 4th requests each found the bucket empty.
+    assert queue.stats["budget_waits"] == 3
+    assert len(queue.pending) == 7
+
+
+def test_budget_with_submissions_spread_over_one_second():
+    clock = FakeClock()
+    verify = RecordingVerify()
+    queue = VerificationQueue(verify, max_per_second=2.0, max_pending=10, clock=clock)
+    for i in range(10):
+        clock.now = i / 9
+        queue.submit(("mug", i), i)
+        drain(queue)
+    assert clock.now == pytest.approx(1.0)
+    assert 2 <= len(verify.requests) <= 3
+    assert queue.stats["submitted"] == 10
+
+
+def test_worker_thread_waits_for_budget():
+    clock = FakeClock()
+    verify = RecordingVerify()
+    queue = VerificationQueue(verify, max_per_second=2.0, max_pending=10, clock=clock)
+    queue.start()
+    try:
+        for i in range(5):
+            queue.submit(i, i)
+        assert wait_until(lambda: queue.stats["verified"] == 1)
+        time.sleep(0.2)  # the fake clock is frozen, so no token can come due
+        assert queue.stats["verified"] == 1
+        clock.now = 0.5
+        queue.submit(99, 99)  # wakes the worker, which now finds a token
+        assert wait_until(lambda: queue.stats["verified"] == 2)
+    finally:
+        assert queue.stop(timeout=5.0)
+    assert [r.key for r in verify.requests] == [0, 1]
+
+
+def test_cached_result_is_returned_without_verifying_again():
+    clock = FakeClock()
+    verify = RecordingVerify()
+    queue = VerificationQueue(verify, cache_seconds=5.0, clock=clock)
+    assert queue.submit(("mug", 1), "frame-1") is None
+    assert queue.verify_next()
+    clock.now = 4.0
+    assert queue.submit(("mug", 1), "frame-2") == "verdict:frame-1"
+    assert queue.result(("mug", 1)) == "verdict:frame-1"
+    assert len(verify.requests) == 1
+    assert queue.stats["cache_hits"] == 1
+    assert queue.pending == []
+
+
+def test_stale_result_expires_and_key_is_queued_again():
+    clock = FakeClock()
+    verify = RecordingVerify()
+    queue = VerificationQueue(verify, cache_seconds=5.0, clock=clock)
+    queue.submit("k", "old")
+    queue.verify_next()
+    clock.now = 5.5
+    assert queue.result("k") is None
+    assert queue.submit("k", "new") is None
+    assert queue.verify_next()
+    assert queue.result("k") == "verdict:new"
+
+
+def test_full_queue_drops_oldest_pending_request():
+    verify = RecordingVerify()
+    queue = VerificationQueue(verify, max_pending=2, clock=FakeClock())
+    queue.submit("a", 1)
+    queue.submit("b", 1)
+    queue.submit("c", 1)
+    assert queue.pending == ["b", "c"]
+    assert queue.stats["dropped"] == 1
+
+
+def test_pending_key_takes_newest_payload_without_duplicate():
+    clock = FakeClock()
+    verify = RecordingVerify()
+    queue = VerificationQueue(verify, max_pending=3, clock=clock)
+    queue.submit("a", "a1")
+    queue.submit("b", "b1")
+    clock.now = 0.25
+    queue.submit("a", "a2")
+    assert queue.pending == ["a", "b"]
+    assert queue.stats["dropped"] == 0
+    queue.verify_next()
+    assert verify.requests == [Request("a", "a2", 0.25)]
+
+
+def test_submit_does_not_wait_for_slow_verify():
+    started = threading.Event()
+
+    def slow_verify(request):
+        started.set()
+        time.sleep(0.5)
+        return "done"
+
+    queue = VerificationQueue(slow_verify, max_per_second=100.0)
+    queue.start()
+    try:
+        queue.submit("first", None)
+        assert started.wait(timeout=5.0)
+        t0 = time.perf_counter()
+        assert queue.submit("second", None) is None
+        assert queue.submit("first", None) is None  # in flight: not queued again
+        elapsed = time.perf_counter() - t0
+        assert elapsed < 0.05
+        assert queue.pending == ["second"]
+    finally:
+        assert queue.stop(timeout=5.0)
+
+
+def test_exception_in_verify_is_logged_and_worker_keeps_going(caplog):
+    def flaky_verify(request):
+        if request.key == "bad":
+            raise RuntimeError("model exploded")
+        return "ok"
+
+    queue = VerificationQueue(flaky_verify, max_per_second=1000.0)
+    with caplog.at_level(logging.ERROR, logger="personal_vlm_node.verifier"):
+        queue.start()
+        try:
+            queue.submit("bad", None)
+            assert wait_until(lambda: queue.stats["errors"] == 1)
+            queue.submit("good", None)
+            assert wait_until(lambda: queue.result("good") == "ok")
+        finally:
+            assert queue.stop(timeout=5.0)
+    assert queue.result("bad") is None
+    assert queue.stats["verified"] == 1
+    assert any("bad" in r.getMessage() for r in caplog.records)
+
+
+def test_stop_joins_worker_thread():
+    threads = []
+
+    def verify(request):
+        threads.append(threading.current_thread())
+        return True
+
+    queue = VerificationQueue(verify, max_per_second=1000.0)
+    queue.start()
+    queue.submit("k", None)
+    assert wait_until(lambda: queue.result("k") is True)
+    assert threads[0].is_alive()
+    assert queue.stop(timeout=5.0) is True
+    assert not threads[0].is_alive()
+    # Stopping twice, or a queue never started, is fine.
+    assert queue.stop() is True
+    assert VerificationQueue(verify).stop() is True
+
+
+def test_invalidate_by_concept_name_drops_cache_and_pending():
+    clock = FakeClock()
+    queue = VerificationQueue(RecordingVerify(), max_per_second=1000.0, clock=clock)
+    for key in [("mug", 1), ("cat", 1), ("mug", 2)]:
+        queue.submit(key, key)
+        clock.now += 1.0
+        queue.verify_next()
+    queue.submit(("mug", 3), None)
+    assert queue.invalidate("mug") == 3
+    assert queue.result(("mug", 1)) is None
+    assert queue.result(("mug", 2)) is None
+    assert queue.result(("cat", 1)) == "verdict:('cat', 1)"
+    assert queue.pending == []
+
+
+def test_invalidate_by_predicate_and_tuple_prefix():
+    clock = FakeClock()
+    queue = VerificationQueue(RecordingVerify(), max_per_second=1000.0, clock=clock)
+    for key in [("mug", 1), ("mug", 2), ("cat", 7)]:
+        queue.submit(key, 0)
+        clock.now += 1.0
+        queue.verify_next()
+    assert queue.invalidate(("mug", 2)) == 1
+    assert queue.invalidate(lambda key: key[1] == 7) == 1
+    assert queue.result(("mug", 1)) == "verdict:0"
+
+
+def test_result_of_verification_invalidated_while_running_is_not_cached():
+    queue = None
+
+    def verify(request):
+        queue.invalidate("mug")  # the concept is forgotten while the VLM is busy
+        return "yes"
+
+    queue = VerificationQueue(verify)
+    queue.submit(("mug", 1), None)
+    assert queue.verify_next()
+    assert queue.result(("mug", 1)) is None
+    assert queue.stats["verified"] == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"max_per_second": 0.0}, {"cache_seconds": -1.0}, {"max_pending": 0}],
+)
+def test_invalid_parameters_are_refused(kwargs):
+    with pytest.raises(PersonalVLMError):
+        VerificationQueue(RecordingVerify(), **kwargs)
