@@ -1,0 +1,239 @@
+"""The one façade every front end uses: teach, recognize, ask, forget, concepts.
+
+The ROS node and the CLI call only this class. It owns the VLM adapter, the concept store, the
+model profile and the matcher bank (all concept memories, for the similarity filter), and runs the
+slow part of teaching (the R2P fingerprint) on a background thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from . import ego, prompts
+from .errors import PersonalVLMError
+from .images import load_image
+from .matcher import Matcher
+from .profiles import ModelProfile, load_profile
+from .store import ConceptRecord, ConceptStore, validate_name
+from .vlm import Memory, VLMAdapter, load_vlm
+
+log = logging.getLogger(__name__)
+
+MAX_REFERENCE_IMAGES = 8
+MAX_QUESTION_CHARS = 1000
+
+
+def _stderr_progress(message: str) -> None:
+    print(f"[personal-vlm] {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class TeachResult:
+    name: str
+    memory_tokens: int
+    keywords: list[str]
+    seconds: float                         # until the concept was usable (memory stored)
+    timings: dict[str, float]              # per step, seconds
+    fingerprint: Future = field(repr=False)   # resolves to the fingerprint dict when complete
+
+    def wait_fingerprint(self, timeout: float | None = None) -> dict:
+        return self.fingerprint.result(timeout)
+
+
+@dataclass
+class Recognition:
+    name: str
+    p_yes: float
+    present: bool
+
+
+@dataclass
+class AskResult:
+    answer: str
+    concepts: list[str]
+    seconds: float
+
+
+class Assistant:
+    def __init__(self, vlm: VLMAdapter, store: ConceptStore, profile: ModelProfile | None = None,
+                 progress=_stderr_progress, rebuild: bool = True):
+        self.vlm = vlm
+        self.store = store
+        self.profile = profile or load_profile(vlm.model_id)
+        self.layers = self.profile.resolved_layers(vlm.num_layers)
+        self.progress = progress or (lambda message: None)
+        self.matcher = Matcher()
+        self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fingerprint")
+        self._teach_lock = threading.Lock()
+        if rebuild:
+            self.rebuild_stale_memories()
+        self._load_bank()
+
+    @classmethod
+    def open(cls, model: str, store_dir=None, device: str = "auto", dtype: str = "auto",
+             profile_path=None, progress=_stderr_progress) -> Assistant:
+        """Load the model (HF id or folder) and the store; rebuild memories of another model."""
+        profile = load_profile(model, profile_path)
+        store = ConceptStore(store_dir)
+        if progress:
+            progress(f"loading {model} ({device}, {dtype})…")
+        vlm = load_vlm(model, device=device, dtype=dtype)
+        return cls(vlm, store, profile, progress=progress)
+
+    def close(self) -> None:
+        self._background.shutdown(wait=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ---- concept memory -----------------------------------------------------------------------
+    def _load_bank(self) -> None:
+        bank = {}
+        for record in self.store.list():
+            try:
+                bank[record.name] = self.store.load_memory(record.name)["memory"]
+            except PersonalVLMError as exc:
+                log.warning("%s", exc)
+        self.matcher.set_concepts(bank)
+
+    def rebuild_stale_memories(self) -> list[str]:
+        """Rebuild, from the stored reference images, every memory made with another model."""
+        stale = [r for r in self.store.list() if r.model_fingerprint != self.vlm.fingerprint]
+        for i, record in enumerate(stale):
+            self.progress(f"rebuilding the memory of {record.name!r} for this model ({i + 1}/{len(stale)})")
+            try:
+                images = self.store.load_images(record.name)
+                tokens = [self.vlm.encode_image(image) for image in images]
+                intro = ego.introduce(self.vlm, tokens, record.name, record.category, self.layers,
+                                      self.profile.max_memory_tokens, self.profile.min_memory_tokens,
+                                      rois=record.extra.get("rois"))
+                self.store.replace_memory(record.name, intro.memory, self.vlm.fingerprint,
+                                          intro.memory_tokens, extra={**record.extra, "rebuilt": time.time()})
+            except PersonalVLMError as exc:
+                self.progress(f"could not rebuild {record.name!r}: {exc}")
+        return [r.name for r in stale]
+
+    # ---- teaching -------------------------------------------------------------------------
+    def teach(self, name: str, images: list, category: str = "", rois=None,
+              overwrite: bool = False) -> TeachResult:
+        """Ego concept introduction; the concept is usable when this returns."""
+        t0 = time.perf_counter()
+        name = validate_name(name)
+        category = (category or "").strip()
+        if len(category) > 64:
+            raise PersonalVLMError("category is over 64 characters")
+        if not images:
+            raise PersonalVLMError("teaching needs at least one reference image")
+        if len(images) > MAX_REFERENCE_IMAGES:
+            raise PersonalVLMError(f"at most {MAX_REFERENCE_IMAGES} reference images per concept")
+        if name in self.store and not overwrite:
+            raise PersonalVLMError(f"a concept named {name!r} already exists; pass overwrite to replace it")
+        pictures = [load_image(image) for image in images]
+        rois = self._expand_rois(rois, pictures)
+        with self._teach_lock:
+            t1 = time.perf_counter()
+            tokens = [self.vlm.encode_image(picture) for picture in pictures]
+            t_encode = time.perf_counter() - t1
+            intro = ego.introduce(self.vlm, tokens, name, category, self.layers,
+                                  self.profile.max_memory_tokens, self.profile.min_memory_tokens,
+                                  rois=rois, progress=self.progress if len(pictures) > 1 else None)
+            now = time.time()
+            timings = {"encode": t_encode, **intro.timings}
+            record = ConceptRecord(
+                name=name, category=category, keywords=intro.keywords, fingerprint={},
+                fingerprint_complete=None, memory_tokens=intro.memory_tokens,
+                model_fingerprint=self.vlm.fingerprint, created=now, updated=now,
+                extra={"rois": [list(r) if r else None for r in rois],
+                       "areas": [i.area for i in intro.images],
+                       "answers": [i.answer[:500] for i in intro.images]})
+            t2 = time.perf_counter()
+            self.store.add(record, intro.memory, pictures, overwrite=overwrite)
+            self.matcher.add(name, intro.memory["memory"])
+            timings["store"] = time.perf_counter() - t2
+        seconds = time.perf_counter() - t0
+        timings["usable"] = seconds
+        future = self._background.submit(self._complete_fingerprint, name, tokens[0], category, now, t0, timings)
+        return TeachResult(name, intro.memory_tokens, intro.keywords, seconds, timings, future)
+
+    def _expand_rois(self, rois, pictures):
+        if rois is None:
+            return [None] * len(pictures)
+        if not isinstance(rois, (list, tuple)) or (rois and not isinstance(rois[0], (list, tuple, type(None)))):
+            rois = [rois]
+        if len(rois) == 1 and len(pictures) > 1:
+            rois = list(rois) * len(pictures)
+        if len(rois) != len(pictures):
+            raise PersonalVLMError(f"{len(rois)} regions of interest for {len(pictures)} images; "
+                                   "give one per image or one for all")
+        out = []
+        for roi, picture in zip(rois, pictures):
+            if roi is not None and len(roi) != 4:
+                raise PersonalVLMError("a region of interest is four numbers: x, y, width, height")
+            out.append(ego.check_roi(roi, picture.size))
+        return out
+
+    def _complete_fingerprint(self, name, tokens, category, created, t0, timings) -> dict:
+        t = time.perf_counter()
+        fingerprint = ego.describe_fingerprint(self.vlm, tokens, name, category)
+        timings["fingerprint"] = time.perf_counter() - t
+        timings["fingerprint_complete"] = time.perf_counter() - t0
+        try:
+            if self.store.get(name).created == created:      # not forgotten or replaced meanwhile
+                self.store.update_fingerprint(name, fingerprint)
+        except PersonalVLMError as exc:
+            log.info("fingerprint of %r not stored: %s", name, exc)
+        return fingerprint
+
+    # ---- using concepts ---------------------------------------------------------------------
+    def _memories(self, names: list[str]) -> list[Memory]:
+        return [Memory(self.store.load_memory(n)["memory"], n) for n in names]
+
+    def candidates(self, tokens, limit: int) -> list[str]:
+        """Similarity filter: the ``limit`` concepts whose memories best match the image's tokens."""
+        if limit <= 0 or len(self.matcher) == 0:
+            return []
+        return [m.name for m in self.matcher.score(tokens.features, tokens.token_boxes, top=limit)]
+
+    def recognize(self, image, names: list[str] | None = None) -> list[Recognition]:
+        """Ego in-context recognition of ``names`` (default: the similarity filter's top-M)."""
+        tokens = self.vlm.encode_image(image)
+        if names is None:
+            names = self.candidates(tokens, max(1, self.profile.max_concepts_in_context))
+        else:
+            names = [validate_name(n) for n in names]
+            for n in names:
+                self.store.get(n)
+        scores = ego.recognize(self.vlm, tokens, self._memories(names))
+        threshold = self.profile.recognize_threshold
+        results = [Recognition(n, p, p >= threshold) for n, p in scores.items()]
+        return sorted(results, key=lambda r: -r.p_yes)
+
+    def ask(self, question: str, image) -> AskResult:
+        """Answer about ``image``; only the top-M matching concepts enter the prompt."""
+        t0 = time.perf_counter()
+        question = (question or "").strip()
+        if not question:
+            raise PersonalVLMError("the question is empty")
+        if len(question) > MAX_QUESTION_CHARS:
+            raise PersonalVLMError(f"the question is over {MAX_QUESTION_CHARS} characters")
+        tokens = self.vlm.encode_image(image)
+        names = self.candidates(tokens, self.profile.max_concepts_in_context)
+        parts = prompts.ask(self._memories(names), tokens, question, self.vlm.family)
+        generation = self.vlm.generate(parts, max_new_tokens=128)
+        return AskResult(generation.text, names, time.perf_counter() - t0)
+
+    def forget(self, name: str) -> None:
+        name = validate_name(name)
+        self.store.forget(name)
+        self.matcher.remove(name)
+
+    def concepts(self) -> list[ConceptRecord]:
+        return self.store.list()

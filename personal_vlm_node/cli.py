@@ -1,0 +1,207 @@
+"""``personal-vlm``: teach, ask, recognize, list, forget and calibrate from a shell.
+
+Exit codes: 0 success, 2 a user error (one line on stderr, no traceback), 1 an internal error.
+Progress goes to stderr, results to stdout (``--json`` for machine-readable output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from .errors import PersonalVLMError
+
+DEFAULT_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own exit code is 2 too; keep its one-line style
+        self.print_usage(sys.stderr)
+        print(f"personal-vlm: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _parse_roi(text: str) -> tuple[float, float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 4:
+        raise argparse.ArgumentTypeError(f"--roi takes x,y,w,h in pixels, got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="personal-vlm", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=os.environ.get("PERSONAL_VLM_MODEL", DEFAULT_MODEL),
+                        help="Hugging Face id or local checkpoint folder (default: %(default)s)")
+    parser.add_argument("--store", default=None, help="concept store directory (default: $XDG_DATA_HOME/personal_vlm)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--profile", default=None, help="model profile YAML (default: models/<model>.yaml)")
+    parser.add_argument("--json", action="store_true", help="print results as JSON")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    teach = sub.add_parser("teach", help="teach a concept from 1..N pictures")
+    teach.add_argument("name")
+    teach.add_argument("images", nargs="+")
+    teach.add_argument("--category", default="")
+    teach.add_argument("--roi", type=_parse_roi, action="append",
+                       help="x,y,w,h of the subject in pixels; once for all images or once per image")
+    teach.add_argument("--overwrite", action="store_true")
+    teach.add_argument("--no-wait", action="store_true", help="don't wait for the fingerprint to complete")
+
+    ask = sub.add_parser("ask", help="ask a question about an image")
+    ask.add_argument("question")
+    ask.add_argument("--image", required=True)
+
+    recognize = sub.add_parser("recognize", help="which taught concepts are in an image")
+    recognize.add_argument("image")
+    recognize.add_argument("--concept", action="append", help="check only these concepts")
+
+    sub.add_parser("list", help="list taught concepts")
+    forget = sub.add_parser("forget", help="forget a concept and all its files")
+    forget.add_argument("name")
+
+    calibrate = sub.add_parser("calibrate", help="measure the attention layers for this model")
+    calibrate.add_argument("--images", required=True, help="folder of single-subject images")
+    calibrate.add_argument("--masks", required=True, help="folder of masks with the same file stems")
+    calibrate.add_argument("--top-k", type=int, default=16, help="top attended tokens per layer")
+    calibrate.add_argument("--keep", type=int, default=4, help="layers to keep (L)")
+    calibrate.add_argument("--out", default=None, help="profile to write (default: models/<model>.yaml)")
+    return parser
+
+
+def _emit(args, payload: dict, text: str) -> None:
+    print(json.dumps(payload, ensure_ascii=False) if args.json else text)
+
+
+def _open(args):
+    from .assistant import Assistant
+
+    return Assistant.open(args.model, store_dir=args.store, device=args.device, dtype=args.dtype,
+                          profile_path=args.profile)
+
+
+def _cmd_teach(args) -> None:
+    with _open(args) as assistant:
+        result = assistant.teach(args.name, args.images, category=args.category, rois=args.roi,
+                                 overwrite=args.overwrite)
+        fingerprint = {} if args.no_wait else result.wait_fingerprint()
+    steps = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
+    _emit(args, {"name": result.name, "memory_tokens": result.memory_tokens, "keywords": result.keywords,
+                 "attributes": fingerprint.get("attributes", {}), "seconds": round(result.seconds, 3),
+                 "timings": {k: round(v, 3) for k, v in result.timings.items()}},
+          f"taught {result.name!r}: {result.memory_tokens} memory tokens, keywords "
+          f"{', '.join(result.keywords) or '-'} ({steps})")
+
+
+def _cmd_ask(args) -> None:
+    with _open(args) as assistant:
+        result = assistant.ask(args.question, args.image)
+    _emit(args, {"answer": result.answer, "concepts": result.concepts, "seconds": round(result.seconds, 3)},
+          f"{result.answer}\n(concepts in context: {', '.join(result.concepts) or 'none'}; {result.seconds:.2f}s)")
+
+
+def _cmd_recognize(args) -> None:
+    with _open(args) as assistant:
+        results = assistant.recognize(args.image, names=args.concept)
+    rows = [{"name": r.name, "p_yes": round(r.p_yes, 4), "present": r.present} for r in results]
+    text = "\n".join(f"{'yes' if r.present else 'no ':3}  p={r.p_yes:.3f}  {r.name}" for r in results)
+    _emit(args, {"concepts": rows}, text or "no concepts taught yet")
+
+
+def _store(args):
+    from .store import ConceptStore
+
+    return ConceptStore(args.store)
+
+
+def _cmd_list(args) -> None:
+    records = _store(args).list()
+    rows = [{"name": r.name, "category": r.category, "memory_tokens": r.memory_tokens,
+             "keywords": r.keywords, "created": r.created} for r in records]
+    text = "\n".join(f"{r.name}\t{r.category or '-'}\t{r.memory_tokens} tokens\t{', '.join(r.keywords)}"
+                     for r in records)
+    _emit(args, {"concepts": rows}, text or "no concepts taught yet")
+
+
+def _cmd_forget(args) -> None:
+    from .store import validate_name
+
+    _store(args).forget(validate_name(args.name))
+    _emit(args, {"forgotten": args.name}, f"forgot {args.name!r}")
+
+
+def _pairs(images_dir: Path, masks_dir: Path) -> list[tuple[Path, Path]]:
+    for folder in (images_dir, masks_dir):
+        if not folder.is_dir():
+            raise PersonalVLMError(f"folder not found: {folder}")
+    masks = {p.stem: p for p in masks_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+    pairs = [(p, masks[p.stem]) for p in sorted(images_dir.iterdir())
+             if p.suffix.lower() in IMAGE_SUFFIXES and p.stem in masks]
+    if not pairs:
+        raise PersonalVLMError(f"no image in {images_dir} has a mask with the same name in {masks_dir}")
+    return pairs
+
+
+def _cmd_calibrate(args) -> None:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from . import ego
+    from .images import load_image
+    from .profiles import PROFILE_DIR, load_profile, profile_filename, save_profile
+    from .vlm import load_vlm
+
+    if args.top_k < 1 or args.keep < 1:
+        raise PersonalVLMError("--top-k and --keep must be at least 1")
+    pairs = _pairs(Path(args.images), Path(args.masks))
+    profile = load_profile(args.model, args.profile)
+    vlm = load_vlm(args.model, device=args.device, dtype=args.dtype)
+    samples = []
+    for image_path, mask_path in pairs:
+        image = load_image(image_path)
+        with Image.open(mask_path) as m:
+            mask = torch.from_numpy(np.asarray(m.convert("L").resize(image.size)) > 127)   # (H, W)
+        if not mask.any():
+            raise PersonalVLMError(f"mask {mask_path} is empty")
+        samples.append((vlm.encode_image(image), mask))
+    t0 = time.perf_counter()
+    scores = ego.rank_layers(vlm, samples, args.top_k,
+                             progress=lambda m: print(f"[personal-vlm] {m}", file=sys.stderr, flush=True))
+    ranked = sorted(scores, key=lambda l: -scores[l])
+    profile.layers = sorted(ranked[: min(args.keep, len(ranked))])
+    profile.calibration = {"images": len(samples), "top_k": args.top_k,
+                           "mask_hit_rate": {int(l): round(s, 4) for l, s in scores.items()},
+                           "seconds": round(time.perf_counter() - t0, 2)}
+    out = save_profile(profile, args.out or PROFILE_DIR / profile_filename(args.model))
+    _emit(args, {"profile": str(out), "layers": profile.layers, "mask_hit_rate": profile.calibration["mask_hit_rate"]},
+          f"layers {profile.layers} written to {out}")
+
+
+COMMANDS = {"teach": _cmd_teach, "ask": _cmd_ask, "recognize": _cmd_recognize, "list": _cmd_list,
+            "forget": _cmd_forget, "calibrate": _cmd_calibrate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except PersonalVLMError as exc:
+        print(f"personal-vlm: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("personal-vlm: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Per-model profiles: the attention layers Ego reads, memory sizes and decision thresholds.
+
+A profile is a YAML file under ``models/`` (or any path) named after the model id, e.g.
+``models/qwen2.5-vl-3b-instruct.yaml``. Without one, documented defaults apply: the layers
+from the middle to three quarters of the depth, where keyword→image attention is most grounded.
+``personal-vlm calibrate`` measures the layers for a checkpoint and writes its profile.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from .errors import PersonalVLMError
+
+PROFILE_DIR = Path(__file__).resolve().parent.parent / "models"
+
+
+@dataclass
+class ModelProfile:
+    model: str = ""
+    layers: list[int] = field(default_factory=list)   # empty → default_layers(num_layers)
+    max_memory_tokens: int = 32       # K: the most visual tokens kept per reference image
+    min_memory_tokens: int = 4        # floor of K_c, so a tiny subject still gets a memory
+    accept_threshold: float = 0.80    # matcher score at or above which a frame is a detection
+    reject_threshold: float = 0.55    # at or below which it is not; between goes to verification
+    recognize_threshold: float = 0.5  # Ego in-context p(yes) that counts as present
+    max_concepts_in_context: int = 5  # M: memories spliced into an /ask prompt
+    calibration: dict = field(default_factory=dict)   # how the layers were chosen, when measured
+
+    def resolved_layers(self, num_layers: int) -> list[int]:
+        layers = self.layers or default_layers(num_layers)
+        bad = [l for l in layers if not 0 <= l < num_layers]
+        if bad:
+            raise PersonalVLMError(
+                f"profile for {self.model or 'this model'} names layers {bad}, but the model has "
+                f"{num_layers}; recalibrate with `personal-vlm calibrate`")
+        return sorted(set(layers))
+
+    def validate(self) -> ModelProfile:
+        if not 1 <= self.min_memory_tokens <= self.max_memory_tokens:
+            raise PersonalVLMError("profile: need 1 <= min_memory_tokens <= max_memory_tokens")
+        if not self.reject_threshold < self.accept_threshold:
+            raise PersonalVLMError("profile: reject_threshold must be below accept_threshold")
+        if not 0.0 <= self.recognize_threshold <= 1.0:
+            raise PersonalVLMError("profile: recognize_threshold must lie in [0, 1]")
+        if self.max_concepts_in_context < 0:
+            raise PersonalVLMError("profile: max_concepts_in_context must be >= 0")
+        return self
+
+
+def default_layers(num_layers: int, count: int = 4) -> list[int]:
+    """Up to ``count`` evenly spaced layers from L/2 to 3L/4 (inclusive)."""
+    lo, hi = num_layers // 2, max(num_layers // 2, (3 * num_layers) // 4)
+    span = list(range(lo, min(hi, num_layers - 1) + 1))
+    if len(span) <= count:
+        return span
+    step = (len(span) - 1) / (count - 1)
+    return sorted({span[round(i * step)] for i in range(count)})
+
+
+def profile_filename(model: str) -> str:
+    """``Qwen/Qwen2.5-VL-3B-Instruct`` → ``qwen2.5-vl-3b-instruct.yaml``; folders use their name."""
+    base = Path(model.rstrip("/")).name or "model"
+    return re.sub(r"[^a-z0-9._-]+", "-", base.lower()).strip("-") + ".yaml"
+
+
+def load_profile(model: str, path: str | Path | None = None) -> ModelProfile:
+    """The profile at ``path``, else ``models/<model>.yaml``, else the defaults."""
+    candidate = Path(path) if path else PROFILE_DIR / profile_filename(model)
+    if path and not candidate.is_file():
+        raise PersonalVLMError(f"model profile not found: {candidate}")
+    if not candidate.is_file():
+        return ModelProfile(model=model).validate()
+    try:
+        data = yaml.safe_load(candidate.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise PersonalVLMError(f"model profile {candidate} is not valid YAML: {exc}") from exc
+    known = {f.name for f in fields(ModelProfile)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise PersonalVLMError(f"model profile {candidate} has unknown keys {unknown}; known: {sorted(known)}")
+    data.setdefault("model", model)
+    try:
+        return ModelProfile(**data).validate()
+    except TypeError as exc:
+        raise PersonalVLMError(f"model profile {candidate}: {exc}") from exc
+
+
+def save_profile(profile: ModelProfile, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(asdict(profile), sort_keys=False))
+    return path

@@ -1,0 +1,229 @@
+"""Ego concept introduction, recognition and asking, on tiny models of every family."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from personal_vlm_node import ego
+from personal_vlm_node.assistant import Assistant
+from personal_vlm_node.errors import PersonalVLMError
+from personal_vlm_node.profiles import ModelProfile, default_layers, load_profile, profile_filename
+from personal_vlm_node.store import ConceptStore
+
+
+def _photo(seed, width=300, height=200):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+
+
+# ---- the method's maths -------------------------------------------------------------------
+@pytest.mark.parametrize("area, n, expected", [
+    (50.0, 64, 32), (10.0, 64, 6), (1.0, 64, 4), (100.0, 64, 32), (None, 64, 32), (30.0, 10, 4), (50, 3, 3),
+])
+def test_memory_size_follows_the_area_with_a_floor_and_a_cap(area, n, expected):
+    assert ego.memory_size(area, n, max_tokens=32, min_tokens=4) == expected
+
+
+def test_selected_tokens_are_the_top_k_in_spatial_order_and_respect_eligibility():
+    importance = torch.tensor([0.1, 0.9, 0.3, 0.8, 0.05, 0.7])
+    assert ego.select_tokens(importance, 3, torch.ones(6, dtype=torch.bool)).tolist() == [1, 3, 5]
+    eligible = torch.tensor([True, False, True, True, True, False])
+    assert ego.select_tokens(importance, 2, eligible).tolist() == [2, 3]
+    assert ego.select_tokens(importance, 10, eligible).tolist() == [0, 2, 3, 4]
+
+
+def test_roi_mask_keeps_tokens_whose_centre_is_inside():
+    boxes = torch.tensor([[0, 0, 10, 10], [10, 0, 20, 10], [0, 10, 10, 20], [10, 10, 20, 20]], dtype=torch.float)
+    assert ego.roi_mask(boxes, (8, 0, 12, 10)).tolist() == [False, True, False, False]
+    assert ego.roi_mask(boxes, None).all()
+    # An ROI smaller than a token still selects the token it overlaps.
+    assert ego.roi_mask(boxes, (1, 1, 2, 2)).tolist() == [True, False, False, False]
+
+
+@pytest.mark.parametrize("roi", [(0, 0, 0, 5), (-1, 0, 5, 5), (400, 0, 5, 5), (0, 0, -3, 4)])
+def test_invalid_rois_are_refused(roi):
+    with pytest.raises(PersonalVLMError, match="region of interest"):
+        ego.check_roi(roi, (300, 200))
+    assert ego.check_roi((0, 0, 0, 0), (300, 200)) is None
+    assert ego.check_roi((250, 150, 100, 100), (300, 200)) == (250, 150, 50, 50)
+
+
+@pytest.mark.parametrize("text, keywords, area", [
+    ('{"keywords": ["red", "ceramic", "mug"], "area": 30}', ["red", "ceramic", "mug"], 30.0),
+    ('Sure! ```json\n{"keywords": ["red", "mug",], "area": "45%"}\n```', ["red", "mug"], 45.0),
+    ("{'keywords': ['striped', 'cat'], 'area': 12}", ["striped", "cat"], 12.0),
+    ('{"keywords": "wooden, cane, curved handle", "area": 250}', ["wooden", "cane", "curved handle"], None),
+    ('{"keywords": ["blue", "bottle"', ["blue", "bottle"], None),
+    ("Keywords: green, plastic, bottle. It covers about 20% of the image.", ["green", "plastic", "bottle"], 20.0),
+    ("", [], None),
+    ("\x00\x01{{{{", [], None),
+])
+def test_introduction_answers_are_parsed_robustly(text, keywords, area):
+    assert ego.parse_introduction(text) == (keywords, area)
+
+
+def test_fingerprint_answers_are_parsed_robustly():
+    good = ego.parse_fingerprint('{"shape": "cylinder", "material": "ceramic", "colour": "red", '
+                                 '"pattern": "none", "description": "A red mug."}')
+    assert good == {"attributes": {"shape": "cylinder", "material": "ceramic", "color": "red"},
+                    "description": "A red mug."}
+    broken = ego.parse_fingerprint('shape: round\nmaterial: plush,\n"description": "A toy cat')
+    assert broken["attributes"] == {"shape": "round", "material": "plush"}
+    assert isinstance(broken["description"], str)
+    assert ego.parse_fingerprint("") == {"attributes": {}, "description": ""}
+
+
+def test_keyword_spans_locate_keywords_in_the_answer():
+    answer = '{"keywords": ["Red", "mug"]}'
+    assert ego.keyword_spans(answer, ["red", "mug", "absent"]) == [(15, 18), (22, 25)]
+
+
+def test_default_layers_are_middle_to_late_and_profiles_load(tmp_path):
+    assert default_layers(4) == [2, 3]
+    assert default_layers(36) == [18, 21, 24, 27]
+    assert profile_filename("Qwen/Qwen2.5-VL-3B-Instruct") == "qwen2.5-vl-3b-instruct.yaml"
+    path = tmp_path / "p.yaml"
+    path.write_text("layers: [1, 2]\nmax_memory_tokens: 16\n")
+    profile = load_profile("x", path)
+    assert profile.layers == [1, 2] and profile.max_memory_tokens == 16
+    path.write_text("layerz: [1]\n")
+    with pytest.raises(PersonalVLMError, match="unknown keys"):
+        load_profile("x", path)
+    with pytest.raises(PersonalVLMError, match="layers"):
+        ModelProfile(layers=[9]).resolved_layers(4)
+
+
+# ---- end to end, every family -----------------------------------------------------------
+@pytest.fixture
+def assistant_for(adapters, tmp_path):
+    made = []
+
+    def make(family, store_dir=None, **profile):
+        profile = ModelProfile(**{"max_memory_tokens": 8, "min_memory_tokens": 2, **profile})
+        assistant = Assistant(adapters(family), ConceptStore(store_dir or tmp_path / "store"), profile,
+                              progress=messages.append)
+        made.append(assistant)
+        return assistant
+
+    messages: list[str] = []
+    make.messages = messages
+    yield make
+    for assistant in made:
+        assistant.close()
+
+
+def test_teach_recognize_ask_forget_and_reload(assistant_for, family, tmp_path):
+    a = assistant_for(family, max_concepts_in_context=2)
+    mug, cat, cane = _photo(1), _photo(2), _photo(3)
+
+    one = a.teach("my mug", [mug], category="mug")
+    assert one.memory_tokens == a.store.get("my mug").memory_tokens
+    assert 2 <= one.memory_tokens <= 8
+    assert set(one.timings) >= {"encode", "describe", "attention", "store", "usable"}
+    fingerprint = one.wait_fingerprint(timeout=120)
+    assert set(fingerprint) >= {"attributes", "description"}
+    assert a.store.get("my mug").fingerprint_complete is not None
+
+    three = a.teach("Fluffy", [cat, _photo(4), _photo(5)])
+    memory = a.store.load_memory("Fluffy")
+    assert memory["image_index"].unique().tolist() == [0, 1, 2]
+    assert three.memory_tokens == memory["memory"].shape[0] <= 3 * 8
+    for r in range(3):   # each image's tokens are in spatial order
+        positions = memory["positions"][memory["image_index"] == r]
+        assert torch.equal(positions, positions.sort().values)
+
+    roi = (150, 100, 150, 100)     # bottom-right quarter
+    a.teach("Grandpa's cane", [cane], rois=[roi])
+    stored = a.store.load_memory("Grandpa's cane")
+    centres_x = (stored["boxes"][:, 0] + stored["boxes"][:, 2]) / 2
+    centres_y = (stored["boxes"][:, 1] + stored["boxes"][:, 3]) / 2
+    assert (centres_x >= 150).all() and (centres_y >= 100).all()
+    tokens = a.vlm.encode_image(cane)
+    assert torch.allclose(stored["memory"], tokens.features[stored["positions"]].float(), atol=1e-5)
+
+    # The similarity filter puts at most M concepts in context, and the best match among them.
+    answer = a.ask("Where is my mug?", mug)
+    assert len(answer.concepts) == 2 and "my mug" in answer.concepts
+    assert isinstance(answer.answer, str)
+
+    recognitions = a.recognize(cat, names=["Fluffy", "my mug"])
+    assert {r.name for r in recognitions} == {"Fluffy", "my mug"}
+    assert all(0.0 <= r.p_yes <= 1.0 and r.present == (r.p_yes >= 0.5) for r in recognitions)
+
+    a.forget("my mug")
+    assert "my mug" not in a.store and "my mug" not in a.matcher.names
+    assert "my mug" not in a.ask("Where is my mug?", mug).concepts
+    with pytest.raises(PersonalVLMError, match="no concept"):
+        a.recognize(mug, names=["my mug"])
+
+    reloaded = assistant_for(family)   # a restart: same store, new instance
+    assert sorted(r.name for r in reloaded.concepts()) == ["Fluffy", "Grandpa's cane"]
+    assert sorted(reloaded.matcher.names) == ["Fluffy", "Grandpa's cane"]
+    assert reloaded.ask("Is Fluffy here?", cat).concepts[0] in {"Fluffy", "Grandpa's cane"}
+
+
+def test_ask_prompt_size_does_not_grow_with_the_library(assistant_for, monkeypatch):
+    a = assistant_for("idefics3", max_concepts_in_context=2)
+    lengths = []
+    original = a.vlm.generate
+
+    def spy(parts, **kwargs):
+        result = original(parts, **kwargs)
+        lengths.append(result.prompt.input_ids.shape[1])
+        return result
+
+    monkeypatch.setattr(a.vlm, "generate", spy)
+    for i in range(2):
+        a.teach(f"thing {i}", [_photo(10 + i)])
+    a.ask("What is here?", _photo(10))
+    small = lengths[-1]
+    for i in range(2, 7):
+        a.teach(f"thing {i}", [_photo(10 + i)])
+    a.ask("What is here?", _photo(10))
+    assert lengths[-1] <= small + 2 * 8       # still two memories of at most K tokens
+
+
+def test_memories_of_another_model_are_rebuilt_not_matched(assistant_for, tmp_path):
+    a = assistant_for("qwen2_5_vl")
+    a.teach("my mug", [_photo(1)])
+    old = a.store.load_memory("my mug")["memory"]
+    a.store.replace_memory("my mug", {"memory": torch.zeros(3, 17)}, "some|other|model", 3)
+    b = assistant_for("qwen2_5_vl")
+    assert any("rebuilding the memory of 'my mug'" in m for m in assistant_for.messages)
+    record = b.store.get("my mug")
+    assert record.model_fingerprint == b.vlm.fingerprint
+    rebuilt = b.store.load_memory("my mug")["memory"]
+    assert rebuilt.shape[1] == b.vlm.hidden_size
+    assert torch.allclose(rebuilt, old, atol=1e-5)   # same model, same references → same memory
+
+
+@pytest.mark.parametrize("name", ["", "   ", "x" * 65, "a/b", "a\\b", "line\nbreak", "nul\x00", "..", 42])
+def test_teach_refuses_invalid_names_and_keeps_the_store(assistant_for, name):
+    a = assistant_for("internvl")
+    a.teach("keep me", [_photo(1)])
+    with pytest.raises(PersonalVLMError):
+        a.teach(name, [_photo(2)])
+    assert [r.name for r in a.concepts()] == ["keep me"]
+
+
+def test_teach_refuses_bad_requests_clearly(assistant_for):
+    a = assistant_for("internvl")
+    a.teach("my mug", [_photo(1)])
+    with pytest.raises(PersonalVLMError, match="already exists"):
+        a.teach("my mug", [_photo(2)])
+    with pytest.raises(PersonalVLMError, match="at least one"):
+        a.teach("empty", [])
+    with pytest.raises(PersonalVLMError, match="regions of interest"):
+        a.teach("two rois", [_photo(2)], rois=[(0, 0, 5, 5), (0, 0, 5, 5)])
+    with pytest.raises(PersonalVLMError, match="not a readable image"):
+        a.teach("corrupt", [b"not an image"])
+    with pytest.raises(PersonalVLMError, match="question is empty"):
+        a.ask("  ", _photo(1))
+    with pytest.raises(PersonalVLMError, match="over 1000"):
+        a.ask("?" * 1001, _photo(1))
+    replaced = a.teach("my mug", [_photo(3), _photo(4)], overwrite=True)
+    assert a.store.load_memory("my mug")["image_index"].max() == 1
+    assert replaced.memory_tokens == a.store.get("my mug").memory_tokens
