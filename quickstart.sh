@@ -108,6 +108,9 @@ fi
 # 3. This package itself, always (seconds): puts the ament index entry, share/ files and the
 #    node's lib/personal_vlm_node/assistant_node launcher into the environment.
 say "installing personal_vlm_node…"
+# setuptools builds in the source tree and never prunes build/lib: a module deleted from the
+# sources would keep being installed from there.
+rm -rf "$REPO/build/lib" "$REPO"/build/bdist.*
 "$VPY" -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation "$REPO"
 
 export VIRTUAL_ENV="$VENV"
@@ -135,7 +138,7 @@ case "$COMMAND" in
         "$VPY" -m pytest -q test "$@" || status=$?
         if [ "$status" -eq 5 ]; then
             echo "[quickstart] !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!" >&2
-            echo "[quickstart] !!! FAILED: pytest collected no tests (exit status 5).         !!!" >&2
+            echo "[quickstart] !!! FAILED: pytest ran no tests (exit status 5).              !!!" >&2
             echo "[quickstart] !!! Check the test/ folder and the pytest arguments given.     !!!" >&2
             echo "[quickstart] !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!" >&2
         fi

@@ -165,13 +165,6 @@ def test_teach_request_defaults_mean_latest_frame_whole_image():
     assert request.overwrite is False
 
 
-def test_detection_rejects_values_of_the_wrong_type():
-    with pytest.raises(AssertionError):
-        Detection(track_id=-1)
-    with pytest.raises(AssertionError):
-        Detection(score="high")
-
-
 # --- installed files ------------------------------------------------------------------------
 
 
