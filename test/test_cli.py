@@ -1,0 +1,128 @@
+"""The ``personal-vlm`` command, run as a user runs it: a separate process."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from personal_vlm_node.store import ConceptStore
+
+
+def _photo(path, seed, width=240, height=160):
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(path)
+    return str(path)
+
+
+@pytest.fixture
+def cli(tiny_checkpoints, tmp_path):
+    store = tmp_path / "store"
+
+    def run(*args, family="qwen2_5_vl", check=True):
+        cmd = [sys.executable, "-m", "personal_vlm_node.cli", "--model", str(tiny_checkpoints[family]),
+               "--store", str(store), "--device", "cpu", "--dtype", "float32", *args]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if check and done.returncode != 0:
+            raise AssertionError(f"exit {done.returncode}: {done.stderr}")
+        return done
+
+    run.store = store
+    return run
+
+
+def test_teach_list_ask_recognize_forget_with_json(cli, tmp_path):
+    mug = _photo(tmp_path / "mug.png", 1)
+    cat = _photo(tmp_path / "cat.png", 2)
+    taught = json.loads(cli("--json", "teach", "my mug", mug, "--category", "mug").stdout)
+    assert set(taught) >= {"name", "memory_tokens", "keywords", "attributes", "seconds"}
+    assert taught["name"] == "my mug" and taught["memory_tokens"] > 0
+    json.loads(cli("--json", "teach", "Fluffy", cat, mug, "--roi", "0,0,120,80").stdout)
+
+    listed = json.loads(cli("--json", "list").stdout)["concepts"]
+    assert [c["name"] for c in listed] == ["Fluffy", "my mug"]
+    assert set(listed[0]) == {"name", "category", "memory_tokens", "keywords", "created"}
+    assert listed[1]["category"] == "mug"
+
+    asked = json.loads(cli("--json", "ask", "Where is my mug?", "--image", mug).stdout)
+    assert set(asked) == {"answer", "concepts", "seconds"} and "my mug" in asked["concepts"]
+
+    recognized = json.loads(cli("--json", "recognize", cat).stdout)["concepts"]
+    assert {r["name"] for r in recognized} == {"Fluffy", "my mug"}
+    assert all(0 <= r["p_yes"] <= 1 and isinstance(r["present"], bool) for r in recognized)
+
+    assert json.loads(cli("--json", "forget", "my mug").stdout) == {"forgotten": "my mug"}
+    assert [c["name"] for c in json.loads(cli("--json", "list").stdout)["concepts"]] == ["Fluffy"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["teach", "a/b", "IMG"], "name"),
+    (["teach", "ok", "missing.png"], "not found"),
+    (["forget", "nobody"], "no concept"),
+    (["ask", "", "--image", "IMG"], "empty"),
+    (["teach", "ok", "IMG", "--roi", "1,2,3"], "--roi"),
+])
+def test_user_errors_exit_2_with_one_line_and_no_traceback(cli, tmp_path, args, message):
+    img = _photo(tmp_path / "img.png", 3)
+    done = cli(*[img if a == "IMG" else a for a in args], check=False)
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_missing_weights_exit_2_with_how_to_get_them(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    img = _photo(tmp_path / "img.png", 4)
+    done = subprocess.run([sys.executable, "-m", "personal_vlm_node.cli", "--store", str(tmp_path / "s"),
+                           "teach", "x", img], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 2
+    assert "huggingface-cli download" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_calibrate_writes_a_profile_with_the_best_layers(cli, tmp_path):
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    for i in range(2):
+        _photo(images / f"s{i}.png", 10 + i)
+        mask = np.zeros((160, 240), np.uint8)
+        mask[40:120, 60:180] = 255
+        Image.fromarray(mask).save(masks / f"s{i}.png")
+    out = tmp_path / "profile.yaml"
+    result = json.loads(cli("--json", "calibrate", "--images", str(images), "--masks", str(masks),
+                            "--keep", "2", "--out", str(out)).stdout)
+    assert len(result["layers"]) == 2
+    rates = {int(k): v for k, v in result["mask_hit_rate"].items()}
+    assert sorted(rates) == [0, 1, 2, 3] and all(0 <= v <= 1 for v in rates.values())
+    best = sorted(rates, key=lambda l: -rates[l])[:2]
+    assert sorted(best) == result["layers"]
+    assert "layers:" in out.read_text()
+
+
+def test_killed_teach_leaves_every_concept_whole(cli, tiny_checkpoints, tmp_path):
+    img = _photo(tmp_path / "img.png", 5)
+    cli("teach", "base", img)
+    rng = random.Random(0)
+    for attempt in range(6):
+        cmd = [sys.executable, "-m", "personal_vlm_node.cli", "--model", str(tiny_checkpoints["qwen2_5_vl"]),
+               "--store", str(cli.store), "--device", "cpu", "--dtype", "float32",
+               "teach", f"c{attempt % 2}", img, img, "--overwrite"]
+        child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(3.0, 9.0))
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        store = ConceptStore(cli.store)
+        for record in store.list():
+            memory = store.load_memory(record.name)
+            assert memory["memory"].shape[0] == record.memory_tokens
+            assert len(store.load_images(record.name)) == (1 if record.name == "base" else 2)
+        assert "base" in store
+        assert not any((cli.store / "tmp").iterdir()) if (cli.store / "tmp").exists() else True
