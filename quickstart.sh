@@ -2,7 +2,7 @@
 # Run the node or the tests on a machine with nothing but Python 3.11 (and a C/C++ compiler):
 #
 #   ./quickstart.sh node [extra ROS arguments, e.g. -r image:=/my_camera/image_raw]
-#   ./quickstart.sh test [pytest arguments]
+#   ./quickstart.sh test [pytest arguments, e.g. test/test_packaging.py -x]
 #
 # The first run creates .venv/ in the repository with the pinned Python dependencies and the
 # ROS 2 Kilted PyPI wheels, and builds the interface package (a few minutes). Later runs only
@@ -134,8 +134,17 @@ case "$COMMAND" in
         export ROS_DOMAIN_ID="${ROS_DOMAIN_ID:-$(($$ % 100 + 1))}"
         say "running pytest (ROS_DOMAIN_ID=$ROS_DOMAIN_ID)"
         cd "$REPO"
+        # Run the whole test/ folder unless the arguments name tests of their own
+        # (./quickstart.sh test test/test_store.py::test_forget -x).
+        targets=(test)
+        for arg in "$@"; do
+            if [ -e "${arg%%::*}" ]; then
+                targets=()
+                break
+            fi
+        done
         status=0
-        "$VPY" -m pytest -q test "$@" || status=$?
+        "$VPY" -m pytest -q "${targets[@]}" "$@" || status=$?
         if [ "$status" -eq 5 ]; then
             echo "[quickstart] !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!" >&2
             echo "[quickstart] !!! FAILED: pytest ran no tests (exit status 5).              !!!" >&2
