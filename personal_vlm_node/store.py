@@ -1,0 +1,658 @@
+"""Concept store: the user's taught objects, kept on disk so they survive restarts.
+
+Layout under ``root`` (default ``$XDG_DATA_HOME/personal_vlm``)::
+
+    concepts.db                SQLite index (WAL), one row per concept
+    concepts/<uuid hex>/       one directory per concept *version*
+        memory.safetensors     the concept memory, tensors stored verbatim
+        ref_0.png, ref_1.png   the reference pictures, kept to rebuild the memory
+    tmp/<uuid hex>/            a version being written
+    store.lock                 serialises writers across processes
+
+A version directory is never modified after it is published: ``add`` and ``replace_memory``
+write a fresh one under ``tmp/``, fsync it, rename it into ``concepts/`` and only then point the
+row at it in one SQLite transaction. The row is the commit point, so after a crash at any instant
+a concept is either wholly present (row + all its files) or wholly absent. Directories left
+behind by a crash (a ``tmp/`` entry, or a published directory whose transaction never committed,
+or an old version whose removal was interrupted) are referenced by no row and are removed the
+next time a store is opened.
+
+Names are user text and are never used in paths; directories are named by random uuids.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import sqlite3
+import threading
+import time
+import unicodedata
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from PIL import Image
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from personal_vlm_node.errors import PersonalVLMError
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: writers in one process are still serialised by the thread lock
+    fcntl = None
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+MAX_NAME_CHARS = 64
+
+_DB_FILE = "concepts.db"
+_LOCK_FILE = "store.lock"
+_MEMORY_FILE = "memory.safetensors"
+
+# Zero-width (non-)joiners are format characters (category Cf) but are part of ordinary
+# writing: emoji sequences such as 👩‍🔬 and several scripts need them.
+_ALLOWED_FORMAT_CHARS = {"\u200c", "\u200d"}
+
+# Modes the PNG writer stores losslessly.
+_PNG_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I;16B"}
+
+_COLUMNS = (
+    "name, category, keywords, fingerprint, fingerprint_complete, memory_tokens, "
+    "model_fingerprint, created, updated, extra, dir, n_images"
+)
+
+
+def validate_name(name: str) -> str:
+    """Return ``name`` without surrounding whitespace, in NFC form, or raise PersonalVLMError.
+
+    NFC makes the same name typed on different keyboards (é as one or two code points) the same
+    concept.
+    """
+    if not isinstance(name, str):
+        raise PersonalVLMError(f"a concept name must be text, got {type(name).__name__}")
+    for ch in name:
+        if unicodedata.category(ch).startswith("C") and ch not in _ALLOWED_FORMAT_CHARS:
+            raise PersonalVLMError(
+                f"concept name {name!r} contains the control or invisible character "
+                f"U+{ord(ch):04X}; use only letters, digits, spaces and punctuation"
+            )
+    name = unicodedata.normalize("NFC", name.strip())
+    if not name:
+        raise PersonalVLMError("a concept name must not be empty; give the object a name such as 'my mug'")
+    if len(name) > MAX_NAME_CHARS:
+        raise PersonalVLMError(
+            f"concept name {name[:20]!r}... is {len(name)} characters long; "
+            f"use at most {MAX_NAME_CHARS}"
+        )
+    if "/" in name or "\\" in name:
+        raise PersonalVLMError(f"concept name {name!r} must not contain '/' or '\\'; choose another name")
+    if name in (".", ".."):
+        raise PersonalVLMError(f"{name!r} is not a valid concept name; choose a name with letters")
+    return name
+
+
+def default_store_dir() -> Path:
+    """``$XDG_DATA_HOME/personal_vlm``, or ``~/.local/share/personal_vlm`` when it is unset."""
+    xdg = os.environ.get("XDG_DATA_HOME", "")
+    # The XDG spec says a relative value is invalid and must be ignored.
+    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".local" / "share"
+    return base / "personal_vlm"
+
+
+@dataclass
+class ConceptRecord:
+    name: str
+    category: str
+    keywords: list[str]
+    fingerprint: dict  # R2P attributes + description; {} until the background pass completes it
+    fingerprint_complete: float | None  # unix time the fingerprint was completed, None if pending
+    memory_tokens: int  # K_c, total over all reference images
+    model_fingerprint: str  # backbone/revision/dtype/layers the memory was built with
+    created: float = field(default_factory=time.time)
+    updated: float = field(default_factory=time.time)
+    extra: dict = field(default_factory=dict)  # method-specific JSON (ROIs, timings, ...)
+
+
+class ConceptStore:
+    """SQLite index + one immutable directory per concept version. Safe to share across threads."""
+
+    def __init__(self, root: str | Path | None = None):
+        self.root = Path(root).expanduser() if root is not None else default_store_dir()
+        self._db_path = self.root / _DB_FILE
+        self._concepts_dir = self.root / "concepts"
+        self._tmp_dir = self.root / "tmp"
+        self._lock = threading.Lock()
+        try:
+            self._concepts_dir.mkdir(parents=True, exist_ok=True)
+            self._tmp_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise PersonalVLMError(
+                f"cannot create the concept store in {self.root} ({e}); set store_dir to a writable folder"
+            ) from e
+        with self._mutating():
+            self._init_schema()
+            self._collect_garbage()
+
+    # ------------------------------------------------------------------ writes
+
+    def add(
+        self,
+        record: ConceptRecord,
+        memory: dict[str, torch.Tensor],
+        images: list[Image.Image],
+        overwrite: bool = False,
+    ) -> ConceptRecord:
+        """Store a new concept (or, with ``overwrite``, replace one) with its memory and pictures."""
+        name = validate_name(record.name)
+        if not images:
+            raise PersonalVLMError(
+                f"concept {name!r} needs at least one reference picture; teach it with a photo of the object"
+            )
+        for image in images:
+            if not isinstance(image, Image.Image):
+                raise TypeError(f"reference pictures must be PIL images, got {type(image).__name__}")
+        _check_memory(memory)
+        keywords = _encode_json(_check_keywords(record.keywords), "keywords")
+        fingerprint = _encode_json(_check_dict(record.fingerprint, "fingerprint"), "fingerprint")
+        extra = _encode_json(_check_dict(record.extra, "extra"), "extra")
+        if not isinstance(record.category, str):
+            raise TypeError(f"category must be a str, got {type(record.category).__name__}")
+
+        with self._mutating():
+            with self._connect() as conn:
+                if not overwrite and _dir_of(conn, name) is not None:
+                    raise _exists_error(name)
+            version = self._publish_version(name, memory, images=images)
+            now = time.time()
+            values = (
+                record.category, keywords, fingerprint, record.fingerprint_complete,
+                int(record.memory_tokens), record.model_fingerprint, float(record.created), now,
+                extra, version, len(images),
+            )
+            try:
+                with self._connect() as conn:
+                    conn.execute("BEGIN IMMEDIATE")
+                    # Checked again inside the transaction: another writer may have added the name
+                    # since the check above (e.g. a process on a system without file locks).
+                    old = _dir_of(conn, name)
+                    if old is not None and not overwrite:
+                        conn.execute("ROLLBACK")
+                        raise _exists_error(name)
+                    if old is None:
+                        conn.execute(
+                            f"INSERT INTO concepts ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                            (name, *values),
+                        )
+                    else:
+                        conn.execute(
+                            "UPDATE concepts SET category=?, keywords=?, fingerprint=?, "
+                            "fingerprint_complete=?, memory_tokens=?, model_fingerprint=?, created=?, "
+                            "updated=?, extra=?, dir=?, n_images=? WHERE name=?",
+                            (*values, name),
+                        )
+                    conn.execute("COMMIT")
+                    stored = _fetch(conn, name)
+            except BaseException:
+                self._discard_unless_referenced(version)
+                raise
+            if old is not None:
+                _remove(self._concepts_dir / old)
+        return stored
+
+    def update_fingerprint(
+        self, name: str, fingerprint: dict, keywords: list[str] | None = None
+    ) -> ConceptRecord:
+        """Record the completed fingerprint (and optionally new keywords) of a concept."""
+        name = validate_name(name)
+        fingerprint_json = _encode_json(_check_dict(fingerprint, "fingerprint"), "fingerprint")
+        keywords_json = None if keywords is None else _encode_json(_check_keywords(keywords), "keywords")
+        with self._mutating(), self._connect() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            now = time.time()
+            cursor = conn.execute(
+                "UPDATE concepts SET fingerprint=?, fingerprint_complete=?, updated=?, "
+                "keywords=COALESCE(?, keywords) WHERE name=?",
+                (fingerprint_json, now, now, keywords_json, name),
+            )
+            if cursor.rowcount == 0:
+                conn.execute("ROLLBACK")
+                raise self._missing_error(conn, name)
+            conn.execute("COMMIT")
+            return _fetch(conn, name)
+
+    def replace_memory(
+        self,
+        name: str,
+        memory: dict[str, torch.Tensor],
+        model_fingerprint: str,
+        memory_tokens: int,
+        extra: dict | None = None,
+    ) -> ConceptRecord:
+        """Swap in a memory rebuilt (e.g. for a new backbone) from the stored reference pictures.
+
+        The pictures are kept. Keys of ``extra`` overwrite the stored ones; other stored keys
+        (e.g. ROIs of the kept pictures) stay.
+        """
+        name = validate_name(name)
+        _check_memory(memory)
+        with self._mutating():
+            with self._connect() as conn:
+                row = _fetch_row(conn, name)
+                if row is None:
+                    raise self._missing_error(conn, name)
+            old = row["dir"]
+            merged = dict(_decode_json(row["extra"], name, "extra"))
+            merged.update(_check_dict(extra if extra is not None else {}, "extra"))
+            extra_json = _encode_json(merged, "extra")
+            sources = [self._concepts_dir / old / f"ref_{i}.png" for i in range(row["n_images"])]
+            for source in sources:
+                if not source.is_file():
+                    raise _damaged_error(name, f"its reference picture {source.name} is missing")
+            version = self._publish_version(name, memory, image_files=sources)
+            try:
+                with self._connect() as conn:
+                    conn.execute("BEGIN IMMEDIATE")
+                    cursor = conn.execute(
+                        "UPDATE concepts SET dir=?, model_fingerprint=?, memory_tokens=?, extra=?, "
+                        "updated=? WHERE name=? AND dir=?",
+                        (version, model_fingerprint, int(memory_tokens), extra_json, time.time(), name, old),
+                    )
+                    if cursor.rowcount == 0:
+                        conn.execute("ROLLBACK")
+                        raise PersonalVLMError(
+                            f"concept {name!r} was changed by another program while its memory was "
+                            "rebuilt; try again"
+                        )
+                    conn.execute("COMMIT")
+                    stored = _fetch(conn, name)
+            except BaseException:
+                self._discard_unless_referenced(version)
+                raise
+            _remove(self._concepts_dir / old)
+        return stored
+
+    def forget(self, name: str) -> None:
+        """Delete the concept: its row, its memory and its reference pictures."""
+        name = validate_name(name)
+        with self._mutating():
+            with self._connect() as conn:
+                conn.execute("BEGIN IMMEDIATE")
+                old = _dir_of(conn, name)
+                if old is None:
+                    conn.execute("ROLLBACK")
+                    raise self._missing_error(conn, name)
+                conn.execute("DELETE FROM concepts WHERE name=?", (name,))
+                conn.execute("COMMIT")
+            # A crash before this completes leaves an unreferenced directory, removed on next open.
+            _remove(self._concepts_dir / old)
+
+    # ------------------------------------------------------------------ reads
+
+    def get(self, name: str) -> ConceptRecord:
+        name = validate_name(name)
+        with self._connect() as conn:
+            row = _fetch_row(conn, name)
+            if row is None:
+                raise self._missing_error(conn, name)
+        return _record_from_row(row)
+
+    def __contains__(self, name: object) -> bool:
+        try:
+            name = validate_name(name)
+        except PersonalVLMError:
+            return False
+        with self._connect() as conn:
+            return _dir_of(conn, name) is not None
+
+    def names(self) -> list[str]:
+        with self._connect() as conn:
+            return sorted(row[0] for row in conn.execute("SELECT name FROM concepts"))
+
+    def list(self) -> list[ConceptRecord]:
+        """All readable records, sorted by name. A damaged row is logged and left out."""
+        with self._connect() as conn:
+            rows = conn.execute(f"SELECT {_COLUMNS} FROM concepts").fetchall()
+        records = []
+        for row in sorted(rows, key=lambda r: r["name"]):
+            try:
+                records.append(_record_from_row(row))
+            except PersonalVLMError as e:
+                logger.warning("%s", e)
+        return records
+
+    def __len__(self) -> int:
+        with self._connect() as conn:
+            return conn.execute("SELECT COUNT(*) FROM concepts").fetchone()[0]
+
+    def load_memory(self, name: str) -> dict[str, torch.Tensor]:
+        """The concept memory exactly as it was stored, on CPU."""
+        name = validate_name(name)
+        return self._read_version(name, lambda directory, n_images: _read_memory(directory / _MEMORY_FILE))
+
+    def load_images(self, name: str) -> list[Image.Image]:
+        """The reference pictures as stored (PNG-compatible modes), fully loaded in memory."""
+        name = validate_name(name)
+        return self._read_version(
+            name, lambda directory, n_images: [_read_png(directory / f"ref_{i}.png") for i in range(n_images)]
+        )
+
+    # ------------------------------------------------------------------ internals
+
+    @contextlib.contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        # One short-lived connection per call: threads never share a connection, and WAL lets
+        # readers proceed while a writer holds the lock.
+        try:
+            conn = sqlite3.connect(self._db_path, timeout=30.0, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as e:
+            raise PersonalVLMError(f"cannot open the concept index {self._db_path} ({e})") from e
+        try:
+            conn.row_factory = sqlite3.Row
+            # FULL: a commit must be durable before the previous version's files are deleted.
+            conn.execute("PRAGMA synchronous=FULL")
+            yield conn
+        finally:
+            conn.close()
+
+    @contextlib.contextmanager
+    def _mutating(self) -> Iterator[None]:
+        """Exclusive access for writers: threads of this process and other processes on this root."""
+        with self._lock:
+            if fcntl is None:
+                yield
+                return
+            fd = os.open(self.root / _LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)  # also releases the flock
+
+    def _init_schema(self) -> None:
+        try:
+            with self._connect() as conn:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("BEGIN IMMEDIATE")
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                if version > SCHEMA_VERSION:
+                    conn.execute("ROLLBACK")
+                    raise PersonalVLMError(
+                        f"the concept store in {self.root} was written by a newer personal_vlm_node "
+                        f"(store format {version}, this version reads up to {SCHEMA_VERSION}); "
+                        "upgrade personal_vlm_node or set store_dir to another folder"
+                    )
+                if version == 0:
+                    conn.execute(
+                        """CREATE TABLE IF NOT EXISTS concepts (
+                            name TEXT PRIMARY KEY NOT NULL,
+                            category TEXT NOT NULL,
+                            keywords TEXT NOT NULL,
+                            fingerprint TEXT NOT NULL,
+                            fingerprint_complete REAL,
+                            memory_tokens INTEGER NOT NULL,
+                            model_fingerprint TEXT NOT NULL,
+                            created REAL NOT NULL,
+                            updated REAL NOT NULL,
+                            extra TEXT NOT NULL,
+                            dir TEXT NOT NULL UNIQUE,
+                            n_images INTEGER NOT NULL
+                        )"""
+                    )
+                    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                conn.execute("COMMIT")
+        except sqlite3.DatabaseError as e:
+            raise PersonalVLMError(
+                f"the concept index {self._db_path} is unreadable ({e}); move the folder "
+                f"{self.root} aside and teach your concepts again"
+            ) from e
+
+    def _collect_garbage(self) -> None:
+        """Remove directories no row references: interrupted writes and interrupted deletes."""
+        for entry in self._tmp_dir.iterdir():
+            _remove(entry)
+        with self._connect() as conn:
+            referenced = {row[0] for row in conn.execute("SELECT dir FROM concepts")}
+        for entry in self._concepts_dir.iterdir():
+            if entry.name not in referenced:
+                logger.info("removing %s, left by an interrupted write or delete", entry)
+                _remove(entry)
+
+    def _publish_version(
+        self,
+        name: str,
+        memory: dict[str, torch.Tensor],
+        images: list[Image.Image] | None = None,
+        image_files: list[Path] | None = None,
+    ) -> str:
+        """Write a complete, durable version directory into ``concepts/``; return its name.
+
+        No row references it yet, so until the caller commits, a crash leaves only garbage.
+        """
+        version = uuid.uuid4().hex
+        staging = self._tmp_dir / version
+        try:
+            staging.mkdir()
+            _write_memory(staging / _MEMORY_FILE, memory)
+            for i, image in enumerate(images or []):
+                _write_png(staging / f"ref_{i}.png", image)
+            for i, source in enumerate(image_files or []):
+                _copy_file(source, staging / f"ref_{i}.png")
+            _fsync_dir(staging)
+            os.rename(staging, self._concepts_dir / version)
+            _fsync_dir(self._concepts_dir)
+            _fsync_dir(self._tmp_dir)
+        except BaseException as e:
+            _remove(staging)
+            _remove(self._concepts_dir / version)
+            if isinstance(e, OSError):
+                raise PersonalVLMError(
+                    f"could not save concept {name!r} in {self.root} ({e}); free some disk space "
+                    "or set store_dir to a writable folder"
+                ) from e
+            raise
+        return version
+
+    def _discard_unless_referenced(self, version: str) -> None:
+        """Remove a published version whose transaction failed, unless the commit did land."""
+        try:
+            with self._connect() as conn:
+                row = conn.execute("SELECT 1 FROM concepts WHERE dir=?", (version,)).fetchone()
+        except (sqlite3.Error, PersonalVLMError):
+            return  # unknown: leave it; the next open removes it if no row references it
+        if row is None:
+            _remove(self._concepts_dir / version)
+
+    def _read_version(self, name: str, read):
+        # A concurrent overwrite or rebuild may delete the directory between reading the row and
+        # reading the files; then the row points elsewhere and the read is retried.
+        for _ in range(3):
+            with self._connect() as conn:
+                row = _fetch_row(conn, name)
+                if row is None:
+                    raise self._missing_error(conn, name)
+            directory = self._concepts_dir / row["dir"]
+            try:
+                return read(directory, row["n_images"])
+            except (OSError, ValueError, SafetensorError, SyntaxError, Image.DecompressionBombError) as e:
+                error = e
+            with self._connect() as conn:
+                if _dir_of(conn, name) == row["dir"]:
+                    break
+        if not directory.is_dir():
+            reason = f"its folder {directory} is missing"
+        elif isinstance(error, FileNotFoundError):
+            reason = f"one of its files is missing ({error})"
+        else:
+            reason = f"its files cannot be read ({error})"
+        raise _damaged_error(name, reason) from error
+
+    def _missing_error(self, conn: sqlite3.Connection, name: str) -> PersonalVLMError:
+        known = sorted(row[0] for row in conn.execute("SELECT name FROM concepts"))
+        if not known:
+            hint = "no concepts are taught yet"
+        else:
+            shown = ", ".join(repr(n) for n in known[:10]) + (", ..." if len(known) > 10 else "")
+            hint = f"known concepts: {shown}"
+        return PersonalVLMError(f"no concept named {name!r}; teach it first ({hint})")
+
+
+# ---------------------------------------------------------------------- helpers (pure or file I/O)
+
+
+def _exists_error(name: str) -> PersonalVLMError:
+    return PersonalVLMError(f"a concept named {name!r} already exists; pass overwrite to replace it")
+
+
+def _damaged_error(name: str, reason: str) -> PersonalVLMError:
+    return PersonalVLMError(
+        f"concept {name!r} is damaged: {reason}; forget it and teach it again"
+    )
+
+
+def _dir_of(conn: sqlite3.Connection, name: str) -> str | None:
+    row = conn.execute("SELECT dir FROM concepts WHERE name=?", (name,)).fetchone()
+    return None if row is None else row[0]
+
+
+def _fetch_row(conn: sqlite3.Connection, name: str) -> sqlite3.Row | None:
+    return conn.execute(f"SELECT {_COLUMNS} FROM concepts WHERE name=?", (name,)).fetchone()
+
+
+def _fetch(conn: sqlite3.Connection, name: str) -> ConceptRecord:
+    return _record_from_row(_fetch_row(conn, name))
+
+
+def _record_from_row(row: sqlite3.Row) -> ConceptRecord:
+    name = row["name"]
+    return ConceptRecord(
+        name=name,
+        category=row["category"],
+        keywords=_decode_json(row["keywords"], name, "keywords"),
+        fingerprint=_decode_json(row["fingerprint"], name, "fingerprint"),
+        fingerprint_complete=row["fingerprint_complete"],
+        memory_tokens=row["memory_tokens"],
+        model_fingerprint=row["model_fingerprint"],
+        created=row["created"],
+        updated=row["updated"],
+        extra=_decode_json(row["extra"], name, "extra"),
+    )
+
+
+def _encode_json(value, what: str) -> str:
+    try:
+        return json.dumps(value, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{what} must be JSON-serialisable: {e}") from e
+
+
+def _decode_json(text: str, name: str, what: str):
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError) as e:
+        raise _damaged_error(name, f"its {what} in the index cannot be read ({e})") from e
+
+
+def _check_dict(value, what: str) -> dict:
+    if not isinstance(value, dict):
+        raise TypeError(f"{what} must be a dict, got {type(value).__name__}")
+    return value
+
+
+def _check_keywords(keywords) -> list[str]:
+    if not isinstance(keywords, (list, tuple)) or not all(isinstance(k, str) for k in keywords):
+        raise TypeError(f"keywords must be a list of str, got {keywords!r}")
+    return list(keywords)
+
+
+def _check_memory(memory) -> None:
+    if not isinstance(memory, dict):
+        raise TypeError(f"memory must be a dict of tensors, got {type(memory).__name__}")
+    for key, value in memory.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise TypeError(f"memory must map str to torch.Tensor, got {key!r}: {type(value).__name__}")
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    # Makes a directory's entries (new files, renames) durable. POSIX only; elsewhere a directory
+    # cannot be opened and the filesystem gives no such guarantee to ask for.
+    if os.name == "posix":
+        _fsync_file(path)
+
+
+def _write_memory(path: Path, memory: dict[str, torch.Tensor]) -> None:
+    tensors = {}
+    seen_storages = set()
+    for key, value in memory.items():
+        value = value.detach().to("cpu").contiguous()
+        # safetensors refuses tensors that share storage (views of one buffer); give those their own.
+        storage = value.untyped_storage().data_ptr()
+        if storage in seen_storages and value.numel() > 0:
+            value = value.clone()
+        seen_storages.add(storage)
+        tensors[key] = value
+    save_file(tensors, str(path))
+    _fsync_file(path)
+
+
+def _read_memory(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path), device="cpu")
+
+
+def _png_ready(image: Image.Image) -> Image.Image:
+    """The image in a mode PNG can hold, converting only what PNG cannot store."""
+    if image.mode in _PNG_MODES:
+        return image
+    if image.mode == "F" or image.mode.startswith("I"):
+        # 32-bit integer / float / other 16-bit layouts: keep 16-bit precision when the values
+        # fit, otherwise fall back to 8-bit (Pillow clips).
+        as_int = image.convert("I")
+        low, high = as_int.getextrema()
+        return as_int.convert("I;16") if low >= 0 and high <= 65535 else image.convert("L")
+    if "A" in image.getbands() or "a" in image.getbands():
+        return image.convert("RGBA")
+    return image.convert("RGB")
+
+
+def _write_png(path: Path, image: Image.Image) -> None:
+    with open(path, "wb") as f:
+        _png_ready(image).save(f, format="PNG")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _read_png(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        image.load()
+        return image.copy()
+
+
+def _copy_file(source: Path, target: Path) -> None:
+    shutil.copyfile(source, target)
+    _fsync_file(target)
+
+
+def _remove(path: Path) -> None:
+    """Best-effort removal; anything left is unreferenced and removed on the next open."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    except OSError as e:
+        logger.warning("could not remove %s (%s)", path, e)
