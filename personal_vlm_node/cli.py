@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--masks", required=True, help="folder of masks with the same file stems")
     calibrate.add_argument("--top-k", type=int, default=16, help="top attended tokens per layer")
     calibrate.add_argument("--keep", type=int, default=4, help="layers to keep (L)")
-    calibrate.add_argument("--out", default=None, help="profile to write (default: models/<model>.yaml)")
+    calibrate.add_argument("--out", default=None, help="profile to write (default: models/<model>.yaml in a checkout, else ~/.config/personal_vlm/models/)")
     return parser
 
 
@@ -157,7 +157,7 @@ def _cmd_calibrate(args) -> None:
 
     from . import ego
     from .images import load_image
-    from .profiles import PROFILE_DIR, load_profile, profile_filename, save_profile
+    from .profiles import default_profile_path, load_profile, save_profile
     from .vlm import load_vlm
 
     if args.top_k < 1 or args.keep < 1:
@@ -181,7 +181,7 @@ def _cmd_calibrate(args) -> None:
     profile.calibration = {"images": len(samples), "top_k": args.top_k,
                            "mask_hit_rate": {int(l): round(s, 4) for l, s in scores.items()},
                            "seconds": round(time.perf_counter() - t0, 2)}
-    out = save_profile(profile, args.out or PROFILE_DIR / profile_filename(args.model))
+    out = save_profile(profile, args.out or default_profile_path(args.model))
     _emit(args, {"profile": str(out), "layers": profile.layers, "mask_hit_rate": profile.calibration["mask_hit_rate"]},
           f"layers {profile.layers} written to {out}")
 

@@ -8,7 +8,9 @@ from the middle to three quarters of the depth, where keyword→image attention 
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -16,7 +18,21 @@ import yaml
 
 from .errors import PersonalVLMError
 
-PROFILE_DIR = Path(__file__).resolve().parent.parent / "models"
+PROFILE_DIR = Path(__file__).resolve().parent.parent / "models"   # in a source checkout
+USER_PROFILE_DIR = Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "personal_vlm" / "models"
+
+
+def profile_dirs() -> list[Path]:
+    """Where profiles are looked up, first match wins: $PERSONAL_VLM_PROFILES, the user's config,
+    the source checkout's models/, the installed share/personal_vlm_node/models."""
+    dirs = [Path(p) for p in os.environ.get("PERSONAL_VLM_PROFILES", "").split(os.pathsep) if p]
+    return dirs + [USER_PROFILE_DIR, PROFILE_DIR, Path(sys.prefix) / "share" / "personal_vlm_node" / "models"]
+
+
+def default_profile_path(model: str) -> Path:
+    """Where calibration writes: the checkout's models/ when writable, else the user's config."""
+    target = PROFILE_DIR if PROFILE_DIR.is_dir() and os.access(PROFILE_DIR, os.W_OK) else USER_PROFILE_DIR
+    return target / profile_filename(model)
 
 
 @dataclass
@@ -69,12 +85,16 @@ def profile_filename(model: str) -> str:
 
 
 def load_profile(model: str, path: str | Path | None = None) -> ModelProfile:
-    """The profile at ``path``, else ``models/<model>.yaml``, else the defaults."""
-    candidate = Path(path) if path else PROFILE_DIR / profile_filename(model)
-    if path and not candidate.is_file():
-        raise PersonalVLMError(f"model profile not found: {candidate}")
-    if not candidate.is_file():
-        return ModelProfile(model=model).validate()
+    """The profile at ``path``, else ``<model>.yaml`` in :func:`profile_dirs`, else the defaults."""
+    if path:
+        candidate = Path(path)
+        if not candidate.is_file():
+            raise PersonalVLMError(f"model profile not found: {candidate}")
+    else:
+        found = [d / profile_filename(model) for d in profile_dirs() if (d / profile_filename(model)).is_file()]
+        if not found:
+            return ModelProfile(model=model).validate()
+        candidate = found[0]
     try:
         data = yaml.safe_load(candidate.read_text()) or {}
     except yaml.YAMLError as exc:

@@ -1,0 +1,72 @@
+"""The node's entry point, started as a user starts it: its own process with a params file."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("rclpy")
+
+
+def _command(params: Path) -> list[str]:
+    wrapper = Path(sys.prefix) / "lib" / "personal_vlm_node" / "assistant_node"
+    head = [str(wrapper)] if wrapper.is_file() else [sys.executable, "-m", "personal_vlm_node.ros.node"]
+    return head + ["--ros-args", "--params-file", str(params)]
+
+
+def _params(tmp_path, **values) -> Path:
+    lines = ["/**:", "  ros__parameters:"] + [f"    {k}: {v!r}".replace("'", '"') for k, v in values.items()]
+    path = tmp_path / "params.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _env():
+    env = dict(os.environ)
+    env.pop("_ROS_WHEELS_BOOTSTRAP_COMPLETE", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def test_node_loads_the_model_reports_ready_and_stops_on_ctrl_c(tiny_checkpoints, tmp_path):
+    params = _params(tmp_path, model=str(tiny_checkpoints["internvl"]), device="cpu", dtype="float32",
+                     store_dir=str(tmp_path / "store"))
+    proc = subprocess.Popen(_command(params), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=_env(), cwd=Path(__file__).resolve().parent.parent)
+    lines = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if "ready:" in line:
+            break
+    assert any("ready:" in l for l in lines), "".join(lines)
+    assert "0 concepts" in lines[-1]
+    start = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=10)
+    assert time.monotonic() - start < 5.0
+    assert proc.returncode == 0, out
+    assert "Traceback" not in "".join(lines) + out
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"dtype": "float64"}, "dtype must be one of"),
+    ({"process_rate_hz": 0.0}, "process_rate_hz"),
+    ({"model": "/nonexistent/checkpoint"}, "model folder not found"),
+])
+def test_node_refuses_bad_parameters_with_one_line(tmp_path, values, message):
+    params = _params(tmp_path, **{"model": "/nonexistent/checkpoint", "device": "cpu",
+                                  "store_dir": str(tmp_path / "s"), **values})
+    done = subprocess.run(_command(params), capture_output=True, text=True, env=_env(), timeout=120)
+    assert done.returncode == 2
+    assert message in done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
