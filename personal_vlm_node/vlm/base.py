@@ -52,6 +52,14 @@ class ImageTokens:
 
 
 @dataclass
+class EncoderInputs:
+    """What the vision tower takes for one image, and what is needed to map its tokens back."""
+
+    tensors: dict[str, torch.Tensor]   # processor output, on the model's device and dtype
+    layout: dict = field(default_factory=dict)
+
+
+@dataclass
 class Memory:
     """A concept memory spliced into a prompt as K soft tokens."""
 
@@ -159,8 +167,16 @@ class VLMAdapter(ABC):
         """The decoder stack (embeddings + layers + final norm) without the LM head."""
 
     @abstractmethod
-    def _encode(self, prepared: PreparedImage) -> ImageTokens:
-        """Run the vision tower + projector on one prepared image."""
+    def preprocess(self, prepared: PreparedImage) -> EncoderInputs:
+        """The image processor's tensors for the vision tower, and the layout to map tokens back."""
+
+    @abstractmethod
+    def vision_forward(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Vision tower + projector in torch: the visual tokens (N, D). Exported backends replace it."""
+
+    @abstractmethod
+    def assemble(self, features: torch.Tensor, inputs: EncoderInputs, prepared: PreparedImage) -> ImageTokens:
+        """Wrap the visual tokens with their prompt segment and their boxes in source pixels."""
 
     def _positions(self, input_ids: torch.Tensor, images: list[ImageTokens],
                    image_positions: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -187,13 +203,20 @@ class VLMAdapter(ABC):
         return f"{self.family}|{self.model_id}|{revision}|{str(self.dtype).replace('torch.', '')}|d{self.hidden_size}"
 
     # ---- images --------------------------------------------------------------------------
-    def encode_image(self, image) -> ImageTokens:
-        """Visual tokens of ``image`` in the LLM input space, with their boxes in source pixels."""
+    def encode_image(self, image, encoder=None) -> ImageTokens:
+        """Visual tokens of ``image`` in the LLM input space, with their boxes in source pixels.
+
+        ``encoder`` (a callable like :meth:`vision_forward`, e.g. an onnxruntime or TensorRT
+        session) replaces the torch vision tower; it needs no lock on the model.
+        """
         prepared = prepare_image(image)
-        with self._lock, torch.inference_mode():
-            tokens = self._encode(prepared)
-        tokens.source_size = prepared.source_size
-        return tokens
+        inputs = self.preprocess(prepared)
+        if encoder is None:
+            with self._lock, torch.inference_mode():
+                features = self.vision_forward(inputs.tensors)
+        else:
+            features = encoder(inputs.tensors)
+        return self.assemble(features.detach(), inputs, prepared)
 
     # ---- prompts -------------------------------------------------------------------------
     def _pick_placeholder_id(self) -> int:

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .base import ImageTokens, PreparedImage, VLMAdapter, grid_boxes
+from .base import EncoderInputs, ImageTokens, PreparedImage, VLMAdapter, grid_boxes
 
 
 class Idefics3Adapter(VLMAdapter):
@@ -45,15 +45,20 @@ class Idefics3Adapter(VLMAdapter):
         ids.append(fake)
         return ids, slots
 
-    def _encode(self, prepared: PreparedImage) -> ImageTokens:
+    def preprocess(self, prepared: PreparedImage) -> EncoderInputs:
         inputs = self.image_processor(images=[[prepared.image]], return_row_col_info=True,
                                       return_tensors="pt")
-        rows, cols = int(inputs["rows"][0][0]), int(inputs["cols"][0][0])
-        pixels = inputs["pixel_values"].to(self.device, self.dtype)                # (1, P, 3, S, S)
-        mask = inputs.get("pixel_attention_mask")
-        out = self.model.model.get_image_features(
-            pixels, mask.to(self.device) if mask is not None else None)
-        features = out.pooler_output[0]                                            # (P·T, D)
+        tensors = {"pixel_values": inputs["pixel_values"].to(self.device, self.dtype)}  # (1, P, 3, S, S)
+        if inputs.get("pixel_attention_mask") is not None:
+            tensors["pixel_attention_mask"] = inputs["pixel_attention_mask"].to(self.device)
+        return EncoderInputs(tensors, {"rows": int(inputs["rows"][0][0]), "cols": int(inputs["cols"][0][0])})
+
+    def vision_forward(self, tensors):
+        out = self.model.model.get_image_features(tensors["pixel_values"], tensors.get("pixel_attention_mask"))
+        return out.pooler_output[0]                                                # (P·T, D)
+
+    def assemble(self, features, inputs, prepared) -> ImageTokens:
+        rows, cols = inputs.layout["rows"], inputs.layout["cols"]
         seq_len = features.shape[0] // (rows * cols + 1)
         side = math.isqrt(seq_len)
         w, h = prepared.image.size

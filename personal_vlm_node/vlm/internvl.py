@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .base import ImageTokens, PreparedImage, VLMAdapter, grid_boxes
+from .base import EncoderInputs, ImageTokens, PreparedImage, VLMAdapter, grid_boxes
 
 
 class InternVLAdapter(VLMAdapter):
@@ -39,18 +39,24 @@ class InternVLAdapter(VLMAdapter):
                  for r in range(rows) for c in range(cols)]
         return boxes + [(0.0, 0.0, float(w), float(h))]                            # thumbnail last
 
-    def _encode(self, prepared: PreparedImage) -> ImageTokens:
+    def preprocess(self, prepared: PreparedImage) -> EncoderInputs:
         inputs = self.image_processor(images=[prepared.image], crop_to_patches=self.tiling,
                                       return_tensors="pt")
-        pixels = inputs["pixel_values"].to(self.device, self.dtype)                # (P, 3, S, S)
+        return EncoderInputs({"pixel_values": inputs["pixel_values"].to(self.device, self.dtype)})  # (P, 3, S, S)
+
+    def vision_forward(self, tensors):
         out = self.model.model.get_image_features(
-            pixels, vision_feature_layer=self.config.vision_feature_layer,
+            tensors["pixel_values"], vision_feature_layer=self.config.vision_feature_layer,
             vision_feature_select_strategy=self.config.vision_feature_select_strategy)
         per_tile = out.pooler_output                                               # (P, T, D)
+        return per_tile.reshape(-1, per_tile.shape[-1])                            # (N, D)
+
+    def assemble(self, features, inputs, prepared) -> ImageTokens:
+        num_tiles = inputs.tensors["pixel_values"].shape[0]
+        per_tile = features.reshape(num_tiles, -1, features.shape[-1])             # (P, T, D)
         side = math.isqrt(per_tile.shape[1])
         tiles = self._tile_layout(prepared.image.size, per_tile.shape[0])
         boxes = torch.cat([grid_boxes(side, side, box) for box in tiles])          # (P·T, 4)
-        features = per_tile.reshape(-1, per_tile.shape[-1])                        # (N, D)
         n = features.shape[0]
         start = self.tokenizer.convert_tokens_to_ids("<img>")
         end = self.tokenizer.convert_tokens_to_ids("</img>")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import ImageTokens, PreparedImage, VLMAdapter, grid_boxes
+from .base import EncoderInputs, ImageTokens, PreparedImage, VLMAdapter, grid_boxes
 
 
 class Qwen25VLAdapter(VLMAdapter):
@@ -22,12 +22,19 @@ class Qwen25VLAdapter(VLMAdapter):
     def language_model(self):
         return self.model.model.language_model
 
-    def _encode(self, prepared: PreparedImage) -> ImageTokens:
+    def preprocess(self, prepared: PreparedImage) -> EncoderInputs:
         inputs = self.image_processor(images=[prepared.image], return_tensors="pt")
-        grid_thw = inputs["image_grid_thw"]                                        # (1, 3)
-        pixels = inputs["pixel_values"].to(self.device, self.dtype)                # (P, C·T·p·p)
-        out = self.model.model.get_image_features(pixels, grid_thw.to(self.device))
-        features = out.pooler_output[0]                                            # (N, D)
+        return EncoderInputs({
+            "pixel_values": inputs["pixel_values"].to(self.device, self.dtype),   # (P, C·T·p·p)
+            "image_grid_thw": inputs["image_grid_thw"].to(self.device),           # (1, 3)
+        })
+
+    def vision_forward(self, tensors):
+        out = self.model.model.get_image_features(tensors["pixel_values"], tensors["image_grid_thw"])
+        return out.pooler_output[0]                                                # (N, D)
+
+    def assemble(self, features, inputs, prepared) -> ImageTokens:
+        grid_thw = inputs.tensors["image_grid_thw"].cpu()
         merge = self.config.vision_config.spatial_merge_size
         patch = self.config.vision_config.patch_size
         _, h, w = (int(v) for v in grid_thw[0])
