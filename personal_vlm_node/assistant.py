@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from . import ego, prompts
 from .errors import PersonalVLMError
 from .images import load_image
-from .matcher import Matcher
+from .matcher import Matcher, decide
+from .tracker import Observation, Tracker
+from .verifier import Request, VerificationQueue
 from .profiles import ModelProfile, load_profile
 from .store import ConceptRecord, ConceptStore, validate_name
 from .vlm import Memory, VLMAdapter, load_vlm
@@ -46,6 +48,23 @@ class TeachResult:
 
 
 @dataclass
+class Detection:
+    name: str
+    category: str
+    score: float                     # matcher score, or p(yes) when a verifier decided
+    source: str                      # "match" | "ego" | "r2p"
+    box: tuple[float, float, float, float]   # (x, y, w, h) in source pixels, EMA-smoothed
+    track_id: int
+
+
+@dataclass
+class FrameResult:
+    detections: list[Detection]
+    uncertain: list[str]             # concepts handed to (or waiting on) the verifier this frame
+    timings: dict[str, float]        # encode, match, total (seconds)
+
+
+@dataclass
 class Recognition:
     name: str
     p_yes: float
@@ -61,31 +80,44 @@ class AskResult:
 
 class Assistant:
     def __init__(self, vlm: VLMAdapter, store: ConceptStore, profile: ModelProfile | None = None,
-                 progress=_stderr_progress, rebuild: bool = True):
+                 progress=_stderr_progress, rebuild: bool = True, encoder=None,
+                 verification: bool = True, verifications_per_second: float = 2.0):
         self.vlm = vlm
         self.store = store
         self.profile = profile or load_profile(vlm.model_id)
         self.layers = self.profile.resolved_layers(vlm.num_layers)
         self.progress = progress or (lambda message: None)
         self.matcher = Matcher()
+        self.encoder = encoder               # None = the model's torch vision tower
+        self.tracker = Tracker()
+        self.verification = verification
+        self.verifier = VerificationQueue(self._verify_uncertain, max_per_second=verifications_per_second)
+        self._categories: dict[str, str] = {}
+        if verification:
+            self.verifier.start()
         self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fingerprint")
         self._teach_lock = threading.Lock()
+        self._frame_lock = threading.Lock()      # tracker state: frame worker vs. forget/teach
         if rebuild:
             self.rebuild_stale_memories()
         self._load_bank()
 
     @classmethod
     def open(cls, model: str, store_dir=None, device: str = "auto", dtype: str = "auto",
-             profile_path=None, progress=_stderr_progress) -> Assistant:
-        """Load the model (HF id or folder) and the store; rebuild memories of another model."""
+             profile_path=None, progress=_stderr_progress, **options) -> Assistant:
+        """Load the model (HF id or folder) and the store; rebuild memories of another model.
+
+        ``options`` go to the constructor: ``encoder``, ``verification``, ``verifications_per_second``.
+        """
         profile = load_profile(model, profile_path)
         store = ConceptStore(store_dir)
         if progress:
             progress(f"loading {model} ({device}, {dtype})…")
         vlm = load_vlm(model, device=device, dtype=dtype)
-        return cls(vlm, store, profile, progress=progress)
+        return cls(vlm, store, profile, progress=progress, **options)
 
     def close(self) -> None:
+        self.verifier.stop()
         self._background.shutdown(wait=True)
 
     def __enter__(self):
@@ -98,6 +130,7 @@ class Assistant:
     def _load_bank(self) -> None:
         bank = {}
         for record in self.store.list():
+            self._categories[record.name] = record.category
             try:
                 bank[record.name] = self.store.load_memory(record.name)["memory"]
             except PersonalVLMError as exc:
@@ -157,6 +190,8 @@ class Assistant:
             t2 = time.perf_counter()
             self.store.add(record, intro.memory, pictures, overwrite=overwrite)
             self.matcher.add(name, intro.memory["memory"])
+            self._categories[name] = category
+            self.verifier.invalidate(name)
             timings["store"] = time.perf_counter() - t2
         seconds = time.perf_counter() - t0
         timings["usable"] = seconds
@@ -234,6 +269,54 @@ class Assistant:
         name = validate_name(name)
         self.store.forget(name)
         self.matcher.remove(name)
+        with self._frame_lock:
+            self.tracker.forget(name)
+        self.verifier.invalidate(name)
+        self._categories.pop(name, None)
 
     def concepts(self) -> list[ConceptRecord]:
         return self.store.list()
+
+    # ---- the frame path ---------------------------------------------------------------------
+    def thresholds(self) -> tuple[float, float]:
+        return self.profile.accept_threshold, self.profile.reject_threshold
+
+    def observe(self, frame) -> FrameResult:
+        """Named detections on one camera frame. Never runs the language model.
+
+        Encoder → late-interaction scores of every memory → accept / uncertain / reject. Uncertain
+        concepts go to the verification queue (Ego in-context check, on a budget, cached per
+        concept); a fresh verdict from it counts on this frame, a pending one does not wait.
+        The tracker then applies k-of-n hysteresis and smooths the boxes.
+        """
+        t0 = time.perf_counter()
+        tokens = self.vlm.encode_image(frame, encoder=self.encoder)
+        t1 = time.perf_counter()
+        accept, reject = self.thresholds()
+        observations, uncertain = [], []
+        for match in self.matcher.score(tokens.features, tokens.token_boxes):
+            decision = decide(match.score, accept, reject)
+            if decision == "accept":
+                observations.append(Observation(match.name, match.score, match.box, "match"))
+            elif decision == "uncertain" and self.verification:
+                uncertain.append(match.name)
+                verdict = self.verifier.submit(match.name, (tokens, match.name))
+                if verdict is not None and verdict["present"]:
+                    observations.append(Observation(match.name, verdict["p_yes"], match.box, verdict["source"]))
+        t2 = time.perf_counter()
+        with self._frame_lock:
+            tracks = self.tracker.update(observations)
+        detections = [Detection(t.name, self._categories.get(t.name, ""), t.score, t.source, t.box, t.track_id)
+                      for t in tracks if t.name in self._categories]
+        return FrameResult(detections, uncertain,
+                           {"encode": t1 - t0, "match": t2 - t1, "total": time.perf_counter() - t0})
+
+    def _verify_uncertain(self, request: Request) -> dict | None:
+        """Ego in-context check of one uncertain concept on the frame it was uncertain on."""
+        tokens, name = request.payload
+        try:
+            memory = self._memories([name])
+        except PersonalVLMError:
+            return None                    # forgotten while queued
+        p_yes = ego.recognize(self.vlm, tokens, memory)[name]
+        return {"present": p_yes >= self.profile.recognize_threshold, "p_yes": p_yes, "source": "ego"}

@@ -1,0 +1,87 @@
+"""The per-frame path: encoder → matcher → decision → verifier → tracker, on tiny models."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from personal_vlm_node.assistant import Assistant
+from personal_vlm_node.profiles import ModelProfile
+from personal_vlm_node.store import ConceptStore
+
+
+def _photo(seed, width=300, height=200):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+
+
+@pytest.fixture
+def make(adapters, tmp_path):
+    made = []
+
+    def build(family="qwen2_5_vl", verification=False, **profile):
+        values = {"max_memory_tokens": 8, "min_memory_tokens": 2, **profile}
+        a = Assistant(adapters(family), ConceptStore(tmp_path / f"store{len(made)}"), ModelProfile(**values),
+                      progress=None, verification=verification, verifications_per_second=50.0)
+        made.append(a)
+        return a
+
+    yield build
+    for a in made:
+        a.close()
+
+
+def test_a_taught_concept_is_detected_on_its_own_picture_after_hysteresis(make, family):
+    a = make(family, accept_threshold=0.999, reject_threshold=0.5)
+    picture = _photo(1)
+    a.teach("my mug", [picture], category="mug")
+    # The memory is a subset of this picture's own tokens: every memory token matches exactly.
+    first = a.observe(picture)
+    assert first.detections == []                      # k=2 of n=3: not on the first frame
+    second = a.observe(picture)
+    assert [d.name for d in second.detections] == ["my mug"]
+    detection = second.detections[0]
+    assert detection.score == pytest.approx(1.0, abs=1e-4)
+    assert detection.source == "match" and detection.category == "mug" and detection.track_id >= 1
+    x, y, w, h = detection.box
+    assert 0 <= x and 0 <= y and w > 0 and h > 0 and x + w <= 300 + 1e-3 and y + h <= 200 + 1e-3
+    assert set(second.timings) == {"encode", "match", "total"}
+    assert a.observe(picture).detections[0].track_id == detection.track_id
+
+
+def test_a_forgotten_concept_disappears_on_the_next_frame(make):
+    a = make(accept_threshold=0.999, reject_threshold=0.5)
+    picture = _photo(2)
+    a.teach("Fluffy", [picture])
+    a.observe(picture)
+    assert [d.name for d in a.observe(picture).detections] == ["Fluffy"]
+    a.forget("Fluffy")
+    assert a.observe(picture).detections == []
+
+
+def test_uncertain_scores_are_verified_off_the_frame_path(make):
+    # Every score falls in the uncertain band; the Ego check decides (threshold 0 = always yes).
+    a = make(verification=True, accept_threshold=1.5, reject_threshold=-1.0, recognize_threshold=0.0)
+    picture = _photo(3)
+    a.teach("Grandpa's cane", [picture])
+    first = a.observe(picture)
+    assert first.uncertain == ["Grandpa's cane"] and first.detections == []
+    deadline = time.monotonic() + 60
+    detections = []
+    while time.monotonic() < deadline and not detections:
+        detections = a.observe(picture).detections
+    assert [d.source for d in detections] == ["ego"]
+    assert 0.0 <= detections[0].score <= 1.0
+    assert a.verifier.stats["verified"] >= 1
+
+
+def test_without_verification_uncertain_concepts_are_not_detected(make):
+    a = make(verification=False, accept_threshold=1.5, reject_threshold=-1.0)
+    picture = _photo(4)
+    a.teach("thing", [picture])
+    for _ in range(3):
+        result = a.observe(picture)
+    assert result.detections == [] and result.uncertain == []
