@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import bench
 from .errors import PersonalVLMError
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
@@ -38,8 +39,9 @@ def _parse_roi(text: str) -> tuple[float, float, float, float]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="personal-vlm", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=os.environ.get("PERSONAL_VLM_MODEL", DEFAULT_MODEL),
-                        help="Hugging Face id or local checkpoint folder (default: %(default)s)")
+    parser.add_argument("--model", default=None,
+                        help=f"Hugging Face id or local checkpoint folder (default: $PERSONAL_VLM_MODEL or "
+                             f"{DEFAULT_MODEL}; bench: a random-weight model)")
     parser.add_argument("--store", default=None, help="concept store directory (default: $XDG_DATA_HOME/personal_vlm)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -74,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--top-k", type=int, default=16, help="top attended tokens per layer")
     calibrate.add_argument("--keep", type=int, default=4, help="layers to keep (L)")
     calibrate.add_argument("--out", default=None, help="profile to write (default: models/<model>.yaml in a checkout, else ~/.config/personal_vlm/models/)")
+    bench.add_parser(sub)
     return parser
 
 
@@ -187,11 +190,13 @@ def _cmd_calibrate(args) -> None:
 
 
 COMMANDS = {"teach": _cmd_teach, "ask": _cmd_ask, "recognize": _cmd_recognize, "list": _cmd_list,
-            "forget": _cmd_forget, "calibrate": _cmd_calibrate}
+            "forget": _cmd_forget, "calibrate": _cmd_calibrate, "bench": bench.run}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.model = args.model or os.environ.get("PERSONAL_VLM_MODEL") or (
+        None if args.command == "bench" else DEFAULT_MODEL)
     try:
         COMMANDS[args.command](args)
     except PersonalVLMError as exc:

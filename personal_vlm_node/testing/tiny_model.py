@@ -114,23 +114,41 @@ def _build_tokenizer(family: _Family):
     )
 
 
-def _qwen2_5_vl(tokenizer):
+# Qwen2.5-VL-3B-Instruct's dimensions, for benchmarks that mean something on a CPU. The language
+# model keeps only REALISTIC_TEXT_LAYERS of its 36 layers (random init of all 3B parameters takes
+# minutes); per-layer LLM costs scale linearly. The vocabulary stays tiny (it only sizes the
+# embedding table and the LM head).
+REALISTIC_TEXT_LAYERS = 4
+_QWEN_SIZES = {
+    "tiny": (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, mrope_section=[2, 3, 3]),
+             dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                  fullatt_block_indexes=[1]),
+             224 * 224),
+    "realistic": (dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=REALISTIC_TEXT_LAYERS,
+                       num_attention_heads=16, num_key_value_heads=2, mrope_section=[16, 24, 24]),
+                  dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
+                       fullatt_block_indexes=[7, 15, 23, 31]),
+                  448 * 448),
+}
+
+
+def _qwen2_5_vl(tokenizer, size="tiny"):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
 
     ids = tokenizer.convert_tokens_to_ids
+    text, vision, max_pixels = _QWEN_SIZES[size]
+    text = dict(text)
+    mrope = text.pop("mrope_section")
     config = Qwen2_5_VLConfig(
         text_config=dict(
-            vocab_size=_VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+            vocab_size=_VOCAB_SIZE, max_position_embeddings=4096, **text,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
             bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"),
             pad_token_id=ids("<|endoftext|>"),
         ),
-        vision_config=dict(
-            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14,
-            spatial_merge_size=2, temporal_patch_size=2, window_size=56, out_hidden_size=64,
-            fullatt_block_indexes=[1],
-        ),
+        vision_config=dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112
+                           if size == "realistic" else 56, **vision),
         image_token_id=ids("<|image_pad|>"),
         video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"),
@@ -139,13 +157,13 @@ def _qwen2_5_vl(tokenizer):
     model = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation="sdpa")
     # Real Qwen2.5-VL geometry (14 px patches, 2×2 merge) with a small pixel budget.
     processor = Qwen2VLImageProcessorPil(
-        size={"shortest_edge": 56 * 56, "longest_edge": 224 * 224},
+        size={"shortest_edge": 56 * 56, "longest_edge": max_pixels},
         patch_size=14, merge_size=2, temporal_patch_size=2,
     )
     return model, processor
 
 
-def _internvl(tokenizer):
+def _internvl(tokenizer, size="tiny"):
     from transformers import GotOcr2ImageProcessorPil, InternVLConfig, InternVLForConditionalGeneration
 
     ids = tokenizer.convert_tokens_to_ids
@@ -171,7 +189,7 @@ def _internvl(tokenizer):
     return model, processor
 
 
-def _idefics3(tokenizer):
+def _idefics3(tokenizer, size="tiny"):
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil
 
     ids = tokenizer.convert_tokens_to_ids
@@ -199,18 +217,26 @@ def _idefics3(tokenizer):
 _BUILDERS = {"qwen2_5_vl": _qwen2_5_vl, "internvl": _internvl, "idefics3": _idefics3}
 
 
-def build_tiny_model(out_dir: str | Path, family: str = "qwen2_5_vl", seed: int = 0) -> Path:
-    """Write a tiny random-weight checkpoint of ``family`` to ``out_dir`` and return the folder."""
+SIZES = ("tiny", "realistic")
+
+
+def build_tiny_model(out_dir: str | Path, family: str = "qwen2_5_vl", seed: int = 0, size: str = "tiny") -> Path:
+    """Write a random-weight checkpoint of ``family`` to ``out_dir`` and return the folder.
+
+    ``size="realistic"`` (qwen2_5_vl only) uses Qwen2.5-VL-3B's dimensions with a shortened LLM.
+    """
     import torch
 
     if family not in _FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+    if size not in SIZES or (size == "realistic" and family != "qwen2_5_vl"):
+        raise ValueError(f"size {size!r} is not available for {family}; realistic exists for qwen2_5_vl")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     spec = _FAMILIES[family]
     tokenizer = _build_tokenizer(spec)
-    model, image_processor = _BUILDERS[family](tokenizer)
+    model, image_processor = _BUILDERS[family](tokenizer, size)
     if family == "idefics3":
         # The processor reads these from the tokenizer's special-token attributes.
         tokenizer.image_token = "<image>"
@@ -220,8 +246,9 @@ def build_tiny_model(out_dir: str | Path, family: str = "qwen2_5_vl", seed: int 
     image_processor.save_pretrained(out)
     (out / "chat_template.jinja").write_text(spec.chat_template)
     (out / "TINY_RANDOM_WEIGHTS.txt").write_text(
-        f"Tiny {family} model with RANDOM weights, for tests only. Its outputs mean nothing.\n")
-    meta = {"family": family, "random_weights": True, "seed": seed}
+        f"{size.capitalize()} {family} model with RANDOM weights, for tests and benchmarks only. "
+        "Its outputs mean nothing.\n")
+    meta = {"family": family, "size": size, "random_weights": True, "seed": seed}
     (out / "tiny_model.json").write_text(json.dumps(meta, indent=2))
     return out
 
@@ -233,9 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir")
     parser.add_argument("--family", default="qwen2_5_vl", choices=FAMILIES)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", default="tiny", choices=SIZES,
+                        help="realistic: Qwen2.5-VL-3B dimensions, shortened LLM (qwen2_5_vl only)")
     args = parser.parse_args(argv)
-    out = build_tiny_model(args.out_dir, args.family, args.seed)
-    print(f"wrote a tiny {args.family} model with RANDOM weights (test use only) to {out}")
+    out = build_tiny_model(args.out_dir, args.family, args.seed, args.size)
+    print(f"wrote a {args.size} {args.family} model with RANDOM weights (test use only) to {out}")
     return 0
 
 

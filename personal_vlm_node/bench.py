@@ -1,0 +1,314 @@
+"""``personal-vlm bench``: the figures that matter on a robot, measured in one run.
+
+Medians over repeats (p95 where a tail matters) of: concept introduction per step; the frame
+path's encoder per backend (torch, onnxruntime, tensorrt where present) at 224 and 448 px, plus
+torch bfloat16; the matcher at 10 / 100 / 1,000 / 10,000 concepts; ``ask`` with 0 / 1 / 5 / 20
+concepts stored; memory tokens per concept vs visual tokens per image; frame-path p95 with and
+without verification; peak memory. Prints a table and writes JSON.
+
+Without ``--model`` it measures a random-weight model built offline: ``--size tiny`` (seconds,
+checks the machinery) or ``--size realistic`` (Qwen2.5-VL-3B dimensions, shortened language model:
+figures that mean something on a CPU). With ``--model`` it measures that checkpoint, unchanged,
+on any device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import PersonalVLMError
+
+MATCHER_SIZES = (10, 100, 1_000, 10_000)
+ASK_SIZES = (0, 1, 5, 20)
+FRAME_SIZES = (224, 448)
+
+
+def _say(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def _picture(size: int, seed: int) -> Image.Image:
+    """A structured test picture: smooth background with a few coloured shapes (not noise)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size] / size
+    base = np.stack([x, y, 1 - x], axis=-1) * 160 + 40                     # (S, S, 3)
+    for _ in range(4):
+        cx, cy, r = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(0.05, 0.2)
+        disk = (x - cx) ** 2 + (y - cy) ** 2 < r * r
+        base[disk] = rng.integers(0, 255, 3)
+    return Image.fromarray(base.astype(np.uint8))
+
+
+def _median(values: list[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def _p95(values: list[float]) -> float:
+    return float(np.percentile(values, 95)) if values else float("nan")
+
+
+def _timed(fn, repeats: int, warmup: int = 1) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def synthetic_model(size: str, cache_dir: Path) -> Path:
+    """Build (once) the random-weight qwen2_5_vl model of ``size`` in the cache."""
+    from .testing.tiny_model import build_tiny_model
+
+    folder = cache_dir / f"qwen2_5_vl-{size}"
+    if not (folder / "config.json").is_file():
+        _say(f"building a {size} qwen2_5_vl model with RANDOM weights in {folder} (once)…")
+        build_tiny_model(folder, "qwen2_5_vl", size=size)
+    return folder
+
+
+def _peak_memory() -> dict:
+    peak = {"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available():
+        peak["cuda_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return peak
+
+
+def _plant(assistant, first: int, count: int, frame_tokens: torch.Tensor, k: int, seed: int) -> None:
+    """Store ``count`` concepts whose memories are K-token subsets of real visual tokens."""
+    from .store import ConceptRecord
+
+    generator = torch.Generator().manual_seed(seed)
+    picture = _picture(64, seed)
+    for i in range(count):
+        idx = torch.randperm(frame_tokens.shape[0], generator=generator)[:k].sort().values
+        memory = {"memory": frame_tokens[idx].float().cpu(), "positions": idx}
+        now = time.time()
+        record = ConceptRecord(f"planted {first + i}", "", [], {}, None, k, assistant.vlm.fingerprint, now, now, {})
+        assistant.store.add(record, memory, [picture], overwrite=True)
+        assistant.matcher.add(record.name, memory["memory"])
+        assistant._categories[record.name] = ""
+
+
+def bench_introduction(assistant, repeats: int) -> dict:
+    steps: dict[str, list[float]] = {}
+    tokens = []
+    for r in range(repeats):
+        result = assistant.teach(f"bench concept {r}", [_picture(448, 100 + r)], overwrite=True)
+        result.wait_fingerprint()
+        for step, seconds in result.timings.items():
+            steps.setdefault(step, []).append(seconds)
+        tokens.append(result.memory_tokens)
+    return {"median_seconds": {s: _median(v) for s, v in steps.items()}, "memory_tokens": tokens}
+
+
+def bench_encoders(vlm, backends: list[str], repeats: int, cache_dir: Path) -> dict:
+    out: dict[str, dict] = {}
+    for backend in backends:
+        entry: dict = {}
+        try:
+            encoder = None
+            if backend != "torch":
+                from .runtime.backends import make_encoder
+
+                encoder = make_encoder(vlm, backend, cache_dir=cache_dir / "encoders", progress=_say)
+            entry["provider"] = getattr(encoder, "provider", "torch")
+            for size in FRAME_SIZES:
+                picture = _picture(size, size)
+                times = _timed(lambda: vlm.encode_image(picture, encoder=encoder), repeats)
+                entry[str(size)] = {"median_s": _median(times), "p95_s": _p95(times),
+                                    "visual_tokens": vlm.encode_image(picture, encoder=encoder).num_tokens}
+                _say(f"encoder {backend} {size}px: {_median(times):.3f}s")
+        except (PersonalVLMError, ImportError) as exc:
+            entry = {"unavailable": str(exc)}
+            _say(f"encoder {backend}: unavailable ({exc})")
+        out[backend] = entry
+    return out
+
+
+def bench_matcher(dim: int, frame_tokens: torch.Tensor, repeats: int, k: int = 32) -> dict:
+    from .matcher import Matcher
+
+    out = {}
+    generator = torch.Generator().manual_seed(0)
+    for count in MATCHER_SIZES:
+        matcher = Matcher()
+        bank = {f"c{i}": torch.randn(k, dim, generator=generator) for i in range(count)}
+        matcher.set_concepts(bank)
+        del bank
+        times = _timed(lambda: matcher.score(frame_tokens), repeats)
+        out[str(count)] = {"median_s": _median(times), "p95_s": _p95(times)}
+        _say(f"matcher {count} concepts: {_median(times) * 1000:.1f} ms")
+        del matcher
+    return out
+
+
+def bench_ask(assistant, frame_tokens: torch.Tensor, repeats: int, k: int) -> dict:
+    out = {}
+    picture = _picture(448, 7)
+    for record in assistant.concepts():       # start from an empty library
+        assistant.forget(record.name)
+    stored = 0
+    for count in ASK_SIZES:
+        if count > stored:
+            _plant(assistant, stored, count - stored, frame_tokens, k, seed=count)
+            stored = count
+        results = []
+        times = _timed(lambda: results.append(assistant.ask("What is in this picture?", picture)), repeats, 0)
+        out[str(count)] = {"median_s": _median(times), "concepts_in_context": len(results[-1].concepts)}
+        _say(f"ask with {count} concepts stored: {_median(times):.2f}s")
+    return out
+
+
+def bench_verification(assistant, frames: int) -> dict:
+    """Frame-path latency with every score uncertain, verification on vs off."""
+    profile = assistant.profile
+    saved = (profile.accept_threshold, profile.reject_threshold)
+    profile.accept_threshold, profile.reject_threshold = 2.0, -2.0      # everything is "uncertain"
+    out = {}
+    try:
+        for enabled in (False, True):
+            assistant.verification = enabled
+            if enabled:
+                assistant.verifier.start()
+            times = [assistant.observe(_picture(224, 300 + i)).timings["total"] for i in range(frames)]
+            out["on" if enabled else "off"] = {"median_s": _median(times), "p95_s": _p95(times)}
+            if enabled:
+                out["on"]["verified"] = assistant.verifier.stats["verified"]
+    finally:
+        profile.accept_threshold, profile.reject_threshold = saved
+        assistant.verifier.stop()
+    out["p95_ratio"] = out["on"]["p95_s"] / out["off"]["p95_s"]
+    return out
+
+
+def run_bench(model: str | None, size: str = "tiny", device: str = "auto", dtype: str = "float32",
+              backends: tuple[str, ...] = ("torch", "onnxruntime", "tensorrt"), repeats: int = 3,
+              frames: int = 10, cache_dir: Path | None = None) -> dict:
+    from .assistant import Assistant
+    from .store import ConceptStore
+    from .vlm import load_vlm
+
+    cache_dir = Path(cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+                     / "personal_vlm" / "bench")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    source = model or str(synthetic_model(size, cache_dir))
+    t0 = time.perf_counter()
+    vlm = load_vlm(source, device=device, dtype=dtype)
+    report = {
+        "model": model or f"random-weight qwen2_5_vl ({size})",
+        "random_weights": model is None, "size": None if model else size,
+        "device": str(vlm.device), "dtype": str(vlm.dtype).replace("torch.", ""),
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+                    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                    "torch": torch.__version__},
+        "repeats": repeats, "load_seconds": time.perf_counter() - t0,
+    }
+    with tempfile.TemporaryDirectory(prefix="bench-store-") as store_dir:
+        assistant = Assistant(vlm, ConceptStore(store_dir), progress=None, verification=False)
+        try:
+            _say("concept introduction…")
+            report["introduction"] = bench_introduction(assistant, repeats)
+            _say("encoders…")
+            report["encoder"] = bench_encoders(vlm, list(backends), repeats, cache_dir)
+            frame = vlm.encode_image(_picture(448, 448))
+            report["tokens"] = {
+                "per_image_448": frame.num_tokens,
+                "per_concept_mean": float(np.mean(report["introduction"]["memory_tokens"])),
+            }
+            _say("matcher…")
+            report["matcher"] = bench_matcher(vlm.hidden_size, frame.features.float(), repeats)
+            encoder_448 = [e["448"]["median_s"] for e in report["encoder"].values() if "448" in e]
+            if encoder_448:
+                report["matcher_10000_vs_fastest_encoder_448"] = (
+                    report["matcher"]["10000"]["median_s"] / min(encoder_448))
+            _say("ask…")
+            report["ask"] = bench_ask(assistant, frame.features, max(1, repeats // 2),
+                                      assistant.profile.max_memory_tokens)
+            _say("verification on the frame path…")
+            report["verification"] = bench_verification(assistant, frames)
+        finally:
+            assistant.close()
+    if vlm.dtype == torch.float32 and "torch" in backends:
+        _say("torch bfloat16 encoder…")
+        vlm.model.to(torch.bfloat16)
+        vlm.dtype = torch.bfloat16
+        report["encoder"]["torch_bfloat16"] = {
+            str(s): {"median_s": _median(_timed(lambda: vlm.encode_image(_picture(s, s)), repeats))}
+            for s in FRAME_SIZES}
+    torch_448 = report["encoder"].get("torch", {}).get("448", {}).get("median_s")
+    ort_448 = report["encoder"].get("onnxruntime", {}).get("448", {}).get("median_s")
+    if torch_448 and ort_448:
+        report["onnxruntime_speedup_448"] = torch_448 / ort_448
+    report["peak_memory"] = _peak_memory()
+    report["seconds"] = time.perf_counter() - t0
+    return report
+
+
+def format_table(report: dict) -> str:
+    rows = [("model", report["model"]), ("device / dtype", f"{report['device']} / {report['dtype']}")]
+    for step, seconds in report["introduction"]["median_seconds"].items():
+        rows.append((f"teach: {step}", f"{seconds:.3f} s"))
+    for backend, entry in report["encoder"].items():
+        if "unavailable" in entry:
+            rows.append((f"encoder {backend}", "unavailable"))
+            continue
+        for size in FRAME_SIZES:
+            if str(size) in entry:
+                rows.append((f"encoder {backend} {size}px", f"{entry[str(size)]['median_s']:.3f} s"))
+    if "onnxruntime_speedup_448" in report:
+        rows.append(("onnxruntime vs torch fp32, 448px", f"{report['onnxruntime_speedup_448']:.2f}×"))
+    for count, entry in report["matcher"].items():
+        rows.append((f"matcher {int(count):,} concepts", f"{entry['median_s'] * 1000:.1f} ms"))
+    if "matcher_10000_vs_fastest_encoder_448" in report:
+        rows.append(("matcher 10k / encoder 448px", f"{report['matcher_10000_vs_fastest_encoder_448']:.1%}"))
+    for count, entry in report["ask"].items():
+        rows.append((f"ask, {count} stored ({entry['concepts_in_context']} in context)",
+                     f"{entry['median_s']:.2f} s"))
+    tokens = report["tokens"]
+    rows.append(("tokens per concept / per image", f"{tokens['per_concept_mean']:.1f} / {tokens['per_image_448']}"))
+    v = report["verification"]
+    rows.append(("frame p95, verification off / on",
+                 f"{v['off']['p95_s']:.3f} s / {v['on']['p95_s']:.3f} s ({v['p95_ratio']:.2f}×)"))
+    rows.append(("peak RSS", f"{report['peak_memory']['rss_mb']:.0f} MB"))
+    if "cuda_allocated_mb" in report["peak_memory"]:
+        rows.append(("peak CUDA memory", f"{report['peak_memory']['cuda_allocated_mb']:.0f} MB"))
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def add_parser(subparsers) -> None:
+    bench = subparsers.add_parser("bench", help="measure teaching, the frame path, the matcher and ask")
+    bench.add_argument("--json", dest="json_out", default=None, help="write the figures to this JSON file")
+    bench.add_argument("--size", default="tiny", choices=["tiny", "realistic"],
+                       help="random-weight model to measure when --model is not given")
+    bench.add_argument("--backends", default="torch,onnxruntime,tensorrt")
+    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--frames", type=int, default=10, help="frames for the verification p95")
+
+
+def run(args) -> None:
+    if args.repeats < 1 or args.frames < 2:
+        raise PersonalVLMError("--repeats must be >= 1 and --frames >= 2")
+    dtype = "float32" if args.dtype == "auto" else args.dtype
+    report = run_bench(args.model, size=args.size, device=args.device, dtype=dtype,
+                       backends=tuple(b.strip() for b in args.backends.split(",") if b.strip()),
+                       repeats=args.repeats, frames=args.frames)
+    print(format_table(report))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(report, indent=2))
+        print(f"\nwritten to {args.json_out}")

@@ -1,0 +1,32 @@
+"""`personal-vlm bench` measures every figure it promises (on a tiny model: machinery, not speed)."""
+
+from __future__ import annotations
+
+import json
+
+from personal_vlm_node import bench
+from personal_vlm_node.cli import main
+
+
+def test_bench_writes_every_figure_and_prints_a_table(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    out = tmp_path / "bench.json"
+    code = main(["--device", "cpu", "bench", "--backends", "torch,tensorrt", "--repeats", "1",
+                 "--frames", "3", "--json", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["random_weights"] is True and report["size"] == "tiny"
+    assert set(report["introduction"]["median_seconds"]) >= {
+        "encode", "describe", "attention", "store", "usable", "fingerprint", "fingerprint_complete"}
+    for size in bench.FRAME_SIZES:
+        assert report["encoder"]["torch"][str(size)]["median_s"] > 0
+        assert report["encoder"]["torch_bfloat16"][str(size)]["median_s"] > 0
+    assert "unavailable" in report["encoder"]["tensorrt"]          # no TensorRT on this machine
+    assert sorted(int(c) for c in report["matcher"]) == list(bench.MATCHER_SIZES)
+    assert report["matcher_10000_vs_fastest_encoder_448"] > 0
+    assert {int(c): e["concepts_in_context"] for c, e in report["ask"].items()} == {0: 0, 1: 1, 5: 5, 20: 5}
+    assert report["tokens"]["per_concept_mean"] <= report["tokens"]["per_image_448"]
+    assert report["verification"]["p95_ratio"] > 0 and report["verification"]["on"]["p95_s"] > 0
+    assert report["peak_memory"]["rss_mb"] > 0
+    table = capsys.readouterr().out
+    assert "matcher 10,000 concepts" in table and "frame p95, verification off / on" in table
