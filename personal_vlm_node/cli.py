@@ -66,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     recognize.add_argument("image")
     recognize.add_argument("--concept", action="append", help="check only these concepts")
 
+    detect = sub.add_parser("detect", help="named detections on an image, a folder of frames or a video")
+    detect.add_argument("source", help="image file, folder of images (sorted by name) or video file")
+    detect.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "tensorrt"],
+                        help="vision encoder backend")
+    detect.add_argument("--engine-cache", default=None, help="cache for exported encoders / engines")
+    detect.add_argument("--verify", action="store_true", help="settle uncertain scores with the model")
+
     sub.add_parser("list", help="list taught concepts")
     forget = sub.add_parser("forget", help="forget a concept and all its files")
     forget.add_argument("name")
@@ -84,11 +91,11 @@ def _emit(args, payload: dict, text: str) -> None:
     print(json.dumps(payload, ensure_ascii=False) if args.json else text)
 
 
-def _open(args):
+def _open(args, verification: bool = False):
     from .assistant import Assistant
 
     return Assistant.open(args.model, store_dir=args.store, device=args.device, dtype=args.dtype,
-                          profile_path=args.profile)
+                          profile_path=args.profile, verification=verification)
 
 
 def _cmd_teach(args) -> None:
@@ -117,6 +124,73 @@ def _cmd_recognize(args) -> None:
     rows = [{"name": r.name, "p_yes": round(r.p_yes, 4), "present": r.present} for r in results]
     text = "\n".join(f"{'yes' if r.present else 'no ':3}  p={r.p_yes:.3f}  {r.name}" for r in results)
     _emit(args, {"concepts": rows}, text or "no concepts taught yet")
+
+
+VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".gif"}
+
+
+def _frames(source: Path):
+    """(label, image) for every frame of an image, a folder of images or a video."""
+    if source.is_dir():
+        files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise PersonalVLMError(f"no images in {source}")
+        for path in files:
+            yield path.name, str(path)
+    elif source.suffix.lower() in VIDEO_SUFFIXES:
+        yield from _video_frames(source)
+    elif source.is_file():
+        yield source.name, str(source)
+    else:
+        raise PersonalVLMError(f"not found: {source}")
+
+
+def _video_frames(path: Path):
+    if path.suffix.lower() == ".gif":
+        from PIL import Image, ImageSequence
+
+        with Image.open(path) as gif:
+            for i, frame in enumerate(ImageSequence.Iterator(gif)):
+                yield f"{path.name}#{i}", frame.convert("RGB")
+        return
+    try:
+        import cv2
+    except ImportError as exc:
+        raise PersonalVLMError("reading videos needs OpenCV: pip install opencv-python-headless "
+                               "(or extract frames into a folder)") from exc
+    capture = cv2.VideoCapture(str(path))
+    if not capture.isOpened():
+        raise PersonalVLMError(f"cannot open video {path}")
+    index = 0
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            break
+        yield f"{path.name}#{index}", frame[:, :, ::-1].copy()        # BGR → RGB
+        index += 1
+    capture.release()
+
+
+def _cmd_detect(args) -> None:
+    from .tracker import Tracker
+
+    source = Path(args.source)
+    frames = _frames(source)
+    still = source.is_file() and source.suffix.lower() not in VIDEO_SUFFIXES
+    with _open(args, verification=args.verify) as assistant:
+        if args.backend != "torch":
+            from .runtime.backends import make_encoder
+
+            assistant.encoder = make_encoder(assistant.vlm, args.backend, cache_dir=args.engine_cache,
+                                             progress=lambda m: print(f"[personal-vlm] {m}", file=sys.stderr))
+        if still:
+            assistant.tracker = Tracker(k=1, n=1)     # one frame: no hysteresis to wait for
+        for label, frame in frames:
+            result = assistant.observe(frame)
+            rows = [{"name": d.name, "score": round(d.score, 4), "box": [round(v, 1) for v in d.box],
+                     "source": d.source, "track_id": d.track_id} for d in result.detections]
+            text = ", ".join(f"{d['name']} {d['score']:.2f} at {d['box']}" for d in rows) or "nothing"
+            _emit(args, {"frame": label, "detections": rows}, f"{label}: {text}")
 
 
 def _store(args):
@@ -190,7 +264,8 @@ def _cmd_calibrate(args) -> None:
 
 
 COMMANDS = {"teach": _cmd_teach, "ask": _cmd_ask, "recognize": _cmd_recognize, "list": _cmd_list,
-            "forget": _cmd_forget, "calibrate": _cmd_calibrate, "bench": bench.run}
+            "forget": _cmd_forget, "calibrate": _cmd_calibrate, "bench": bench.run,
+            "detect": _cmd_detect}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -126,3 +126,33 @@ def test_killed_teach_leaves_every_concept_whole(cli, tiny_checkpoints, tmp_path
             assert len(store.load_images(record.name)) == (1 if record.name == "base" else 2)
         assert "base" in store
         assert not any((cli.store / "tmp").iterdir()) if (cli.store / "tmp").exists() else True
+
+
+def test_detect_finds_a_taught_concept_on_an_image_a_folder_and_a_gif(cli, tmp_path):
+    mug = _photo(tmp_path / "mug.png", 21)
+    cli("teach", "my mug", mug)
+    single = json.loads(cli("--json", "detect", mug).stdout)
+    assert single["frame"] == "mug.png"
+    [detection] = single["detections"]
+    assert detection["name"] == "my mug" and detection["source"] == "match"
+    assert detection["score"] == pytest.approx(1.0, abs=1e-3)
+    x, y, w, h = detection["box"]
+    assert w > 0 and h > 0 and x + w <= 240.5 and y + h <= 160.5
+
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(3):
+        Image.open(mug).save(frames / f"{i:03d}.png")
+    rows = [json.loads(line) for line in cli("--json", "detect", str(frames)).stdout.splitlines()]
+    assert [r["frame"] for r in rows] == ["000.png", "001.png", "002.png"]
+    assert [len(r["detections"]) for r in rows] == [0, 1, 1]      # k=2 of n=3 over a sequence
+    assert rows[1]["detections"][0]["track_id"] == rows[2]["detections"][0]["track_id"]
+
+    gif = tmp_path / "clip.gif"
+    pictures = [Image.open(_photo(tmp_path / f"g{i}.png", 30 + i)).convert("RGB") for i in range(3)]
+    pictures[0].save(gif, save_all=True, append_images=pictures[1:])
+    rows = [json.loads(line) for line in cli("--json", "detect", str(gif)).stdout.splitlines()]
+    assert len(rows) == 3 and rows[0]["frame"] == "clip.gif#0"
+
+    missing = cli("detect", str(tmp_path / "nowhere.png"), check=False)
+    assert missing.returncode == 2 and "not found" in missing.stderr
