@@ -221,9 +221,8 @@ class Assistant:
         timings["fingerprint"] = time.perf_counter() - t
         timings["fingerprint_complete"] = time.perf_counter() - t0
         try:
-            if self.store.get(name).created == created:      # not forgotten or replaced meanwhile
-                self.store.update_fingerprint(name, fingerprint)
-        except PersonalVLMError as exc:
+            self.store.update_fingerprint(name, fingerprint, expected_created=created)
+        except PersonalVLMError as exc:                       # forgotten or re-taught meanwhile
             log.info("fingerprint of %r not stored: %s", name, exc)
         return fingerprint
 

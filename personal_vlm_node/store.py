@@ -208,9 +208,15 @@ class ConceptStore:
         return stored
 
     def update_fingerprint(
-        self, name: str, fingerprint: dict, keywords: list[str] | None = None
+        self, name: str, fingerprint: dict, keywords: list[str] | None = None,
+        expected_created: float | None = None,
     ) -> ConceptRecord:
-        """Record the completed fingerprint (and optionally new keywords) of a concept."""
+        """Record the completed fingerprint (and optionally new keywords) of a concept.
+
+        With ``expected_created``, only the version created at that time is updated (checked in
+        the same transaction): a fingerprint computed for a concept that was re-taught meanwhile
+        raises instead of landing on the new version.
+        """
         name = validate_name(name)
         fingerprint_json = _encode_json(_check_dict(fingerprint, "fingerprint"), "fingerprint")
         keywords_json = None if keywords is None else _encode_json(_check_keywords(keywords), "keywords")
@@ -219,11 +225,13 @@ class ConceptStore:
             now = time.time()
             cursor = conn.execute(
                 "UPDATE concepts SET fingerprint=?, fingerprint_complete=?, updated=?, "
-                "keywords=COALESCE(?, keywords) WHERE name=?",
-                (fingerprint_json, now, now, keywords_json, name),
+                "keywords=COALESCE(?, keywords) WHERE name=? AND (? IS NULL OR created=?)",
+                (fingerprint_json, now, now, keywords_json, name, expected_created, expected_created),
             )
             if cursor.rowcount == 0:
                 conn.execute("ROLLBACK")
+                if expected_created is not None and _fetch_row(conn, name) is not None:
+                    raise PersonalVLMError(f"concept {name!r} was replaced while its fingerprint was computed")
                 raise self._missing_error(conn, name)
             conn.execute("COMMIT")
             return _fetch(conn, name)

@@ -584,3 +584,14 @@ def test_killed_writer_leaves_each_concept_whole_or_absent(tmp_path):
         interrupted_writes += _leftover_count(tmp_path) > 0
         _assert_whole_versions(tmp_path)
     assert interrupted_writes >= 3, "too few kills landed in the middle of a write"
+
+
+def test_a_fingerprint_for_a_replaced_version_is_refused(tmp_path):
+    store = ConceptStore(tmp_path)
+    first = store.add(_record("mug", created=1000.0), _memory(), [_picture()])
+    store.add(_record("mug", created=2000.0), _memory(), [_picture()], overwrite=True)
+    with pytest.raises(PersonalVLMError, match="replaced"):
+        store.update_fingerprint("mug", {"description": "old"}, expected_created=first.created)
+    assert store.get("mug").fingerprint == {}
+    updated = store.update_fingerprint("mug", {"description": "new"}, expected_created=2000.0)
+    assert updated.fingerprint == {"description": "new"}
