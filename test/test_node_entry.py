@@ -62,6 +62,7 @@ def test_node_loads_the_model_reports_ready_and_stops_on_ctrl_c(tiny_checkpoints
     ({"dtype": "float64"}, "dtype must be one of"),
     ({"process_rate_hz": 0.0}, "process_rate_hz"),
     ({"model": "/nonexistent/checkpoint"}, "model folder not found"),
+    ({"accept_threshold": 0.5, "reject_threshold": 0.7}, "reject_threshold (0.7) must be below accept_threshold (0.5)"),
 ])
 def test_node_refuses_bad_parameters_with_one_line(tmp_path, values, message):
     params = _params(tmp_path, **{"model": "/nonexistent/checkpoint", "device": "cpu",
@@ -69,4 +70,14 @@ def test_node_refuses_bad_parameters_with_one_line(tmp_path, values, message):
     done = subprocess.run(_command(params), capture_output=True, text=True, env=_env(), timeout=120)
     assert done.returncode == 2
     assert message in done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_node_refuses_a_threshold_that_crosses_the_model_profiles_other_one(tiny_checkpoints, tmp_path):
+    # Only accept_threshold is set; the profile's reject_threshold (0.55 by default) lies above it.
+    params = _params(tmp_path, model=str(tiny_checkpoints["internvl"]), device="cpu", dtype="float32",
+                     store_dir=str(tmp_path / "store"), accept_threshold=0.3)
+    done = subprocess.run(_command(params), capture_output=True, text=True, env=_env(), timeout=120)
+    assert done.returncode == 2
+    assert "must be below accept_threshold (0.3)" in done.stdout + done.stderr
     assert "Traceback" not in done.stdout + done.stderr

@@ -1,0 +1,507 @@
+"""The running node over real ROS 2: camera frames in, detections out, and the four services.
+
+One node process (tiny random-weight Qwen2.5-VL, its own namespace) serves the whole module; an
+in-test rclpy node publishes frames and calls the services. Thresholds accept 0.999 / reject 0.5
+and no verification make detection deterministic: a memory is a subset of its picture's own
+tokens, so frames of that picture score exactly 1.0, and other random pictures score about 0.4.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("rclpy")
+
+from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
+from personal_vlm_interfaces.msg import DetectionArray  # noqa: E402
+from personal_vlm_interfaces.srv import Ask, ForgetConcept, ListConcepts, TeachConcept  # noqa: E402
+from sensor_msgs.msg import Image, RegionOfInterest  # noqa: E402
+
+WIDTH, HEIGHT = 300, 200
+NAMESPACE = f"/vlm_test_{os.getpid()}"     # keeps this run's names apart from any other node
+WAIT_S = 120.0                             # tiny models on two busy cores: generous, never asserted
+
+
+def picture(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 255, (HEIGHT, WIDTH, 3), dtype=np.uint8)  # (H, W, 3)
+
+
+def image_msg(array: np.ndarray, encoding: str = "rgb8") -> Image:
+    data = array[:, :, ::-1] if encoding == "bgr8" else array
+    return Image(height=array.shape[0], width=array.shape[1], encoding=encoding, step=array.shape[1] * 3,
+                 data=np.ascontiguousarray(data).tobytes())
+
+
+# ---- the node's pieces, without a process --------------------------------------------------
+
+def test_the_frame_holder_keeps_only_the_newest_frame_and_counts_the_dropped_ones():
+    from personal_vlm_node.ros.node import LatestFrame
+
+    frames = LatestFrame()
+    assert frames.take(timeout=0.0) is None and frames.latest() is None
+    for i in range(3):
+        frames.put(f"frame {i}", float(i))
+    assert frames.take(timeout=0.0) == ("frame 2", 2.0)
+    assert (frames.received, frames.dropped) == (3, 2)
+    assert frames.take(timeout=0.0) is None             # taken frames are not processed twice
+    assert frames.latest() == ("frame 2", 2.0)          # but stay available to the services
+
+
+def test_a_detection_box_becomes_centre_and_size():
+    from personal_vlm_node.assistant import Detection
+    from personal_vlm_node.ros.node import detection_to_msg
+
+    msg = detection_to_msg(Detection("my mug", "mug", 0.93, "ego", (10.0, 20.0, 30.0, 40.0), 7))
+    assert (msg.name, msg.category, msg.source, msg.track_id) == ("my mug", "mug", "ego", 7)
+    assert msg.score == pytest.approx(0.93)
+    assert (msg.center_x, msg.center_y, msg.size_x, msg.size_y) == (25.0, 40.0, 30.0, 40.0)
+
+
+def test_compressed_frames_are_decoded_and_corrupt_ones_refused():
+    import io
+
+    from PIL import Image as PILImage
+    from sensor_msgs.msg import CompressedImage
+
+    from personal_vlm_node.errors import PersonalVLMError
+    from personal_vlm_node.ros.node import frame_to_array
+
+    array = picture(7)
+    png = io.BytesIO()
+    PILImage.fromarray(array).save(png, format="PNG")
+    assert np.array_equal(frame_to_array(CompressedImage(format="png", data=png.getvalue())), array)
+    with pytest.raises(PersonalVLMError, match="cannot be decoded"):
+        frame_to_array(CompressedImage(format="jpeg", data=b"\xff\xd8 not really a jpeg"))
+
+
+def test_threshold_parameters_override_the_profile_only_when_not_negative():
+    from personal_vlm_node.errors import PersonalVLMError
+    from personal_vlm_node.profiles import ModelProfile
+    from personal_vlm_node.ros.node import apply_profile_overrides
+
+    profile = ModelProfile(accept_threshold=0.8, reject_threshold=0.55, max_concepts_in_context=5)
+    apply_profile_overrides(profile, {"accept_threshold": 0.9, "reject_threshold": -1.0,
+                                      "max_concepts_in_context": 3})
+    assert (profile.accept_threshold, profile.reject_threshold, profile.max_concepts_in_context) == (0.9, 0.55, 3)
+    with pytest.raises(PersonalVLMError, match=r"reject_threshold \(0.95\) must be below accept_threshold"):
+        apply_profile_overrides(profile, {"accept_threshold": -1.0, "reject_threshold": 0.95,
+                                          "max_concepts_in_context": 3})
+
+
+# ---- the node process -------------------------------------------------------------------------
+
+def _command(params: Path) -> list[str]:
+    wrapper = Path(sys.prefix) / "lib" / "personal_vlm_node" / "assistant_node"
+    head = [str(wrapper)] if wrapper.is_file() else [sys.executable, "-m", "personal_vlm_node.ros.node"]
+    return head + ["--ros-args", "--params-file", str(params), "-r", f"__ns:={NAMESPACE}"]
+
+
+class NodeProcess:
+    def __init__(self, proc: subprocess.Popen, log: Path, model: str):
+        self.proc, self.log, self.model = proc, log, model
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def node_process(tiny_checkpoints, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("node")
+    model = str(tiny_checkpoints["qwen2_5_vl"])
+    values = {"model": model, "device": "cpu", "dtype": "float32", "store_dir": str(tmp / "store"),
+              "process_rate_hz": 20.0, "accept_threshold": 0.999, "reject_threshold": 0.5,
+              "max_concepts_in_context": 2, "verification": False, "overlay": True}
+    lines = ["/**:", "  ros__parameters:"] + [f"    {k}: {json.dumps(v)}" for k, v in values.items()]
+    params = tmp / "params.yaml"
+    params.write_text("\n".join(lines) + "\n")
+    env = dict(os.environ)
+    env.pop("_ROS_WHEELS_BOOTSTRAP_COMPLETE", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    log = tmp / "node.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(_command(params), stdout=out, stderr=subprocess.STDOUT, env=env,
+                                cwd=Path(__file__).resolve().parent.parent)
+    node = NodeProcess(proc, log, model)
+    deadline = time.monotonic() + WAIT_S
+    while "ready:" not in node.output():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the node did not become ready:\n{node.output()}")
+        time.sleep(0.2)
+    yield node
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+# ---- the in-test client -----------------------------------------------------------------------
+
+class Client:
+    """Publishes frames and calls services from its own rclpy context, spun on a thread."""
+
+    def __init__(self):
+        import rclpy
+        from rclpy.context import Context
+        from rclpy.executors import SingleThreadedExecutor
+        from rclpy.qos import qos_profile_sensor_data
+
+        self.context = Context()
+        rclpy.init(context=self.context)
+        self.node = rclpy.create_node("personal_vlm_test_client", namespace=NAMESPACE, context=self.context)
+        self.frames = self.node.create_publisher(Image, "image", qos_profile_sensor_data)
+        self._lock = threading.Condition()
+        self.detections: list[DetectionArray] = []
+        self.overlays: list[Image] = []
+        self.diagnostics: list[DiagnosticArray] = []
+        self.node.create_subscription(DetectionArray, "personal_vlm/detections", self._keep(self.detections), 50)
+        self.node.create_subscription(DiagnosticArray, "/diagnostics", self._keep(self.diagnostics), 50)
+        self._clients = {}
+        self._stamp = 1000
+        self.executor = SingleThreadedExecutor(context=self.context)
+        self.executor.add_node(self.node)
+        self.thread = threading.Thread(target=self._spin, daemon=True)
+        self.thread.start()
+
+    def _spin(self):
+        from rclpy.executors import ExternalShutdownException
+
+        try:
+            self.executor.spin()
+        except ExternalShutdownException:
+            pass
+
+    def _keep(self, into: list):
+        def callback(msg):
+            with self._lock:
+                into.append(msg)
+                self._lock.notify_all()
+        return callback
+
+    def wait_until(self, condition, timeout: float = WAIT_S, what: str = "a condition"):
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while True:
+                found = condition()
+                if found:
+                    return found
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"timed out waiting for {what}")
+                self._lock.wait(min(left, 0.5))
+
+    def subscribe_overlay(self):
+        self.node.create_subscription(Image, "personal_vlm/overlay", self._keep(self.overlays), 5)
+
+    def close(self):
+        import rclpy
+
+        self.executor.shutdown()
+        self.node.destroy_node()
+        rclpy.shutdown(context=self.context)
+        self.thread.join(5)
+
+    # services ------------------------------------------------------------------------------
+    def call(self, srv_type, service: str, /, **fields):
+        client = self._clients.get(service)
+        if client is None:
+            client = self._clients[service] = self.node.create_client(srv_type, service)
+        assert client.wait_for_service(timeout_sec=WAIT_S), f"service {service} never appeared"
+        done = threading.Event()
+        future = client.call_async(srv_type.Request(**fields))
+        future.add_done_callback(lambda _: done.set())
+        assert done.wait(WAIT_S), f"no answer from {service}"
+        return future.result()
+
+    def teach(self, name, images=(), **fields):
+        return self.call(TeachConcept, "teach_concept", name=name, images=list(images), **fields)
+
+    def ask(self, question, image=None):
+        return self.call(Ask, "ask", question=question, image=image or Image())
+
+    def list(self):
+        return self.call(ListConcepts, "list_concepts")
+
+    def forget(self, name):
+        return self.call(ForgetConcept, "forget_concept", name=name)
+
+    # frames ---------------------------------------------------------------------------------
+    def publish(self, msg: Image, frame_id: str = "camera") -> tuple[int, int]:
+        """Publish ``msg`` with a stamp no other frame had; returns (sec, nanosec)."""
+        self._stamp += 1
+        msg.header.stamp.sec, msg.header.stamp.nanosec = self._stamp, 250_000_000
+        msg.header.frame_id = frame_id
+        self.frames.publish(msg)
+        return self._stamp, 250_000_000
+
+    def detections_for(self, stamp, timeout: float) -> DetectionArray | None:
+        def match():
+            return next((d for d in self.detections if (d.header.stamp.sec, d.header.stamp.nanosec) == stamp), None)
+        try:
+            return self.wait_until(match, timeout, f"detections of the frame stamped {stamp}")
+        except AssertionError:
+            return None
+
+    def observe(self, array: np.ndarray, frame_id: str = "camera") -> DetectionArray:
+        """Publish one frame (again, if a best-effort frame got lost) and return its DetectionArray."""
+        deadline = time.monotonic() + WAIT_S
+        while time.monotonic() < deadline:
+            found = self.detections_for(self.publish(image_msg(array), frame_id), timeout=5.0)
+            if found is not None:
+                return found
+        raise AssertionError("the node published no detections for the frames sent")
+
+    def observe_until(self, array: np.ndarray, condition, frame_id: str = "camera", frames: int = 20):
+        """Frames of ``array`` until ``condition(detection_array)``; the tracker needs 2 of 3 frames."""
+        for _ in range(frames):
+            result = self.observe(array, frame_id)
+            if condition(result):
+                return result
+        raise AssertionError(f"no frame out of {frames} satisfied the condition")
+
+
+@pytest.fixture(scope="module")
+def ros(node_process):
+    client = Client()
+    client.wait_until(lambda: client.frames.get_subscription_count() > 0, what="the node's camera subscription")
+    # Asked before this module publishes any frame, whatever order its tests run in.
+    client.before_any_frame = {"teach": client.teach("too early"), "ask": client.ask("What do you see?")}
+    yield client
+    client.close()
+
+
+def names(detections: DetectionArray) -> list[str]:
+    return [d.name for d in detections.detections]
+
+
+# ---- camera frames in, detections out -----------------------------------------------------
+
+def test_requests_that_need_the_latest_frame_fail_before_any_frame_arrived(ros):
+    for response in ros.before_any_frame.values():
+        assert response.success is False
+        assert "no camera frame has arrived" in response.message
+    assert "too early" not in ros.list().names
+
+
+def test_every_processed_frame_gets_a_detection_array_with_the_source_header(ros):
+    # Nothing was taught from this picture; a track still present from an earlier frame survives
+    # one miss (tracker hysteresis), so allow the frames that takes.
+    result = ros.observe_until(picture(100), lambda r: r.detections == [], frame_id="camera_optical", frames=3)
+    assert result.header.frame_id == "camera_optical"
+    assert result.header.stamp.nanosec == 250_000_000
+
+
+def test_a_concept_taught_from_images_is_detected_on_later_frames(ros):
+    mug = picture(1)
+    taught = ros.teach("my mug", [image_msg(mug, "bgr8")], category="mug")
+    assert taught.success, taught.message
+    assert taught.memory_tokens > 0 and taught.seconds > 0
+    assert isinstance(list(taught.keywords), list)
+    assert "my mug" in taught.message
+
+    result = ros.observe_until(mug, lambda r: "my mug" in names(r), frame_id="kitchen_cam")
+    assert result.header.frame_id == "kitchen_cam"
+    detection = next(d for d in result.detections if d.name == "my mug")
+    assert detection.category == "mug" and detection.source == "match" and detection.track_id >= 1
+    assert detection.score == pytest.approx(1.0, abs=1e-3)
+    assert detection.size_x > 0 and detection.size_y > 0
+    assert 0 <= detection.center_x - detection.size_x / 2 and detection.center_x + detection.size_x / 2 <= WIDTH + 1e-3
+    assert 0 <= detection.center_y - detection.size_y / 2 and detection.center_y + detection.size_y / 2 <= HEIGHT + 1e-3
+    ros.observe_until(picture(101), lambda r: "my mug" not in names(r), frames=3)
+
+
+def test_a_concept_taught_from_the_latest_frame_with_a_roi_is_detected(ros):
+    sofa = picture(2)
+    ros.observe(sofa)                               # the node has processed it: it is the latest frame
+    roi = RegionOfInterest(x_offset=60, y_offset=40, width=150, height=110)
+    taught = ros.teach("Fluffy", [], category="cat", roi=roi)
+    assert taught.success, taught.message
+    assert "latest camera frame" in taught.message
+
+    result = ros.observe_until(sofa, lambda r: "Fluffy" in names(r))
+    detection = next(d for d in result.detections if d.name == "Fluffy")
+    assert detection.score == pytest.approx(1.0, abs=1e-3)
+    assert 60 <= detection.center_x <= 210 and 40 <= detection.center_y <= 150   # inside the ROI
+
+
+def test_teaching_an_existing_name_needs_overwrite(ros):
+    first = ros.teach("house keys", [image_msg(picture(3))])
+    assert first.success, first.message
+    again = ros.teach("house keys", [image_msg(picture(4))])
+    assert again.success is False and "already exists" in again.message
+    replaced = ros.teach("house keys", [image_msg(picture(4))], overwrite=True)
+    assert replaced.success, replaced.message
+    ros.observe_until(picture(4), lambda r: "house keys" in names(r))
+
+
+def test_ask_answers_about_a_given_image_and_about_the_latest_frame(ros):
+    for name, seed in [("red cup", 5), ("blue cup", 6), ("green cup", 7)]:
+        assert ros.teach(name, [image_msg(picture(seed))]).success
+    taught = set(ros.list().names)
+
+    given = ros.ask("Where is the red cup?", image_msg(picture(5)))
+    assert given.success, given.message
+    assert isinstance(given.answer, str)
+    # max_concepts_in_context: 2 in the params file replaces the profile's 5.
+    assert 1 <= len(given.concepts) <= 2 and set(given.concepts) <= taught
+    assert given.concepts[0] == "red cup"           # its memory scores 1.0 on its own picture
+
+    ros.observe(picture(6))
+    latest = ros.ask("Is the blue cup here?")
+    assert latest.success, latest.message
+    assert latest.concepts[0] == "blue cup"
+
+
+def test_list_reports_every_concept_with_its_category_tokens_and_keywords(ros):
+    taught = ros.teach("Grandpa's cane", [image_msg(picture(8))], category="cane")
+    assert taught.success, taught.message
+    listed = ros.list()
+    assert listed.success, listed.message
+    assert len(listed.names) == len(listed.categories) == len(listed.memory_tokens) == len(listed.keywords_json)
+    i = list(listed.names).index("Grandpa's cane")
+    assert listed.categories[i] == "cane"
+    assert listed.memory_tokens[i] == taught.memory_tokens
+    assert json.loads(listed.keywords_json[i]) == list(taught.keywords)
+
+
+def test_a_forgotten_concept_disappears_from_the_list_and_the_detections(ros):
+    keys = picture(9)
+    assert ros.teach("old keys", [image_msg(keys)]).success
+    ros.observe_until(keys, lambda r: "old keys" in names(r))
+    forgotten = ros.forget("old keys")
+    assert forgotten.success, forgotten.message
+    assert "old keys" not in ros.list().names
+    assert "old keys" not in names(ros.observe(keys))     # a frame sent after the forget returned
+    again = ros.forget("old keys")
+    assert again.success is False and "no concept named 'old keys'" in again.message
+
+
+# ---- bad requests ---------------------------------------------------------------------------
+
+def _raw(**fields) -> Image:
+    values = {"height": 4, "width": 6, "encoding": "rgb8", "step": 18, "data": bytes(72), **fields}
+    return Image(**values)
+
+
+BAD_REQUESTS = {
+    "empty name": ("teach", {"name": "", "images": [_raw()]}, "must not be empty"),
+    "blank name": ("teach", {"name": "   ", "images": [_raw()]}, "must not be empty"),
+    "path in name": ("teach", {"name": "../etc", "images": [_raw()]}, "must not contain '/'"),
+    "control character in name": ("teach", {"name": "mug\x07", "images": [_raw()]}, "control or invisible"),
+    "unknown encoding": ("teach", {"name": "mug", "images": [_raw(encoding="yuv422_weird")]},
+                         "encoding 'yuv422_weird' is not supported"),
+    "zero-size image": ("teach", {"name": "mug", "images": [_raw(width=0, step=0, data=b"")]}, "needs pixels"),
+    "empty image among images": ("teach", {"name": "mug", "images": [_raw(), Image()]}, "images[1]: Image is 0×0"),
+    "truncated data": ("teach", {"name": "mug", "images": [_raw(data=bytes(50))]}, "step/size mismatch"),
+    "step smaller than a row": ("teach", {"name": "mug", "images": [_raw(step=10)]}, "step 10 is smaller"),
+    "roi outside the image": ("teach", {"name": "mug", "images": [_raw()],
+                                        "roi": RegionOfInterest(x_offset=4, y_offset=0, width=5, height=2)},
+                              "not inside"),
+    "too many images": ("teach", {"name": "mug", "images": [_raw()] * 9}, "at most 8"),
+    "empty question": ("ask", {"question": "  ", "image": _raw()}, "question is empty"),
+    "over-long question": ("ask", {"question": "why? " * 300, "image": _raw()}, "over 1000 characters"),
+    "bayer image": ("ask", {"question": "what?", "image": _raw(encoding="bayer_rggb8", step=6, data=bytes(24))},
+                    "debayer it first"),
+    "unknown concept": ("forget", {"name": "never taught"}, "no concept named 'never taught'"),
+    "forget empty name": ("forget", {"name": ""}, "must not be empty"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_a_bad_request_fails_with_a_message_and_the_node_keeps_serving(ros, case):
+    service, fields, message = BAD_REQUESTS[case]
+    srv_type, srv_name = {"teach": (TeachConcept, "teach_concept"), "ask": (Ask, "ask"),
+                          "forget": (ForgetConcept, "forget_concept")}[service]
+    response = ros.call(srv_type, srv_name, **fields)
+    assert response.success is False
+    assert message in response.message
+    assert "internal error" not in response.message
+    assert ros.list().success
+
+
+def _diagnostic_value(ros, model: str, key: str, after: int = 0) -> str | None:
+    """``key`` of this node's newest diagnostics report among those received after index ``after``."""
+    for array in reversed(ros.diagnostics[after:]):
+        for status in array.status:
+            if status.hardware_id == model:
+                return next((kv.value for kv in status.values if kv.key == key), None)
+    return None
+
+
+def test_unreadable_camera_frames_are_skipped_and_later_ones_processed(ros, node_process):
+    def skipped():
+        return int(_diagnostic_value(ros, node_process.model, "unreadable_frames") or 0) > 0
+
+    deadline = time.monotonic() + WAIT_S
+    bad_stamps = []
+    while time.monotonic() < deadline:
+        bad_stamps.append(ros.publish(_raw(encoding="yuv422_weird")))
+        try:
+            ros.wait_until(skipped, timeout=3.0)     # diagnostics report once a second
+            break
+        except AssertionError:
+            continue
+    assert skipped(), "the node never reported an unreadable frame"
+    result = ros.observe(picture(102))
+    assert result.header.stamp.sec > bad_stamps[-1][0]
+    assert not any(ros.detections_for(stamp, timeout=0.0) for stamp in bad_stamps)
+
+
+def test_overlay_carries_the_frame_header_and_diagnostics_describe_the_frame_path(ros, node_process):
+    ros.subscribe_overlay()
+    ros.wait_until(lambda: ros.node.count_publishers(f"{NAMESPACE}/personal_vlm/overlay") > 0, what="overlay")
+    deadline = time.monotonic() + WAIT_S
+    overlay = None
+    while overlay is None and time.monotonic() < deadline:   # until the node sees the subscription
+        stamp = ros.publish(image_msg(picture(103)), frame_id="overlay_cam")
+        ros.detections_for(stamp, timeout=5.0)
+        overlay = next((o for o in ros.overlays if (o.header.stamp.sec, o.header.stamp.nanosec) == stamp), None)
+    assert overlay is not None, "no overlay arrived"
+    assert overlay.header.frame_id == "overlay_cam"
+    assert (overlay.width, overlay.height, overlay.encoding) == (WIDTH, HEIGHT, "rgb8")
+    assert len(overlay.data) == WIDTH * HEIGHT * 3
+
+    listed = ros.list().names
+    with ros._lock:
+        seen = len(ros.diagnostics)
+
+    def ours():   # the first report of this node published after the list above
+        for array in ros.diagnostics[seen:]:
+            for status in array.status:
+                if status.hardware_id == node_process.model:
+                    return status
+        return None
+
+    status = ros.wait_until(ours, what="diagnostics of this node")
+    values = {kv.key: kv.value for kv in status.values}
+    assert status.name == "personal_vlm: frame path"
+    assert values["device"] == "cpu" and values["family"] == "qwen2_5_vl" and values["model"] == node_process.model
+    assert int(values["concepts"]) == len(listed)
+    assert int(values["processed_frames"]) > 0
+    for key in ("received_hz", "processed_hz", "latency_ms", "dropped_frames", "unreadable_frames"):
+        assert float(values[key]) >= 0
+
+
+# ---- shutdown (last: it stops the module's node) ---------------------------------------------
+
+def test_ctrl_c_stops_the_node_within_5_s(ros, node_process):
+    assert ros.list().success
+    start = time.monotonic()
+    node_process.proc.send_signal(signal.SIGINT)
+    try:
+        node_process.proc.wait(timeout=15)
+    finally:
+        elapsed = time.monotonic() - start
+    output = node_process.output()
+    assert elapsed < 5.0, output
+    assert node_process.proc.returncode == 0, output
+    assert "Traceback" not in output
