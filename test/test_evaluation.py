@@ -1,0 +1,295 @@
+"""``personal-vlm eval``: metrics, dataset layouts, the run's files, resuming."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from personal_vlm_node import evaluation
+from personal_vlm_node.assistant import Assistant
+from personal_vlm_node.errors import PersonalVLMError
+from personal_vlm_node.evaluation import Counts, EvalOptions, load_dataset, recognition_metrics
+from personal_vlm_node.profiles import ModelProfile
+from personal_vlm_node.r2p import ImageTextSimilarity
+from personal_vlm_node.store import ConceptStore
+from personal_vlm_node.testing.tiny_clip import build_tiny_clip
+
+
+def _photo(seed, width=96, height=64):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+
+
+def _write(path, seed):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _photo(seed).save(path)
+    return path
+
+
+# ---- metrics -----------------------------------------------------------------------------
+def test_metrics_match_a_hand_computed_case():
+    m = recognition_metrics(Counts(tp=3, fp=1, tn=5, fn=1))
+    assert m["positive_accuracy"] == 0.75
+    assert m["negative_accuracy"] == pytest.approx(5 / 6)
+    assert m["weighted_accuracy"] == pytest.approx((0.75 + 5 / 6) / 2)
+    assert m["precision"] == 0.75 and m["recall"] == 0.75 and m["f1"] == pytest.approx(0.75)
+    assert (m["positives"], m["negatives"]) == (4, 6)
+
+    m = recognition_metrics(Counts(tp=2, fp=6, tn=2, fn=0))
+    assert m["positive_accuracy"] == 1.0 and m["negative_accuracy"] == 0.25 and m["weighted_accuracy"] == 0.625
+    assert m["precision"] == 0.25 and m["f1"] == pytest.approx(2 * 0.25 * 1.0 / 1.25)
+
+
+def test_undefined_ratios_are_null_and_no_hit_gives_f1_zero():
+    m = recognition_metrics(Counts(tn=4, fp=1))
+    assert m["positive_accuracy"] is None and m["weighted_accuracy"] is None and m["precision"] == 0.0
+    assert m["f1"] is None and m["negative_accuracy"] == 0.8
+    assert recognition_metrics(Counts(fn=2, fp=1))["f1"] == 0.0
+    assert recognition_metrics(Counts())["precision"] is None
+
+
+def test_summaries_count_every_pair_per_concept_and_overall():
+    def pair(concept, label, predicted, source="match"):
+        return {"concept": concept, "label": label, "predicted": predicted, "score": 0.5, "source": source}
+
+    records = [
+        {"query": "a1", "pairs": [pair("a", True, True), pair("b", False, False)]},
+        {"query": "b1", "pairs": [pair("a", False, True, "ego"), pair("b", True, False, "r2p")]},
+        {"query": "broken", "error": "not a readable image"},
+    ]
+    summary = evaluation.summarize(records, ["a", "b"])
+    assert summary["per_concept"]["a"]["tp"] == 1 and summary["per_concept"]["a"]["fp"] == 1
+    assert summary["per_concept"]["b"]["fn"] == 1 and summary["per_concept"]["b"]["tn"] == 1
+    overall = summary["overall"]
+    assert (overall["tp"], overall["fp"], overall["tn"], overall["fn"]) == (1, 1, 1, 1)
+    assert summary["macro_weighted_accuracy"] == pytest.approx((0.5 + 0.5) / 2)
+    assert summary["decided_by"] == {"match": 2, "ego": 1, "r2p": 1}
+
+
+# ---- layouts -----------------------------------------------------------------------------
+def _yollava(root, concepts=("bo", "mam"), train=2, test=2, copy_train_into_test=False):
+    for c, name in enumerate(concepts):
+        for i in range(train):
+            _write(root / name / "train" / f"{i}.png", 100 * c + i)
+        for i in range(test):
+            if copy_train_into_test and i == 0:
+                _write(root / name / "test" / f"{i}.png", 100 * c)        # the first reference again
+            else:
+                _write(root / name / "test" / f"{i}.png", 100 * c + 50 + i)
+    return root
+
+
+def test_yollava_layout_pairs_every_query_with_every_concept(tmp_path):
+    root = _yollava(tmp_path / "yollava", train=3)
+    _write(root / "bo" / "train" / "10.png", 7)                     # natural order: 0, 1, 2, 10
+    assert evaluation.detect_layout(root) == "yollava"
+    data = load_dataset(root, shots=2)
+    assert data.layout == "yollava" and data.concepts == ["bo", "mam"]
+    assert [p.name for p in data.references["bo"]] == ["0.png", "1.png"]
+    assert [q.key for q in data.queries] == ["bo/test/0.png", "bo/test/1.png", "mam/test/0.png", "mam/test/1.png"]
+    assert load_dataset(root, shots=8).references["bo"][-1].name == "10.png"   # fewer than asked: all of them
+    labelled = evaluation.pairs(data)
+    assert len(labelled) == 8 and sum(label for _, _, label in labelled) == 4
+    assert all(label == (concept in query.key.split("/")[0]) for query, concept, label in labelled)
+
+
+def test_perva_layout_keeps_categories_and_works_without_them(tmp_path):
+    root = tmp_path / "perva"
+    for split, seeds in (("train", (1, 2)), ("test", (3, 4, 5))):
+        for s in seeds:
+            _write(root / split / "mug" / "red mug" / f"{s}.jpg", s)
+            _write(root / split / "cat" / "Fluffy" / f"{s}.png", 10 + s)
+    assert evaluation.detect_layout(root) == "perva"
+    data = load_dataset(root, shots=1)
+    assert sorted(data.concepts) == ["Fluffy", "red mug"]
+    assert data.categories == {"red mug": "mug", "Fluffy": "cat"}
+    assert [p.name for p in data.references["red mug"]] == ["1.jpg"]
+    assert len(data.queries) == 6 and {q.concepts for q in data.queries} == {("red mug",), ("Fluffy",)}
+
+    flat = tmp_path / "flat"
+    for split in ("train", "test"):
+        _write(flat / split / "bo" / "0.png", 1)
+    data = load_dataset(flat)
+    assert data.concepts == ["bo"] and data.categories == {"bo": ""} and len(data.queries) == 1
+
+
+def test_myvlm_layout_splits_by_file_list_or_by_the_last_images(tmp_path):
+    root = tmp_path / "myvlm"
+    for i in range(5):
+        _write(root / "cat statue" / f"{i}.jpg", i)
+        _write(root / "dog" / f"{i}.jpg", 10 + i)
+    assert evaluation.detect_layout(root) == "myvlm"
+    default = load_dataset(root, shots=2)
+    assert [p.name for p in default.references["dog"]] == ["0.jpg", "1.jpg"]
+    assert [q.key for q in default.queries if q.concepts == ("dog",)] == ["dog/2.jpg", "dog/3.jpg", "dog/4.jpg"]
+    last = load_dataset(root, shots=1, test_last=2)
+    assert [q.key for q in last.queries] == ["cat statue/3.jpg", "cat statue/4.jpg", "dog/3.jpg", "dog/4.jpg"]
+    listing = tmp_path / "test.txt"
+    listing.write_text("# queries\ncat statue/0.jpg\ndog/4.jpg  # the last one\n\n")
+    listed = load_dataset(root, shots=1, test_list=listing)
+    assert [q.key for q in listed.queries] == ["cat statue/0.jpg", "dog/4.jpg"]
+    assert [p.name for p in listed.references["cat statue"]] == ["1.jpg"]
+    with pytest.raises(PersonalVLMError, match="too few"):
+        load_dataset(root, test_last=5)
+
+
+def test_generic_layout_supports_multi_concept_and_empty_queries(tmp_path):
+    root = tmp_path / "generic"
+    _write(root / "concepts" / "my mug" / "a.jpg", 1)
+    _write(root / "concepts" / "my mug" / "b.jpg", 2)
+    _write(root / "concepts" / "Fluffy" / "a.jpg", 3)
+    _write(root / "scenes" / "kitchen.png", 4)
+    _write(root / "scenes" / "sofa.png", 5)
+    _write(root / "scenes" / "empty.png", 6)
+    (root / "queries.json").write_text(json.dumps([
+        {"image": "scenes/kitchen.png", "concepts": ["my mug", "Fluffy"]},
+        {"image": "scenes/sofa.png", "concepts": ["Fluffy"]},
+        {"image": "scenes/empty.png", "concepts": []},
+    ]))
+    assert evaluation.detect_layout(root) == "generic"
+    data = load_dataset(root, shots=1)
+    assert sorted(data.concepts) == ["Fluffy", "my mug"] and [p.name for p in data.references["my mug"]] == ["a.jpg"]
+    labels = {(q.key, c): label for q, c, label in evaluation.pairs(data)}
+    assert labels[("scenes/kitchen.png", "my mug")] and labels[("scenes/kitchen.png", "Fluffy")]
+    assert labels[("scenes/sofa.png", "Fluffy")] and not labels[("scenes/sofa.png", "my mug")]
+    assert not any(label for (key, _), label in labels.items() if key == "scenes/empty.png")
+
+    (root / "queries.json").write_text(json.dumps([{"image": "scenes/sofa.png", "concepts": ["Rex"]}]))
+    with pytest.raises(PersonalVLMError, match="Rex"):
+        load_dataset(root)
+
+
+def test_unknown_layouts_and_bad_settings_are_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PersonalVLMError, match="matches no dataset layout"):
+        load_dataset(tmp_path / "empty")
+    with pytest.raises(PersonalVLMError, match="not found"):
+        load_dataset(tmp_path / "missing")
+    with pytest.raises(PersonalVLMError, match="--shots"):
+        load_dataset(_yollava(tmp_path / "y"), shots=0)
+    with pytest.raises(PersonalVLMError, match="method"):
+        EvalOptions(method="magic").check()
+
+
+# ---- a run on a tiny model ----------------------------------------------------------------
+@pytest.fixture
+def assistant(adapters, tmp_path):
+    a = Assistant(adapters("qwen2_5_vl"), ConceptStore(tmp_path / "store"),
+                  ModelProfile(max_memory_tokens=8, min_memory_tokens=2), progress=None, verification=False)
+    yield a
+    a.close()
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    return ImageTextSimilarity(str(build_tiny_clip(tmp_path_factory.mktemp("clip") / "clip")), device="cpu")
+
+
+def _png_size(path):
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        return image.size
+
+
+def test_match_run_writes_json_markdown_and_both_plots(assistant, tmp_path):
+    data = load_dataset(_yollava(tmp_path / "data", train=1, copy_train_into_test=True))
+    messages = []
+    results = evaluation.evaluate(assistant, data, tmp_path / "out", EvalOptions(method="match"),
+                                  progress=messages.append)
+    out = tmp_path / "out"
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
+    overall = results["overall"]
+    assert overall["positives"] == 4 and overall["negatives"] == 4
+    assert overall["tp"] + overall["fn"] + overall["tn"] + overall["fp"] == 8
+    records = evaluation.read_lines(out / "progress.jsonl")
+    assert len(records) == 4 and results["decided_by"] == {"match": 8}
+    # A query that is a reference picture itself matches its own memory exactly: s_c = 1 ≥ accept.
+    own = next(p for p in records[0]["pairs"] if p["concept"] == "bo")
+    assert records[0]["query"] == "bo/test/0.png" and own["score"] == pytest.approx(1.0, abs=1e-4) and own["predicted"]
+    assert all(p["predicted"] == (p["score"] >= 0.8) for r in records for p in r["pairs"])
+    assert messages[-1] == "4/4 queries" and any(m.startswith("teaching 1/2") for m in messages)
+    assert results["timing"]["seconds_per_query"] > 0 and results["timing"]["seconds_per_concept_introduction"] > 0
+    assert results["timing"]["seconds_per_fingerprint"] > 0
+    markdown = (out / "results.md").read_text()
+    assert "| concept | pos | neg | pos acc | neg acc | Wtd | precision | recall | F1 |" in markdown
+    assert "| bo |" in markdown and "| mam |" in markdown and "| all pairs |" in markdown
+    assert _png_size(out / "wtd_per_concept.png")[0] > 300 and _png_size(out / "score_histogram.png") == (640, 340)
+
+
+def test_cascade_hands_what_ego_is_unsure_of_to_r2p(assistant, tmp_path, clip):
+    data = load_dataset(_yollava(tmp_path / "data", train=1))
+    # Every score falls in the matcher's uncertain band, and every p_yes within the margin: R2P decides.
+    options = EvalOptions(method="cascade", accept=1.5, reject=-1.5, margin=0.5, top_k=2)
+    results = evaluation.evaluate(assistant, data, tmp_path / "out", options, progress=None, text_similarity=clip)
+    assert results["decided_by"] == {"r2p": 8} and results["r2p"]["text_similarity"].startswith("clip:")
+    for record in evaluation.read_lines(tmp_path / "out" / "progress.jsonl"):
+        decision = record["r2p"]["decision"]
+        assert set(record["r2p"]["stages"]) >= {"retrieval", "reasoning", "verification"}
+        assert all(p["predicted"] == (p["concept"] == decision) for p in record["pairs"])
+        assert all(0.0 < p["p_yes"] < 1.0 for p in record["pairs"])
+    for name in ("results.json", "results.md", "wtd_per_concept.png", "score_histogram.png"):
+        assert (tmp_path / "out" / name).is_file()
+
+    # With no margin Ego's own answer stands.
+    ego_only = evaluation.evaluate(assistant, data, tmp_path / "out2",
+                                   EvalOptions(method="cascade", accept=1.5, reject=-1.5, margin=0.0, max_queries=1),
+                                   progress=None)
+    assert ego_only["decided_by"] == {"ego": 2}
+    record = evaluation.read_lines(tmp_path / "out2" / "progress.jsonl")[0]
+    assert "r2p" not in record and all(p["predicted"] == (p["p_yes"] >= 0.5) for p in record["pairs"])
+
+
+def test_a_rerun_skips_the_queries_already_done(assistant, tmp_path, monkeypatch):
+    data = load_dataset(_yollava(tmp_path / "data", train=1))
+    out = tmp_path / "out"
+    evaluation.evaluate(assistant, data, out, EvalOptions(max_queries=2), progress=None)
+    assert [r["query"] for r in evaluation.read_lines(out / "progress.jsonl")] == ["bo/test/0.png", "bo/test/1.png"]
+
+    evaluated = []
+    original = evaluation._Methods.evaluate
+    monkeypatch.setattr(evaluation._Methods, "evaluate",
+                        lambda self, query: evaluated.append(query.key) or original(self, query))
+    taught = []
+    monkeypatch.setattr(assistant, "teach", lambda *a, **k: taught.append(a) or pytest.fail("taught again"))
+    with open(out / "progress.jsonl", "a") as f:
+        f.write('{"query": "mam/test/0.png", "pai')            # a line cut short by Ctrl-C
+    messages = []
+    results = evaluation.evaluate(assistant, data, out, EvalOptions(), progress=messages.append)
+    assert evaluated == ["mam/test/0.png", "mam/test/1.png"] and taught == []
+    assert messages[0] == "2/4 queries already done, resuming" and messages[-1] == "4/4 queries"
+    lines = (out / "progress.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and all(json.loads(line) for line in lines)
+    assert results["dataset"]["queries"] == 4
+
+    with pytest.raises(PersonalVLMError, match="other settings.*method"):
+        evaluation.evaluate(assistant, data, out, EvalOptions(method="ego"), progress=None)
+
+
+def test_the_command_runs_from_parsed_arguments(tiny_checkpoints, tmp_path, capsys):
+    data = _yollava(tmp_path / "data", concepts=("bo",), train=1, test=1)
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json", action="store_true")
+    sub = parser.add_subparsers(dest="command")
+    evaluation.add_parser(sub)
+    args = parser.parse_args(["--json", "eval", str(data), "--out", str(tmp_path / "out"), "--method", "match"])
+    args.model, args.device, args.dtype, args.store, args.profile = (
+        str(tiny_checkpoints["qwen2_5_vl"]), "cpu", "float32", None, None)
+    evaluation.run(args)
+    captured = capsys.readouterr()
+    printed = json.loads(captured.out)
+    assert printed["method"] == "match" and printed["overall"]["positives"] == 1
+    assert "[eval] 1/1 queries" in captured.err
+    assert (tmp_path / "out" / "store" / "concepts.db").is_file()       # taught into the run's own store
+
+
+def test_plots_are_drawn_for_any_names_and_degenerate_scores():
+    chart = evaluation.bar_chart_png({"Grandpa's cane": 0.5, "猫": None, "x" * 80: 1.2}, "Wtd")
+    assert Image.open(io.BytesIO(chart)).size[1] >= 34 + 3 * 18
+    flat = evaluation.histogram_png([0.7, 0.7], [], "score", {"accept": 0.7})
+    assert Image.open(io.BytesIO(flat)).format == "PNG"
+    assert Image.open(io.BytesIO(evaluation.histogram_png([], [], "score"))).size == (640, 340)

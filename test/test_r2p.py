@@ -1,0 +1,307 @@
+"""R2P on fingerprints: retrieval, chain of thought, attribute verification, pairwise reasoning."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from personal_vlm_node import r2p
+from personal_vlm_node.errors import PersonalVLMError
+from personal_vlm_node.r2p import Candidate, ImageTextSimilarity, R2PVerifier, cascade_decision, unit
+from personal_vlm_node.testing.tiny_clip import build_tiny_clip
+from personal_vlm_node.vlm.base import Generation
+
+
+def _photo(seed, width=300, height=200):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="session")
+def tiny_clips(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_clip")
+    return {kind: build_tiny_clip(root / kind, kind) for kind in ("clip", "siglip")}
+
+
+@pytest.fixture(scope="session")
+def clip(tiny_clips):
+    return ImageTextSimilarity(str(tiny_clips["clip"]), device="cpu")
+
+
+MUG = {"attributes": {"shape": "cylinder", "material": "ceramic", "color": "red"}, "description": "A red mug."}
+CAT = {"attributes": {"color": "white", "pattern": "striped", "distinct_features": "long tail"},
+       "description": "A white striped cat."}
+CANE = {"attributes": {"material": "wooden", "shape": "curved handle"}, "description": ""}
+
+
+def _candidates(vlm):
+    """Four concepts; the last one's fingerprint is still pending."""
+    memories = [vlm.encode_image(_photo(seed)).features[:4] for seed in (11, 12, 13, 14)]   # (4, D) each
+    return [Candidate("my mug", 0.6, MUG, memories[0]), Candidate("Fluffy", 0.2, CAT, memories[1]),
+            Candidate("Grandpa's cane", -0.1, CANE, memories[2]), Candidate("new thing", 0.3, {}, memories[3])]
+
+
+def _stub_reasoning(monkeypatch, vlm, text):
+    calls = []
+
+    def generate(parts, max_new_tokens=64, system=None):
+        calls.append(parts)
+        return Generation(text, [], None)
+
+    monkeypatch.setattr(vlm, "generate", generate)
+    return calls
+
+
+def _count_yes_no(monkeypatch, vlm):
+    calls = []
+    original = vlm.yes_probability
+
+    def yes_probability(parts, system=None):
+        calls.append(parts)
+        return original(parts, system=system)
+
+    monkeypatch.setattr(vlm, "yes_probability", yes_probability)
+    return calls
+
+
+# ---- parsing the chain of thought ---------------------------------------------------------
+NAMES = ["my mug", "Fluffy", "Grandpa's cane"]
+
+
+@pytest.mark.parametrize("text, answer, seen", [
+    ('{"reasoning": "red, ceramic", "answer": "my mug", "seen_attributes": ["red", "ceramic"]}',
+     "my mug", ["red", "ceramic"]),
+    ("Sure! ```json\n{'reasoning': 'fur', 'answer': 'Fluffy', 'seen_attributes': ['white fur',],}\n```",
+     "Fluffy", ["white fur"]),
+    ('{"reasoning": "wood", "answer": "Grandpa\'s cane", "seen_attributes": ["wooden"', "Grandpa's cane", ["wooden"]),
+    ("{'answer': 'Grandpa's cane', 'seen_attributes': ['wooden']}", "Grandpa's cane", ["wooden"]),
+    ("The mug is red, the cat is white. So the answer is Fluffy.", "Fluffy", []),
+    ("Answer: 3. Seen attributes: wooden, curved", "Grandpa's cane", ["wooden", "curved"]),
+    ('{"answer": "MY MUG", "seen_attributes": "red; cylinder"}', "my mug", ["red", "cylinder"]),
+    ('{"answer": 2}', "Fluffy", []),
+    ('{"answer": "It is my mug"}', "my mug", []),
+    ('{"answer": "the dog Rex", "seen_attributes": ["brown"]}', None, ["brown"]),
+    ('{"answer": "none", "seen_attributes": []}', None, []),
+    ('{"answer": null}', None, []),
+    ('{"answer": 7}', None, []),
+    ("answer: none of them", None, []),
+    ("I cannot tell.", None, []),
+    ("", None, []),
+    ("\x00\x01{{{{[", None, []),
+])
+def test_broken_reasoning_output_is_parsed_robustly(text, answer, seen):
+    assert r2p.parse_reasoning(text, NAMES) == (answer, seen)
+
+
+def test_names_resolve_exactly_by_index_or_inside_a_phrase_and_the_longest_wins():
+    names = ["mug", "my mug", "Fluffy"]
+    assert r2p.resolve_name("  'My Mug'. ", names) == "my mug"
+    assert r2p.resolve_name("It is my mug", names) == "my mug"          # "mug" is inside "my mug"
+    assert r2p.resolve_name("the mug or Fluffy", names) is None          # two names: no answer
+    assert r2p.resolve_name(3, names) == "Fluffy" and r2p.resolve_name(0, names) is None
+    assert r2p.resolve_name(True, names) is None and r2p.resolve_name(2.5, names) is None
+    assert r2p.resolve_name("Fluffyish", names) is None
+
+
+def test_seen_attributes_map_to_the_keys_they_name_or_quote():
+    candidates = [Candidate("my mug", 0.0, MUG, torch.zeros(1, 4)), Candidate("Fluffy", 0.0, CAT, torch.zeros(1, 4))]
+    assert r2p.seen_keys(["red", "colour: white"], candidates) == ["color"]
+    assert r2p.seen_keys(["Shape", "long tail", "something else"], candidates) == ["shape", "distinct_features"]
+    assert r2p.seen_keys(["cer"], candidates) == ["material"]       # a piece of a value
+    assert r2p.seen_keys([], candidates) == []
+
+
+# ---- the cascade -------------------------------------------------------------------------
+@pytest.mark.parametrize("match, p_yes, expected", [
+    ("accept", None, "accept"), ("reject", None, "reject"), ("accept", 0.01, "accept"),
+    ("uncertain", 0.9, "accept"), ("uncertain", 0.65, "accept"), ("uncertain", 0.64, "r2p"),
+    ("uncertain", 0.5, "r2p"), ("uncertain", 0.36, "r2p"), ("uncertain", 0.35, "reject"), ("uncertain", 0.0, "reject"),
+])
+def test_cascade_hands_only_ego_uncertain_cases_to_r2p(match, p_yes, expected):
+    assert cascade_decision(match, p_yes, margin=0.15) == expected
+
+
+def test_cascade_margin_zero_never_runs_r2p_and_bad_inputs_are_refused():
+    assert cascade_decision("uncertain", 0.5, margin=0.0) == "accept"
+    assert cascade_decision("uncertain", 0.7, margin=0.1, threshold=0.75) == "r2p"
+    with pytest.raises(ValueError, match="p_yes"):
+        cascade_decision("uncertain", None)
+    with pytest.raises(ValueError, match="match decision"):
+        cascade_decision("maybe", 0.5)
+    with pytest.raises(PersonalVLMError, match="margin"):
+        cascade_decision("uncertain", 0.5, margin=-0.1)
+
+
+# ---- image–text similarity ----------------------------------------------------------------
+def test_clip_cosines_equal_the_models_own_logits(clip):
+    image, texts = _photo(1), ["a photo of red", "A red mug.", "a photo of long tail"]
+    cosines = clip.scores(image, texts)
+    assert cosines.shape == (3,) and bool(((cosines >= -1) & (cosines <= 1)).all())
+    inputs = clip.tokenizer(texts, padding=True, return_tensors="pt")
+    pixels = clip.image_processor(images=image, return_tensors="pt")
+    with torch.no_grad():
+        out = clip.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                         pixel_values=pixels["pixel_values"])
+    expected = out.logits_per_image[0] / clip.model.logit_scale.exp()
+    assert torch.allclose(cosines, expected, atol=1e-5)
+    # Cached text embeddings give the same numbers, in any order and mixed with new texts.
+    assert torch.allclose(clip.scores(image, texts[::-1] + ["a photo of blue"])[:3], cosines.flip(0), atol=1e-6)
+    assert unit(-1.0) == 0.0 and unit(1.0) == 1.0 and unit(0.2) == pytest.approx(0.6) and unit(1.0000001) == 1.0
+
+
+def test_siglip_texts_are_padded_to_its_fixed_length(tiny_clips):
+    siglip = ImageTextSimilarity(str(tiny_clips["siglip"]), device="cpu")
+    image, texts = _photo(2), ["a photo of red", "a white striped cat with a long tail"]
+    cosines = siglip.scores(image, texts)
+    inputs = siglip.tokenizer(texts, padding="max_length", max_length=64, return_tensors="pt")
+    pixels = siglip.image_processor(images=image, return_tensors="pt")
+    with torch.no_grad():
+        out = siglip.model(input_ids=inputs["input_ids"], pixel_values=pixels["pixel_values"])
+    expected = (out.logits_per_image[0] - siglip.model.logit_bias) / siglip.model.logit_scale.exp()
+    assert torch.allclose(cosines, expected, atol=1e-5)
+    assert siglip.name.startswith("siglip:")
+
+
+def test_a_checkpoint_that_is_not_contrastive_is_refused(tiny_checkpoints):
+    with pytest.raises(PersonalVLMError, match="not a contrastive"):
+        ImageTextSimilarity(str(tiny_checkpoints["idefics3"]), device="cpu")
+
+
+# ---- R2P end to end, every family ---------------------------------------------------------
+def test_r2p_runs_every_stage_and_records_it(adapters, family, clip):
+    vlm = adapters(family)
+    image = _photo(1)
+    tokens = vlm.encode_image(image)
+    candidates = _candidates(vlm)
+    result = R2PVerifier(vlm, clip, top_k=3).verify(tokens, image, candidates)
+    stages = result.stages
+    json.dumps(stages)                                                  # logs and eval keep it as is
+
+    # 1. retrieval: s = ½(s_VV + s_VT), s_VT = σ(q, d_c); a pending fingerprint keeps s = s_VV.
+    retrieval = stages["retrieval"]
+    assert retrieval["text_similarity"].startswith("clip:")
+    rows = {row["name"]: row for row in retrieval["candidates"]}
+    descriptions = clip.scores(image, ["A red mug.", "A white striped cat.", "wooden, curved handle"])
+    for name, cosine in zip(["my mug", "Fluffy", "Grandpa's cane"], descriptions.tolist()):
+        assert rows[name]["s_vt"] == pytest.approx(unit(cosine), abs=1e-6)
+        assert rows[name]["s"] == pytest.approx(0.5 * (rows[name]["s_vv"] + rows[name]["s_vt"]))
+    assert rows["my mug"]["s_vv"] == pytest.approx(0.8) and rows["Grandpa's cane"]["s_vv"] == pytest.approx(0.45)
+    assert rows["new thing"]["s_vt"] is None and rows["new thing"]["s"] == pytest.approx(0.65)
+    ordered = [row["s"] for row in retrieval["candidates"]]
+    assert ordered == sorted(ordered, reverse=True)
+    assert [row["top_k"] for row in retrieval["candidates"]] == [True, True, True, False]
+    top = [row["name"] for row in retrieval["candidates"][:3]]
+
+    # 2. the chain of thought saw the top-K candidates' attributes.
+    reasoning = stages["reasoning"]
+    assert isinstance(reasoning["text"], str) and reasoning["answer"] in top + [None]
+
+    # 3. s_VA per top-K candidate: mean σ(q, "a photo of <a>") over its attributes.
+    s_va = stages["verification"]["s_va"]
+    assert set(s_va) == set(top)
+    if "my mug" in top and not stages["verification"]["keys"]:
+        cosines = clip.scores(image, ["a photo of cylinder", "a photo of ceramic", "a photo of red"])
+        assert s_va["my mug"] == pytest.approx(float(np.mean([unit(c) for c in cosines.tolist()])), abs=1e-6)
+    assert s_va.get("new thing", None) is None
+
+    # 4. the decision follows from the stages.
+    if stages["verification"]["passed"]:
+        assert result.decision == reasoning["answer"] and "pairwise" not in stages
+    else:
+        p = stages["pairwise"]["p"]
+        assert set(p) == set(top) and all(0.0 <= v <= 1.0 for v in p.values())
+        best = max(p, key=p.get)
+        assert result.decision == (best if p[best] >= 0.5 else None)
+    assert result.source == "r2p"
+    assert set(stages["seconds"]) >= {"retrieval", "reasoning", "verification"}
+
+
+def test_verification_failure_falls_back_to_pairwise_reasoning(adapters, family, clip, monkeypatch):
+    vlm = adapters(family)
+    image = _photo(1)
+    tokens = vlm.encode_image(image)
+    candidates = _candidates(vlm)[:3]
+    _stub_reasoning(monkeypatch, vlm, '{"answer": "none", "seen_attributes": []}')
+    s_va = R2PVerifier(vlm, clip).verify(tokens, image, candidates).stages["verification"]["s_va"]
+    favoured, loser = max(s_va, key=s_va.get), min(s_va, key=s_va.get)
+
+    # The chain of thought names the candidate the attributes disagree with → pairwise decides.
+    _stub_reasoning(monkeypatch, vlm, f'{{"reasoning": "...", "answer": "{loser}", "seen_attributes": [],}}')
+    yes_no = _count_yes_no(monkeypatch, vlm)
+    result = R2PVerifier(vlm, clip, pairwise_threshold=0.0).verify(tokens, image, candidates)
+    verification = result.stages["verification"]
+    assert result.stages["reasoning"]["answer"] == loser
+    assert verification["passed"] is False and verification["best"] == favoured and favoured in verification["reason"]
+    pairwise = result.stages["pairwise"]
+    assert len(yes_no) == 3                                   # one p_i per candidate, nothing else
+    verifier = R2PVerifier(vlm, clip)
+    for candidate in candidates:
+        prompt = verifier.pairwise_prompt(tokens, candidate)
+        assert any(isinstance(part, r2p.Memory) and torch.equal(part.tokens, candidate.memory) for part in prompt)
+        assert pairwise["p"][candidate.name] == pytest.approx(vlm.yes_probability(prompt), abs=1e-6)
+    assert result.decision == max(pairwise["p"], key=pairwise["p"].get) == pairwise["best"]
+
+    # Above every p_i the pairwise stage says none.
+    assert max(pairwise["p"].values()) < 1.0
+    assert R2PVerifier(vlm, clip, pairwise_threshold=1.0).verify(tokens, image, candidates).decision is None
+
+    # When the chain of thought agrees with the attributes, pairwise reasoning is skipped.
+    _stub_reasoning(monkeypatch, vlm, f'The answer is {favoured}.')
+    yes_no.clear()
+    agreed = R2PVerifier(vlm, clip).verify(tokens, image, candidates)
+    assert agreed.decision == favoured and agreed.stages["verification"]["passed"] is True
+    assert "pairwise" not in agreed.stages and yes_no == []
+    assert agreed.score_for(favoured) == next(
+        row["s"] for row in agreed.stages["retrieval"]["candidates"] if row["name"] == favoured)
+
+
+def test_seen_attributes_restrict_the_verification_to_those_keys(adapters, clip, monkeypatch):
+    vlm = adapters("qwen2_5_vl")
+    image = _photo(3)
+    tokens = vlm.encode_image(image)
+    candidates = _candidates(vlm)[:2]
+    _stub_reasoning(monkeypatch, vlm, '{"answer": "my mug", "seen_attributes": ["red"]}')
+    result = R2PVerifier(vlm, clip).verify(tokens, image, candidates)
+    verification = result.stages["verification"]
+    assert verification["keys"] == ["color"] and result.stages["reasoning"]["seen_keys"] == ["color"]
+    red, white = clip.scores(image, ["a photo of red", "a photo of white"]).tolist()
+    assert verification["s_va"] == pytest.approx({"my mug": unit(red), "Fluffy": unit(white)}, abs=1e-6)
+    assert verification["passed"] == (unit(red) > unit(white))
+
+
+def test_without_a_contrastive_model_the_vlm_answers_yes_no_per_attribute(adapters, family, monkeypatch):
+    vlm = adapters(family)
+    image = _photo(4)
+    tokens = vlm.encode_image(image)
+    candidates = _candidates(vlm)[:3]
+    _stub_reasoning(monkeypatch, vlm, '{"answer": "my mug", "seen_attributes": []}')
+    result = R2PVerifier(vlm, None).verify(tokens, image, candidates)
+    retrieval = result.stages["retrieval"]
+    assert retrieval["text_similarity"] == "vlm_yes_no"
+    questions = [r2p.attribute_question(k, v) for k, v in MUG["attributes"].items()]
+    assert questions[2] == "Does the object in the image have this colour: red? Answer Yes or No."
+    expected = float(np.mean([vlm.yes_probability([tokens, "\n" + q]) for q in questions]))
+    mug = next(row for row in retrieval["candidates"] if row["name"] == "my mug")
+    assert mug["s_vt"] == pytest.approx(expected, abs=1e-6)
+    # Verification over all attributes asks the same questions: same numbers.
+    assert result.stages["verification"]["s_va"]["my mug"] == pytest.approx(expected, abs=1e-6)
+    assert result.decision in {"my mug", None} or "pairwise" in result.stages
+
+
+def test_no_candidates_means_no_decision(adapters):
+    vlm = adapters("qwen2_5_vl")
+    image = _photo(5)
+    result = R2PVerifier(vlm, None).verify(vlm.encode_image(image), image, [])
+    assert result.decision is None and result.stages["retrieval"]["candidates"] == []
+    assert result.score_for("anything") is None and not result.present("anything")
+
+
+def test_bad_settings_are_refused(adapters):
+    with pytest.raises(PersonalVLMError, match="top_k"):
+        R2PVerifier(adapters("qwen2_5_vl"), None, top_k=0)
+    with pytest.raises(PersonalVLMError, match="pairwise_threshold"):
+        R2PVerifier(adapters("qwen2_5_vl"), None, pairwise_threshold=1.5)
