@@ -116,9 +116,13 @@ class Assistant:
         vlm = load_vlm(model, device=device, dtype=dtype)
         return cls(vlm, store, profile, progress=progress, **options)
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Stop the background work. ``wait=False`` (shutdown) interrupts running generations
+        and drops pending fingerprints instead of finishing them."""
+        if not wait:
+            self.vlm.interrupt()
         self.verifier.stop()
-        self._background.shutdown(wait=True)
+        self._background.shutdown(wait=wait, cancel_futures=not wait)
 
     def __enter__(self):
         return self

@@ -85,3 +85,21 @@ def test_without_verification_uncertain_concepts_are_not_detected(make):
     for _ in range(3):
         result = a.observe(picture)
     assert result.detections == [] and result.uncertain == []
+
+
+def test_encoding_a_frame_does_not_wait_for_the_language_model(make):
+    a = make()
+    picture = _photo(6)
+    with a.vlm._lock:                       # a long /ask holds the model's lock
+        tokens = a.vlm.encode_image(picture)
+    assert tokens.num_tokens > 0
+
+
+def test_closing_without_waiting_interrupts_generation(make):
+    from personal_vlm_node.errors import PersonalVLMError
+
+    a = make()
+    a.close(wait=False)
+    with pytest.raises(PersonalVLMError, match="interrupted"):
+        a.vlm.generate(["Describe ", a.vlm.encode_image(_photo(7))], max_new_tokens=4)
+    a.vlm._interrupted.clear()              # the adapter is shared with other tests

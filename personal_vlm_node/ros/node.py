@@ -527,10 +527,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if frontend is not None:
             frontend.stop()
-        # Don't wait for a running teach/ask here: the worker threads finish it on their own.
+        # Don't wait for a running teach/ask: interrupting the model ends its generation at the
+        # next token, and a pending background fingerprint is dropped (the store keeps the concept).
         executor.shutdown(timeout_sec=0, wait_for_threads=False)
         if assistant is not None:
-            assistant.close()
+            assistant.close(wait=False)
         node.destroy_node()
         if rclpy.ok():
             rclpy.shutdown()

@@ -155,7 +155,10 @@ class VLMAdapter(ABC):
         self.text_config = model.config.get_text_config()
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        self._lock = threading.RLock()      # one forward at a time per model instance
+        # One language-model call at a time per model; the vision tower holds no state and runs
+        # without it, so the frame path never waits for a long /ask.
+        self._lock = threading.RLock()
+        self._interrupted = threading.Event()
         model.set_attn_implementation({"text_config": attention.register()})
         self._placeholder_id = self._pick_placeholder_id()
         self._stop_ids = self._collect_stop_ids()
@@ -212,7 +215,7 @@ class VLMAdapter(ABC):
         prepared = prepare_image(image)
         inputs = self.preprocess(prepared)
         if encoder is None:
-            with self._lock, torch.inference_mode():
+            with torch.inference_mode():
                 features = self.vision_forward(inputs.tensors)
         else:
             features = encoder(inputs.tensors)
@@ -322,6 +325,8 @@ class VLMAdapter(ABC):
             generated: list[int] = []
             embed = self.language_model.get_input_embeddings()
             for step in range(max_new_tokens):
+                if self._interrupted.is_set():
+                    raise PersonalVLMError("generation interrupted: the model is shutting down")
                 token = int(logits.argmax(-1))
                 if token in self._stop_ids:
                     break
@@ -332,6 +337,10 @@ class VLMAdapter(ABC):
                 logits, cache = self._run(step_embeds, self._step_position(prompt.next_position + step), cache)
         text = self.tokenizer.decode(generated, skip_special_tokens=True)
         return Generation(text.strip(), generated, prompt)
+
+    def interrupt(self) -> None:
+        """Make running and future generations stop at their next token (used at shutdown)."""
+        self._interrupted.set()
 
     def _answer_token_ids(self, word: str) -> int:
         ids = self._text_ids(word)
