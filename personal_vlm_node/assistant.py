@@ -14,7 +14,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from . import ego, prompts
+from . import ego, prompts, r2p
 from .errors import PersonalVLMError
 from .images import load_image
 from .matcher import Matcher, decide
@@ -81,7 +81,9 @@ class AskResult:
 class Assistant:
     def __init__(self, vlm: VLMAdapter, store: ConceptStore, profile: ModelProfile | None = None,
                  progress=_stderr_progress, rebuild: bool = True, encoder=None,
-                 verification: bool = True, verifications_per_second: float = 2.0):
+                 verification: bool = True, verifications_per_second: float = 2.0,
+                 verifier_model: str | None = None, r2p_margin: float = 0.15, r2p_top_k: int = 3,
+                 r2p_pool: int = 5):
         self.vlm = vlm
         self.store = store
         self.profile = profile or load_profile(vlm.model_id)
@@ -93,6 +95,11 @@ class Assistant:
         self.verification = verification
         self.verifier = VerificationQueue(self._verify_uncertain, max_per_second=verifications_per_second)
         self._categories: dict[str, str] = {}
+        # R2P settles what Ego itself is unsure of (|p_yes - threshold| < r2p_margin).
+        self.text_similarity = (r2p.ImageTextSimilarity(verifier_model, device=str(vlm.device))
+                                if verifier_model else None)
+        self.r2p = r2p.R2PVerifier(vlm, self.text_similarity, top_k=r2p_top_k)
+        self.r2p_margin, self.r2p_pool = r2p_margin, r2p_pool
         if verification:
             self.verifier.start()
         self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fingerprint")
@@ -107,7 +114,9 @@ class Assistant:
              profile_path=None, progress=_stderr_progress, **options) -> Assistant:
         """Load the model (HF id or folder) and the store; rebuild memories of another model.
 
-        ``options`` go to the constructor: ``encoder``, ``verification``, ``verifications_per_second``.
+        ``options`` go to the constructor: ``encoder``, ``verification``, ``verifications_per_second``,
+        ``verifier_model`` (CLIP/SigLIP id or folder for R2P; none = the VLM's own yes/no),
+        ``r2p_margin``, ``r2p_top_k``, ``r2p_pool``.
         """
         profile = load_profile(model, profile_path)
         store = ConceptStore(store_dir)
@@ -303,7 +312,7 @@ class Assistant:
                 observations.append(Observation(match.name, match.score, match.box, "match"))
             elif decision == "uncertain" and self.verification:
                 uncertain.append(match.name)
-                verdict = self.verifier.submit(match.name, (tokens, match.name))
+                verdict = self.verifier.submit(match.name, (tokens, match.name, frame))
                 if verdict is not None and verdict["present"]:
                     observations.append(Observation(match.name, verdict["p_yes"], match.box, verdict["source"]))
         t2 = time.perf_counter()
@@ -314,12 +323,30 @@ class Assistant:
         return FrameResult(detections, uncertain,
                            {"encode": t1 - t0, "match": t2 - t1, "total": time.perf_counter() - t0})
 
+    def _r2p_candidates(self, tokens, must_include: list[str]) -> list[r2p.Candidate]:
+        scores = {m.name: m.score for m in self.matcher.score(tokens.features, tokens.token_boxes)}
+        names = sorted(scores, key=lambda n: -scores[n])[: self.r2p_pool]
+        names += [n for n in must_include if n not in names]
+        return [r2p.Candidate(n, scores.get(n, -1.0), self.store.get(n).fingerprint,
+                              self.store.load_memory(n)["memory"]) for n in names]
+
     def _verify_uncertain(self, request: Request) -> dict | None:
-        """Ego in-context check of one uncertain concept on the frame it was uncertain on."""
-        tokens, name = request.payload
+        """The cascade for one uncertain concept on the frame it was uncertain on.
+
+        Ego in-context check first; when Ego is itself unsure (p_yes within ``r2p_margin`` of the
+        threshold), R2P decides among the frame's best-matching concepts.
+        """
+        tokens, name, frame = request.payload
         try:
             memory = self._memories([name])
         except PersonalVLMError:
             return None                    # forgotten while queued
         p_yes = ego.recognize(self.vlm, tokens, memory)[name]
-        return {"present": p_yes >= self.profile.recognize_threshold, "p_yes": p_yes, "source": "ego"}
+        verdict = r2p.cascade_decision("uncertain", p_yes, self.r2p_margin, self.profile.recognize_threshold)
+        if verdict != "r2p":
+            return {"present": verdict == "accept", "p_yes": p_yes, "source": "ego"}
+        image = load_image(frame) if self.text_similarity is not None else None
+        result = self.r2p.verify(tokens, image, self._r2p_candidates(tokens, [name]))
+        score = result.score_for(name)
+        return {"present": result.present(name), "p_yes": p_yes if score is None else score,
+                "source": "r2p", "r2p": result.stages}

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import bench
+from . import bench, evaluation
 from .errors import PersonalVLMError
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--keep", type=int, default=4, help="layers to keep (L)")
     calibrate.add_argument("--out", default=None, help="profile to write (default: models/<model>.yaml in a checkout, else ~/.config/personal_vlm/models/)")
     bench.add_parser(sub)
+    evaluation.add_parser(sub)
     return parser
 
 
@@ -265,7 +266,7 @@ def _cmd_calibrate(args) -> None:
 
 COMMANDS = {"teach": _cmd_teach, "ask": _cmd_ask, "recognize": _cmd_recognize, "list": _cmd_list,
             "forget": _cmd_forget, "calibrate": _cmd_calibrate, "bench": bench.run,
-            "detect": _cmd_detect}
+            "detect": _cmd_detect, "eval": evaluation.run}
 
 
 def main(argv: list[str] | None = None) -> int:

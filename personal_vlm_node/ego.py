@@ -37,7 +37,7 @@ _STOPWORDS = frozenset(
 
 
 # ---- robust parsing of model output ---------------------------------------------------------
-def _json_objects(text: str):
+def json_objects(text: str):
     """Yield every parsable ``{...}`` object in ``text`` (models wrap, truncate and chat)."""
     for start in [m.start() for m in re.finditer(r"\{", text)]:
         depth = 0
@@ -63,7 +63,7 @@ def parse_introduction(text: str) -> tuple[list[str], float | None]:
     """Keywords and area (percent) from the introduction answer; never raises."""
     keywords: list[str] = []
     area: float | None = None
-    for obj in _json_objects(text):
+    for obj in json_objects(text):
         raw = obj.get("keywords") or obj.get("keyword") or []
         if isinstance(raw, str):
             raw = re.split(r"[,;]", raw)
@@ -100,7 +100,7 @@ def parse_fingerprint(text: str) -> dict:
     """R2P attributes + description from the fingerprint answer; never raises."""
     attributes: dict[str, str] = {}
     description = ""
-    for obj in _json_objects(text):
+    for obj in json_objects(text):
         lowered = {str(k).lower().replace(" ", "_"): v for k, v in obj.items()}
         lowered.setdefault("color", lowered.get("colour"))
         for key in FINGERPRINT_KEYS:

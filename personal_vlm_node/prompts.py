@@ -28,6 +28,20 @@ RECOGNIZE = "Is {name} in this image? Answer Yes or No."
 ASK_INTRO = "These are personal things you know, each shown by its name and its appearance:"
 ASK_RULE = "Answer the question about the image. When one of these things is relevant, call it by its name."
 
+# R2P: attribute-focused chain-of-thought, pairwise yes/no, attribute checks.
+COT_PROMPT = (
+    "These are personal things the user owns, each with the attributes that tell it apart from "
+    "similar things:\n{candidates}\n"
+    "Look at the image. For each of them, check its attributes one by one against what you see. "
+    "Then say which one of them is in the image, or none. Answer only with JSON like "
+    '{{"reasoning": "short notes", "answer": "<name or none>", '
+    '"seen_attributes": ["<attribute you saw>", "..."]}}.'
+)
+PAIRWISE_PROMPT = "Is this {name}? Answer Yes or No."
+ATTRIBUTE_QUESTION = "Does the object in the image have this {label}: {value}? Answer Yes or No."
+DESCRIPTION_QUESTION = "Does the object in the image match this description: {value}? Answer Yes or No."
+ATTRIBUTE_TEXT = "a photo of {value}"        # what the contrastive model compares the image with
+
 _FAMILY_OVERRIDES: dict[str, dict[str, str]] = {}
 
 

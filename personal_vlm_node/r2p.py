@@ -43,23 +43,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .ego import FINGERPRINT_KEYS, _json_objects
+from .ego import FINGERPRINT_KEYS, json_objects
+from .prompts import ATTRIBUTE_QUESTION, ATTRIBUTE_TEXT, COT_PROMPT, DESCRIPTION_QUESTION, PAIRWISE_PROMPT
 from .errors import PersonalVLMError
 from .vlm.base import ImageTokens, Memory, Part, VLMAdapter
 
-# ---- prompts (the family overrides of prompts.py do not apply to these yet) ------------------
-COT_PROMPT = (
-    "These are personal things the user owns, each with the attributes that tell it apart from "
-    "similar things:\n{candidates}\n"
-    "Look at the image. For each of them, check its attributes one by one against what you see. "
-    "Then say which one of them is in the image, or none. Answer only with JSON like "
-    '{{"reasoning": "short notes", "answer": "<name or none>", '
-    '"seen_attributes": ["<attribute you saw>", "..."]}}.'
-)
-PAIRWISE_PROMPT = "Is this {name}? Answer Yes or No."
-ATTRIBUTE_QUESTION = "Does the object in the image have this {label}: {value}? Answer Yes or No."
-DESCRIPTION_QUESTION = "Does the object in the image match this description: {value}? Answer Yes or No."
-ATTRIBUTE_TEXT = "a photo of {value}"        # what the contrastive model compares the image with
+# ---- prompt wording lives in prompts.py --------------------------------------------------------
 
 # How an attribute key reads in a question ("Does the object … have this colour: red?").
 ATTRIBUTE_LABELS = {"shape": "shape", "material": "material", "color": "colour", "pattern": "pattern",
@@ -313,7 +302,7 @@ def _as_list(value) -> list[str]:
 
 def parse_reasoning(text: str, names: list[str]) -> tuple[str | None, list[str]]:
     """(ĉ_CoT or None, the attributes the model says it saw) from the CoT answer; never raises."""
-    for obj in _json_objects(text or ""):
+    for obj in json_objects(text or ""):
         lowered = {str(k).lower().replace(" ", "_"): v for k, v in obj.items()}
         answer_key = next((k for k in _ANSWER_KEYS if k in lowered), None)
         if answer_key is None:

@@ -103,3 +103,26 @@ def test_closing_without_waiting_interrupts_generation(make):
     with pytest.raises(PersonalVLMError, match="interrupted"):
         a.vlm.generate(["Describe ", a.vlm.encode_image(_photo(7))], max_new_tokens=4)
     a.vlm._interrupted.clear()              # the adapter is shared with other tests
+
+
+def test_when_ego_is_unsure_r2p_settles_and_keeps_every_stage(adapters, tmp_path):
+    # A margin of 0.5 around the threshold makes every Ego verdict "unsure".
+    a = Assistant(adapters("internvl"), ConceptStore(tmp_path / "s"),
+                  ModelProfile(max_memory_tokens=8, min_memory_tokens=2, accept_threshold=1.5,
+                               reject_threshold=-1.0),
+                  progress=None, verification=True, verifications_per_second=50.0, r2p_margin=0.5)
+    try:
+        picture = _photo(8)
+        a.teach("my mug", [picture]).wait_fingerprint(timeout=120)
+        a.teach("Fluffy", [_photo(9)])
+        deadline = time.monotonic() + 120
+        verdict = None
+        while time.monotonic() < deadline and verdict is None:
+            a.observe(picture)
+            verdict = a.verifier.result("my mug")
+            time.sleep(0.05)
+        assert verdict is not None and verdict["source"] == "r2p"
+        assert {"candidates", "pairwise"} & set(verdict["r2p"])
+        assert 0.0 <= verdict["p_yes"] <= 1.0
+    finally:
+        a.close()

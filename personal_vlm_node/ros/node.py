@@ -60,6 +60,8 @@ PARAMETERS: dict[str, Param] = {
     "verification": Param(True, "settle uncertain matches with the model"),
     "overlay": Param(True, "publish ~/overlay while someone subscribes"),
     "compressed": Param(False, "subscribe to sensor_msgs/CompressedImage instead of Image"),
+    "verifier_model": Param("", "CLIP/SigLIP id or folder for R2P's image-text scores; empty = the VLM's yes/no"),
+    "r2p_margin": Param(0.15, "Ego p(yes) this close to its threshold is settled by R2P; 0 = never", low=0.0, high=0.5),
 }
 
 DIAGNOSTICS_PERIOD_S = 1.0
@@ -509,7 +511,9 @@ def main(argv: list[str] | None = None) -> int:
         assistant = Assistant.open(values["model"], store_dir=values["store_dir"] or None,
                                    device=values["device"], dtype=values["dtype"],
                                    profile_path=values["profile"] or None,
-                                   progress=lambda m: log.info(m), verification=values["verification"])
+                                   progress=lambda m: log.info(m), verification=values["verification"],
+                                   verifier_model=values["verifier_model"] or None,
+                                   r2p_margin=values["r2p_margin"])
         apply_profile_overrides(assistant.profile, values)
         assistant.encoder = frame_encoder(assistant.vlm, values, progress=lambda m: log.info(m))
         frontend = AssistantNode(node, assistant, values)
