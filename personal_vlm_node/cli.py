@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import bench, evaluation
 from .errors import PersonalVLMError
+from .runtime.command import add_export_parser, run_export
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
@@ -85,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--out", default=None, help="profile to write (default: models/<model>.yaml in a checkout, else ~/.config/personal_vlm/models/)")
     bench.add_parser(sub)
     evaluation.add_parser(sub)
+    add_export_parser(sub)
     return parser
 
 
@@ -266,7 +268,7 @@ def _cmd_calibrate(args) -> None:
 
 COMMANDS = {"teach": _cmd_teach, "ask": _cmd_ask, "recognize": _cmd_recognize, "list": _cmd_list,
             "forget": _cmd_forget, "calibrate": _cmd_calibrate, "bench": bench.run,
-            "detect": _cmd_detect, "eval": evaluation.run}
+            "detect": _cmd_detect, "eval": evaluation.run, "export-encoder": run_export}
 
 
 def main(argv: list[str] | None = None) -> int:

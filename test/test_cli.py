@@ -156,3 +156,11 @@ def test_detect_finds_a_taught_concept_on_an_image_a_folder_and_a_gif(cli, tmp_p
 
     missing = cli("detect", str(tmp_path / "nowhere.png"), check=False)
     assert missing.returncode == 2 and "not found" in missing.stderr
+
+
+def test_export_encoder_writes_an_onnx_graph_that_matches_torch(cli, tmp_path):
+    out = tmp_path / "encoder"
+    done = cli("--json", "export-encoder", "--out", str(out), family="internvl")
+    assert (out / "encoder.onnx").is_file() and (out / "encoder.json").is_file()
+    report = json.loads(done.stdout)
+    assert report["max_abs_error"] < 1e-4
