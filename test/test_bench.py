@@ -30,3 +30,14 @@ def test_bench_writes_every_figure_and_prints_a_table(tmp_path, monkeypatch, cap
     assert report["peak_memory"]["rss_mb"] > 0
     table = capsys.readouterr().out
     assert "matcher 10,000 concepts" in table and "frame p95, verification off / on" in table
+
+
+def test_bench_runs_unchanged_on_a_given_checkpoint_of_other_families(tiny_checkpoints, tmp_path):
+    for family in ("internvl", "idefics3"):
+        report = bench.run_bench(str(tiny_checkpoints[family]), device="cpu", dtype="float32",
+                                 backends=("torch", "onnxruntime"), repeats=1, frames=2,
+                                 cache_dir=tmp_path / family)
+        assert report["random_weights"] is False and report["model"] == str(tiny_checkpoints[family])
+        assert report["encoder"]["onnxruntime"]["provider"] == "CPUExecutionProvider"
+        assert report["onnxruntime_speedup_448"] > 0
+        assert report["ask"]["20"]["concepts_in_context"] == 5

@@ -186,12 +186,12 @@ def test_ask_prompt_size_does_not_grow_with_the_library(assistant_for, monkeypat
     assert lengths[-1] <= small + 2 * 8       # still two memories of at most K tokens
 
 
-def test_memories_of_another_model_are_rebuilt_not_matched(assistant_for, tmp_path):
-    a = assistant_for("qwen2_5_vl")
+def test_memories_of_another_model_are_rebuilt_not_matched(assistant_for, family):
+    a = assistant_for(family)
     a.teach("my mug", [_photo(1)])
     old = a.store.load_memory("my mug")["memory"]
     a.store.replace_memory("my mug", {"memory": torch.zeros(3, 17)}, "some|other|model", 3)
-    b = assistant_for("qwen2_5_vl")
+    b = assistant_for(family)
     assert any("rebuilding the memory of 'my mug'" in m for m in assistant_for.messages)
     record = b.store.get("my mug")
     assert record.model_fingerprint == b.vlm.fingerprint

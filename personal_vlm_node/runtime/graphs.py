@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +38,7 @@ class GraphInput:
     shape: tuple                    # ints for fixed axes, axis names (str) for dynamic ones
 
 
-class VisionGraph:
+class VisionGraph(ABC):
     """One family's vision path, split into eager metadata (:meth:`feeds`) and a graph (:meth:`module`)."""
 
     family = ""
@@ -49,20 +50,21 @@ class VisionGraph:
         self.config = adapter.config
 
     # ---- what the graph takes --------------------------------------------------------------
+    @abstractmethod
     def inputs(self) -> list[GraphInput]:
-        raise NotImplementedError
+        """Name, dtype and shape (fixed or named dynamic axes) of every graph input."""
 
+    @abstractmethod
     def feeds(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Graph inputs (CPU, contiguous) from the adapter's processor tensors for one image."""
-        raise NotImplementedError
 
+    @abstractmethod
     def dynamic_shapes(self, example: dict[str, torch.Tensor]) -> dict | None:
         """``torch.export`` dynamic-shape spec for the inputs, or None for a graph of fixed size."""
-        raise NotImplementedError
 
+    @abstractmethod
     def profile(self, example: dict[str, torch.Tensor]) -> dict[str, dict[str, list[int]]]:
         """min / opt / max shape of every input, for TensorRT optimisation profiles."""
-        raise NotImplementedError
 
     def trace_example(self, example: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The example to trace a dynamic graph with.
@@ -73,8 +75,9 @@ class VisionGraph:
         return example
 
     # ---- the graph ---------------------------------------------------------------------------
+    @abstractmethod
     def module(self) -> nn.Module:
-        raise NotImplementedError
+        """The traceable vision tower + projector, taking :meth:`feeds` and returning (N, D) tokens."""
 
     def _float32_cpu(self, *modules: nn.Module) -> list[nn.Module]:
         """The given submodules in float32 on the CPU: a copy unless they already are.
