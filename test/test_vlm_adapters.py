@@ -257,3 +257,15 @@ def test_tiny_model_command_says_the_weights_are_random(tmp_path, capsys):
     assert main([str(tmp_path / "m"), "--family", "internvl"]) == 0
     assert "RANDOM" in capsys.readouterr().out
     assert (tmp_path / "m" / "TINY_RANDOM_WEIGHTS.txt").is_file()
+
+
+def test_auto_dtype_uses_bfloat16_only_where_it_is_fast(monkeypatch):
+    from personal_vlm_node import vlm as vlm_module
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert vlm_module._pick_dtype("auto", cpu) == torch.float32
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert vlm_module._pick_dtype("auto", cpu) == torch.bfloat16
+    assert vlm_module._pick_dtype("float16", cpu) == torch.float16

@@ -83,9 +83,25 @@ def _pick_dtype(dtype: str, device):
     if dtype not in DTYPES:
         raise PersonalVLMError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if dtype == "auto":
-        # bf16 halves memory and is several times faster than fp32 on recent CPUs and GPUs.
-        return torch.bfloat16
+        if bfloat16_is_fast(device):
+            return torch.bfloat16
+        return torch.float16 if device.type == "cuda" else torch.float32
     return getattr(torch, dtype)
+
+
+def bfloat16_is_fast(device) -> bool:
+    """Whether bf16 pays off on ``device``: CUDA GPUs with bf16 support, CPUs with AVX512-BF16/AMX.
+
+    On CPUs without them (e.g. AVX2-only) bf16 runs in emulation, several times slower than fp32.
+    """
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+    return False
 
 
 def load_vlm(model: str, device: str = "auto", dtype: str = "auto") -> VLMAdapter:
