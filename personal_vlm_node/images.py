@@ -27,7 +27,8 @@ def _check_size(width: int, height: int) -> None:
             "limit; downscale it first")
 
 
-def _scale_to_uint8(array: np.ndarray) -> np.ndarray:
+def scale_to_uint8(array: np.ndarray) -> np.ndarray:
+    """8-bit values unchanged; others mapped by their finite min/max to 0..255 (NaN/inf → 0)."""
     if array.dtype == np.uint8:
         return array
     data = array.astype(np.float64)
@@ -50,7 +51,7 @@ def from_array(array: np.ndarray) -> Image.Image:
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
         raise PersonalVLMError(f"image array has shape {array.shape}; expected H×W, H×W×3 or H×W×4")
     _check_size(array.shape[1], array.shape[0])
-    array = _scale_to_uint8(array)
+    array = scale_to_uint8(array)
     if array.ndim == 2:
         return Image.fromarray(array, "L").convert("RGB")
     if array.shape[2] == 4:

@@ -18,7 +18,7 @@ from PIL import ImageDraw, ImageFont
 from sensor_msgs.msg import CompressedImage, Image, RegionOfInterest
 
 from ..errors import PersonalVLMError
-from ..images import MAX_PIXELS, load_image
+from ..images import MAX_PIXELS, load_image, scale_to_uint8
 
 Box = tuple[float, float, float, float]  # (x, y, w, h) in image pixels
 Detection = tuple[str, float, Box, str]  # (name, score, box, source)
@@ -83,7 +83,7 @@ def image_msg_to_array(msg: Image) -> np.ndarray:
         strides=(step, bytes_per_pixel, dtype.itemsize))
 
     if order == "mono":
-        gray = _scale_to_uint8(pixels[:, :, 0])  # (H, W)
+        gray = scale_to_uint8(pixels[:, :, 0])  # (H, W)
         return np.repeat(gray[:, :, None], 3, axis=2)  # (H, W, 3), a new array
     channel_slice = slice(0, 3) if order == "rgb" else slice(2, None, -1)
     return np.array(pixels[:, :, channel_slice], dtype=np.uint8, order="C")  # (H, W, 3), copied
@@ -197,20 +197,6 @@ def _encoding_layout(encoding: str) -> tuple[int, str, str]:
             f"Image encoding '{encoding}' (Bayer) is not supported; debayer it first (image_proc) and send "
             f"one of: {supported}")
     raise PersonalVLMError(f"Image encoding '{encoding}' is not supported; send one of: {supported}")
-
-
-def _scale_to_uint8(values: np.ndarray) -> np.ndarray:
-    """8-bit values unchanged; others mapped by their finite min/max to 0..255 (NaN/inf → 0)."""
-    if values.dtype == np.uint8:
-        return np.array(values, dtype=np.uint8)
-    data = values.astype(np.float64)
-    finite = np.isfinite(data)
-    if not finite.any():
-        return np.zeros(values.shape, np.uint8)
-    lo, hi = float(data[finite].min()), float(data[finite].max())
-    span = hi - lo if hi > lo else 1.0
-    data = np.where(finite, (data - lo) / span, 0.0)
-    return np.clip(data * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
 def _clipped_corners(box: Box, width: int, height: int) -> tuple[int, int, int, int] | None:
