@@ -32,16 +32,13 @@ _TEXT_LENGTH = 64        # SigLIP pads every text to this length; CLIP truncates
 
 
 def _tokenizer(kind: str):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
+    from .tiny_model import train_byte_level_bpe
+
     bos, eos = "<|startoftext|>", "<|endoftext|>"
-    tok = Tokenizer(models.BPE(unk_token=eos))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=_VOCAB_SIZE - 16, special_tokens=[bos, eos],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    tok = train_byte_level_bpe(_CORPUS, _VOCAB_SIZE, [bos, eos], unk_token=eos)
     bos_id, eos_id = tok.token_to_id(bos), tok.token_to_id(eos)
     if kind == "clip":
         # CLIP pools the text at its end-of-text token: every text must end with one.

@@ -89,20 +89,27 @@ FAMILIES = tuple(_FAMILIES)
 _VOCAB_SIZE = 512  # the model's embedding rows; the tokenizer is trained to stay below it
 
 
-def _build_tokenizer(family: _Family):
+def train_byte_level_bpe(corpus: str, vocab_size: int, special_tokens: list[str], unk_token: str | None = None):
+    """A byte-level BPE trained offline on ``corpus``, ids below ``vocab_size``; specials first."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
+    tok = Tokenizer(models.BPE(unk_token=unk_token))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=_VOCAB_SIZE - 16,
-        special_tokens=family.special_tokens,
+        vocab_size=vocab_size - 16,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    tok.train_from_iterator([corpus] * 4, trainer=trainer)
+    return tok
+
+
+def _build_tokenizer(family: _Family):
+    from transformers import PreTrainedTokenizerFast
+
+    tok = train_byte_level_bpe(_CORPUS, _VOCAB_SIZE, family.special_tokens)
     first = family.special_tokens[0]
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
