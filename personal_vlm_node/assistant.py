@@ -201,15 +201,19 @@ class Assistant:
                        "areas": [i.area for i in intro.images],
                        "answers": [i.answer[:500] for i in intro.images]})
             t2 = time.perf_counter()
-            self.store.add(record, intro.memory, pictures, overwrite=overwrite)
-            self.matcher.add(name, intro.memory["memory"])
-            self._categories[name] = category
-            self.verifier.invalidate(name)
+            self.add_concept(record, intro.memory, pictures, overwrite=overwrite)
             timings["store"] = time.perf_counter() - t2
         seconds = time.perf_counter() - t0
         timings["usable"] = seconds
         future = self._background.submit(self._complete_fingerprint, name, tokens[0], category, now, t0, timings)
         return TeachResult(name, intro.memory_tokens, intro.keywords, seconds, timings, future)
+
+    def add_concept(self, record: ConceptRecord, memory: dict, pictures: list, overwrite: bool = False) -> None:
+        """Store a concept whose memory is already built and make it matchable at once."""
+        self.store.add(record, memory, pictures, overwrite=overwrite)
+        self.matcher.add(record.name, memory["memory"])
+        self._categories[record.name] = record.category
+        self.verifier.invalidate(record.name)
 
     def _expand_rois(self, rois, pictures):
         if rois is None:
@@ -325,10 +329,8 @@ class Assistant:
 
     def _r2p_candidates(self, tokens, must_include: list[str]) -> list[r2p.Candidate]:
         scores = {m.name: m.score for m in self.matcher.score(tokens.features, tokens.token_boxes)}
-        names = sorted(scores, key=lambda n: -scores[n])[: self.r2p_pool]
-        names += [n for n in must_include if n not in names]
-        return [r2p.Candidate(n, scores.get(n, -1.0), self.store.get(n).fingerprint,
-                              self.store.load_memory(n)["memory"]) for n in names]
+        return r2p.candidates_from_scores(scores, self.r2p_pool, lambda n: self.store.get(n).fingerprint,
+                                          lambda n: self.store.load_memory(n)["memory"], must_include)
 
     def _verify_uncertain(self, request: Request) -> dict | None:
         """The cascade for one uncertain concept on the frame it was uncertain on.

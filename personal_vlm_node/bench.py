@@ -99,9 +99,7 @@ def _plant(assistant, first: int, count: int, frame_tokens: torch.Tensor, k: int
         memory = {"memory": frame_tokens[idx].float().cpu(), "positions": idx}
         now = time.time()
         record = ConceptRecord(f"planted {first + i}", "", [], {}, None, k, assistant.vlm.fingerprint, now, now, {})
-        assistant.store.add(record, memory, [picture], overwrite=True)
-        assistant.matcher.add(record.name, memory["memory"])
-        assistant._categories[record.name] = ""
+        assistant.add_concept(record, memory, [picture], overwrite=True)
 
 
 def bench_introduction(assistant, repeats: int) -> dict:
