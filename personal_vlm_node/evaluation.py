@@ -382,11 +382,10 @@ class _Methods:
         return ego.recognize(self.assistant.vlm, tokens, [self.memories[concept]])[concept]
 
     def _run_r2p(self, tokens, image, scores: dict[str, float], must_include=()):
-        from .r2p import Candidate
+        from .r2p import candidates_from_scores
 
-        pool = sorted(scores, key=lambda c: -scores[c])[:self.options.r2p_pool]
-        pool += [c for c in must_include if c not in pool]
-        candidates = [Candidate(c, scores.get(c, -1.0), self.fingerprints[c], self.memories[c].tokens) for c in pool]
+        candidates = candidates_from_scores(scores, self.options.r2p_pool, self.fingerprints.__getitem__,
+                                            lambda c: self.memories[c].tokens, must_include)
         return self.r2p.verify(tokens, image, candidates)
 
     def _match(self, tokens, image, scores):

@@ -455,6 +455,17 @@ class R2PVerifier:
 
 
 # ---- where R2P sits in the decision cascade ------------------------------------------------
+def candidates_from_scores(scores: dict[str, float], pool: int, fingerprint_of, memory_of,
+                           must_include=()) -> list[Candidate]:
+    """The ``pool`` best concepts by visual score s_VV, plus ``must_include``, as R2P candidates.
+
+    ``fingerprint_of(name)`` and ``memory_of(name)`` give a concept's fingerprint and (K, D) memory.
+    """
+    names = sorted(scores, key=lambda n: -scores[n])[:pool]
+    names += [n for n in must_include if n not in names]
+    return [Candidate(n, scores.get(n, -1.0), fingerprint_of(n), memory_of(n)) for n in names]
+
+
 def cascade_decision(match_decision: str, ego_p_yes: float | None = None, margin: float = 0.15,
                      threshold: float = 0.5) -> str:
     """"accept", "reject" or "r2p" for one concept on one frame.
