@@ -41,7 +41,7 @@ PATTERNS = ("plain", "stripes", "dots", "checks")
 PATTERN_WORDS = {"plain": "plain", "stripes": "striped", "dots": "dotted", "checks": "checked"}
 MARKS = ("none", "star", "cross", "ring", "triangle")
 LAYOUTS = ("yollava", "perva", "generic", "calibrate")
-_SYLLABLES = ("ka", "lo", "mi", "bu", "ta", "ne", "ri", "so", "pa", "du", "ve", "zo", "fi", "ga", "ho", "ju",
+SYLLABLES = ("ka", "lo", "mi", "bu", "ta", "ne", "ri", "so", "pa", "du", "ve", "zo", "fi", "ga", "ho", "ju",
               "ke", "ma", "no", "pi", "ru", "se", "ti", "wa")
 
 
@@ -163,7 +163,7 @@ def lookalike(rng: np.random.Generator, look: ObjectLook) -> ObjectLook:
 
 def random_name(rng: np.random.Generator, taken: set[str]) -> str:
     while True:
-        name = "".join(_SYLLABLES[rng.integers(len(_SYLLABLES))] for _ in range(2 + int(rng.random() < 0.3)))
+        name = "".join(SYLLABLES[rng.integers(len(SYLLABLES))] for _ in range(2 + int(rng.random() < 0.3)))
         if name not in taken:
             taken.add(name)
             return name
