@@ -30,6 +30,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -39,9 +40,11 @@ from pathlib import Path
 import numpy as np
 
 from .. import prompts
+from ..profiles import PROFILE_HINT
 from . import toy_world as tw
 
 CACHE_ENV = "PERSONAL_VLM_TOY_CACHE"
+PROFILE_NAME = "qwen2.5-vl-toy"          # models/qwen2.5-vl-toy.yaml, found through personal_vlm.json
 _CODE_FILES = ("testing/toy_vlm.py", "testing/toy_world.py", "prompts.py")
 
 
@@ -66,9 +69,11 @@ class Recipe:
     warmup: int = 30
     decay_from: float = 0.8          # flat learning rate, then linear decay over the last 20 %
     weight_decay: float = 0.01
+    curriculum: float = 0.5          # hard negatives ramp up over this share of the steps
     # samples per step and loss weight of each task
-    tasks: tuple = (("describe", 8, 1.0), ("fingerprint", 1, 0.5), ("recognize", 20, 2.0),
-                    ("attribute", 4, 1.0), ("scene", 1, 0.5), ("cot", 1, 0.5))
+    # (task, chats per step, loss weight, follow-up questions per chat)
+    tasks: tuple = (("describe", 6, 1.0, 0), ("fingerprint", 1, 0.5, 0), ("recognize", 12, 2.0, 3),
+                    ("attribute", 3, 1.0, 2), ("scene", 1, 0.5, 0), ("cot", 1, 0.5, 0))
 
     def key(self) -> str:
         root = Path(__file__).resolve().parent.parent
@@ -188,6 +193,7 @@ class Sample:
     parts: list            # str | _Img
     answer: str
     info: dict = field(default_factory=dict)
+    follow_ups: list = field(default_factory=list)   # further (parts, answer) turns of the same chat
 
 
 def _area_word(area: float) -> int:
@@ -204,19 +210,23 @@ def _location(box, size: int) -> str:
     return _LOCATIONS[row * 3 + col]
 
 
-def _negative_look(rng, look: tw.ObjectLook) -> tuple[tw.ObjectLook, str]:
-    """A different object, and which kind of negative it is."""
+def _negative_look(rng, look: tw.ObjectLook, difficulty: float = 1.0) -> tuple[tw.ObjectLook, str]:
+    """A different object, and which kind of negative it is. ``difficulty`` 0 → mostly objects that
+    differ in everything; 1 → mostly look-alikes and same-category / same-colour objects."""
     u = rng.random()
-    if u < 0.4:
+    lookalike_share = 0.1 + 0.35 * difficulty
+    same_category = lookalike_share + 0.15 + 0.05 * difficulty
+    same_color = same_category + 0.15 + 0.1 * difficulty
+    if u < lookalike_share:
         other = tw.lookalike(rng, look)
         kind = "lookalike_pattern" if other.pattern != look.pattern else "lookalike_mark"
         return other, kind
-    if u < 0.6:
+    if u < same_category:
         other = tw.random_look(rng, category=look.category)
         while other.color == look.color:
             other = tw.random_look(rng, category=look.category)
         return other, "same_category"
-    if u < 0.8:
+    if u < same_color:
         other = tw.random_look(rng, color=look.color)
         while other.category == look.category:
             other = tw.random_look(rng, color=look.color)
@@ -235,8 +245,12 @@ def _query_scene(rng, target: tw.ObjectLook | None, avoid: list[tw.ObjectLook], 
     return spec
 
 
-def make_sample(task: str, rng: np.random.Generator, size: int) -> Sample:
-    """One training (or held-out) sample of ``task``, drawn from ``rng``."""
+def make_sample(task: str, rng: np.random.Generator, size: int, follow_ups: int = 0,
+                difficulty: float = 1.0) -> Sample:
+    """One training (or held-out) sample of ``task``, drawn from ``rng``. ``follow_ups``: further
+    questions in the same chat (recognize: more query images about the same reference; attribute:
+    more attributes of the same image), so one prefill trains several decisions. ``difficulty``:
+    the share of hard negatives (see :func:`_negative_look`); held-out figures use 1."""
     from ..r2p import ATTRIBUTE_LABELS
 
     if task in ("describe", "fingerprint"):
@@ -257,38 +271,42 @@ def make_sample(task: str, rng: np.random.Generator, size: int) -> Sample:
         look = tw.random_look(rng)
         name = _name(rng)
         ref = tw.render(tw.reference_scene(rng, look, image_size=size)).image
-        positive = rng.random() < 0.5
-        kind = "positive"
-        shown = look
-        if not positive:
-            shown, kind = _negative_look(rng, look)
-        # sometimes the look-alike sits next to the positive, or the query holds only a look-alike
-        avoid = [look, shown]
-        spec = _query_scene(rng, shown, avoid, size)
-        query = tw.render(spec).image
-        if rng.random() < 0.75:
-            parts = prompts.recognize(_Img(ref, name), _Img(query))
-        else:
-            description = f" ({look.description()})" if rng.random() < 0.5 else ""
-            parts = [f"This is {name}: ", _Img(ref, name), description + "\n", _Img(query),
-                     "\n" + prompts.PAIRWISE_PROMPT.format(name=name)]
-        return Sample(task, parts, "Yes" if positive else "No", {"kind": kind})
+        pairwise = rng.random() >= 0.75
+        description = f" ({look.description()})" if pairwise and rng.random() < 0.5 else ""
+        turns = []
+        for t in range(max(1, follow_ups + 1)):
+            positive = rng.random() < 0.5
+            shown, kind = (look, "positive") if positive else _negative_look(rng, look, difficulty)
+            query = tw.render(_query_scene(rng, shown, [look, shown], size)).image
+            question = (prompts.PAIRWISE_PROMPT if pairwise else prompts.RECOGNIZE).format(name=name)
+            if t == 0 and not pairwise:
+                parts = prompts.recognize(_Img(ref, name), _Img(query))
+            elif t == 0:
+                parts = [f"This is {name}: ", _Img(ref, name), description + "\n", _Img(query), "\n" + question]
+            else:
+                parts = [_Img(query), "\n" + question]     # the same chat: more images of the question
+            turns.append((parts, "Yes" if positive else "No", kind))
+        (parts, answer, kind), rest = turns[0], turns[1:]
+        return Sample(task, parts, answer, {"kind": kind}, [(p, a) for p, a, _ in rest])
     if task == "attribute":
         look = tw.random_look(rng)
         spec = tw.scene(rng, [look], size_range=(60, 120), occlusion=0.1, image_size=size)
         image = tw.render(spec).image
-        truth = rng.random() < 0.5
-        other, _ = _negative_look(rng, look) if rng.random() < 0.7 else (tw.random_look(rng), "random")
-        source = look if truth else other
-        fp = source.fingerprint()
-        key = ["shape", "color", "pattern", "distinct_features", "description"][int(rng.integers(5))]
-        value = fp[key]
-        answer_yes = value == look.fingerprint()[key]
-        if key == "description":
-            question = prompts.DESCRIPTION_QUESTION.format(value=value)
-        else:
-            question = prompts.ATTRIBUTE_QUESTION.format(label=ATTRIBUTE_LABELS[key], value=value)
-        return Sample(task, [_Img(image), "\n" + question], "Yes" if answer_yes else "No", {"key": key})
+        turns = []
+        for t in range(max(1, follow_ups + 1)):
+            truth = rng.random() < 0.5
+            other, _ = _negative_look(rng, look, difficulty) if rng.random() < 0.7 else (tw.random_look(rng), "random")
+            source = look if truth else other
+            key = ["shape", "color", "pattern", "distinct_features", "description"][int(rng.integers(5))]
+            value = source.fingerprint()[key]
+            answer_yes = value == look.fingerprint()[key]
+            if key == "description":
+                question = prompts.DESCRIPTION_QUESTION.format(value=value)
+            else:
+                question = prompts.ATTRIBUTE_QUESTION.format(label=ATTRIBUTE_LABELS[key], value=value)
+            turns.append(([_Img(image), "\n" + question] if t == 0 else [question], "Yes" if answer_yes else "No", key))
+        (parts, answer, key), rest = turns[0], turns[1:]
+        return Sample(task, parts, answer, {"key": key}, [(p, a) for p, a, _ in rest])
     if task == "scene":
         n = int(rng.integers(1, 4))
         looks: list[tw.ObjectLook] = []
@@ -332,6 +350,17 @@ def make_sample(task: str, rng: np.random.Generator, size: int) -> Sample:
     raise ValueError(task)
 
 
+def rendered_kind(text: str, index: int) -> str:
+    """Whether the ``index``-th sentinel-delimited field of ``text`` (odd index) is an image or an answer."""
+    count = 0
+    for ch in text:
+        if ch in "\ue000\ue002":
+            count += 1
+            if 2 * count - 1 == index:
+                return "image" if ch == "\ue000" else "answer"
+    raise ValueError(index)
+
+
 # ---- batching ---------------------------------------------------------------------------------
 class Encoder:
     """Sample → token ids / labels / images, rendered exactly as the adapters render prompts."""
@@ -350,26 +379,54 @@ class Encoder:
         return self._cache[text]
 
     def encode(self, sample: Sample, tokens_per_image: int):
-        text, images = [], []
-        for part in sample.parts:
-            if isinstance(part, str):
-                text.append(part)
-            else:
-                text.append(f"\ue000{len(images)}\ue001")
-                images.append(part.image)
-        rendered = self.tok.apply_chat_template(
-            [{"role": "user", "content": [{"type": "text", "text": "".join(text)}]}],
-            chat_template=CHAT_TEMPLATE, tokenize=False, add_generation_prompt=True)
+        """Token ids, labels (answer tokens and their end-of-turn) and images of a chat whose first
+        user turn is exactly what the adapter renders for ``sample.parts``; follow-up turns (more
+        questions about more images) continue the same chat."""
+        images = []
+
+        def text_of(parts):
+            out = []
+            for part in parts:
+                if isinstance(part, str):
+                    out.append(part)
+                else:
+                    out.append(f"\ue000{len(images)}\ue001")
+                    images.append(part.image)
+            return "".join(out)
+
+        turns = [(sample.parts, sample.answer)] + list(sample.follow_ups)
+        messages = []
+        for k, (parts, _) in enumerate(turns):
+            messages.append({"role": "user", "content": [{"type": "text", "text": text_of(parts)}]})
+            if k + 1 < len(turns):
+                messages.append({"role": "assistant", "content": [{"type": "text", "text": f"\ue002{k}\ue003"}]})
+        rendered = self.tok.apply_chat_template(messages, chat_template=CHAT_TEMPLATE, tokenize=False,
+                                                add_generation_prompt=True) + f"\ue002{len(turns) - 1}\ue003"
         ids: list[int] = []
-        pieces = rendered.replace("\ue001", "\ue000").split("\ue000")
-        for i, piece in enumerate(pieces):
-            if i % 2:
+        labels: list[int] = []
+        pending_end = False
+        for i, piece in enumerate(re.split("[\ue000-\ue003]", rendered)):
+            kind = i % 2
+            if kind and rendered_kind(rendered, i) == "image":
                 ids += [self.start_id] + [self.image_id] * tokens_per_image + [self.end_id]
+                labels += [-100] * (tokens_per_image + 2)
+            elif kind:
+                answer = self._ids(turns[int(piece)][1])
+                ids += answer
+                labels += answer
+                pending_end = True
             else:
-                ids += self._ids(piece)
-        answer = self._ids(sample.answer) + [self.im_end]
-        labels = [-100] * len(ids) + answer
-        return ids + answer, labels, images
+                chunk = self._ids(piece)
+                ids += chunk
+                labels += [-100] * len(chunk)
+                if pending_end and chunk:
+                    if chunk[0] == self.im_end:
+                        labels[len(labels) - len(chunk)] = self.im_end
+                    pending_end = False
+        if pending_end:
+            ids.append(self.im_end)
+            labels.append(self.im_end)
+        return ids, labels, images
 
     def batch_lists(self, samples: list[Sample], tokens_per_image: int):
         """Plain lists and uint8 arrays (cheap to send between processes)."""
@@ -444,9 +501,10 @@ def _step_batches(recipe: Recipe, enc: Encoder, step: int):
     rng = np.random.default_rng([recipe.seed, 11, step])
     tokens_per_image = (recipe.image_size // 28) ** 2
     out = []
-    for task, count, weight in recipe.tasks:
+    difficulty = min(1.0, step / max(1.0, recipe.curriculum * recipe.steps))
+    for task, count, weight, follow_ups in recipe.tasks:
         if count:
-            samples = [make_sample(task, rng, recipe.image_size) for _ in range(count)]
+            samples = [make_sample(task, rng, recipe.image_size, follow_ups, difficulty) for _ in range(count)]
             out.append((task, weight, enc.batch_lists(samples, tokens_per_image)))
     return out
 
@@ -485,7 +543,7 @@ def train(recipe: Recipe, out: Path, progress=_say) -> dict:
     threads_before = torch.get_num_threads()
     torch.set_num_threads(training_threads())
     progress(f"training a {params / 1e6:.2f} M-parameter Qwen2.5-VL for {recipe.steps} steps "
-             f"({sum(n for _, n, _ in recipe.tasks)} samples per step, {torch.get_num_threads()} thread(s) "
+             f"({sum(n for _, n, _, _ in recipe.tasks)} chats per step, {torch.get_num_threads()} thread(s) "
              "+ one rendering process)")
     enc = Encoder(tokenizer, processor, model.config)
     decay, no_decay = [], []
@@ -538,6 +596,7 @@ def train(recipe: Recipe, out: Path, progress=_say) -> dict:
     tokenizer.save_pretrained(out)
     processor.save_pretrained(out)
     (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    (out / PROFILE_HINT).write_text(json.dumps({"profile": PROFILE_NAME}) + "\n")
     return {"parameters": params, "steps": recipe.steps, "train_seconds": round(seconds, 1),
             "seconds_per_step": round(seconds / recipe.steps, 3),
             "waiting_for_samples_share": round(wait_s / seconds, 3), "threads": training_threads(),
