@@ -64,12 +64,14 @@ class Recipe:
     vision_depth: int = 4
     vision_heads: int = 3
     vision_intermediate: int = 256
-    steps: int = 400
+    steps: int = 420
     lr: float = 3e-3
     warmup: int = 30
     decay_from: float = 0.8          # flat learning rate, then linear decay over the last 20 %
     weight_decay: float = 0.01
     curriculum: float = 0.5          # hard negatives ramp up over this share of the steps
+    vision_steps: int = 300          # stage 1: the vision tower alone, per-token attribute labels
+    vision_batch: int = 24
     # samples per step and loss weight of each task
     # (task, chats per step, loss weight, follow-up questions per chat)
     tasks: tuple = (("describe", 6, 1.0, 0), ("fingerprint", 1, 0.5, 0), ("recognize", 12, 2.0, 3),
@@ -509,12 +511,42 @@ def _step_batches(recipe: Recipe, enc: Encoder, step: int):
     return out
 
 
+_HEADS = (("color", list(tw.COLORS)), ("category", list(tw.CATEGORIES)), ("pattern", list(tw.PATTERNS)),
+          ("color2", [""] + list(tw.COLORS)), ("mark", list(tw.MARKS)))
+
+
+def _vision_batch(recipe: Recipe, step: int):
+    """Stage 1: scenes and, per merged visual token, the attributes of the object covering most of
+    it (class 0 = background): dense labels, the way a vision encoder is pretrained before a VLM."""
+    rng = np.random.default_rng([recipe.seed, 31, step])
+    cell = 28
+    images, labels = [], []
+    for _ in range(recipe.vision_batch):
+        looks = [tw.random_look(rng) for _ in range(int(rng.integers(1, 4)))]
+        r = tw.render(tw.scene(rng, looks, size_range=(52, 124), image_size=recipe.image_size))
+        g = recipe.image_size // cell
+        cover = np.stack([m.reshape(g, cell, g, cell).mean(axis=(1, 3)) for m in r.masks])   # (O, g, g)
+        best = cover.argmax(0)
+        on = cover.max(0) >= 0.25
+        lab = np.zeros((g * g, len(_HEADS)), dtype=np.int64)
+        for k, (attr, values) in enumerate(_HEADS):
+            per_object = np.array([values.index(getattr(l, attr)) + 1 for l in looks])
+            lab[:, k] = np.where(on, per_object[best], 0).reshape(-1)
+        images.append(np.asarray(r.image, dtype=np.uint8))
+        labels.append(lab)
+    return images, np.concatenate(labels)
+
+
 def _producer(recipe: Recipe, enc: Encoder, queue, stop) -> None:
     """Draws and renders every step's samples in a second process (the world is numpy + PIL)."""
+    for step in range(recipe.vision_steps):
+        if stop.is_set():
+            return
+        queue.put((("vision", step), _vision_batch(recipe, step)))
     for step in range(recipe.steps):
         if stop.is_set():
             return
-        queue.put((step, _step_batches(recipe, enc, step)))
+        queue.put((("chat", step), _step_batches(recipe, enc, step)))
 
 
 def training_threads() -> int:
@@ -531,6 +563,7 @@ def train(recipe: Recipe, out: Path, progress=_say) -> dict:
     import multiprocessing
 
     import torch
+    import torch.nn.functional as F
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.manual_seed(recipe.seed)
@@ -560,11 +593,37 @@ def train(recipe: Recipe, out: Path, progress=_say) -> dict:
     wait_s = 0.0
     running: dict[str, float] = {}
     try:
+        heads = torch.nn.Linear(recipe.text_hidden, sum(len(v) + 1 for _, v in _HEADS))
+        vopt = torch.optim.AdamW(list(model.model.visual.parameters()) + list(heads.parameters()),
+                                 lr=recipe.lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.98))
+        sizes = [len(v) + 1 for _, v in _HEADS]
+        for step in range(recipe.vision_steps):
+            w0 = time.perf_counter()
+            got, (images, labels) = queue.get(timeout=600)
+            wait_s += time.perf_counter() - w0
+            assert got == ("vision", step)
+            for g in vopt.param_groups:
+                g["lr"] = recipe.lr * min(1.0, (step + 1) / recipe.warmup)
+            pixels, grids = zip(*(patchify(im, processor) for im in images))
+            feats = torch.cat(list(model.model.get_image_features(torch.cat(pixels), torch.stack(grids)).pooler_output))
+            logits = heads(feats).split(sizes, dim=-1)
+            target = torch.from_numpy(labels)
+            loss = sum(F.cross_entropy(l, target[:, k]) for k, l in enumerate(logits)) / len(sizes)
+            vopt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.model.visual.parameters(), 1.0)
+            vopt.step()
+            running["vision"] = 0.9 * running.get("vision", float(loss.detach())) + 0.1 * float(loss.detach())
+            if (step + 1) % 50 == 0:
+                per = (time.perf_counter() - t0) / (step + 1)
+                progress(f"vision step {step + 1}/{recipe.vision_steps}  {per:.2f} s/step  loss {running['vision']:.3f}")
+        del vopt, heads
+        t1 = time.perf_counter()
         for step in range(recipe.steps):
             w0 = time.perf_counter()
             got, batches = queue.get(timeout=600)
             wait_s += time.perf_counter() - w0
-            assert got == step
+            assert got == ("chat", step)
             for g in opt.param_groups:
                 g["lr"] = _lr(recipe, step)
             opt.zero_grad(set_to_none=True)
@@ -575,7 +634,7 @@ def train(recipe: Recipe, out: Path, progress=_say) -> dict:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             if (step + 1) % 25 == 0 or step == 0:
-                spent = time.perf_counter() - t0
+                spent = time.perf_counter() - t1
                 per = spent / (step + 1)
                 losses = " ".join(f"{k} {v:.3f}" for k, v in running.items())
                 progress(f"step {step + 1}/{recipe.steps}  {per:.2f} s/step  eta {per * (recipe.steps - step - 1) / 60:.1f} min"
@@ -597,8 +656,9 @@ def train(recipe: Recipe, out: Path, progress=_say) -> dict:
     processor.save_pretrained(out)
     (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     (out / PROFILE_HINT).write_text(json.dumps({"profile": PROFILE_NAME}) + "\n")
-    return {"parameters": params, "steps": recipe.steps, "train_seconds": round(seconds, 1),
-            "seconds_per_step": round(seconds / recipe.steps, 3),
+    return {"parameters": params, "steps": recipe.steps, "vision_steps": recipe.vision_steps,
+            "train_seconds": round(seconds, 1), "vision_seconds": round(t1 - t0, 1),
+            "seconds_per_step": round((seconds - (t1 - t0)) / recipe.steps, 3),
             "waiting_for_samples_share": round(wait_s / seconds, 3), "threads": training_threads(),
             "final_losses": {k: round(v, 4) for k, v in running.items()}}
 
