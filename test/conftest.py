@@ -38,3 +38,19 @@ def adapters(tiny_checkpoints):
 @pytest.fixture(params=FAMILIES)
 def family(request):
     return request.param
+
+
+@pytest.fixture(scope="session")
+def toy_vlm():
+    """The trained toy Qwen2.5-VL: trained once per machine (≈15 min on 2 cores), then cached
+    under ~/.cache/personal_vlm/toy (or $PERSONAL_VLM_TOY_CACHE) and reused by every run."""
+    from personal_vlm_node.testing.toy_vlm import ensure_toy_vlm
+
+    return ensure_toy_vlm()
+
+
+@pytest.fixture(scope="session")
+def toy_clip():
+    from personal_vlm_node.testing.toy_clip import ensure_toy_clip
+
+    return ensure_toy_clip()

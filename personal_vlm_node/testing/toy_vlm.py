@@ -72,6 +72,7 @@ class Recipe:
     curriculum: float = 0.5          # hard negatives ramp up over this share of the steps
     vision_steps: int = 300          # stage 1: the vision tower alone, per-token attribute labels
     vision_batch: int = 24
+    match_weight: float = 1.0        # dense auxiliary: query-image tokens predict "shows the reference object"
     # samples per step and loss weight of each task
     # (task, chats per step, loss weight, follow-up questions per chat)
     tasks: tuple = (("describe", 6, 1.0, 0), ("fingerprint", 1, 0.5, 0), ("recognize", 12, 2.0, 3),
@@ -183,10 +184,23 @@ def build_model(recipe: Recipe, tokenizer):
 
 # ---- samples ---------------------------------------------------------------------------------
 class _Img:
-    """An image part while a prompt is being assembled (stands where ImageTokens/Memory go)."""
+    """An image part while a prompt is being assembled (stands where ImageTokens/Memory go).
+    ``token_labels``: per merged visual token, 1 where it shows the object asked about (training
+    only: a dense auxiliary target, never part of a prompt)."""
 
-    def __init__(self, image, name: str = ""):
-        self.image, self.name = image, name
+    def __init__(self, image, name: str = "", token_labels=None):
+        self.image, self.name, self.token_labels = image, name, token_labels
+
+
+def token_cover(rendered: tw.Rendered, which: list[bool], cell: int = 28, share: float = 0.2) -> np.ndarray:
+    """(g·g,) 1 for merged tokens whose cell is covered ≥ ``share`` by the objects flagged in ``which``."""
+    size = rendered.masks[0].shape[0] if rendered.masks else cell
+    g = size // cell
+    m = np.zeros((size, size), bool)
+    for flag, mask in zip(which, rendered.masks):
+        if flag:
+            m |= mask
+    return (m.reshape(g, cell, g, cell).mean(axis=(1, 3)) >= share).astype(np.int64).reshape(-1)
 
 
 @dataclass
@@ -279,14 +293,16 @@ def make_sample(task: str, rng: np.random.Generator, size: int, follow_ups: int 
         for t in range(max(1, follow_ups + 1)):
             positive = rng.random() < 0.5
             shown, kind = (look, "positive") if positive else _negative_look(rng, look, difficulty)
-            query = tw.render(_query_scene(rng, shown, [look, shown], size)).image
+            spec = _query_scene(rng, shown, [look, shown], size)
+            rendered = tw.render(spec)
+            query = _Img(rendered.image, token_labels=token_cover(rendered, [p.look == look for p in spec.objects]))
             question = (prompts.PAIRWISE_PROMPT if pairwise else prompts.RECOGNIZE).format(name=name)
             if t == 0 and not pairwise:
-                parts = prompts.recognize(_Img(ref, name), _Img(query))
+                parts = prompts.recognize(_Img(ref, name), query)
             elif t == 0:
-                parts = [f"This is {name}: ", _Img(ref, name), description + "\n", _Img(query), "\n" + question]
+                parts = [f"This is {name}: ", _Img(ref, name), description + "\n", query, "\n" + question]
             else:
-                parts = [_Img(query), "\n" + question]     # the same chat: more images of the question
+                parts = [query, "\n" + question]     # the same chat: more images of the question
             turns.append((parts, "Yes" if positive else "No", kind))
         (parts, answer, kind), rest = turns[0], turns[1:]
         return Sample(task, parts, answer, {"kind": kind}, [(p, a) for p, a, _ in rest])
@@ -384,7 +400,7 @@ class Encoder:
         """Token ids, labels (answer tokens and their end-of-turn) and images of a chat whose first
         user turn is exactly what the adapter renders for ``sample.parts``; follow-up turns (more
         questions about more images) continue the same chat."""
-        images = []
+        images, image_parts = [], []
 
         def text_of(parts):
             out = []
@@ -394,6 +410,7 @@ class Encoder:
                 else:
                     out.append(f"\ue000{len(images)}\ue001")
                     images.append(part.image)
+                    image_parts.append(part)
             return "".join(out)
 
         turns = [(sample.parts, sample.answer)] + list(sample.follow_ups)
@@ -406,21 +423,26 @@ class Encoder:
                                                 add_generation_prompt=True) + f"\ue002{len(turns) - 1}\ue003"
         ids: list[int] = []
         labels: list[int] = []
+        aux: list[int] = []
         pending_end = False
         for i, piece in enumerate(re.split("[\ue000-\ue003]", rendered)):
             kind = i % 2
             if kind and rendered_kind(rendered, i) == "image":
                 ids += [self.start_id] + [self.image_id] * tokens_per_image + [self.end_id]
                 labels += [-100] * (tokens_per_image + 2)
+                target = image_parts[int(piece)].token_labels
+                aux += [-100] + (list(map(int, target)) if target is not None else [-100] * tokens_per_image) + [-100]
             elif kind:
                 answer = self._ids(turns[int(piece)][1])
                 ids += answer
                 labels += answer
+                aux += [-100] * len(answer)
                 pending_end = True
             else:
                 chunk = self._ids(piece)
                 ids += chunk
                 labels += [-100] * len(chunk)
+                aux += [-100] * len(chunk)
                 if pending_end and chunk:
                     if chunk[0] == self.im_end:
                         labels[len(labels) - len(chunk)] = self.im_end
@@ -428,27 +450,31 @@ class Encoder:
         if pending_end:
             ids.append(self.im_end)
             labels.append(self.im_end)
-        return ids, labels, images
+            aux.append(-100)
+        return ids, labels, images, aux
 
     def batch_lists(self, samples: list[Sample], tokens_per_image: int):
         """Plain lists and uint8 arrays (cheap to send between processes)."""
         rows = [self.encode(s, tokens_per_image) for s in samples]
         images = [np.asarray(im.convert("RGB"), dtype=np.uint8) for r in rows for im in r[2]]
-        return [r[0] for r in rows], [r[1] for r in rows], images
+        return [r[0] for r in rows], [r[1] for r in rows], images, [r[3] for r in rows]
 
-    def tensors(self, ids_list, labels_list, images, patch: int = 14, merge: int = 2):
+    def tensors(self, ids_list, labels_list, images, aux_list=None, patch: int = 14, merge: int = 2):
         import torch
 
         length = max(len(i) for i in ids_list)
         ids = torch.full((len(ids_list), length), self.pad, dtype=torch.long)
         labels = torch.full((len(ids_list), length), -100, dtype=torch.long)
+        aux = torch.full((len(ids_list), length), -100, dtype=torch.long)
         mask = torch.zeros((len(ids_list), length), dtype=torch.long)
         for b, (i, l) in enumerate(zip(ids_list, labels_list)):
             ids[b, :len(i)] = torch.tensor(i)
             labels[b, :len(l)] = torch.tensor(l)
             mask[b, :len(i)] = 1
+            if aux_list is not None:
+                aux[b, :len(aux_list[b])] = torch.tensor(aux_list[b])
         pixels, grids = zip(*(patchify(im, self.processor, patch, merge) for im in images))
-        return ids, labels, mask, torch.cat(pixels), torch.stack(grids)
+        return ids, labels, mask, torch.cat(pixels), torch.stack(grids), aux
 
     def batch(self, samples: list[Sample], tokens_per_image: int):
         return self.tensors(*self.batch_lists(samples, tokens_per_image))
@@ -470,8 +496,11 @@ def patchify(image: np.ndarray, processor, patch: int = 14, merge: int = 2):
     return torch.from_numpy(np.ascontiguousarray(x)), torch.tensor([1, gh, gw])
 
 
-def forward_loss(model, ids, labels, mask, pixel_values, grid_thw):
-    """Mean cross-entropy of the answer tokens, through the same splice + M-RoPE path as the adapter."""
+def forward_loss(model, ids, labels, mask, pixel_values, grid_thw, aux=None, aux_head=None):
+    """Mean cross-entropy of the answer tokens, through the same splice + M-RoPE path as the adapter.
+
+    With ``aux_head``: also the dense auxiliary loss — at every query-image token the last hidden
+    state predicts whether the token shows the object of the reference image (binary cross-entropy)."""
     import torch
     import torch.nn.functional as F
 
@@ -486,7 +515,12 @@ def forward_loss(model, ids, labels, mask, pixel_values, grid_thw):
     out = inner.language_model(inputs_embeds=embeds, position_ids=positions, attention_mask=mask, use_cache=False)
     logits = model.lm_head(out.last_hidden_state[:, :-1])
     target = labels[:, 1:]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1), ignore_index=-100)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1), ignore_index=-100)
+    if aux_head is None or aux is None or not (aux >= 0).any():
+        return loss, None
+    where = aux >= 0
+    aux_logits = aux_head(out.last_hidden_state[where]).squeeze(-1)
+    return loss, F.binary_cross_entropy_with_logits(aux_logits.float(), aux[where].float())
 
 
 # ---- training ---------------------------------------------------------------------------------
@@ -619,6 +653,9 @@ def train(recipe: Recipe, out: Path, progress=_say) -> dict:
                 progress(f"vision step {step + 1}/{recipe.vision_steps}  {per:.2f} s/step  loss {running['vision']:.3f}")
         del vopt, heads
         t1 = time.perf_counter()
+        aux_head = torch.nn.Linear(recipe.text_hidden, 1) if recipe.match_weight else None
+        if aux_head is not None:
+            opt.add_param_group({"params": list(aux_head.parameters()), "weight_decay": 0.0})
         for step in range(recipe.steps):
             w0 = time.perf_counter()
             got, batches = queue.get(timeout=600)
@@ -628,8 +665,12 @@ def train(recipe: Recipe, out: Path, progress=_say) -> dict:
                 g["lr"] = _lr(recipe, step)
             opt.zero_grad(set_to_none=True)
             for task, weight, lists in batches:
-                loss = forward_loss(model, *enc.tensors(*lists))
-                (loss * weight).backward()
+                loss, aux_loss = forward_loss(model, *enc.tensors(*lists), aux_head=aux_head)
+                total = loss * weight
+                if aux_loss is not None:
+                    total = total + recipe.match_weight * aux_loss
+                    running["match"] = 0.9 * running.get("match", float(aux_loss.detach())) + 0.1 * float(aux_loss.detach())
+                total.backward()
                 running[task] = 0.9 * running.get(task, float(loss.detach())) + 0.1 * float(loss.detach())
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
