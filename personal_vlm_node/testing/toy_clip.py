@@ -155,7 +155,7 @@ def train_clip(recipe: ClipRecipe, out: Path, progress=_say) -> dict:
             g["lr"] = recipe.lr * min(1.0, (step + 1) / 20) * (1.0 if step < 0.8 * recipe.steps else 0.3)
         opt.step()
         running = float(loss) if running is None else 0.9 * running + 0.1 * float(loss)
-        if (step + 1) % 50 == 0:
+        if progress and (step + 1) % 50 == 0:
             per = (time.perf_counter() - t0) / (step + 1)
             progress(f"step {step + 1}/{recipe.steps}  {per:.2f} s/step  loss {running:.4f}")
     seconds = time.perf_counter() - t0
@@ -192,7 +192,7 @@ def evaluate_clip(folder, seed: int = 54321, count: int = 80) -> dict:
     return {k: round(c / n, 3) if n else None for k, (n, c) in wins.items()}
 
 
-def ensure_toy_clip(recipe: ClipRecipe = CLIP_RECIPE, progress=_say) -> Path:
+def ensure_toy_clip(recipe: ClipRecipe = CLIP_RECIPE, progress=_say, evaluate_count: int = 80) -> Path:
     import fcntl
 
     root = cache_root()
@@ -208,7 +208,7 @@ def ensure_toy_clip(recipe: ClipRecipe = CLIP_RECIPE, progress=_say) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         figures = train_clip(recipe, tmp, progress)
         meta = {"recipe": asdict(recipe), "training": figures,
-                "held_out_pairwise_accuracy": evaluate_clip(tmp)}
+                "held_out_pairwise_accuracy": evaluate_clip(tmp, count=evaluate_count)}
         (tmp / "toy_clip.json").write_text(json.dumps(meta, indent=1) + "\n")
         os.replace(tmp, final)
     return final

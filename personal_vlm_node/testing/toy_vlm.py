@@ -64,7 +64,7 @@ class Recipe:
     vision_depth: int = 4
     vision_heads: int = 3
     vision_intermediate: int = 256
-    steps: int = 420
+    steps: int = 300
     lr: float = 3e-3
     warmup: int = 30
     decay_from: float = 0.8          # flat learning rate, then linear decay over the last 20 %
@@ -72,6 +72,7 @@ class Recipe:
     curriculum: float = 0.5          # hard negatives ramp up over this share of the steps
     vision_steps: int = 300          # stage 1: the vision tower alone, per-token attribute labels
     vision_batch: int = 24
+    feature_norm: float = 1.0        # mean norm of visual tokens after stage 1 (0: leave as trained)
     match_weight: float = 1.0        # dense auxiliary: query-image tokens predict "shows the reference object"
     # samples per step and loss weight of each task
     # (task, chats per step, loss weight, follow-up questions per chat)
@@ -599,6 +600,8 @@ def train(recipe: Recipe, out: Path, progress=_say) -> dict:
     import torch
     import torch.nn.functional as F
 
+    progress = progress or (lambda message: None)
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.manual_seed(recipe.seed)
     tokenizer = build_tokenizer(recipe.vocab_size)
@@ -652,6 +655,18 @@ def train(recipe: Recipe, out: Path, progress=_say) -> dict:
                 per = (time.perf_counter() - t0) / (step + 1)
                 progress(f"vision step {step + 1}/{recipe.vision_steps}  {per:.2f} s/step  loss {running['vision']:.3f}")
         del vopt, heads
+        if recipe.feature_norm:
+            # The projector's outputs land ~500× larger than the text embeddings; scale its last
+            # layer so visual tokens enter the language model at a comparable norm.
+            with torch.no_grad():
+                images, _ = _vision_batch(recipe, recipe.vision_steps)
+                pixels, grids = zip(*(patchify(im, processor) for im in images[:8]))
+                feats = torch.cat(list(model.model.get_image_features(torch.cat(pixels), torch.stack(grids)).pooler_output))
+                scale = recipe.feature_norm / float(feats.norm(dim=-1).mean())
+                last = [m for m in model.model.visual.merger.modules() if isinstance(m, torch.nn.Linear)][-1]
+                last.weight.mul_(scale)
+                last.bias.mul_(scale)
+            progress(f"visual tokens scaled by {scale:.4f} to a mean norm of {recipe.feature_norm}")
         t1 = time.perf_counter()
         aux_head = torch.nn.Linear(recipe.text_hidden, 1) if recipe.match_weight else None
         if aux_head is not None:
@@ -797,7 +812,8 @@ def ensure_toy_vlm(recipe: Recipe = RECIPE, progress=_say, evaluate: bool = True
         meta = {"recipe": asdict(recipe), "key": recipe.key(), "training": figures,
                 "trained_on": "personal_vlm_node.testing.toy_world scenes; no concept memories, no spliced tokens"}
         if evaluate:
-            progress("measuring held-out accuracy on its own tasks")
+            if progress:
+                progress("measuring held-out accuracy on its own tasks")
             meta["held_out_accuracy"] = evaluate_tasks(tmp, progress=progress)
             (tmp / "toy_accuracy.json").write_text(json.dumps(meta["held_out_accuracy"], indent=1) + "\n")
         (tmp / "toy_vlm.json").write_text(json.dumps(meta, indent=1) + "\n")
