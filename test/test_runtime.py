@@ -23,7 +23,7 @@ from personal_vlm_node.runtime import backends, export
 from personal_vlm_node.runtime.backends import (cached_export, engine_cache_key, engine_paths, make_encoder,
                                                 needs_rebuild, provider_chain)
 from personal_vlm_node.runtime.command import add_export_parser, run_export
-from personal_vlm_node.runtime.graphs import graph_for
+from personal_vlm_node.vlm.graph import graph_for
 from personal_vlm_node.vlm.base import prepare_image
 
 FP32_TOLERANCE = 1e-4
@@ -81,7 +81,7 @@ def test_exported_encoder_matches_the_torch_tower_on_onnxruntime_cpu(adapters, e
 def test_metadata_describes_the_graph_and_hashes_its_file(adapters, exported, family):
     adapter = adapters(family)
     folder, meta = exported(family)
-    assert meta["family"] == family and meta["fingerprint"] == adapter.fingerprint
+    assert meta["family"] == adapter.family and meta["fingerprint"] == adapter.fingerprint
     assert meta["dtype"] == "float32" and meta["image_size"] is None and meta["external_data"] is False
     session = ort.InferenceSession(str(folder / "encoder.onnx"), providers=["CPUExecutionProvider"])
     assert [i["name"] for i in meta["inputs"]] == [i.name for i in session.get_inputs()]

@@ -34,7 +34,7 @@ import torch
 from ..errors import PersonalVLMError
 from .export import (FORMAT_VERSION, ONNX_NAME, Progress, _write_json_atomic, export_encoder, read_metadata,
                      say_to_stderr)
-from .graphs import VisionGraph, graph_for
+from ..vlm.graph import VisionGraph, graph_for
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 PRECISIONS = ("fp16", "fp32")

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..errors import PersonalVLMError
-from .graphs import VisionGraph, graph_for
+from ..vlm.graph import VisionGraph, graph_for
 
 FORMAT_VERSION = 1
 DEFAULT_OPSET = 20               # the dynamo exporter needs ≥ 18; TensorRT 10 parses up to 22
