@@ -19,7 +19,7 @@ from pathlib import Path
 from ..errors import PersonalVLMError
 from .base import Generation, ImageTokens, Memory, Prompt, VLMAdapter, read_chat_template
 
-FAMILIES = ("qwen2_5_vl", "internvl", "idefics3")
+FAMILIES = ("qwen2_5_vl", "qwen3_vl", "internvl", "idefics3")
 ADAPTERS: tuple[type[VLMAdapter], ...] = tuple(
     importlib.import_module(f".{family}", __name__).ADAPTER for family in FAMILIES)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
