@@ -12,12 +12,13 @@ import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from . import ego, prompts, r2p
 from .errors import PersonalVLMError
 from .images import load_image
 from .matcher import Matcher, decide
+from .options import AssistantOptions, check_thresholds
 from .tracker import Observation, Tracker
 from .verifier import Request, VerificationQueue
 from .profiles import ModelProfile, load_profile
@@ -78,29 +79,62 @@ class AskResult:
     seconds: float
 
 
+def _with_overrides(profile: ModelProfile, options: AssistantOptions) -> ModelProfile:
+    """The profile with the options' thresholds and M where they are set, checked together."""
+    changes = {name: value for name in ("accept_threshold", "reject_threshold", "max_concepts_in_context")
+               if (value := getattr(options, name)) is not None}
+    if not changes:
+        return profile
+    merged = replace(profile, **changes)
+    problem = check_thresholds(merged.accept_threshold, merged.reject_threshold)
+    if problem:
+        raise PersonalVLMError(f"invalid settings: {problem}")
+    return merged
+
+
+def _frame_encoder(vlm: VLMAdapter, options: AssistantOptions, progress):
+    """The frame path's vision encoder for ``options.backend``; None = the model's torch tower."""
+    if options.backend == "torch":
+        return None
+    try:
+        from .runtime import make_encoder
+    except ImportError as exc:
+        raise PersonalVLMError(f"encoder backend {options.backend} is not available in this installation "
+                               f"({exc}); use torch") from exc
+    return make_encoder(vlm, options.backend, cache_dir=options.engine_cache, progress=progress)
+
+
 class Assistant:
+    """Construct with :meth:`open` (model id or folder) or from a loaded adapter and a store.
+
+    ``options`` (:class:`AssistantOptions`) says how it runs; keyword arguments named like its
+    fields override single options. ``encoder`` injects a ready frame-path encoder callable.
+    """
+
     def __init__(self, vlm: VLMAdapter, store: ConceptStore, profile: ModelProfile | None = None,
                  progress=_stderr_progress, rebuild: bool = True, encoder=None,
-                 verification: bool = True, verifications_per_second: float = 2.0,
-                 verifier_model: str | None = None, r2p_margin: float = 0.15, r2p_top_k: int = 3,
-                 r2p_pool: int = 5):
+                 options: AssistantOptions | None = None, **overrides):
+        options = replace(options or AssistantOptions(), **overrides)
+        options.check()
+        self.options = options
         self.vlm = vlm
         self.store = store
-        self.profile = profile or load_profile(vlm.model_id)
+        self.profile = _with_overrides(profile or load_profile(vlm.model_id), options)
         self.layers = self.profile.resolved_layers(vlm.num_layers)
         self.progress = progress or (lambda message: None)
         self.matcher = Matcher()
-        self.encoder = encoder               # None = the model's torch vision tower
-        self.tracker = Tracker()
-        self.verification = verification
-        self.verifier = VerificationQueue(self._verify_uncertain, max_per_second=verifications_per_second)
+        # None = the model's torch vision tower.
+        self.encoder = encoder if encoder is not None else _frame_encoder(vlm, options, self.progress)
+        self.tracker = Tracker(k=options.tracker_k, n=options.tracker_n)
+        self.verification = options.verification
+        self.verifier = VerificationQueue(self._verify_uncertain, max_per_second=options.verifications_per_second)
         self._categories: dict[str, str] = {}
         # R2P settles what Ego itself is unsure of (|p_yes - threshold| < r2p_margin).
-        self.text_similarity = (r2p.ImageTextSimilarity(verifier_model, device=str(vlm.device))
-                                if verifier_model else None)
-        self.r2p = r2p.R2PVerifier(vlm, self.text_similarity, top_k=r2p_top_k)
-        self.r2p_margin, self.r2p_pool = r2p_margin, r2p_pool
-        if verification:
+        self.text_similarity = (r2p.ImageTextSimilarity(options.verifier_model, device=str(vlm.device))
+                                if options.verifier_model else None)
+        self.r2p = r2p.R2PVerifier(vlm, self.text_similarity, top_k=options.r2p_top_k)
+        self.r2p_margin, self.r2p_pool = options.r2p_margin, options.r2p_pool
+        if self.verification:
             self.verifier.start()
         self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fingerprint")
         self._teach_lock = threading.Lock()
@@ -111,19 +145,21 @@ class Assistant:
 
     @classmethod
     def open(cls, model: str, store_dir=None, device: str = "auto", dtype: str = "auto",
-             profile_path=None, progress=_stderr_progress, **options) -> Assistant:
+             profile_path=None, progress=_stderr_progress, options: AssistantOptions | None = None,
+             **overrides) -> Assistant:
         """Load the model (HF id or folder) and the store; rebuild memories of another model.
 
-        ``options`` go to the constructor: ``encoder``, ``verification``, ``verifications_per_second``,
-        ``verifier_model`` (CLIP/SigLIP id or folder for R2P; none = the VLM's own yes/no),
-        ``r2p_margin``, ``r2p_top_k``, ``r2p_pool``.
+        ``options`` (:class:`AssistantOptions`): encoder backend and engine cache, threshold and
+        M overrides, verification and its verifier model, R2P margin, tracker k-of-n. Keyword
+        arguments (``rebuild``, ``encoder`` or an option's name) go to the constructor.
         """
+        (options or AssistantOptions()).check()         # before the model loads: the cheap mistakes
         profile = load_profile(model, profile_path)
         store = ConceptStore(store_dir)
         if progress:
             progress(f"loading {model} ({device}, {dtype})…")
         vlm = load_vlm(model, device=device, dtype=dtype)
-        return cls(vlm, store, profile, progress=progress, **options)
+        return cls(vlm, store, profile, progress=progress, options=options, **overrides)
 
     def close(self, wait: bool = True) -> None:
         """Stop the background work. ``wait=False`` (shutdown) interrupts running generations
@@ -292,6 +328,11 @@ class Assistant:
 
     def concepts(self) -> list[ConceptRecord]:
         return self.store.list()
+
+    @staticmethod
+    def check_name(name: str) -> str:
+        """The concept name as stored, or PersonalVLMError saying what is wrong with it."""
+        return validate_name(name)
 
     # ---- the frame path ---------------------------------------------------------------------
     def thresholds(self) -> tuple[float, float]:

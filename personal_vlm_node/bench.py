@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from .errors import PersonalVLMError
+from .options import BACKENDS, AssistantOptions
 
 MATCHER_SIZES = (10, 100, 1_000, 10_000)
 ASK_SIZES = (0, 1, 5, 20)
@@ -172,30 +173,25 @@ def bench_ask(assistant, frame_tokens: torch.Tensor, repeats: int, k: int) -> di
     return out
 
 
-def bench_verification(assistant, frames: int) -> dict:
+def bench_verification(vlm, store, frames: int) -> dict:
     """Frame-path latency with every score uncertain, verification on vs off."""
-    profile = assistant.profile
-    saved = (profile.accept_threshold, profile.reject_threshold)
-    profile.accept_threshold, profile.reject_threshold = 2.0, -2.0      # everything is "uncertain"
+    from .assistant import Assistant
+
     out = {}
-    try:
-        for enabled in (False, True):
-            assistant.verification = enabled
-            if enabled:
-                assistant.verifier.start()
+    for enabled in (False, True):
+        # Thresholds outside the score range: every concept is "uncertain" on every frame.
+        options = AssistantOptions(accept_threshold=2.0, reject_threshold=-2.0, verification=enabled)
+        with Assistant(vlm, store, progress=None, rebuild=False, options=options) as assistant:
             times = [assistant.observe(_picture(224, 300 + i)).timings["total"] for i in range(frames)]
             out["on" if enabled else "off"] = {"median_s": _median(times), "p95_s": _p95(times)}
             if enabled:
                 out["on"]["verified"] = assistant.verifier.stats["verified"]
-    finally:
-        profile.accept_threshold, profile.reject_threshold = saved
-        assistant.verifier.stop()
     out["p95_ratio"] = out["on"]["p95_s"] / out["off"]["p95_s"]
     return out
 
 
 def run_bench(model: str | None, size: str = "tiny", device: str = "auto", dtype: str = "float32",
-              backends: tuple[str, ...] = ("torch", "onnxruntime", "tensorrt"), repeats: int = 3,
+              backends: tuple[str, ...] = BACKENDS, repeats: int = 3,
               frames: int = 10, cache_dir: Path | None = None) -> dict:
     from .assistant import Assistant
     from .store import ConceptStore
@@ -217,7 +213,8 @@ def run_bench(model: str | None, size: str = "tiny", device: str = "auto", dtype
         "repeats": repeats, "load_seconds": time.perf_counter() - t0,
     }
     with tempfile.TemporaryDirectory(prefix="bench-store-") as store_dir:
-        assistant = Assistant(vlm, ConceptStore(store_dir), progress=None, verification=False)
+        store = ConceptStore(store_dir)
+        assistant = Assistant(vlm, store, progress=None, options=AssistantOptions(verification=False))
         try:
             _say("concept introduction…")
             report["introduction"] = bench_introduction(assistant, repeats)
@@ -238,7 +235,7 @@ def run_bench(model: str | None, size: str = "tiny", device: str = "auto", dtype
             report["ask"] = bench_ask(assistant, frame.features, max(1, repeats // 2),
                                       assistant.profile.max_memory_tokens)
             _say("verification on the frame path…")
-            report["verification"] = bench_verification(assistant, frames)
+            report["verification"] = bench_verification(vlm, store, frames)
         finally:
             assistant.close()
     if vlm.dtype == torch.float32 and "torch" in backends:

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from . import bench, evaluation
 from .errors import PersonalVLMError
+from .options import BACKENDS, DEFAULT_MODEL, DTYPES, AssistantOptions
 from .runtime.command import add_export_parser, run_export
 
-DEFAULT_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 
 
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                              f"{DEFAULT_MODEL}; bench: a random-weight model)")
     parser.add_argument("--store", default=None, help="concept store directory (default: $XDG_DATA_HOME/personal_vlm)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="auto", choices=DTYPES)
     parser.add_argument("--profile", default=None, help="model profile YAML (default: models/<model>.yaml)")
     parser.add_argument("--json", action="store_true", help="print results as JSON")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     detect = sub.add_parser("detect", help="named detections on an image, a folder of frames or a video")
     detect.add_argument("source", help="image file, folder of images (sorted by name) or video file")
-    detect.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "tensorrt"],
+    detect.add_argument("--backend", default="torch", choices=BACKENDS,
                         help="vision encoder backend")
     detect.add_argument("--engine-cache", default=None, help="cache for exported encoders / engines")
     detect.add_argument("--verify", action="store_true", help="settle uncertain scores with the model")
@@ -94,11 +94,11 @@ def _emit(args, payload: dict, text: str) -> None:
     print(json.dumps(payload, ensure_ascii=False) if args.json else text)
 
 
-def _open(args, verification: bool = False):
+def _open(args, options: AssistantOptions | None = None):
     from .assistant import Assistant
 
     return Assistant.open(args.model, store_dir=args.store, device=args.device, dtype=args.dtype,
-                          profile_path=args.profile, verification=verification)
+                          profile_path=args.profile, options=options or AssistantOptions(verification=False))
 
 
 def _cmd_teach(args) -> None:
@@ -175,19 +175,13 @@ def _video_frames(path: Path):
 
 
 def _cmd_detect(args) -> None:
-    from .tracker import Tracker
-
     source = Path(args.source)
     frames = _frames(source)
     still = source.is_file() and source.suffix.lower() not in VIDEO_SUFFIXES
-    with _open(args, verification=args.verify) as assistant:
-        if args.backend != "torch":
-            from .runtime.backends import make_encoder
-
-            assistant.encoder = make_encoder(assistant.vlm, args.backend, cache_dir=args.engine_cache,
-                                             progress=lambda m: print(f"[personal-vlm] {m}", file=sys.stderr))
-        if still:
-            assistant.tracker = Tracker(k=1, n=1)     # one frame: no hysteresis to wait for
+    hysteresis = {"tracker_k": 1, "tracker_n": 1} if still else {}   # one frame: nothing to wait for
+    options = AssistantOptions(backend=args.backend, engine_cache=args.engine_cache,
+                               verification=args.verify, **hysteresis)
+    with _open(args, options) as assistant:
         for label, frame in frames:
             result = assistant.observe(frame)
             rows = [{"name": d.name, "score": round(d.score, 4), "box": [round(v, 1) for v in d.box],

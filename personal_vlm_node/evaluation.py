@@ -782,6 +782,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args) -> None:
     """``personal-vlm eval``: load the model, evaluate, print the overall metrics."""
     from .assistant import Assistant
+    from .options import AssistantOptions
 
     dataset = load_dataset(args.dataset, args.layout, args.shots, args.test_list, args.test_last)
     options = EvalOptions(method=args.method, accept=args.accept, reject=args.reject, threshold=args.threshold,
@@ -793,7 +794,8 @@ def run(args) -> None:
          f"{len(pairs(dataset))} pairs")
     split = {"test_list": str(args.test_list) if args.test_list else None, "test_last": args.test_last}
     with Assistant.open(args.model, store_dir=out / "store", device=args.device, dtype=args.dtype,
-                        profile_path=getattr(args, "profile", None), progress=_say, verification=False) as assistant:
+                        profile_path=getattr(args, "profile", None), progress=_say,
+                        options=AssistantOptions(verification=False)) as assistant:
         results = evaluate(assistant, dataset, out, options, restart=args.restart, test_split=split)
     overall = results["overall"]
     if getattr(args, "json", False):

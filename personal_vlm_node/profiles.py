@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from .errors import PersonalVLMError
+from .options import check_thresholds
 
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "models"   # in a source checkout
 USER_PROFILE_DIR = Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "personal_vlm" / "models"
@@ -59,8 +60,9 @@ class ModelProfile:
     def validate(self) -> ModelProfile:
         if not 1 <= self.min_memory_tokens <= self.max_memory_tokens:
             raise PersonalVLMError("profile: need 1 <= min_memory_tokens <= max_memory_tokens")
-        if not self.reject_threshold < self.accept_threshold:
-            raise PersonalVLMError("profile: reject_threshold must be below accept_threshold")
+        problem = check_thresholds(self.accept_threshold, self.reject_threshold)
+        if problem:
+            raise PersonalVLMError(f"profile: {problem}")
         if not 0.0 <= self.recognize_threshold <= 1.0:
             raise PersonalVLMError("profile: recognize_threshold must lie in [0, 1]")
         if self.max_concepts_in_context < 0:

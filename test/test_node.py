@@ -85,17 +85,14 @@ def test_compressed_frames_are_decoded_and_corrupt_ones_refused():
 
 
 def test_threshold_parameters_override_the_profile_only_when_not_negative():
-    from personal_vlm_node.errors import PersonalVLMError
-    from personal_vlm_node.profiles import ModelProfile
-    from personal_vlm_node.ros.node import apply_profile_overrides
+    from personal_vlm_node.ros.node import PARAMETERS, assistant_options
 
-    profile = ModelProfile(accept_threshold=0.8, reject_threshold=0.55, max_concepts_in_context=5)
-    apply_profile_overrides(profile, {"accept_threshold": 0.9, "reject_threshold": -1.0,
-                                      "max_concepts_in_context": 3})
-    assert (profile.accept_threshold, profile.reject_threshold, profile.max_concepts_in_context) == (0.9, 0.55, 3)
-    with pytest.raises(PersonalVLMError, match=r"reject_threshold \(0.95\) must be below accept_threshold"):
-        apply_profile_overrides(profile, {"accept_threshold": -1.0, "reject_threshold": 0.95,
-                                          "max_concepts_in_context": 3})
+    values = {name: spec.default for name, spec in PARAMETERS.items()}
+    values.update(accept_threshold=0.9, reject_threshold=-1.0, max_concepts_in_context=3,
+                  encoder_backend="onnxruntime", engine_cache_dir="")
+    options = assistant_options(values)
+    assert (options.accept_threshold, options.reject_threshold, options.max_concepts_in_context) == (0.9, None, 3)
+    assert options.backend == "onnxruntime" and options.engine_cache is None
 
 
 # ---- the node process -------------------------------------------------------------------------

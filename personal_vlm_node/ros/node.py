@@ -31,9 +31,9 @@ import traceback
 from dataclasses import dataclass
 
 from ..errors import PersonalVLMError
+from ..options import BACKENDS, DEFAULT_MODEL, DTYPES, AssistantOptions, check_thresholds
 
 NODE_NAME = "personal_vlm"
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
 
 @dataclass(frozen=True)
@@ -46,9 +46,9 @@ class Param:
 
 
 PARAMETERS: dict[str, Param] = {
-    "model": Param("Qwen/Qwen2.5-VL-3B-Instruct", "Hugging Face model id or local checkpoint folder"),
+    "model": Param(DEFAULT_MODEL, "Hugging Face model id or local checkpoint folder"),
     "device": Param("auto", "auto, cpu, cuda or cuda:N"),
-    "dtype": Param("auto", "weight precision", ("auto", "float32", "bfloat16", "float16")),
+    "dtype": Param("auto", "weight precision", DTYPES),
     "store_dir": Param("", "concept store folder; empty = $XDG_DATA_HOME/personal_vlm"),
     "profile": Param("", "model profile YAML; empty = models/<model>.yaml or the defaults"),
     "encoder_backend": Param("torch", "vision encoder on the frame path", BACKENDS),
@@ -81,14 +81,6 @@ def check_value(name: str, value) -> str | None:
     return None
 
 
-def check_thresholds(accept: float, reject: float) -> str | None:
-    """Why this decision band is unusable, or None: everything between the two goes to verification."""
-    if not reject < accept:
-        return (f"reject_threshold ({reject:g}) must be below accept_threshold ({accept:g}); "
-                "a negative value keeps the model profile's")
-    return None
-
-
 def _declare(node) -> None:
     from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
     from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
@@ -111,21 +103,25 @@ def _values(node) -> dict:
     values = {name: node.get_parameter(name).value for name in PARAMETERS}
     problems = [p for p in (check_value(n, v) for n, v in values.items()) if p]
     if not problems and values["accept_threshold"] >= 0 and values["reject_threshold"] >= 0:
-        problems += [p for p in [check_thresholds(values["accept_threshold"], values["reject_threshold"])] if p]
+        problem = check_thresholds(values["accept_threshold"], values["reject_threshold"])
+        if problem:
+            problems.append(f"{problem}; a negative value keeps the model profile's")
     if problems:
         raise PersonalVLMError("invalid parameters: " + "; ".join(problems))
     return values
 
 
-def apply_profile_overrides(profile, values: dict) -> None:
-    """Thresholds (negative = keep the profile's) and M from the parameters, checked together."""
-    accept = values["accept_threshold"] if values["accept_threshold"] >= 0 else profile.accept_threshold
-    reject = values["reject_threshold"] if values["reject_threshold"] >= 0 else profile.reject_threshold
-    problem = check_thresholds(accept, reject)
-    if problem:
-        raise PersonalVLMError("invalid parameters: " + problem)
-    profile.accept_threshold, profile.reject_threshold = float(accept), float(reject)
-    profile.max_concepts_in_context = int(values["max_concepts_in_context"])
+def assistant_options(values: dict) -> AssistantOptions:
+    """The assistant's options from the parameters; a negative threshold keeps the profile's."""
+    def threshold(name):
+        return float(values[name]) if values[name] >= 0 else None
+
+    return AssistantOptions(
+        backend=values["encoder_backend"], engine_cache=values["engine_cache_dir"] or None,
+        accept_threshold=threshold("accept_threshold"), reject_threshold=threshold("reject_threshold"),
+        max_concepts_in_context=int(values["max_concepts_in_context"]),
+        verification=values["verification"], verifier_model=values["verifier_model"] or None,
+        r2p_margin=values["r2p_margin"])
 
 
 class LatestFrame:
@@ -202,20 +198,6 @@ class FrameStats:
         if count == 0:
             return 0, 0.0, 0.0
         return count, latency / count, encode / count
-
-
-def frame_encoder(vlm, values: dict, progress=None):
-    """The frame path's vision encoder for ``encoder_backend``; None = the model's torch tower."""
-    if values["encoder_backend"] == "torch":
-        return None
-    try:
-        from ..runtime import make_encoder
-    except ImportError as exc:
-        raise PersonalVLMError(
-            f"encoder_backend {values['encoder_backend']} is not available in this installation ({exc}); "
-            "use torch") from exc
-    return make_encoder(vlm, values["encoder_backend"], cache_dir=values["engine_cache_dir"] or None,
-                        progress=progress)
 
 
 def frame_to_array(msg):
@@ -375,10 +357,9 @@ class AssistantNode:
 
     def _teach(self, request, response):
         def work(out):
-            from ..store import validate_name
             from .convert import image_msg_to_array, roi_to_xywh
 
-            name = validate_name(request.name)       # before any image work: the cheapest mistake
+            name = self.assistant.check_name(request.name)   # before any image work: the cheapest mistake
             if request.images:
                 arrays = []
                 for i, image in enumerate(request.images):
@@ -511,11 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         assistant = Assistant.open(values["model"], store_dir=values["store_dir"] or None,
                                    device=values["device"], dtype=values["dtype"],
                                    profile_path=values["profile"] or None,
-                                   progress=lambda m: log.info(m), verification=values["verification"],
-                                   verifier_model=values["verifier_model"] or None,
-                                   r2p_margin=values["r2p_margin"])
-        apply_profile_overrides(assistant.profile, values)
-        assistant.encoder = frame_encoder(assistant.vlm, values, progress=lambda m: log.info(m))
+                                   progress=lambda m: log.info(m), options=assistant_options(values))
         frontend = AssistantNode(node, assistant, values)
         frontend.start()
         log.info(frontend.describe())

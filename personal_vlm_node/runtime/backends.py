@@ -36,8 +36,7 @@ from .export import (FORMAT_VERSION, ONNX_NAME, Progress, _write_json_atomic, ex
                      say_to_stderr)
 from ..vlm.graph import VisionGraph, graph_for
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
-PRECISIONS = ("fp16", "fp32")
+from ..options import BACKENDS, PRECISIONS
 TRT_EP, CUDA_EP, CPU_EP = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
 TRT_INSTALL_HINT = ("the tensorrt backend needs TensorRT: pip install tensorrt (x86_64 with CUDA 12/13; "
                     "on Jetson it comes with JetPack: apt install python3-libnvinfer), "

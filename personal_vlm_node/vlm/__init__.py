@@ -17,12 +17,12 @@ import os
 from pathlib import Path
 
 from ..errors import PersonalVLMError
+from ..options import DTYPES
 from .base import Generation, ImageTokens, Memory, Prompt, VLMAdapter, read_chat_template
 
 FAMILIES = ("qwen2_5_vl", "qwen3_vl", "internvl", "idefics3")
 ADAPTERS: tuple[type[VLMAdapter], ...] = tuple(
     importlib.import_module(f".{family}", __name__).ADAPTER for family in FAMILIES)
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 __all__ = ["ADAPTERS", "DTYPES", "FAMILIES", "Generation", "ImageTokens", "Memory", "Prompt", "VLMAdapter",
            "adapter_for", "load_vlm", "resolve_checkpoint"]
