@@ -8,7 +8,6 @@ slow part of teaching (the R2P fingerprint) on a background thread.
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,6 +18,7 @@ from .errors import PersonalVLMError
 from .images import load_image
 from .matcher import Matcher, decide
 from .options import AssistantOptions, check_thresholds
+from .output import stderr_progress
 from .tracker import Observation, Tracker
 from .verifier import Request, VerificationQueue
 from .profiles import ModelProfile, load_profile
@@ -31,8 +31,7 @@ MAX_REFERENCE_IMAGES = 8
 MAX_QUESTION_CHARS = 1000
 
 
-def _stderr_progress(message: str) -> None:
-    print(f"[personal-vlm] {message}", file=sys.stderr, flush=True)
+_stderr_progress = stderr_progress()
 
 
 @dataclass
@@ -270,7 +269,7 @@ class Assistant:
 
     def _complete_fingerprint(self, name, tokens, category, created, t0, timings) -> dict:
         t = time.perf_counter()
-        fingerprint = ego.describe_fingerprint(self.vlm, tokens, name, category)
+        fingerprint = r2p.describe_fingerprint(self.vlm, tokens, name, category)
         timings["fingerprint"] = time.perf_counter() - t
         timings["fingerprint_complete"] = time.perf_counter() - t0
         try:
@@ -351,13 +350,15 @@ class Assistant:
         t1 = time.perf_counter()
         accept, reject = self.thresholds()
         observations, uncertain = [], []
-        for match in self.matcher.score(tokens.features, tokens.token_boxes):
+        matches = self.matcher.score(tokens.features, tokens.token_boxes)
+        scores = {m.name: m.score for m in matches}          # R2P's candidates, if it runs
+        for match in matches:
             decision = decide(match.score, accept, reject)
             if decision == "accept":
                 observations.append(Observation(match.name, match.score, match.box, "match"))
             elif decision == "uncertain" and self.verification:
                 uncertain.append(match.name)
-                verdict = self.verifier.submit(match.name, (tokens, match.name, frame))
+                verdict = self.verifier.submit(match.name, (tokens, match.name, frame, scores))
                 if verdict is not None and verdict["present"]:
                     observations.append(Observation(match.name, verdict["p_yes"], match.box, verdict["source"]))
         t2 = time.perf_counter()
@@ -368,28 +369,25 @@ class Assistant:
         return FrameResult(detections, uncertain,
                            {"encode": t1 - t0, "match": t2 - t1, "total": time.perf_counter() - t0})
 
-    def _r2p_candidates(self, tokens, must_include: list[str]) -> list[r2p.Candidate]:
-        scores = {m.name: m.score for m in self.matcher.score(tokens.features, tokens.token_boxes)}
-        return r2p.candidates_from_scores(scores, self.r2p_pool, lambda n: self.store.get(n).fingerprint,
-                                          lambda n: self.store.load_memory(n)["memory"], must_include)
-
     def _verify_uncertain(self, request: Request) -> dict | None:
-        """The cascade for one uncertain concept on the frame it was uncertain on.
+        """The cascade (:func:`r2p.settle_uncertain`) for one uncertain concept on its frame.
 
         Ego in-context check first; when Ego is itself unsure (p_yes within ``r2p_margin`` of the
-        threshold), R2P decides among the frame's best-matching concepts.
+        threshold), R2P decides among the frame's best-matching concepts, by the scores the
+        matcher gave on that frame.
         """
-        tokens, name, frame = request.payload
+        tokens, name, frame, scores = request.payload
         try:
-            memory = self._memories([name])
+            self.store.load_memory(name)
         except PersonalVLMError:
             return None                    # forgotten while queued
-        p_yes = ego.recognize(self.vlm, tokens, memory)[name]
-        verdict = r2p.cascade_decision("uncertain", p_yes, self.r2p_margin, self.profile.recognize_threshold)
-        if verdict != "r2p":
-            return {"present": verdict == "accept", "p_yes": p_yes, "source": "ego"}
-        image = load_image(frame) if self.text_similarity is not None else None
-        result = self.r2p.verify(tokens, image, self._r2p_candidates(tokens, [name]))
-        score = result.score_for(name)
-        return {"present": result.present(name), "p_yes": p_yes if score is None else score,
+        verdicts, result = r2p.settle_uncertain(
+            self.vlm, tokens, [name], lambda n: self.store.load_memory(n)["memory"],
+            threshold=self.profile.recognize_threshold, margin=self.r2p_margin, verifier=self.r2p,
+            scores=scores, fingerprint_of=lambda n: self.store.get(n).fingerprint, pool=self.r2p_pool,
+            image=(lambda: load_image(frame)) if self.text_similarity is not None else None)
+        verdict = verdicts[name]
+        if result is None:
+            return {"present": verdict.present, "p_yes": verdict.p_yes, "source": "ego"}
+        return {"present": verdict.present, "p_yes": verdict.p_yes if verdict.score is None else verdict.score,
                 "source": "r2p", "r2p": result.stages}

@@ -14,12 +14,10 @@ on any device.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import resource
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,14 +28,14 @@ from PIL import Image
 
 from .errors import PersonalVLMError
 from .options import BACKENDS, AssistantOptions
+from .output import stderr_progress
 
 MATCHER_SIZES = (10, 100, 1_000, 10_000)
 ASK_SIZES = (0, 1, 5, 20)
 FRAME_SIZES = (224, 448)
 
 
-def _say(message: str) -> None:
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
+_say = stderr_progress("bench")
 
 
 def _picture(size: int, seed: int) -> Image.Image:
@@ -284,26 +282,3 @@ def format_table(report: dict) -> str:
         rows.append(("peak CUDA memory", f"{report['peak_memory']['cuda_allocated_mb']:.0f} MB"))
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
-
-
-def add_parser(subparsers) -> None:
-    bench = subparsers.add_parser("bench", help="measure teaching, the frame path, the matcher and ask")
-    bench.add_argument("--json", dest="json_out", default=None, help="write the figures to this JSON file")
-    bench.add_argument("--size", default="tiny", choices=["tiny", "realistic"],
-                       help="random-weight model to measure when --model is not given")
-    bench.add_argument("--backends", default="torch,onnxruntime,tensorrt")
-    bench.add_argument("--repeats", type=int, default=3)
-    bench.add_argument("--frames", type=int, default=10, help="frames for the verification p95")
-
-
-def run(args) -> None:
-    if args.repeats < 1 or args.frames < 2:
-        raise PersonalVLMError("--repeats must be >= 1 and --frames >= 2")
-    dtype = "float32" if args.dtype == "auto" else args.dtype
-    report = run_bench(args.model, size=args.size, device=args.device, dtype=dtype,
-                       backends=tuple(b.strip() for b in args.backends.split(",") if b.strip()),
-                       repeats=args.repeats, frames=args.frames)
-    print(format_table(report))
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(report, indent=2))
-        print(f"\nwritten to {args.json_out}")

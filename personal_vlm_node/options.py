@@ -15,6 +15,8 @@ DEFAULT_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
 BACKENDS = ("torch", "onnxruntime", "tensorrt")          # vision encoder on the frame path
 PRECISIONS = ("fp16", "fp32")                            # TensorRT engine precision
 DTYPES = ("auto", "float32", "bfloat16", "float16")      # weight precision of the model
+EXPORT_OPSET = 20              # ONNX opset of exported encoders: dynamo needs ≥ 18, TensorRT 10 parses ≤ 22
+RANDOM_MODEL_SIZES = ("tiny", "realistic")                # random-weight models `bench` builds by itself
 
 
 def check_thresholds(accept: float, reject: float) -> str | None:

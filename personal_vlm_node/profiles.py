@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import yaml
@@ -117,3 +117,38 @@ def save_profile(profile: ModelProfile, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(asdict(profile), sort_keys=False))
     return path
+
+
+def calibrate_layers(profile: ModelProfile, vlm, pairs: list[tuple], top_k: int, keep: int,
+                     progress=None) -> ModelProfile:
+    """``profile`` with the ``keep`` layers whose keyword attention lands best on the subject.
+
+    ``pairs`` are (image, mask) files of single-subject pictures; each layer is scored by the
+    share of its ``top_k`` most attended visual tokens that fall on the mask
+    (:func:`personal_vlm_node.ego.rank_layers`), and every layer's score is kept in
+    ``calibration``.
+    """
+    import time
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from . import ego
+    from .images import load_image
+
+    samples = []
+    for image_path, mask_path in pairs:
+        image = load_image(image_path)
+        with Image.open(mask_path) as m:
+            mask = torch.from_numpy(np.asarray(m.convert("L").resize(image.size)) > 127)   # (H, W)
+        if not mask.any():
+            raise PersonalVLMError(f"mask {mask_path} is empty")
+        samples.append((vlm.encode_image(image), mask))
+    t0 = time.perf_counter()
+    scores = ego.rank_layers(vlm, samples, top_k, progress=progress)
+    ranked = sorted(scores, key=lambda l: -scores[l])
+    calibration = {"images": len(samples), "top_k": top_k,
+                   "mask_hit_rate": {int(l): round(s, 4) for l, s in scores.items()},
+                   "seconds": round(time.perf_counter() - t0, 2)}
+    return replace(profile, layers=sorted(ranked[: min(keep, len(ranked))]), calibration=calibration)

@@ -18,7 +18,7 @@ _NAMES = {
     "needs_rebuild": "backends", "provider_chain": "backends", "cached_export": "backends",
     "BACKENDS": "backends", "PRECISIONS": "backends",
     "export_encoder": "export", "read_metadata": "export",
-    "add_export_parser": "command", "run_export": "command",
+    "check_backends": "command",
 }
 
 __all__ = sorted(_NAMES)

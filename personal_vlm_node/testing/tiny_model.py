@@ -20,6 +20,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..options import RANDOM_MODEL_SIZES
 from ..vlm.tiny import VOCAB_SIZE, TinyKit
 
 # A small corpus so the byte-level BPE learns the words our prompts use; the ids stay tiny.
@@ -82,7 +83,7 @@ def _build_tokenizer(family: TinyKit):
     )
 
 
-SIZES = ("tiny", "realistic")
+SIZES = RANDOM_MODEL_SIZES
 
 
 def build_tiny_model(out_dir: str | Path, family: str = "qwen2_5_vl", seed: int = 0, size: str = "tiny") -> Path:
