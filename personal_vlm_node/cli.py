@@ -14,10 +14,10 @@ from pathlib import Path
 
 from . import evaluation
 from .errors import PersonalVLMError
+from .images import IMAGE_SUFFIXES
 from .options import BACKENDS, DEFAULT_MODEL, DTYPES, EXPORT_OPSET, PRECISIONS, RANDOM_MODEL_SIZES, AssistantOptions
 from .output import stderr_progress
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 
 
 class _Parser(argparse.ArgumentParser):
