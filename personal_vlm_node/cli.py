@@ -1,5 +1,8 @@
 """``personal-vlm``: teach, ask, recognize, list, forget and calibrate from a shell.
 
+``personal-vlm node …`` talks to a running ROS node instead (:mod:`.ros.client`; rclpy is imported
+only then, so everything else works without ROS).
+
 Exit codes: 0 success, 2 a user error (one line on stderr, no traceback), 1 an internal error.
 Progress goes to stderr, results to stdout (``--json`` for machine-readable output).
 """
@@ -15,6 +18,7 @@ from pathlib import Path
 
 from . import bench, evaluation
 from .errors import PersonalVLMError
+from .ros import client as node_client
 from .runtime.command import add_export_parser, run_export
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
@@ -86,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--out", default=None, help="profile to write (default: models/<model>.yaml in a checkout, else ~/.config/personal_vlm/models/)")
     bench.add_parser(sub)
     evaluation.add_parser(sub)
+    node_client.add_parser(sub, _Parser)
     add_export_parser(sub)
     return parser
 
@@ -268,7 +273,8 @@ def _cmd_calibrate(args) -> None:
 
 COMMANDS = {"teach": _cmd_teach, "ask": _cmd_ask, "recognize": _cmd_recognize, "list": _cmd_list,
             "forget": _cmd_forget, "calibrate": _cmd_calibrate, "bench": bench.run,
-            "detect": _cmd_detect, "eval": evaluation.run, "export-encoder": run_export}
+            "detect": _cmd_detect, "eval": evaluation.run, "export-encoder": run_export,
+            "node": node_client.run}
 
 
 def main(argv: list[str] | None = None) -> int:
