@@ -2,7 +2,7 @@
 
 Two measurements, both written to the profile (``models/<model>.yaml``):
 
-1. **Layers** (:func:`rank_layers_on_masks`): on single-subject images with masks, each layer is
+1. **Layers** (:func:`personal_vlm_node.profiles.calibrate_layers`): on single-subject images with masks, each layer is
    ranked by the share of its top-K attended image tokens (attention of the rows that produced
    the description's keywords) that lie on the subject's mask (``mask_hit_rate``); the best L
    layers make the profile.
@@ -139,23 +139,3 @@ def calibrate_thresholds(vlm, profile, dataset, progress=None, max_error: float 
     fitted["figures"]["dataset"] = str(dataset.root)
     fitted["figures"]["seconds"] = round(time.perf_counter() - t0, 1)
     return fitted
-
-
-# ---- layers --------------------------------------------------------------------------------
-def rank_layers_on_masks(vlm, pairs: list[tuple[Path, Path]], top_k: int, progress=None) -> dict[int, float]:
-    """mask_hit_rate per layer on (image, mask) files (see :func:`personal_vlm_node.ego.rank_layers`)."""
-    import numpy as np
-    from PIL import Image
-
-    from . import ego
-    from .images import load_image
-
-    samples = []
-    for image_path, mask_path in pairs:
-        image = load_image(image_path)
-        with Image.open(mask_path) as m:
-            mask = torch.from_numpy(np.asarray(m.convert("L").resize(image.size)) > 127)   # (H, W)
-        if not mask.any():
-            raise PersonalVLMError(f"mask {mask_path} is empty")
-        samples.append((vlm.encode_image(image), mask))
-    return ego.rank_layers(vlm, samples, top_k, progress=progress)

@@ -11,7 +11,7 @@ row its position (M-RoPE for Qwen), and runs the language model directly:
   chosen layers only (see :mod:`.attention`).
 
 Family quirks (how an image becomes tokens, where the language model lives, positions) live in
-``vlm/<family>.py``.
+``vlm/<family>/adapter.py``.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class ImageTokens:
     token_boxes: torch.Tensor     # (N, 4) float x0, y0, x1, y1 of each token in source pixels
     grid: tuple[int, int]         # (rows, cols) of the main token grid
     source_size: tuple[int, int]  # (width, height) of the image the user gave
-    rope: dict = field(default_factory=dict)   # family data for positions (e.g. Qwen's grid_thw)
+    rope: dict = field(default_factory=dict)   # family data for positions and the LM (Qwen's grid_thw, …)
 
     @property
     def num_tokens(self) -> int:
@@ -77,6 +77,7 @@ class Prompt:
     memory_positions: list[torch.Tensor]      # per memory: (K_j,) rows holding its soft tokens
     answer_start: int | None = None           # first row of the answer text, when one was given
     answer_offsets: list[tuple[int, int]] | None = None   # char span of each answer token
+    lm_inputs: dict = field(default_factory=dict)          # family extras of the prompt's forward
 
 
 @dataclass
@@ -84,6 +85,7 @@ class Generation:
     text: str
     token_ids: list[int]
     prompt: Prompt
+    stopped: bool = False            # the on_text callback ended generation early
 
 
 Part = str | ImageTokens | Memory
@@ -144,6 +146,7 @@ class VLMAdapter(ABC):
 
     family: str = ""
     model_types: tuple[str, ...] = ()        # config.model_type values this adapter handles
+    vision_graph: type | None = None         # the family's exportable graph (a vlm.graph.VisionGraph)
 
     def __init__(self, model, tokenizer, image_processor, chat_template: str, model_id: str):
         self.model = model.eval()
@@ -189,6 +192,10 @@ class VLMAdapter(ABC):
 
     def _step_position(self, position: int) -> torch.Tensor:
         return torch.tensor([[position]], device=self.device)
+
+    def _lm_inputs(self, length: int, images: list[ImageTokens], image_positions: list[torch.Tensor]) -> dict:
+        """Extra keyword inputs of the language model for the prompt (e.g. Qwen3-VL's DeepStack)."""
+        return {}
 
     # ---- description ---------------------------------------------------------------------
     @property
@@ -308,20 +315,27 @@ class VLMAdapter(ABC):
             embeds[0, rows.to(self.device)] = memory.tokens.to(self.device, embeds.dtype)
         position_ids, next_position = self._positions(input_ids, images, image_positions)
         return Prompt(input_ids, embeds, position_ids, next_position, image_positions,
-                      memory_positions, answer_start, answer_offsets)
+                      memory_positions, answer_start, answer_offsets,
+                      self._lm_inputs(len(ids), images, image_positions))
 
     # ---- running the language model ------------------------------------------------------
-    def _run(self, embeds: torch.Tensor, position_ids: torch.Tensor, cache=None):
+    def _run(self, embeds: torch.Tensor, position_ids: torch.Tensor, cache=None, **lm_inputs):
         out = self.language_model(inputs_embeds=embeds, position_ids=position_ids,
-                                  past_key_values=cache, use_cache=True)
+                                  past_key_values=cache, use_cache=True, **lm_inputs)
         logits = self.model.lm_head(out.last_hidden_state[:, -1])               # (1, V)
         return logits.float(), out.past_key_values
 
-    def generate(self, parts: list[Part], max_new_tokens: int = 64, system: str | None = None) -> Generation:
-        """Greedy decoding from the templated prompt; stops at the model's end-of-turn tokens."""
+    def generate(self, parts: list[Part], max_new_tokens: int = 64, system: str | None = None,
+                 on_text=None) -> Generation:
+        """Greedy decoding from the templated prompt; stops at the model's end-of-turn tokens.
+
+        ``on_text(text_so_far)`` is called after every generated token with the decoded answer so
+        far; returning False stops generation there (``Generation.stopped``), e.g. on a cancel.
+        """
+        stopped = False
         with self._lock, torch.inference_mode():
             prompt = self.build(parts, system=system)
-            logits, cache = self._run(prompt.inputs_embeds, prompt.position_ids)
+            logits, cache = self._run(prompt.inputs_embeds, prompt.position_ids, **prompt.lm_inputs)
             generated: list[int] = []
             embed = self.language_model.get_input_embeddings()
             for step in range(max_new_tokens):
@@ -331,12 +345,16 @@ class VLMAdapter(ABC):
                 if token in self._stop_ids:
                     break
                 generated.append(token)
+                if on_text is not None and on_text(
+                        self.tokenizer.decode(generated, skip_special_tokens=True).strip()) is False:
+                    stopped = True
+                    break
                 if step + 1 == max_new_tokens:
                     break
                 step_embeds = embed(torch.tensor([[token]], device=self.device))
                 logits, cache = self._run(step_embeds, self._step_position(prompt.next_position + step), cache)
         text = self.tokenizer.decode(generated, skip_special_tokens=True)
-        return Generation(text.strip(), generated, prompt)
+        return Generation(text.strip(), generated, prompt, stopped)
 
     def interrupt(self) -> None:
         """Make running and future generations stop at their next token (used at shutdown)."""
@@ -353,7 +371,7 @@ class VLMAdapter(ABC):
         yes, no = self._answer_token_ids("Yes"), self._answer_token_ids("No")
         with self._lock, torch.inference_mode():
             prompt = self.build(parts, system=system)
-            logits, _ = self._run(prompt.inputs_embeds, prompt.position_ids)
+            logits, _ = self._run(prompt.inputs_embeds, prompt.position_ids, **prompt.lm_inputs)
         pair = torch.stack([logits[0, yes], logits[0, no]])
         return float(torch.softmax(pair, dim=0)[0])
 
@@ -377,7 +395,7 @@ class VLMAdapter(ABC):
             if not rows:
                 raise PersonalVLMError("none of the requested answer spans maps to a token")
             with attention.capture(layers, torch.tensor(rows)) as request:
-                self._run(prompt.inputs_embeds, prompt.position_ids)
+                self._run(prompt.inputs_embeds, prompt.position_ids, **prompt.lm_inputs)
         result = {}
         for layer in layers:
             probs = request.captured[layer].mean(dim=(0, 1))                     # (S,)
