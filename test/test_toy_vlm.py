@@ -55,7 +55,7 @@ def test_training_writes_a_checkpoint_that_loads_and_a_second_call_reuses_it(qui
     assert meta["training"]["steps"] == 2 and meta["key"] == QUICK.key()
     vlm = load_vlm(str(folder), device="cpu", dtype="float32")
     assert vlm.family == "qwen2_5_vl" and vlm.num_layers == QUICK.text_layers
-    assert load_profile(str(folder)).model == str(folder)
+    assert load_profile(str(folder)).model == "qwen2.5-vl-toy"   # models/qwen2.5-vl-toy.yaml via personal_vlm.json
     monkeypatch.setattr(toy_vlm_mod, "train", lambda *a, **k: pytest.fail("trained again"))
     assert toy_vlm_mod.ensure_toy_vlm(QUICK, progress=None, evaluate=False) == folder
     figures = toy_vlm_mod.evaluate_tasks(folder, per_task=1)
