@@ -65,6 +65,9 @@ PARAMETERS: dict[str, Param] = {
 }
 
 DIAGNOSTICS_PERIOD_S = 1.0
+STORE_CHECK_PERIOD_S = 0.2     # how often the store is checked for other processes' teach/forget
+WARNING_THROTTLE_S = 2.0       # a failing client must not flood the log
+MAX_LOGGED_CHARS = 300
 NO_FRAMES_WARNING_S = 5.0      # diagnostics warn when the camera has been silent this long
 WORKER_JOIN_TIMEOUT_S = 3.0
 
@@ -366,7 +369,7 @@ class AssistantNode:
         except PersonalVLMError as exc:
             response.success = False
             response.message = str(exc)
-            self.log.warning(f"{service}: {exc}")
+            self.log.warning(f"{service}: {str(exc)[:MAX_LOGGED_CHARS]}", throttle_duration_sec=WARNING_THROTTLE_S)
         except Exception as exc:
             response.success = False
             response.message = f"internal error: {type(exc).__name__}: {exc}"
@@ -490,12 +493,23 @@ class AssistantNode:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:               # Ctrl-C during the imports or before the node existed
+        print(f"[{NODE_NAME}] interrupted during startup", file=sys.stderr, flush=True)
+        return 0
+
+
+def _main(argv: list[str] | None) -> int:
     import rclpy
     from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+    from rclpy.signals import SignalHandlerOptions, install_signal_handlers
 
     from ..assistant import Assistant
 
-    rclpy.init(args=argv if argv is not None else sys.argv)
+    # Until the node spins, Ctrl-C is Python's KeyboardInterrupt, which also ends a model load in
+    # progress; rclpy's handler would only shut the context down and leave the load running.
+    rclpy.init(args=argv if argv is not None else sys.argv, signal_handler_options=SignalHandlerOptions.NO)
     node = rclpy.create_node(NODE_NAME)
     log = node.get_logger()
     assistant = None
@@ -518,6 +532,8 @@ def main(argv: list[str] | None = None) -> int:
         assistant.encoder = frame_encoder(assistant.vlm, values, progress=lambda m: log.info(m))
         frontend = AssistantNode(node, assistant, values)
         frontend.start()
+        assistant.watch_store(STORE_CHECK_PERIOD_S)
+        install_signal_handlers(SignalHandlerOptions.ALL)
         log.info(frontend.describe())
         log.info(f"ready: {values['model']} on {assistant.vlm.device} ({assistant.vlm.family}), "
                  f"{len(assistant.concepts())} concepts in {assistant.store.root}")
