@@ -2,7 +2,8 @@
 
 Accepts file paths, raw encoded bytes (PNG/JPEG/...), PIL images and numpy arrays (H×W, H×W×1/3/4,
 uint8/uint16/float). 16-bit and float images are scaled to 8 bit by their own range, alpha is
-composited on black, palettes and CMYK are converted.
+composited on white (as the models' processors do), palettes and CMYK are converted, and the EXIF
+orientation of an encoded photo is applied, so pictures and boxes are in the frame the user sees.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import PersonalVLMError
 
@@ -60,7 +61,7 @@ def from_array(array: np.ndarray) -> Image.Image:
 
 
 def _flatten_alpha(image: Image.Image) -> Image.Image:
-    background = Image.new("RGB", image.size, (0, 0, 0))
+    background = Image.new("RGB", image.size, (255, 255, 255))
     background.paste(image.convert("RGB"), mask=image.getchannel("A"))
     return background
 
@@ -98,7 +99,7 @@ def load_image(source) -> Image.Image:
         with Image.open(stream) as opened:
             _check_size(*opened.size)
             opened.load()
-            return to_rgb(opened)
+            return to_rgb(ImageOps.exif_transpose(opened))
     except PersonalVLMError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
