@@ -427,7 +427,7 @@ class Assistant:
                     observations.append(Observation(match.name, verdict["p_yes"], match.box, verdict["source"]))
         t2 = time.perf_counter()
         with self._frame_lock:
-            tracks = self.tracker.update(observations)
+            tracks = self.tracker.update(observations, frame_size=tokens.source_size)
         detections = [Detection(t.name, self._categories.get(t.name, ""), t.score, t.source, t.box, t.track_id)
                       for t in tracks if t.name in self._categories]
         return FrameResult(detections, uncertain,
