@@ -27,7 +27,9 @@ Dataset layouts (``--layout auto`` detects them in this order):
                names a multi-concept image.
 - ``perva``    ``ROOT/{train,test}/<category>/<concept>/*`` (PerVA); ``ROOT/{train,test}/<concept>/*``
                without the category level is read the same way.
-- ``yollava``  ``ROOT/<concept>/{train,test}/*`` (Yo'LLaVA).
+- ``yollava``  ``ROOT/{train,test}/<concept>/*`` as Yo'LLaVA is released, with the concept's hard
+               negatives in ``ROOT/train/<concept>/negative_example/*``: each is a query that is a
+               negative for that concept only; ``ROOT/<concept>/{train,test}/*`` is read too.
 - ``myvlm``    ``ROOT/<concept>/*`` (MyVLM). The queries are the images listed in ``--test-list``
                (one ``<concept>/<file>`` per line, relative to ROOT; ``#`` comments) or else the
                last ``--test-last N`` images of each concept (default: every image after the
@@ -72,11 +74,15 @@ def _say(message: str) -> None:
 
 
 # ---- datasets ------------------------------------------------------------------------------
+NEGATIVE_EXAMPLES = "negative_example"     # Yo'LLaVA: train/<concept>/negative_example/
+
+
 @dataclass
 class Query:
     image: Path
     concepts: tuple[str, ...]     # the concepts present in the image
     key: str                      # the image's path relative to the dataset root: the resume key
+    negative_for: str | None = None   # a hard negative of this one concept, paired with it only
 
 
 @dataclass
@@ -117,6 +123,8 @@ def detect_layout(root: Path) -> str:
     if (root / "queries.json").is_file() and (root / "concepts").is_dir():
         return "generic"
     if (root / "train").is_dir() and (root / "test").is_dir():
+        if any((c / NEGATIVE_EXAMPLES).is_dir() for c in _subdirs(root / "train")):
+            return "yollava"
         return "perva"
     children = _subdirs(root)
     if any((c / "train").is_dir() and (c / "test").is_dir() for c in children):
@@ -145,7 +153,7 @@ def _perva_concepts(split: Path) -> dict[str, tuple[str, Path]]:
     """concept → (category, folder) under one split; a split without categories has category ""."""
     found: dict[str, tuple[str, Path]] = {}
     for first in _subdirs(split):
-        nested = [d for d in _subdirs(first) if _images(d)]
+        nested = [d for d in _subdirs(first) if _images(d) and d.name != NEGATIVE_EXAMPLES]
         entries = [(first.name, d) for d in nested] if nested else [("", first)]
         for category, folder in entries:
             name = _concept_name(folder.name, folder)
@@ -213,6 +221,19 @@ def load_dataset(root, layout: str = "auto", shots: int = 1, test_list=None, tes
                 raise PersonalVLMError(f"{folder} has test images but no training images under train/")
             queries += [Query(p, (name,), _relative(p, root)) for p in _images(folder)]
 
+    elif layout == "yollava" and (root / "train").is_dir() and (root / "test").is_dir():
+        for folder in _subdirs(root / "train"):
+            name = _concept_name(folder.name, folder)
+            train[name] = _images(folder)
+        for folder in _subdirs(root / "test"):
+            name = _concept_name(folder.name, folder)
+            if name not in train:
+                raise PersonalVLMError(f"{folder} has test images but no training images under train/")
+            queries += [Query(p, (name,), _relative(p, root)) for p in _images(folder)]
+        for name in list(train):
+            negatives = _images(root / "train" / name / NEGATIVE_EXAMPLES)
+            queries += [Query(p, (), _relative(p, root), negative_for=name) for p in negatives]
+
     elif layout == "yollava":
         for folder in _subdirs(root):
             if (folder / "train").is_dir():
@@ -254,7 +275,8 @@ def load_dataset(root, layout: str = "auto", shots: int = 1, test_list=None, tes
 
 def pairs(dataset: Dataset) -> list[tuple[Query, str, bool]]:
     """Every (query, concept, positive?) pair of the protocol."""
-    return [(q, c, c in q.concepts) for q in dataset.queries for c in dataset.concepts]
+    return [(q, c, c in q.concepts) for q in dataset.queries for c in dataset.concepts
+            if q.negative_for is None or c == q.negative_for]
 
 
 # ---- metrics -----------------------------------------------------------------------------
@@ -366,7 +388,8 @@ class _Methods:
         decide = getattr(self, f"_{self.options.method}")
         pairs, r2p_result = decide(tokens, image, scores)
         record = {"query": query.key, "concepts": list(query.concepts),
-                  "pairs": [{"concept": c, "label": c in query.concepts, **pair} for c, pair in pairs.items()]}
+                  "pairs": [{"concept": c, "label": c in query.concepts, **pair} for c, pair in pairs.items()
+                            if query.negative_for is None or c == query.negative_for]}
         if r2p_result is not None:
             record["r2p"] = {"decision": r2p_result.decision, "stages": r2p_result.stages}
         return record

@@ -293,3 +293,36 @@ def test_plots_are_drawn_for_any_names_and_degenerate_scores():
     flat = evaluation.histogram_png([0.7, 0.7], [], "score", {"accept": 0.7})
     assert Image.open(io.BytesIO(flat)).format == "PNG"
     assert Image.open(io.BytesIO(evaluation.histogram_png([], [], "score"))).size == (640, 340)
+
+
+# ---- the official Yo'LLaVA release, failed queries, settings checked first --------------------
+
+def _yollava_release(root, concepts=("bo", "mam"), train=2, test=2, negatives=2):
+    """{train,test}/<concept>/ with train/<concept>/negative_example/, as Yo'LLaVA is released."""
+    for c, name in enumerate(concepts):
+        for i in range(train):
+            _write(root / "train" / name / f"{i}.png", 100 * c + i)
+        for i in range(negatives):
+            _write(root / "train" / name / "negative_example" / f"{i}.png", 100 * c + 80 + i)
+        for i in range(test):
+            _write(root / "test" / name / f"{i}.png", 100 * c + 50 + i)
+    return root
+
+
+def test_the_official_yollava_release_layout_is_read_with_its_negatives(tmp_path):
+    root = _yollava_release(tmp_path / "yollava")
+    assert evaluation.detect_layout(root) == "yollava"
+    data = load_dataset(root, shots=2)
+    assert data.concepts == ["bo", "mam"]
+    assert [p.name for p in data.references["bo"]] == ["0.png", "1.png"]
+    keys = [q.key for q in data.queries]
+    assert keys[:4] == ["test/bo/0.png", "test/bo/1.png", "test/mam/0.png", "test/mam/1.png"]
+    assert "train/bo/negative_example/0.png" in keys
+    labelled = evaluation.pairs(data)
+    negatives = [(q.key, c, label) for q, c, label in labelled if "negative_example" in q.key]
+    # A concept's negative examples are negatives for that concept only.
+    assert sorted(negatives) == [("train/bo/negative_example/0.png", "bo", False),
+                                 ("train/bo/negative_example/1.png", "bo", False),
+                                 ("train/mam/negative_example/0.png", "mam", False),
+                                 ("train/mam/negative_example/1.png", "mam", False)]
+    assert len(labelled) == 8 + 4
