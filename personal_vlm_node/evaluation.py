@@ -558,7 +558,8 @@ def evaluate(assistant, dataset: Dataset, out, options: EvalOptions | None = Non
     introductions = _teach(assistant, dataset, out, progress)
     methods = _Methods(assistant, dataset, options, text_similarity)
     queries = dataset.queries[:options.max_queries] if options.max_queries else dataset.queries
-    done = {r["query"] for r in read_lines(out / PROGRESS_FILE)}
+    # A failed query is written down (with its error) but not done: a rerun tries it again.
+    done = {r["query"] for r in read_lines(out / PROGRESS_FILE) if "error" not in r}
     todo = [q for q in queries if q.key not in done]
     total = len(queries)
     finished = total - len(todo)
@@ -573,17 +574,28 @@ def evaluate(assistant, dataset: Dataset, out, options: EvalOptions | None = Non
         record["seconds"] = time.perf_counter() - t0
         _append_line(out / PROGRESS_FILE, record)
         finished += 1
-        progress(f"{finished}/{total} queries")
+        if "error" in record:
+            progress(f"{finished}/{total} queries ({query.key} failed: {record['error']}; a rerun retries it)")
+        else:
+            progress(f"{finished}/{total} queries")
 
     keys = {q.key for q in queries}
-    records = [r for r in read_lines(out / PROGRESS_FILE) if r.get("query") in keys]
+    latest = {}                          # the newest line per query: a retried failure is replaced
+    for r in read_lines(out / PROGRESS_FILE):
+        if r.get("query") in keys:
+            latest[r["query"]] = r
+    records = list(latest.values())
+    failed = [r for r in records if "error" in r]
+    if failed:
+        progress(f"{len(failed)} of {total} queries failed; run the same command again to retry them")
     summary = summarize(records, dataset.concepts)
     timed = [r["seconds"] for r in records if "error" not in r]
     results = {
         "method": options.method,
         "model": assistant.vlm.model_id,
         "dataset": {"root": str(dataset.root), "layout": dataset.layout, "shots": dataset.shots,
-                    "concepts": len(dataset.concepts), "queries": len(records), "of_queries": len(dataset.queries)},
+                    "concepts": len(dataset.concepts), "queries": len(records) - len(failed),
+                    "failed": len(failed), "of_queries": len(dataset.queries)},
         "thresholds": {"accept": methods.accept, "reject": methods.reject, "recognize": methods.threshold,
                        "margin": options.margin, "pairwise": options.pairwise_threshold},
         "r2p": {"top_k": options.top_k, "pool": options.r2p_pool,
@@ -645,7 +657,8 @@ def results_markdown(results: dict) -> str:
         "",
         f"- model: `{results['model']}`",
         f"- dataset: {data['root']} (layout {data['layout']}, {data['concepts']} concepts, "
-        f"{data['queries']} of {data['of_queries']} queries, {data['shots']} shot(s))",
+        f"{data['queries']} of {data['of_queries']} queries"
+        f"{', ' + str(data['failed']) + ' failed' if data.get('failed') else ''}, {data['shots']} shot(s))",
         "- thresholds: " + ", ".join(f"{k} {_fmt(v)}" for k, v in results["thresholds"].items()),
         f"- R2P: top-{results['r2p']['top_k']} of the matcher's top {results['r2p']['pool']}, "
         f"text similarity {results['r2p']['text_similarity']}",

@@ -326,3 +326,31 @@ def test_the_official_yollava_release_layout_is_read_with_its_negatives(tmp_path
                                  ("train/mam/negative_example/0.png", "mam", False),
                                  ("train/mam/negative_example/1.png", "mam", False)]
     assert len(labelled) == 8 + 4
+
+
+def test_failed_queries_are_reported_and_retried_on_a_rerun(assistant, tmp_path, monkeypatch):
+    data = load_dataset(_yollava(tmp_path / "data", train=1))
+    out = tmp_path / "out"
+    original = evaluation._Methods.evaluate
+
+    def flaky(self, query):
+        if query.key == "bo/test/1.png":
+            raise PersonalVLMError("the picture could not be read")
+        return original(self, query)
+
+    monkeypatch.setattr(evaluation._Methods, "evaluate", flaky)
+    messages = []
+    results = evaluation.evaluate(assistant, data, out, EvalOptions(), progress=messages.append)
+    assert results["dataset"]["queries"] == 3 and results["dataset"]["failed"] == 1
+    assert results["errors"] == [{"query": "bo/test/1.png", "error": "the picture could not be read"}]
+    assert any("bo/test/1.png failed" in m for m in messages)
+    assert "3 of 4 queries" in (out / "results.md").read_text()
+
+    monkeypatch.setattr(evaluation._Methods, "evaluate", original)
+    evaluated = []
+    monkeypatch.setattr(evaluation._Methods, "evaluate",
+                        lambda self, query: evaluated.append(query.key) or original(self, query))
+    again = evaluation.evaluate(assistant, data, out, EvalOptions(), progress=None)
+    assert evaluated == ["bo/test/1.png"]
+    assert again["dataset"]["queries"] == 4 and again["dataset"]["failed"] == 0 and again["errors"] == []
+    assert again["overall"]["positives"] + again["overall"]["negatives"] == 8
