@@ -169,6 +169,10 @@ class Assistant:
             self._bank_versions = versions
             self._report_unmatched(set(self._categories) - set(bank))
 
+    def reload(self) -> None:
+        """Load the bank again from the store (after memories were rebuilt)."""
+        self._load_bank()
+
     def memory(self, name: str):
         """This model's memory of ``name`` (K_c, D); MemoryMissing when it has none."""
         return self.store.load_memory(name, model=self.vlm.fingerprint)["memory"]

@@ -549,6 +549,9 @@ def evaluate(assistant, dataset: Dataset, out, options: EvalOptions | None = Non
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _check_settings(out, _settings(assistant, dataset, options, test_split or {}), restart)
+    # Only now that the run's settings are accepted may the run's store be changed.
+    if assistant.rebuild_stale_memories():
+        assistant.reload()
     if text_similarity is None and options.verifier_model and options.method in ("r2p", "cascade"):
         from .r2p import ImageTextSimilarity
 
@@ -829,7 +832,8 @@ def run(args) -> None:
          f"{len(pairs(dataset))} pairs")
     split = {"test_list": str(args.test_list) if args.test_list else None, "test_last": args.test_last}
     with Assistant.open(args.model, store_dir=out / "store", device=args.device, dtype=args.dtype,
-                        profile_path=getattr(args, "profile", None), progress=_say, verification=False) as assistant:
+                        profile_path=getattr(args, "profile", None), progress=_say, verification=False,
+                        rebuild=False) as assistant:
         results = evaluate(assistant, dataset, out, options, restart=args.restart, test_split=split)
     overall = results["overall"]
     if getattr(args, "json", False):

@@ -354,3 +354,26 @@ def test_failed_queries_are_reported_and_retried_on_a_rerun(assistant, tmp_path,
     assert evaluated == ["bo/test/1.png"]
     assert again["dataset"]["queries"] == 4 and again["dataset"]["failed"] == 0 and again["errors"] == []
     assert again["overall"]["positives"] + again["overall"]["negatives"] == 8
+
+
+def test_a_run_with_another_model_is_refused_before_anything_is_rebuilt(tiny_checkpoints, tmp_path):
+    data = _yollava(tmp_path / "data", concepts=("bo",), train=1, test=1)
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    evaluation.add_parser(sub)
+
+    def run(family):
+        args = parser.parse_args(["eval", str(data), "--out", str(tmp_path / "out"), "--method", "match"])
+        args.model, args.device, args.dtype, args.store, args.profile = (
+            str(tiny_checkpoints[family]), "cpu", "float32", None, None)
+        evaluation.run(args)
+
+    run("qwen2_5_vl")
+    store = ConceptStore(tmp_path / "out" / "store")
+    before = store.memory_versions(str(tiny_checkpoints["qwen2_5_vl"]))
+    with pytest.raises(PersonalVLMError, match="other settings"):
+        run("internvl")
+    from personal_vlm_node.vlm import load_vlm
+
+    intern = load_vlm(str(tiny_checkpoints["internvl"]), device="cpu", dtype="float32")
+    assert store.memory_versions(intern.fingerprint) == {}                # nothing rebuilt for it
