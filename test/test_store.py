@@ -683,9 +683,11 @@ def test_a_read_racing_a_forget_never_raises_a_raw_error(tmp_path, monkeypatch):
     real_load = store_module._read_memory
 
     def load_after_forget(path):
-        # The directory of the version being read goes away between reading the row and the file.
+        # The version being read goes away between reading the row and the file, after the file
+        # was opened: torch then fails to reopen it by path with a RuntimeError.
         if "mug" in store:
             ConceptStore(tmp_path).forget("mug")
+            raise RuntimeError(f"unable to open file <{path}>: No such file or directory")
         return real_load(path)
 
     monkeypatch.setattr(store_module, "_read_memory", load_after_forget)
@@ -725,10 +727,17 @@ def test_store_files_are_private_whatever_the_umask(tmp_path):
 def test_forgotten_text_does_not_linger_in_the_index_file(tmp_path):
     store = ConceptStore(tmp_path)
     secret = "grandmother's insulin pen xyzzy"
+    store.add(_record("mug"), _memory(), [_picture()])
     store.add(_record("pen", category="medical", keywords=[secret]), _memory(), [_picture()])
+
+    def checkpoint():
+        with contextlib.closing(sqlite3.connect(tmp_path / "concepts.db")) as db:
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    checkpoint()                                   # the row now lives in the database file itself
+    assert secret.encode() in (tmp_path / "concepts.db").read_bytes()
     store.forget("pen")
-    with contextlib.closing(sqlite3.connect(tmp_path / "concepts.db")) as db:
-        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    checkpoint()
     assert secret.encode() not in (tmp_path / "concepts.db").read_bytes()
 
 
