@@ -16,7 +16,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import PersonalVLMError
 
-MAX_PIXELS = 64_000_000  # a 8000×8000 frame; beyond this we refuse instead of exhausting memory
+MAX_PIXELS = 64_000_000
+# Where load_image leaves the bytes of an encoded photo, so the store can keep the original file
+# (a JPEG stays a JPEG, not a PNG several times its size): (bytes, format).
+ENCODED_INFO = "personal_vlm_encoded"
+_KEPT_FORMATS = {"JPEG", "PNG", "WEBP"}  # a 8000×8000 frame; beyond this we refuse instead of exhausting memory
 
 
 def _check_size(width: int, height: int) -> None:
@@ -87,19 +91,26 @@ def load_image(source) -> Image.Image:
     if isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) == 0:
             raise PersonalVLMError("image data is empty")
-        name, stream = "image data", io.BytesIO(bytes(source))
+        name, data = "image data", bytes(source)
     elif isinstance(source, (str, Path)):
         path = Path(source)
         if not path.is_file():
             raise PersonalVLMError(f"image file not found: {path}")
-        name, stream = str(path), path
+        try:
+            name, data = str(path), path.read_bytes()
+        except OSError as exc:
+            raise PersonalVLMError(f"{path} cannot be read ({exc})") from exc
     else:
         raise PersonalVLMError(f"cannot read an image from a {type(source).__name__}")
     try:
-        with Image.open(stream) as opened:
+        with Image.open(io.BytesIO(data)) as opened:
             _check_size(*opened.size)
             opened.load()
-            return to_rgb(ImageOps.exif_transpose(opened))
+            image = to_rgb(ImageOps.exif_transpose(opened))
+            if opened.format in _KEPT_FORMATS:
+                image = image if image is not opened else image.copy()
+                image.info[ENCODED_INFO] = (data, opened.format)
+            return image
     except PersonalVLMError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:

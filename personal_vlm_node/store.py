@@ -5,7 +5,8 @@ Layout under ``root`` (default ``$XDG_DATA_HOME/personal_vlm``)::
     concepts.db                SQLite index (WAL), one row per concept
     concepts/<uuid hex>/       one directory per concept *version*
         memory.safetensors     the concept memory, tensors stored verbatim
-        ref_0.png, ref_1.png   the reference pictures, kept to rebuild the memory
+        ref_0.jpg, ref_1.png   the reference pictures, kept to rebuild the memory: the photo's own
+                               file when it came encoded (JPEG/PNG/WebP), else a PNG
     concepts/<uuid hex>/       or a memory of the concept for another model: memory.safetensors only
     tmp/<uuid hex>/            a version being written
     store.lock                 serialises writers across processes
@@ -48,11 +49,12 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from personal_vlm_node.errors import PersonalVLMError
+from personal_vlm_node.images import ENCODED_INFO
 
 try:
     import fcntl
@@ -79,6 +81,9 @@ _REFUSED_CATEGORIES = {"Cc", "Cs", "Cf"}
 
 _FILE_MODE = 0o600
 _DIR_MODE = 0o700
+
+# Encoded photos kept as they came, by format.
+_SUFFIXES = {"JPEG": ".jpg", "WEBP": ".webp", "PNG": ".png"}
 
 # Modes the PNG writer stores losslessly.
 _PNG_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I;16B"}
@@ -332,7 +337,7 @@ class ConceptStore:
             merged = dict(_decode_json(row["extra"], name, "extra"))
             merged.update(_check_dict(extra if extra is not None else {}, "extra"))
             extra_json = _encode_json(merged, "extra")
-            sources = [self._concepts_dir / old / f"ref_{i}.png" for i in range(row["n_images"])]
+            sources = [_reference_file(self._concepts_dir / old, i) for i in range(row["n_images"])]
             for source in sources:
                 if not source.is_file():
                     raise _damaged_error(name, f"its reference picture {source.name} is missing")
@@ -481,7 +486,7 @@ class ConceptStore:
         """The reference pictures as stored (PNG-compatible modes), fully loaded in memory."""
         name = validate_name(name)
         return self._read_version(
-            name, lambda directory, n_images: [_read_png(directory / f"ref_{i}.png") for i in range(n_images)]
+            name, lambda directory, n_images: [_read_picture(_reference_file(directory, i)) for i in range(n_images)]
         )
 
     # ------------------------------------------------------------------ internals
@@ -598,9 +603,13 @@ class ConceptStore:
             _make_private(staging, _DIR_MODE)
             _write_memory(staging / _MEMORY_FILE, memory)
             for i, image in enumerate(images or []):
-                _write_png(staging / f"ref_{i}.png", image)
+                encoded = image.info.get(ENCODED_INFO)
+                if encoded is not None and encoded[1] in _SUFFIXES:
+                    _write_bytes(staging / f"ref_{i}{_SUFFIXES[encoded[1]]}", encoded[0])
+                else:
+                    _write_png(staging / f"ref_{i}.png", image)
             for i, source in enumerate(image_files or []):
-                _copy_file(source, staging / f"ref_{i}.png")
+                _copy_file(source, staging / f"ref_{i}{source.suffix}")
             _fsync_dir(staging)
             os.rename(staging, self._concepts_dir / version)
             _fsync_dir(self._concepts_dir)
@@ -861,10 +870,21 @@ def _write_png(path: Path, image: Image.Image) -> None:
     _write_bytes(path, buffer.getvalue())
 
 
-def _read_png(path: Path) -> Image.Image:
+def _reference_file(directory: Path, i: int) -> Path:
+    """Reference picture ``i`` of a version: whichever of its kept formats is there."""
+    for suffix in (".png", *_SUFFIXES.values()):
+        candidate = directory / f"ref_{i}{suffix}"
+        if candidate.is_file():
+            return candidate
+    return directory / f"ref_{i}.png"
+
+
+def _read_picture(path: Path) -> Image.Image:
     with Image.open(path) as image:
         image.load()
-        return image.copy()
+        # A kept photo is upright as the user saw it when taught (ROIs are in that frame).
+        upright = ImageOps.exif_transpose(image)
+        return upright if upright is not image else image.copy()
 
 
 def _copy_file(source: Path, target: Path) -> None:

@@ -758,3 +758,28 @@ def test_categories_with_control_characters_are_refused(tmp_path, bad):
     with pytest.raises(PersonalVLMError, match="category"):
         store.add(_record("mug", category=bad), _memory(), [_picture()])
     assert store.names() == []
+
+
+def test_an_encoded_photo_is_kept_byte_for_byte_and_read_back_upright(tmp_path):
+    import io
+
+    from PIL import ImageOps
+
+    from personal_vlm_node.images import load_image
+
+    sensor = Image.new("RGB", (40, 20), (200, 30, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6                                   # view rotated 90° clockwise
+    buffer = io.BytesIO()
+    sensor.save(buffer, format="JPEG", exif=exif.tobytes(), quality=90)
+    original = buffer.getvalue()
+    store = ConceptStore(tmp_path)
+    store.add(_record("mug"), _memory(), [load_image(original), _picture()])
+    directory = _concept_dir(store, "mug")
+    assert sorted(p.name for p in directory.iterdir()) == ["memory.safetensors", "ref_0.jpg", "ref_1.png"]
+    assert (directory / "ref_0.jpg").read_bytes() == original
+    first, second = store.load_images("mug")
+    assert first.size == (20, 40) and second.size == (6, 5)
+    store.replace_memory("mug", _memory(2.0), "tiny-vlm@r1/float32/layers=2", 4)
+    assert (_concept_dir(store, "mug") / "ref_0.jpg").read_bytes() == original
+    assert ImageOps.exif_transpose(first).size == (20, 40)
