@@ -78,6 +78,25 @@ class AskResult:
     seconds: float
 
 
+def expand_rois(rois, pictures) -> list:
+    """One checked ROI (or None) per picture from none, one for all, or one per picture."""
+    if rois is None:
+        return [None] * len(pictures)
+    if not isinstance(rois, (list, tuple)) or (rois and not isinstance(rois[0], (list, tuple, type(None)))):
+        rois = [rois]
+    if len(rois) == 1 and len(pictures) > 1:
+        rois = list(rois) * len(pictures)
+    if len(rois) != len(pictures):
+        raise PersonalVLMError(f"{len(rois)} regions of interest for {len(pictures)} images; "
+                               "give one per image or one for all")
+    out = []
+    for roi, picture in zip(rois, pictures):
+        if roi is not None and len(roi) != 4:
+            raise PersonalVLMError("a region of interest is four numbers: x, y, width, height")
+        out.append(ego.check_roi(roi, picture.size))
+    return out
+
+
 class Assistant:
     def __init__(self, vlm: VLMAdapter, store: ConceptStore, profile: ModelProfile | None = None,
                  progress=_stderr_progress, rebuild: bool = True, encoder=None,
@@ -281,7 +300,7 @@ class Assistant:
         if name in self.store and not overwrite:
             raise PersonalVLMError(f"a concept named {name!r} already exists; pass overwrite to replace it")
         pictures = [load_image(image) for image in images]
-        rois = self._expand_rois(rois, pictures)
+        rois = expand_rois(rois, pictures)
         with self._teach_lock:
             t1 = time.perf_counter()
             tokens = [self.vlm.encode_image(picture) for picture in pictures]
@@ -314,23 +333,6 @@ class Assistant:
             self._categories[record.name] = record.category
             self.verifier.invalidate(record.name)
             self._bank_versions[record.name] = self.store.memory_versions(self.vlm.fingerprint).get(record.name, "")
-
-    def _expand_rois(self, rois, pictures):
-        if rois is None:
-            return [None] * len(pictures)
-        if not isinstance(rois, (list, tuple)) or (rois and not isinstance(rois[0], (list, tuple, type(None)))):
-            rois = [rois]
-        if len(rois) == 1 and len(pictures) > 1:
-            rois = list(rois) * len(pictures)
-        if len(rois) != len(pictures):
-            raise PersonalVLMError(f"{len(rois)} regions of interest for {len(pictures)} images; "
-                                   "give one per image or one for all")
-        out = []
-        for roi, picture in zip(rois, pictures):
-            if roi is not None and len(roi) != 4:
-                raise PersonalVLMError("a region of interest is four numbers: x, y, width, height")
-            out.append(ego.check_roi(roi, picture.size))
-        return out
 
     def _complete_fingerprint(self, name, tokens, category, created, t0, timings) -> dict:
         t = time.perf_counter()
@@ -436,6 +438,25 @@ class Assistant:
                       for t in tracks if t.name in self._categories]
         return FrameResult(detections, uncertain,
                            {"encode": t1 - t0, "match": t2 - t1, "total": time.perf_counter() - t0})
+
+    def observe_settled(self, frame, timeout: float = 300.0) -> FrameResult:
+        """``observe`` for a single picture: waits for the verdicts on its uncertain concepts.
+
+        The frame path never waits for the model; one picture has no later frame to carry the
+        verdicts, so they are awaited here and the picture observed again with them.
+        """
+        result = self.observe(frame)
+        if not result.uncertain or not self.verification:
+            return result
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(self.verifier.result(name) is not None for name in result.uncertain):
+                break
+            time.sleep(0.05)
+        self.tracker.reset()
+        settled = self.observe(frame)
+        settled.uncertain = [n for n in settled.uncertain if self.verifier.result(n) is None]
+        return settled
 
     def _r2p_candidates(self, tokens, must_include: list[str]) -> list[r2p.Candidate]:
         scores = {m.name: m.score for m in self.matcher.score(tokens.features, tokens.token_boxes)}
