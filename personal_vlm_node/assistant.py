@@ -159,6 +159,8 @@ class Assistant:
         self._watch_stop.set()
         if self._watch_thread is not None and self._watch_thread is not threading.current_thread():
             self._watch_thread.join(5.0)
+        if self._watch_thread is None or not self._watch_thread.is_alive():
+            self._watcher.close()
         self.verifier.stop()
         self._background.shutdown(wait=wait, cancel_futures=not wait)
 
