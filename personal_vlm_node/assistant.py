@@ -22,7 +22,7 @@ from .output import stderr_progress
 from .tracker import Observation, Tracker
 from .verifier import Request, VerificationQueue
 from .profiles import ModelProfile, load_profile
-from .store import ConceptRecord, ConceptStore, validate_name
+from .store import ConceptRecord, ConceptStore, validate_category, validate_name
 from .vlm import Memory, VLMAdapter, load_vlm
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,25 @@ def _frame_encoder(vlm: VLMAdapter, options: AssistantOptions, progress):
     return make_encoder(vlm, options.backend, cache_dir=options.engine_cache, progress=progress)
 
 
+def expand_rois(rois, pictures) -> list:
+    """One checked ROI (or None) per picture from none, one for all, or one per picture."""
+    if rois is None:
+        return [None] * len(pictures)
+    if not isinstance(rois, (list, tuple)) or (rois and not isinstance(rois[0], (list, tuple, type(None)))):
+        rois = [rois]
+    if len(rois) == 1 and len(pictures) > 1:
+        rois = list(rois) * len(pictures)
+    if len(rois) != len(pictures):
+        raise PersonalVLMError(f"{len(rois)} regions of interest for {len(pictures)} images; "
+                               "give one per image or one for all")
+    out = []
+    for roi, picture in zip(rois, pictures):
+        if roi is not None and len(roi) != 4:
+            raise PersonalVLMError("a region of interest is four numbers: x, y, width, height")
+        out.append(ego.check_roi(roi, picture.size))
+    return out
+
+
 class Assistant:
     """Construct with :meth:`open` (model id or folder) or from a loaded adapter and a store.
 
@@ -144,6 +163,13 @@ class Assistant:
         self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fingerprint")
         self._teach_lock = threading.Lock()
         self._frame_lock = threading.Lock()      # tracker state: frame worker vs. forget/teach
+        self._bank_lock = threading.Lock()       # the bank's versions: the store watcher vs. teach/forget
+        self._bank_versions: dict[str, str] = {}  # name → id of the memory in the matcher
+        self.unmatched: set[str] = set()          # concepts with no memory for this model
+        self._rebuild = rebuild
+        self._watch_stop = threading.Event()
+        self._watch_thread: threading.Thread | None = None
+        self._watcher = store.watch()
         if rebuild:
             self.rebuild_stale_memories()
         self._load_bank()
@@ -171,6 +197,11 @@ class Assistant:
         and drops pending fingerprints instead of finishing them."""
         if not wait:
             self.vlm.interrupt()
+        self._watch_stop.set()
+        if self._watch_thread is not None and self._watch_thread is not threading.current_thread():
+            self._watch_thread.join(5.0)
+        if self._watch_thread is None or not self._watch_thread.is_alive():
+            self._watcher.close()
         self.verifier.stop()
         self._background.shutdown(wait=wait, cancel_futures=not wait)
 
@@ -182,18 +213,106 @@ class Assistant:
 
     # ---- concept memory -----------------------------------------------------------------------
     def _load_bank(self) -> None:
-        bank = {}
-        for record in self.store.list():
-            self._categories[record.name] = record.category
-            try:
-                bank[record.name] = self.store.load_memory(record.name)["memory"]
-            except PersonalVLMError as exc:
-                log.warning("%s", exc)
-        self.matcher.set_concepts(bank)
+        """Load this model's memory of every concept into the matcher; others are never matched."""
+        with self._bank_lock:
+            self._watcher.changed()            # what is loaded now is current
+            versions = self.store.memory_versions(self.vlm.fingerprint)
+            bank = {}
+            for record in self.store.list():
+                self._categories[record.name] = record.category
+                if record.name not in versions:
+                    continue
+                try:
+                    bank[record.name] = self.memory(record.name)
+                except PersonalVLMError as exc:
+                    log.warning("%s", exc)
+                    versions.pop(record.name)
+            self.matcher.set_concepts(bank)
+            self._bank_versions = versions
+            self._report_unmatched(set(self._categories) - set(bank))
+
+    def reload(self) -> None:
+        """Load the bank again from the store (after memories were rebuilt)."""
+        self._load_bank()
+
+    def memory(self, name: str):
+        """This model's memory of ``name`` (K_c, D); MemoryMissing when it has none."""
+        return self.store.load_memory(name, model=self.vlm.fingerprint)["memory"]
+
+    def _report_unmatched(self, names: set[str]) -> None:
+        for name in sorted(names - self.unmatched):
+            log.warning("concept %r has no memory for %s and is not matched until it is rebuilt "
+                        "or taught again", name, self.vlm.model_id)
+        self.unmatched = set(names)
+
+    def refresh(self) -> bool:
+        """Follow changes other processes made to the store; True when the bank changed.
+
+        One cheap query when nothing changed. A concept taught elsewhere becomes matchable, a
+        forgotten one stops being detected at once, a re-taught one is reloaded; a concept with no
+        memory for this model is reported (and rebuilt in the background when rebuilding is on).
+        """
+        if not self._watcher.changed():
+            return False
+        with self._bank_lock:
+            versions = self.store.memory_versions(self.vlm.fingerprint)
+            records = {r.name: r for r in self.store.list()}
+            changed = False
+            for name in list(self._bank_versions):
+                if name not in versions:
+                    self._drop(name)
+                    changed = True
+            for name, version in versions.items():
+                if self._bank_versions.get(name) == version:
+                    continue
+                try:
+                    memory = self.memory(name)
+                except PersonalVLMError as exc:       # changed again meanwhile: the next check sees it
+                    log.info("%s", exc)
+                    continue
+                self.matcher.add(name, memory)
+                self.verifier.invalidate(name)
+                self._bank_versions[name] = version
+                changed = True
+            for name in list(self._categories):
+                if name not in records:
+                    self._categories.pop(name, None)
+            for name, record in records.items():
+                self._categories[name] = record.category
+            missing = set(records) - set(versions)
+            newly_missing = missing - self.unmatched
+            self._report_unmatched(missing)
+        if newly_missing and self._rebuild:
+            self._background.submit(self.rebuild_stale_memories)
+        return changed
+
+    def _drop(self, name: str) -> None:
+        self.matcher.remove(name)
+        with self._frame_lock:
+            self.tracker.forget(name)
+        self.verifier.invalidate(name)
+        self._bank_versions.pop(name, None)
+
+    def watch_store(self, period: float = 0.2) -> None:
+        """Check the store for other processes' changes every ``period`` s on a thread of its own."""
+        def run():
+            while not self._watch_stop.wait(period):
+                try:
+                    self.refresh()
+                except Exception:             # a damaged row must not end the watching
+                    log.exception("checking the concept store for changes failed")
+
+        if self._watch_thread is None:
+            self._watch_thread = threading.Thread(target=run, name="store-watcher", daemon=True)
+            self._watch_thread.start()
 
     def rebuild_stale_memories(self) -> list[str]:
-        """Rebuild, from the stored reference images, every memory made with another model."""
-        stale = [r for r in self.store.list() if r.model_fingerprint != self.vlm.fingerprint]
+        """Rebuild, from the stored reference images, every memory missing for this model.
+
+        Memories of this model in another precision are cast when used, not rebuilt.
+        """
+        have = self.store.memory_versions(self.vlm.fingerprint)
+        stale = [r for r in self.store.list() if r.name not in have]
         for i, record in enumerate(stale):
             self.progress(f"rebuilding the memory of {record.name!r} for this model ({i + 1}/{len(stale)})")
             try:
@@ -205,7 +324,7 @@ class Assistant:
                 self.store.replace_memory(record.name, intro.memory, self.vlm.fingerprint,
                                           intro.memory_tokens, extra={**record.extra, "rebuilt": time.time()})
             except PersonalVLMError as exc:
-                self.progress(f"could not rebuild {record.name!r}: {exc}")
+                self.progress(f"could not rebuild {record.name!r}: {exc}; it is not matched with this model")
         return [r.name for r in stale]
 
     # ---- teaching -------------------------------------------------------------------------
@@ -214,7 +333,7 @@ class Assistant:
         """Ego concept introduction; the concept is usable when this returns."""
         t0 = time.perf_counter()
         name = validate_name(name)
-        category = (category or "").strip()
+        category = validate_category(category or "")
         if len(category) > 64:
             raise PersonalVLMError("category is over 64 characters")
         if not images:
@@ -224,7 +343,7 @@ class Assistant:
         if name in self.store and not overwrite:
             raise PersonalVLMError(f"a concept named {name!r} already exists; pass overwrite to replace it")
         pictures = [load_image(image) for image in images]
-        rois = self._expand_rois(rois, pictures)
+        rois = expand_rois(rois, pictures)
         with self._teach_lock:
             t1 = time.perf_counter()
             tokens = [self.vlm.encode_image(picture) for picture in pictures]
@@ -251,27 +370,12 @@ class Assistant:
 
     def add_concept(self, record: ConceptRecord, memory: dict, pictures: list, overwrite: bool = False) -> None:
         """Store a concept whose memory is already built and make it matchable at once."""
-        self.store.add(record, memory, pictures, overwrite=overwrite)
-        self.matcher.add(record.name, memory["memory"])
-        self._categories[record.name] = record.category
-        self.verifier.invalidate(record.name)
-
-    def _expand_rois(self, rois, pictures):
-        if rois is None:
-            return [None] * len(pictures)
-        if not isinstance(rois, (list, tuple)) or (rois and not isinstance(rois[0], (list, tuple, type(None)))):
-            rois = [rois]
-        if len(rois) == 1 and len(pictures) > 1:
-            rois = list(rois) * len(pictures)
-        if len(rois) != len(pictures):
-            raise PersonalVLMError(f"{len(rois)} regions of interest for {len(pictures)} images; "
-                                   "give one per image or one for all")
-        out = []
-        for roi, picture in zip(rois, pictures):
-            if roi is not None and len(roi) != 4:
-                raise PersonalVLMError("a region of interest is four numbers: x, y, width, height")
-            out.append(ego.check_roi(roi, picture.size))
-        return out
+        with self._bank_lock:
+            self.store.add(record, memory, pictures, overwrite=overwrite)
+            self.matcher.add(record.name, memory["memory"])
+            self._categories[record.name] = record.category
+            self.verifier.invalidate(record.name)
+            self._bank_versions[record.name] = self.store.memory_versions(self.vlm.fingerprint).get(record.name, "")
 
     def _complete_fingerprint(self, name, tokens, category, created, t0, timings) -> dict:
         t = time.perf_counter()
@@ -285,8 +389,18 @@ class Assistant:
         return fingerprint
 
     # ---- using concepts ---------------------------------------------------------------------
-    def _memories(self, names: list[str]) -> list[Memory]:
-        return [Memory(self.store.load_memory(n)["memory"], n) for n in names]
+    def _memories(self, names: list[str], skip_gone: bool = False) -> list[Memory]:
+        """This model's memories of ``names``. ``skip_gone``: leave out concepts forgotten (or left
+        without a memory for this model) since the similarity filter ranked them."""
+        memories = []
+        for n in names:
+            try:
+                memories.append(Memory(self.memory(n), n))
+            except PersonalVLMError:
+                if not skip_gone:
+                    raise
+                log.info("concept %r left out: forgotten or not rebuilt for this model", n)
+        return memories
 
     def candidates(self, tokens, limit: int) -> list[str]:
         """Similarity filter: the ``limit`` concepts whose memories best match the image's tokens."""
@@ -322,18 +436,18 @@ class Assistant:
             raise PersonalVLMError(f"the question is over {MAX_QUESTION_CHARS} characters")
         tokens = self.vlm.encode_image(image)
         names = self.candidates(tokens, self.profile.max_concepts_in_context)
-        parts = prompts.ask(self._memories(names), tokens, question, self.vlm.family)
+        memories = self._memories(names, skip_gone=True)
+        parts = prompts.ask(memories, tokens, question, self.vlm.family)
         generation = self.vlm.generate(parts, max_new_tokens=128, on_text=on_partial)
-        return AskResult(generation.text, names, time.perf_counter() - t0, generation.stopped)
+        return AskResult(generation.text, [m.name for m in memories], time.perf_counter() - t0, generation.stopped)
 
     def forget(self, name: str) -> None:
         name = validate_name(name)
-        self.store.forget(name)
-        self.matcher.remove(name)
-        with self._frame_lock:
-            self.tracker.forget(name)
-        self.verifier.invalidate(name)
-        self._categories.pop(name, None)
+        with self._bank_lock:
+            self.store.forget(name)
+            self._drop(name)
+            self._categories.pop(name, None)
+            self.unmatched.discard(name)
 
     def concepts(self) -> list[ConceptRecord]:
         return self.store.list()
@@ -407,11 +521,30 @@ class Assistant:
                     observations.append(Observation(match.name, verdict["p_yes"], match.box, verdict["source"]))
         t2 = time.perf_counter()
         with self._frame_lock:
-            tracks = self.tracker.update(observations)
+            tracks = self.tracker.update(observations, frame_size=tokens.source_size)
         detections = [Detection(t.name, self._categories.get(t.name, ""), t.score, t.source, t.box, t.track_id)
                       for t in tracks if t.name in self._categories]
         return FrameResult(detections, uncertain,
                            {"encode": t1 - t0, "match": t2 - t1, "total": time.perf_counter() - t0})
+
+    def observe_settled(self, frame, timeout: float = 300.0) -> FrameResult:
+        """``observe`` for a single picture: waits for the verdicts on its uncertain concepts.
+
+        The frame path never waits for the model; one picture has no later frame to carry the
+        verdicts, so they are awaited here and the picture observed again with them.
+        """
+        result = self.observe(frame)
+        if not result.uncertain or not self.verification:
+            return result
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(self.verifier.result(name) is not None for name in result.uncertain):
+                break
+            time.sleep(0.05)
+        self.tracker.reset()
+        settled = self.observe(frame)
+        settled.uncertain = [n for n in settled.uncertain if self.verifier.result(n) is None]
+        return settled
 
     def _verify_uncertain(self, request: Request) -> dict | None:
         """The cascade (:func:`r2p.settle_uncertain`) for one uncertain concept on its frame.

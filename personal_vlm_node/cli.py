@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -40,7 +42,20 @@ def _parse_roi(text: str) -> tuple[float, float, float, float]:
         values = ()
     if len(values) != 4:
         raise argparse.ArgumentTypeError(f"--roi takes x,y,w,h in pixels, got {text!r}")
+    if not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"--roi values must be finite numbers, got {text!r}")
     return values
+
+
+def _natural_key(path: Path):
+    """frame2 before frame10, as eval orders its images."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", path.name)]
+
+
+def _shown(text: str) -> str:
+    """User text as printed on a terminal: control characters escaped, never interpreted."""
+    return "".join(ch if ch.isprintable() or ch == " " else ch.encode("unicode_escape").decode("ascii")
+                   for ch in text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     teach.add_argument("--roi", type=_parse_roi, action="append",
                        help="x,y,w,h of the subject in pixels; once for all images or once per image")
     teach.add_argument("--overwrite", action="store_true")
-    teach.add_argument("--no-wait", action="store_true", help="don't wait for the fingerprint to complete")
+    teach.add_argument("--no-wait", action="store_true",
+                       help="return once the memory is stored; the R2P fingerprint is then not computed")
 
     ask = sub.add_parser("ask", help="ask a question about an image")
     ask.add_argument("question")
@@ -71,9 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     recognize = sub.add_parser("recognize", help="which taught concepts are in an image")
     recognize.add_argument("image")
     recognize.add_argument("--concept", action="append", help="check only these concepts")
+    recognize.add_argument("--all", action="store_true",
+                           help="check every concept (default: the similarity filter's top M)")
 
     detect = sub.add_parser("detect", help="named detections on an image, a folder of frames or a video")
-    detect.add_argument("source", help="image file, folder of images (sorted by name) or video file")
+    detect.add_argument("source", help="image file, folder of images (natural order: 2 before 10) or video file")
     detect.add_argument("--backend", default="torch", choices=BACKENDS,
                         help="vision encoder backend")
     detect.add_argument("--engine-cache", default=None, help="cache for exported encoders / engines")
@@ -114,11 +132,26 @@ def _open(args, options: AssistantOptions | None = None):
                           profile_path=args.profile, options=options or AssistantOptions(verification=False))
 
 
+def _pictures(paths) -> list:
+    from .images import load_image
+
+    return [load_image(path) for path in paths]
+
+
 def _cmd_teach(args) -> None:
-    with _open(args) as assistant:
-        result = assistant.teach(args.name, args.images, category=args.category, rois=args.roi,
-                                 overwrite=args.overwrite)
+    from .assistant import expand_rois
+    from .store import validate_category, validate_name
+
+    # Everything a user can get wrong is checked before the model loads (that takes a while).
+    name, category = validate_name(args.name), validate_category(args.category)
+    pictures = _pictures(args.images)
+    expand_rois(args.roi, pictures)
+    assistant = _open(args)
+    try:
+        result = assistant.teach(name, pictures, category=category, rois=args.roi, overwrite=args.overwrite)
         fingerprint = {} if args.no_wait else result.wait_fingerprint()
+    finally:
+        assistant.close(wait=not args.no_wait)
     steps = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
     _emit(args, {"name": result.name, "memory_tokens": result.memory_tokens, "keywords": result.keywords,
                  "attributes": fingerprint.get("attributes", {}), "seconds": round(result.seconds, 3),
@@ -128,6 +161,7 @@ def _cmd_teach(args) -> None:
 
 
 def _cmd_ask(args) -> None:
+    _pictures([args.image])
     with _open(args) as assistant:
         result = assistant.ask(args.question, args.image)
     _emit(args, {"answer": result.answer, "concepts": result.concepts, "seconds": round(result.seconds, 3)},
@@ -135,11 +169,23 @@ def _cmd_ask(args) -> None:
 
 
 def _cmd_recognize(args) -> None:
+    from .store import validate_name
+
+    _pictures([args.image])
+    if args.concept:
+        store = _store(args)
+        for name in args.concept:
+            store.get(validate_name(name))
     with _open(args) as assistant:
-        results = assistant.recognize(args.image, names=args.concept)
+        names = args.concept or (list(assistant.matcher.names) if args.all else None)
+        results = assistant.recognize(args.image, names=names)
+        taught = len(assistant.concepts())
     rows = [{"name": r.name, "p_yes": round(r.p_yes, 4), "present": r.present} for r in results]
     text = "\n".join(f"{'yes' if r.present else 'no ':3}  p={r.p_yes:.3f}  {r.name}" for r in results)
-    _emit(args, {"concepts": rows}, text or "no concepts taught yet")
+    if taught and not args.concept and len(rows) < taught:
+        text += (f"\n(checked the {len(rows)} best-matching of {taught} concepts; "
+                 "--all checks every one, --concept chooses)")
+    _emit(args, {"concepts": rows, "checked": len(rows), "taught": taught}, text or "no concepts taught yet")
 
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".gif"}
@@ -147,8 +193,10 @@ VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".gif"}
 
 def _frames(source: Path):
     """(label, image) for every frame of an image, a folder of images or a video."""
+    if not source.exists():
+        raise PersonalVLMError(f"not found: {source}")
     if source.is_dir():
-        files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted((p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=_natural_key)
         if not files:
             raise PersonalVLMError(f"no images in {source}")
         for path in files:
@@ -165,9 +213,14 @@ def _video_frames(path: Path):
     if path.suffix.lower() == ".gif":
         from PIL import Image, ImageSequence
 
-        with Image.open(path) as gif:
-            for i, frame in enumerate(ImageSequence.Iterator(gif)):
-                yield f"{path.name}#{i}", frame.convert("RGB")
+        index = 0
+        try:
+            with Image.open(path) as gif:
+                for index, frame in enumerate(ImageSequence.Iterator(gif)):
+                    yield f"{path.name}#{index}", frame.convert("RGB")
+        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+            raise PersonalVLMError(f"{path.name} cannot be read past frame {index} ({exc}); "
+                                   "is the file complete?") from exc
         return
     try:
         import cv2
@@ -189,6 +242,8 @@ def _video_frames(path: Path):
 
 def _cmd_detect(args) -> None:
     source = Path(args.source)
+    if not source.exists():
+        raise PersonalVLMError(f"not found: {source}")
     frames = _frames(source)
     still = source.is_file() and source.suffix.lower() not in VIDEO_SUFFIXES
     hysteresis = {"tracker_k": 1, "tracker_n": 1} if still else {}   # one frame: nothing to wait for
@@ -196,11 +251,19 @@ def _cmd_detect(args) -> None:
                                verification=args.verify, **hysteresis)
     with _open(args, options) as assistant:
         for label, frame in frames:
-            result = assistant.observe(frame)
+            try:
+                # One picture has no later frame to carry verdicts: wait for them.
+                result = assistant.observe_settled(frame) if still else assistant.observe(frame)
+            except PersonalVLMError as exc:
+                if not source.is_dir():
+                    raise
+                print(f"[personal-vlm] {label} skipped: {exc}", file=sys.stderr, flush=True)
+                continue
             rows = [{"name": d.name, "score": round(d.score, 4), "box": [round(v, 1) for v in d.box],
                      "source": d.source, "track_id": d.track_id} for d in result.detections]
             text = ", ".join(f"{d['name']} {d['score']:.2f} at {d['box']}" for d in rows) or "nothing"
-            _emit(args, {"frame": label, "detections": rows}, f"{label}: {text}")
+            _emit(args, {"frame": label, "detections": rows, "unverified": list(result.uncertain)
+                         if args.verify else []}, f"{label}: {text}")
 
 
 def _store(args):
@@ -213,8 +276,8 @@ def _cmd_list(args) -> None:
     records = _store(args).list()
     rows = [{"name": r.name, "category": r.category, "memory_tokens": r.memory_tokens,
              "keywords": r.keywords, "created": r.created} for r in records]
-    text = "\n".join(f"{r.name}\t{r.category or '-'}\t{r.memory_tokens} tokens\t{', '.join(r.keywords)}"
-                     for r in records)
+    text = "\n".join(f"{_shown(r.name)}\t{_shown(r.category) or '-'}\t{r.memory_tokens} tokens\t"
+                     f"{_shown(', '.join(r.keywords))}" for r in records)
     _emit(args, {"concepts": rows}, text or "no concepts taught yet")
 
 
@@ -284,7 +347,7 @@ def _cmd_eval(args) -> None:
     split = {"test_list": str(args.test_list) if args.test_list else None, "test_last": args.test_last}
     with Assistant.open(args.model, store_dir=out / "store", device=args.device, dtype=args.dtype,
                         profile_path=getattr(args, "profile", None), progress=_say,
-                        options=AssistantOptions(verification=False)) as assistant:
+                        options=AssistantOptions(verification=False), rebuild=False) as assistant:
         results = evaluate(assistant, dataset, out, options, restart=args.restart, test_split=split)
     overall = results["overall"]
     if getattr(args, "json", False):

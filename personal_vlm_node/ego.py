@@ -21,6 +21,7 @@ attended tokens that fall on the mask; the best L make the profile.
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -114,8 +115,13 @@ def memory_size(area: float | None, num_tokens: int, max_tokens: int, min_tokens
     return max(1, min(k, num_tokens))
 
 
-def roi_mask(token_boxes: torch.Tensor, roi: tuple[float, float, float, float] | None) -> torch.Tensor:
-    """(N,) bool: tokens whose centre lies inside the ROI (x, y, w, h); all True without one."""
+def roi_mask(token_boxes: torch.Tensor, roi: tuple[float, float, float, float] | None,
+             floor: int = 0) -> torch.Tensor:
+    """(N,) bool: tokens whose centre lies inside the ROI (x, y, w, h); all True without one.
+
+    ``floor``: an ROI that covers fewer tokens is widened to the ``floor`` tokens whose centres
+    lie nearest the ROI's centre, so a small subject still gets the memory's minimum K.
+    """
     if roi is None:
         return torch.ones(token_boxes.shape[0], dtype=torch.bool)
     x, y, w, h = roi
@@ -128,6 +134,12 @@ def roi_mask(token_boxes: torch.Tensor, roi: tuple[float, float, float, float] |
         iy = (token_boxes[:, 3].clamp(max=y + h) - token_boxes[:, 1].clamp(min=y)).clamp(min=0)
         overlap = ix * iy
         inside = overlap >= overlap.max() if overlap.max() > 0 else inside
+    floor = min(floor, token_boxes.shape[0])
+    if int(inside.sum()) < floor:
+        distance = (cx - (x + w / 2)) ** 2 + (cy - (y + h / 2)) ** 2        # (N,)
+        distance = distance.masked_fill(inside, -1.0)                       # keep what was inside
+        inside = torch.zeros_like(inside)
+        inside[torch.topk(distance, floor, largest=False).indices] = True
     return inside
 
 
@@ -140,18 +152,30 @@ def select_tokens(importance: torch.Tensor, k: int, eligible: torch.Tensor) -> t
 
 
 def check_roi(roi, size: tuple[int, int]) -> tuple[float, float, float, float] | None:
-    """Validate an ROI (x, y, w, h) in source pixels; all-zero means none."""
+    """Validate an ROI (x, y, w, h) in source pixels; all-zero means none.
+
+    An ROI partly outside the image is clipped to it; one that is empty, wholly outside or not
+    made of finite numbers is refused.
+    """
     if roi is None:
         return None
-    x, y, w, h = (float(v) for v in roi)
+    try:
+        x, y, w, h = (float(v) for v in roi)
+    except (TypeError, ValueError) as exc:
+        raise PersonalVLMError(f"a region of interest is four numbers x, y, w, h; got {roi!r}") from exc
+    if not all(math.isfinite(v) for v in (x, y, w, h)):
+        raise PersonalVLMError(
+            f"region of interest (x={x:g}, y={y:g}, w={w:g}, h={h:g}) must be made of finite numbers")
     if x == y == w == h == 0:
         return None
     width, height = size
-    if w <= 0 or h <= 0 or x < 0 or y < 0 or x >= width or y >= height:
+    x0, y0 = max(x, 0.0), max(y, 0.0)
+    x1, y1 = min(x + w, float(width)), min(y + h, float(height))
+    if w <= 0 or h <= 0 or x1 <= x0 or y1 <= y0:
         raise PersonalVLMError(
             f"region of interest (x={x:g}, y={y:g}, w={w:g}, h={h:g}) is empty or outside the "
             f"{width}×{height} image")
-    return (x, y, min(w, width - x), min(h, height - y))
+    return (x0, y0, x1 - x0, y1 - y0)
 
 
 @dataclass
@@ -194,7 +218,7 @@ def introduce_image(vlm: VLMAdapter, tokens: ImageTokens, name: str, category: s
         spans = [(0, len(name))]
     elif not spans:
         spans = [(0, len(answer))]
-    eligible = roi_mask(tokens.token_boxes, roi)
+    eligible = roi_mask(tokens.token_boxes, roi, floor=min_tokens)
     if roi is not None:
         width, height = tokens.source_size
         area = 100.0 * roi[2] * roi[3] / (width * height)

@@ -2,7 +2,8 @@
 
 Accepts file paths, raw encoded bytes (PNG/JPEG/...), PIL images and numpy arrays (H×W, H×W×1/3/4,
 uint8/uint16/float). 16-bit and float images are scaled to 8 bit by their own range, alpha is
-composited on black, palettes and CMYK are converted.
+composited on white (as the models' processors do), palettes and CMYK are converted, and the EXIF
+orientation of an encoded photo is applied, so pictures and boxes are in the frame the user sees.
 """
 
 from __future__ import annotations
@@ -11,12 +12,16 @@ import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import PersonalVLMError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}   # picture files in folders
 MAX_PIXELS = 64_000_000  # a 8000×8000 frame; beyond this we refuse instead of exhausting memory
+# Where load_image leaves the bytes of an encoded photo, so the store can keep the original file
+# (a JPEG stays a JPEG, not a PNG several times its size): (bytes, format).
+ENCODED_INFO = "personal_vlm_encoded"
+_KEPT_FORMATS = {"JPEG", "PNG", "WEBP"}
 
 
 def _check_size(width: int, height: int) -> None:
@@ -61,7 +66,7 @@ def from_array(array: np.ndarray) -> Image.Image:
 
 
 def _flatten_alpha(image: Image.Image) -> Image.Image:
-    background = Image.new("RGB", image.size, (0, 0, 0))
+    background = Image.new("RGB", image.size, (255, 255, 255))
     background.paste(image.convert("RGB"), mask=image.getchannel("A"))
     return background
 
@@ -87,19 +92,26 @@ def load_image(source) -> Image.Image:
     if isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) == 0:
             raise PersonalVLMError("image data is empty")
-        name, stream = "image data", io.BytesIO(bytes(source))
+        name, data = "image data", bytes(source)
     elif isinstance(source, (str, Path)):
         path = Path(source)
         if not path.is_file():
             raise PersonalVLMError(f"image file not found: {path}")
-        name, stream = str(path), path
+        try:
+            name, data = str(path), path.read_bytes()
+        except OSError as exc:
+            raise PersonalVLMError(f"{path} cannot be read ({exc})") from exc
     else:
         raise PersonalVLMError(f"cannot read an image from a {type(source).__name__}")
     try:
-        with Image.open(stream) as opened:
+        with Image.open(io.BytesIO(data)) as opened:
             _check_size(*opened.size)
             opened.load()
-            return to_rgb(opened)
+            image = to_rgb(ImageOps.exif_transpose(opened))
+            if opened.format in _KEPT_FORMATS:
+                image = image if image is not opened else image.copy()
+                image.info[ENCODED_INFO] = (data, opened.format)
+            return image
     except PersonalVLMError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:

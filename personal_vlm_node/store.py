@@ -5,9 +5,20 @@ Layout under ``root`` (default ``$XDG_DATA_HOME/personal_vlm``)::
     concepts.db                SQLite index (WAL), one row per concept
     concepts/<uuid hex>/       one directory per concept *version*
         memory.safetensors     the concept memory, tensors stored verbatim
-        ref_0.png, ref_1.png   the reference pictures, kept to rebuild the memory
+        ref_0.jpg, ref_1.png   the reference pictures, kept to rebuild the memory: the photo's own
+                               file when it came encoded (JPEG/PNG/WebP), else a PNG
+    concepts/<uuid hex>/       or a memory of the concept for another model: memory.safetensors only
     tmp/<uuid hex>/            a version being written
     store.lock                 serialises writers across processes
+
+A concept's row points at the version it was taught with (its pictures and that model's memory).
+The ``memories`` table holds the concept's memories for other models, one per concept and model,
+each in a directory of its own: a node on one model and a command on another never overwrite each
+other's memories, and each uses only its own model's. Precision is not part of that key: a memory
+built in float32 is cast for a model loaded in bfloat16 instead of being rebuilt.
+
+Every file is private to the user (0600 in 0700 folders, whatever the umask), and SQLite's
+``secure_delete`` overwrites what a forget removes from the index.
 
 A version directory is never modified after it is published: ``add`` and ``replace_memory``
 write a fresh one under ``tmp/``, fsync it, rename it into ``concepts/`` and only then point the
@@ -23,6 +34,7 @@ Names are user text and are never used in paths; directories are named by random
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -37,11 +49,12 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save
 
 from personal_vlm_node.errors import PersonalVLMError
+from personal_vlm_node.images import ENCODED_INFO
 
 try:
     import fcntl
@@ -50,7 +63,7 @@ except ImportError:  # not POSIX: writers in one process are still serialised by
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MAX_NAME_CHARS = 64
 
 _DB_FILE = "concepts.db"
@@ -60,6 +73,17 @@ _MEMORY_FILE = "memory.safetensors"
 # Zero-width (non-)joiners are format characters (category Cf) but are part of ordinary
 # writing: emoji sequences such as 👩‍🔬 and several scripts need them.
 _ALLOWED_FORMAT_CHARS = {"\u200c", "\u200d"}
+
+# Refused in names and categories: controls (terminal escapes), surrogates, and format characters
+# other than the joiners (bidirectional overrides, zero-width spaces). Unassigned code points (Cn)
+# are allowed: emoji newer than this Python's Unicode tables are unassigned to it.
+_REFUSED_CATEGORIES = {"Cc", "Cs", "Cf"}
+
+_FILE_MODE = 0o600
+_DIR_MODE = 0o700
+
+# Encoded photos kept as they came, by format.
+_SUFFIXES = {"JPEG": ".jpg", "WEBP": ".webp", "PNG": ".png"}
 
 # Modes the PNG writer stores losslessly.
 _PNG_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I;16B"}
@@ -78,15 +102,19 @@ def validate_name(name: str) -> str:
     """
     if not isinstance(name, str):
         raise PersonalVLMError(f"a concept name must be text, got {type(name).__name__}")
-    for ch in name:
-        if unicodedata.category(ch).startswith("C") and ch not in _ALLOWED_FORMAT_CHARS:
-            raise PersonalVLMError(
-                f"concept name {name!r} contains the control or invisible character "
-                f"U+{ord(ch):04X}; use only letters, digits, spaces and punctuation"
-            )
+    bad = _refused_char(name)
+    if bad is not None:
+        raise PersonalVLMError(
+            f"concept name {name!r} contains the control or invisible character "
+            f"U+{ord(bad):04X}; use only letters, digits, spaces and punctuation"
+        )
     name = unicodedata.normalize("NFC", name.strip())
     if not name:
         raise PersonalVLMError("a concept name must not be empty; give the object a name such as 'my mug'")
+    if all(ch in _ALLOWED_FORMAT_CHARS or ch.isspace() for ch in name):
+        raise PersonalVLMError(
+            f"concept name {name!r} has only invisible characters; give the object a name such as 'my mug'"
+        )
     if len(name) > MAX_NAME_CHARS:
         raise PersonalVLMError(
             f"concept name {name[:20]!r}... is {len(name)} characters long; "
@@ -97,6 +125,45 @@ def validate_name(name: str) -> str:
     if name in (".", ".."):
         raise PersonalVLMError(f"{name!r} is not a valid concept name; choose a name with letters")
     return name
+
+
+def _refused_char(text: str) -> str | None:
+    for ch in text:
+        if unicodedata.category(ch) in _REFUSED_CATEGORIES and ch not in _ALLOWED_FORMAT_CHARS:
+            return ch
+    return None
+
+
+def validate_category(category: str) -> str:
+    """Return ``category`` stripped, or raise PersonalVLMError for control or invisible characters."""
+    if not isinstance(category, str):
+        raise PersonalVLMError(f"a category must be text, got {type(category).__name__}")
+    bad = _refused_char(category)
+    if bad is not None:
+        raise PersonalVLMError(
+            f"category {category[:40]!r} contains the control or invisible character U+{ord(bad):04X}; "
+            "use only letters, digits, spaces and punctuation"
+        )
+    return unicodedata.normalize("NFC", category.strip())
+
+
+def model_key(fingerprint: str) -> str:
+    """The part of a model fingerprint that a memory depends on: everything but the precision.
+
+    Adapters write ``family|model id|revision|dtype|d<hidden size>``; a memory made in one dtype
+    is cast for the same model in another. Other fingerprint strings are compared whole.
+    """
+    parts = fingerprint.split("|")
+    if len(parts) == 5 and parts[3] in _DTYPE_NAMES:
+        return "|".join(parts[:3] + parts[4:])
+    return fingerprint
+
+
+_DTYPE_NAMES = {"float32", "float16", "bfloat16", "float64"}
+
+
+class MemoryMissing(PersonalVLMError):
+    """The concept exists but has no memory built for the asked model (rebuild it or report it)."""
 
 
 def default_store_dir() -> Path:
@@ -131,8 +198,12 @@ class ConceptStore:
         self._tmp_dir = self.root / "tmp"
         self._lock = threading.Lock()
         try:
-            self._concepts_dir.mkdir(parents=True, exist_ok=True)
-            self._tmp_dir.mkdir(parents=True, exist_ok=True)
+            for directory in (self.root, self._concepts_dir, self._tmp_dir):
+                directory.mkdir(parents=True, exist_ok=True)
+                _make_private(directory, _DIR_MODE)
+            # Created before SQLite opens it: SQLite gives its -wal and -shm files the same mode.
+            os.close(os.open(self._db_path, os.O_RDWR | os.O_CREAT, _FILE_MODE))
+            _make_private(self._db_path, _FILE_MODE)
         except OSError as e:
             raise PersonalVLMError(
                 f"cannot create the concept store in {self.root} ({e}); set store_dir to a writable folder"
@@ -165,6 +236,7 @@ class ConceptStore:
         extra = _encode_json(_check_dict(record.extra, "extra"), "extra")
         if not isinstance(record.category, str):
             raise TypeError(f"category must be a str, got {type(record.category).__name__}")
+        validate_category(record.category)
 
         with self._mutating():
             with self._connect() as conn:
@@ -186,6 +258,8 @@ class ConceptStore:
                     if old is not None and not overwrite:
                         conn.execute("ROLLBACK")
                         raise _exists_error(name)
+                    others = _other_memory_dirs(conn, name)
+                    conn.execute("DELETE FROM memories WHERE name=?", (name,))
                     if old is None:
                         conn.execute(
                             f"INSERT INTO concepts ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
@@ -203,8 +277,8 @@ class ConceptStore:
             except BaseException:
                 self._discard_unless_referenced(version)
                 raise
-            if old is not None:
-                _remove(self._concepts_dir / old)
+            for directory in ([old] if old is not None else []) + others:
+                _remove(self._concepts_dir / directory)
         return stored
 
     def update_fingerprint(
@@ -244,10 +318,11 @@ class ConceptStore:
         memory_tokens: int,
         extra: dict | None = None,
     ) -> ConceptRecord:
-        """Swap in a memory rebuilt (e.g. for a new backbone) from the stored reference pictures.
+        """Store a memory rebuilt from the stored reference pictures for ``model_fingerprint``.
 
-        The pictures are kept. Keys of ``extra`` overwrite the stored ones; other stored keys
-        (e.g. ROIs of the kept pictures) stay.
+        For the model the concept was taught with, the concept's version is replaced (pictures
+        kept; keys of ``extra`` overwrite the stored ones, other stored keys such as ROIs stay).
+        For another model, the memory is kept beside it, replacing only that model's previous one.
         """
         name = validate_name(name)
         _check_memory(memory)
@@ -256,11 +331,13 @@ class ConceptStore:
                 row = _fetch_row(conn, name)
                 if row is None:
                     raise self._missing_error(conn, name)
+            if model_key(row["model_fingerprint"]) != model_key(model_fingerprint):
+                return self._put_other_memory(row, memory, model_fingerprint, memory_tokens)
             old = row["dir"]
             merged = dict(_decode_json(row["extra"], name, "extra"))
             merged.update(_check_dict(extra if extra is not None else {}, "extra"))
             extra_json = _encode_json(merged, "extra")
-            sources = [self._concepts_dir / old / f"ref_{i}.png" for i in range(row["n_images"])]
+            sources = [_reference_file(self._concepts_dir / old, i) for i in range(row["n_images"])]
             for source in sources:
                 if not source.is_file():
                     raise _damaged_error(name, f"its reference picture {source.name} is missing")
@@ -287,8 +364,35 @@ class ConceptStore:
             _remove(self._concepts_dir / old)
         return stored
 
+    def _put_other_memory(self, row, memory, model_fingerprint: str, memory_tokens: int) -> ConceptRecord:
+        name, key = row["name"], model_key(model_fingerprint)
+        version = self._publish_version(name, memory)
+        try:
+            with self._connect() as conn:
+                conn.execute("BEGIN IMMEDIATE")
+                if _dir_of(conn, name) != row["dir"]:
+                    conn.execute("ROLLBACK")
+                    raise PersonalVLMError(
+                        f"concept {name!r} was changed by another program while its memory was rebuilt; try again"
+                    )
+                previous = conn.execute(
+                    "SELECT dir FROM memories WHERE name=? AND model=?", (name, key)).fetchone()
+                conn.execute(
+                    "INSERT OR REPLACE INTO memories (name, model, model_fingerprint, memory_tokens, dir, updated) "
+                    "VALUES (?,?,?,?,?,?)",
+                    (name, key, model_fingerprint, int(memory_tokens), version, time.time()),
+                )
+                conn.execute("COMMIT")
+                stored = _fetch(conn, name)
+        except BaseException:
+            self._discard_unless_referenced(version)
+            raise
+        if previous is not None:
+            _remove(self._concepts_dir / previous[0])
+        return stored
+
     def forget(self, name: str) -> None:
-        """Delete the concept: its row, its memory and its reference pictures."""
+        """Delete the concept: its row, its memories and its reference pictures."""
         name = validate_name(name)
         with self._mutating():
             with self._connect() as conn:
@@ -297,10 +401,13 @@ class ConceptStore:
                 if old is None:
                     conn.execute("ROLLBACK")
                     raise self._missing_error(conn, name)
+                others = _other_memory_dirs(conn, name)
+                conn.execute("DELETE FROM memories WHERE name=?", (name,))
                 conn.execute("DELETE FROM concepts WHERE name=?", (name,))
                 conn.execute("COMMIT")
-            # A crash before this completes leaves an unreferenced directory, removed on next open.
-            _remove(self._concepts_dir / old)
+            # A crash before this completes leaves unreferenced directories, removed on next open.
+            for directory in [old, *others]:
+                _remove(self._concepts_dir / directory)
 
     # ------------------------------------------------------------------ reads
 
@@ -340,16 +447,46 @@ class ConceptStore:
         with self._connect() as conn:
             return conn.execute("SELECT COUNT(*) FROM concepts").fetchone()[0]
 
-    def load_memory(self, name: str) -> dict[str, torch.Tensor]:
-        """The concept memory exactly as it was stored, on CPU."""
+    def load_memory(self, name: str, model: str | None = None) -> dict[str, torch.Tensor]:
+        """The concept memory exactly as it was stored, on CPU.
+
+        ``model`` (a model fingerprint) asks for the memory built for that model, in any precision;
+        MemoryMissing when there is none. Without it: the memory of the model it was taught with.
+        """
         name = validate_name(name)
-        return self._read_version(name, lambda directory, n_images: _read_memory(directory / _MEMORY_FILE))
+        read = lambda directory, n_images: _read_memory(directory / _MEMORY_FILE)  # noqa: E731
+        return self._read_version(name, read, model)
+
+    def has_memory(self, name: str, model: str) -> bool:
+        """Whether the concept has a memory built for ``model`` (a fingerprint; precision ignored)."""
+        return validate_name(name) in self.memory_versions(model)
+
+    def memory_versions(self, model: str) -> dict[str, str]:
+        """Concept name → an id of its memory for ``model``, for every concept that has one.
+
+        The id changes whenever that memory is replaced: comparing two calls tells what to reload.
+        """
+        key = model_key(model)
+        with self._connect() as conn:
+            rows = conn.execute("SELECT name, model_fingerprint, dir FROM concepts").fetchall()
+            others = dict(conn.execute("SELECT name, dir FROM memories WHERE model=?", (key,)).fetchall())
+        versions = {}
+        for row in rows:
+            if model_key(row["model_fingerprint"]) == key:
+                versions[row["name"]] = row["dir"]
+            elif row["name"] in others:
+                versions[row["name"]] = others[row["name"]]
+        return versions
+
+    def watch(self) -> StoreWatcher:
+        """A cheap check for commits by any other connection: this process's or another's."""
+        return StoreWatcher(self._db_path)
 
     def load_images(self, name: str) -> list[Image.Image]:
         """The reference pictures as stored (PNG-compatible modes), fully loaded in memory."""
         name = validate_name(name)
         return self._read_version(
-            name, lambda directory, n_images: [_read_png(directory / f"ref_{i}.png") for i in range(n_images)]
+            name, lambda directory, n_images: [_read_picture(_reference_file(directory, i)) for i in range(n_images)]
         )
 
     # ------------------------------------------------------------------ internals
@@ -366,6 +503,8 @@ class ConceptStore:
             conn.row_factory = sqlite3.Row
             # FULL: a commit must be durable before the previous version's files are deleted.
             conn.execute("PRAGMA synchronous=FULL")
+            # A forgotten concept's name and description must not linger in free pages.
+            conn.execute("PRAGMA secure_delete=ON")
             yield conn
         finally:
             conn.close()
@@ -377,7 +516,7 @@ class ConceptStore:
             if fcntl is None:
                 yield
                 return
-            fd = os.open(self.root / _LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.root / _LOCK_FILE, os.O_RDWR | os.O_CREAT, _FILE_MODE)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 yield
@@ -414,6 +553,19 @@ class ConceptStore:
                             n_images INTEGER NOT NULL
                         )"""
                     )
+                if version < 2:
+                    # Format 2: memories for other models than the one a concept was taught with.
+                    conn.execute(
+                        """CREATE TABLE IF NOT EXISTS memories (
+                            name TEXT NOT NULL,
+                            model TEXT NOT NULL,
+                            model_fingerprint TEXT NOT NULL,
+                            memory_tokens INTEGER NOT NULL,
+                            dir TEXT NOT NULL UNIQUE,
+                            updated REAL NOT NULL,
+                            PRIMARY KEY (name, model)
+                        )"""
+                    )
                     conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
                 conn.execute("COMMIT")
         except sqlite3.DatabaseError as e:
@@ -427,7 +579,7 @@ class ConceptStore:
         for entry in self._tmp_dir.iterdir():
             _remove(entry)
         with self._connect() as conn:
-            referenced = {row[0] for row in conn.execute("SELECT dir FROM concepts")}
+            referenced = {row[0] for row in conn.execute("SELECT dir FROM concepts UNION SELECT dir FROM memories")}
         for entry in self._concepts_dir.iterdir():
             if entry.name not in referenced:
                 logger.info("removing %s, left by an interrupted write or delete", entry)
@@ -447,12 +599,17 @@ class ConceptStore:
         version = uuid.uuid4().hex
         staging = self._tmp_dir / version
         try:
-            staging.mkdir()
+            staging.mkdir(mode=_DIR_MODE)
+            _make_private(staging, _DIR_MODE)
             _write_memory(staging / _MEMORY_FILE, memory)
             for i, image in enumerate(images or []):
-                _write_png(staging / f"ref_{i}.png", image)
+                encoded = image.info.get(ENCODED_INFO)
+                if encoded is not None and encoded[1] in _SUFFIXES:
+                    _write_bytes(staging / f"ref_{i}{_SUFFIXES[encoded[1]]}", encoded[0])
+                else:
+                    _write_png(staging / f"ref_{i}.png", image)
             for i, source in enumerate(image_files or []):
-                _copy_file(source, staging / f"ref_{i}.png")
+                _copy_file(source, staging / f"ref_{i}{source.suffix}")
             _fsync_dir(staging)
             os.rename(staging, self._concepts_dir / version)
             _fsync_dir(self._concepts_dir)
@@ -472,27 +629,35 @@ class ConceptStore:
         """Remove a published version whose transaction failed, unless the commit did land."""
         try:
             with self._connect() as conn:
-                row = conn.execute("SELECT 1 FROM concepts WHERE dir=?", (version,)).fetchone()
+                row = conn.execute(
+                    "SELECT 1 FROM concepts WHERE dir=? UNION SELECT 1 FROM memories WHERE dir=?",
+                    (version, version)).fetchone()
         except (sqlite3.Error, PersonalVLMError):
             return  # unknown: leave it; the next open removes it if no row references it
         if row is None:
             _remove(self._concepts_dir / version)
 
-    def _read_version(self, name: str, read):
-        # A concurrent overwrite or rebuild may delete the directory between reading the row and
-        # reading the files; then the row points elsewhere and the read is retried.
-        for _ in range(3):
+    def _read_version(self, name: str, read, model: str | None = None):
+        # A concurrent overwrite, rebuild or forget may delete the directory between reading the
+        # row and reading the files; then the row points elsewhere (or is gone) and the read is
+        # retried.
+        for _ in range(5):
             with self._connect() as conn:
                 row = _fetch_row(conn, name)
                 if row is None:
                     raise self._missing_error(conn, name)
-            directory = self._concepts_dir / row["dir"]
+                directory_name = self._version_for(conn, row, model)
+            directory = self._concepts_dir / directory_name
             try:
                 return read(directory, row["n_images"])
-            except (OSError, ValueError, SafetensorError, SyntaxError, Image.DecompressionBombError) as e:
+            except (OSError, ValueError, RuntimeError, SafetensorError, SyntaxError,
+                    Image.DecompressionBombError) as e:
                 error = e
             with self._connect() as conn:
-                if _dir_of(conn, name) == row["dir"]:
+                row = _fetch_row(conn, name)
+                if row is None:
+                    raise self._missing_error(conn, name)
+                if self._version_for(conn, row, model) == directory_name:
                     break
         if not directory.is_dir():
             reason = f"its folder {directory} is missing"
@@ -501,6 +666,20 @@ class ConceptStore:
         else:
             reason = f"its files cannot be read ({error})"
         raise _damaged_error(name, reason) from error
+
+    @staticmethod
+    def _version_for(conn: sqlite3.Connection, row: sqlite3.Row, model: str | None) -> str:
+        if model is None or model_key(row["model_fingerprint"]) == model_key(model):
+            return row["dir"]
+        other = conn.execute("SELECT dir FROM memories WHERE name=? AND model=?",
+                             (row["name"], model_key(model))).fetchone()
+        if other is None:
+            raise MemoryMissing(
+                f"concept {row['name']!r} has no memory for this model (it was taught with "
+                f"{row['model_fingerprint']}); it is rebuilt from its pictures when the model loads, "
+                "or teach it again"
+            )
+        return other[0]
 
     def _missing_error(self, conn: sqlite3.Connection, name: str) -> PersonalVLMError:
         known = sorted(row[0] for row in conn.execute("SELECT name FROM concepts"))
@@ -523,6 +702,43 @@ def _damaged_error(name: str, reason: str) -> PersonalVLMError:
     return PersonalVLMError(
         f"concept {name!r} is damaged: {reason}; forget it and teach it again"
     )
+
+
+class StoreWatcher:
+    """Tells whether the index changed since the previous call, from one long-lived connection.
+
+    SQLite's ``PRAGMA data_version`` changes when another connection (of any process) commits; one
+    query on an open connection costs microseconds, so it can be polled often, off the frame path.
+    Use it from one thread at a time.
+    """
+
+    def __init__(self, db_path: Path):
+        self._conn = sqlite3.connect(db_path, timeout=30.0, isolation_level=None, check_same_thread=False)
+        self._version = self._read()
+
+    def _read(self) -> int:
+        return self._conn.execute("PRAGMA data_version").fetchone()[0]
+
+    def changed(self) -> bool:
+        version = self._read()
+        changed, self._version = version != self._version, version
+        return changed
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def _other_memory_dirs(conn: sqlite3.Connection, name: str) -> list[str]:
+    return [row[0] for row in conn.execute("SELECT dir FROM memories WHERE name=?", (name,))]
+
+
+def _make_private(path: Path, mode: int) -> None:
+    """Set ``mode`` on a path this user owns (an existing store made under another umask too)."""
+    try:
+        if (os.stat(path).st_mode & 0o777) != mode:
+            os.chmod(path, mode)
+    except PermissionError as e:
+        logger.warning("could not make %s private (%s)", path, e)
 
 
 def _dir_of(conn: sqlite3.Connection, name: str) -> str | None:
@@ -614,12 +830,23 @@ def _write_memory(path: Path, memory: dict[str, torch.Tensor]) -> None:
             value = value.clone()
         seen_storages.add(storage)
         tensors[key] = value
-    save_file(tensors, str(path))
-    _fsync_file(path)
+    _write_bytes(path, save(tensors))
 
 
 def _read_memory(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path), device="cpu")
+    # Read whole through one open file: loading by path would reopen the file after a concurrent
+    # forget removed it, and fail with a raw RuntimeError instead of a retry.
+    with open(path, "rb") as f:
+        data = f.read()
+    return load(data)
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _FILE_MODE)
+    with open(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _png_ready(image: Image.Image) -> Image.Image:
@@ -638,21 +865,30 @@ def _png_ready(image: Image.Image) -> Image.Image:
 
 
 def _write_png(path: Path, image: Image.Image) -> None:
-    with open(path, "wb") as f:
-        _png_ready(image).save(f, format="PNG")
-        f.flush()
-        os.fsync(f.fileno())
+    buffer = io.BytesIO()
+    _png_ready(image).save(buffer, format="PNG")
+    _write_bytes(path, buffer.getvalue())
 
 
-def _read_png(path: Path) -> Image.Image:
+def _reference_file(directory: Path, i: int) -> Path:
+    """Reference picture ``i`` of a version: whichever of its kept formats is there."""
+    for suffix in (".png", *_SUFFIXES.values()):
+        candidate = directory / f"ref_{i}{suffix}"
+        if candidate.is_file():
+            return candidate
+    return directory / f"ref_{i}.png"
+
+
+def _read_picture(path: Path) -> Image.Image:
     with Image.open(path) as image:
         image.load()
-        return image.copy()
+        # A kept photo is upright as the user saw it when taught (ROIs are in that frame).
+        upright = ImageOps.exif_transpose(image)
+        return upright if upright is not image else image.copy()
 
 
 def _copy_file(source: Path, target: Path) -> None:
-    shutil.copyfile(source, target)
-    _fsync_file(target)
+    _write_bytes(target, source.read_bytes())
 
 
 def _remove(path: Path) -> None:

@@ -17,6 +17,10 @@ never reused, and they start at 1 so that 0 can mean "no track" in messages.
 Box smoothing: an exponential moving average of (x, y, w, h),
     box_t = ema * observed_box + (1 - ema) * box_{t-1}
 applied on hits only; a present track that is missed keeps its last box.
+
+Frame size: boxes are in the pixels of the frame they were seen on, so when `update` is given a
+frame size other than the previous one (a folder of pictures of several sizes, a camera switched
+to another resolution) every track starts afresh, and every returned box is clipped to the frame.
 """
 
 from __future__ import annotations
@@ -72,21 +76,29 @@ class Tracker:
         self.max_missed = max_missed
         self._tracks: dict[str, Track] = {}
         self._frame = 0  # index of the latest processed frame
+        self._frame_size: tuple[int, int] | None = None  # (width, height) of the latest frame
         self._next_id = 1
         # `update` runs on the frame worker, `forget` on a service thread.
         self._lock = threading.Lock()
 
-    def update(self, observations: list[Observation]) -> list[Track]:
+    def update(self, observations: list[Observation],
+               frame_size: tuple[int, int] | None = None) -> list[Track]:
         """Advance one frame with the concepts observed on it; return the present tracks.
 
         Several observations of one name on a frame are reduced to the highest-scoring one.
-        The returned tracks are snapshots, ordered by track id.
+        The returned tracks are snapshots, ordered by track id. With ``frame_size`` (width,
+        height), a size change resets the tracks and the boxes are clipped to the frame.
         """
         best: dict[str, Observation] = {}
         for obs in observations:
             if obs.name not in best or obs.score > best[obs.name].score:
                 best[obs.name] = obs
         with self._lock:
+            if frame_size is not None:
+                frame_size = (int(frame_size[0]), int(frame_size[1]))
+                if self._frame_size is not None and frame_size != self._frame_size:
+                    self._tracks.clear()
+                self._frame_size = frame_size
             self._frame += 1
             for name, obs in best.items():
                 track = self._tracks.get(name)
@@ -107,7 +119,7 @@ class Tracker:
             present = sorted(
                 (t for t in self._tracks.values() if t.confirmed), key=lambda t: t.track_id
             )
-            return [self._snapshot(t) for t in present]
+            return [self._clipped(self._snapshot(t), frame_size) for t in present]
 
     def forget(self, name: str) -> None:
         """Drop the concept's track now; it is absent from the next `update`."""
@@ -129,6 +141,17 @@ class Tracker:
     def _snapshot(self, track: Track) -> Track:
         # A copy, so that callers on other threads never see a track change under them.
         return replace(track, hits=deque(track.hits, maxlen=self.n))
+
+    @staticmethod
+    def _clipped(track: Track, frame_size: tuple[int, int] | None) -> Track:
+        if frame_size is None:
+            return track
+        width, height = frame_size
+        x, y, w, h = track.box
+        x0, y0 = min(max(x, 0.0), float(width)), min(max(y, 0.0), float(height))
+        x1, y1 = min(max(x + w, 0.0), float(width)), min(max(y + h, 0.0), float(height))
+        track.box = (x0, y0, x1 - x0, y1 - y0)
+        return track
 
     def _new_track(self, obs: Observation) -> Track:
         track = Track(

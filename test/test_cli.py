@@ -175,3 +175,99 @@ def test_export_encoder_writes_an_onnx_graph_that_matches_torch(cli, tmp_path):
     assert (out / "encoder.onnx").is_file() and (out / "encoder.json").is_file()
     report = json.loads(done.stdout)
     assert report["max_abs_error"] < 1e-4
+
+
+def _no_model(tmp_path, *args):
+    """The command against a model that does not exist: only checks made before loading can answer."""
+    cmd = [sys.executable, "-m", "personal_vlm_node.cli", "--model", str(tmp_path / "no-such-model"),
+           "--store", str(tmp_path / "store"), "--device", "cpu", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["teach", "a/b", "IMG"], "must not contain '/'"),
+    (["teach", "ok", "missing.png"], "not found"),
+    (["teach", "ok", "IMG", "--roi", "0,0,nan,10"], "finite"),
+    (["teach", "ok", "IMG", "--roi", "500,500,5,5"], "outside"),
+    (["teach", "ok", "IMG", "IMG", "--roi", "0,0,5,5", "--roi", "0,0,5,5", "--roi", "0,0,5,5"], "regions of interest"),
+    (["teach", "ok", "IMG", "--category", "mug\x1b[31m"], "category"),
+    (["teach", "\u200d", "IMG"], "invisible"),
+    (["ask", "what?", "--image", "missing.png"], "not found"),
+    (["recognize", "missing.png"], "not found"),
+    (["recognize", "IMG", "--concept", "never taught"], "no concept named 'never taught'"),
+    (["detect", "missing.gif"], "not found"),
+    (["detect", "missing.mp4"], "not found"),
+])
+def test_name_path_and_roi_errors_are_reported_before_the_model_loads(tmp_path, args, message):
+    img = _photo(tmp_path / "img.png", 3)
+    done = _no_model(tmp_path, *[img if a == "IMG" else a for a in args])
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr
+    assert "model folder not found" not in done.stderr
+    assert "Traceback" not in done.stderr and "loading" not in done.stderr
+
+
+def test_list_escapes_control_characters_stored_by_older_versions(cli, tmp_path):
+    import sqlite3
+
+    mug = _photo(tmp_path / "mug.png", 5)
+    cli("teach", "mug", mug, "--no-wait")
+    with sqlite3.connect(cli.store / "concepts.db") as db:
+        db.execute("UPDATE concepts SET category=? WHERE name='mug'", ("cup\x1b[2J",))
+    listed = cli("list").stdout
+    assert "\x1b" not in listed and "cup" in listed
+
+
+def test_detect_reads_frames_in_natural_order_and_skips_an_unreadable_one(cli, tmp_path):
+    mug = _photo(tmp_path / "mug.png", 21)
+    cli("teach", "my mug", mug, "--no-wait")
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in (1, 2, 10):
+        Image.open(mug).save(frames / f"frame{i}.png")
+    (frames / "frame3.png").write_bytes(b"not a picture")
+    done = cli("--json", "detect", str(frames))
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["frame"] for r in rows] == ["frame1.png", "frame2.png", "frame10.png"]
+    assert "frame3.png" in done.stderr and "skipped" in done.stderr
+
+
+def test_detect_on_a_truncated_gif_exits_2_with_a_message(cli, tmp_path):
+    gif = tmp_path / "clip.gif"
+    pictures = [Image.open(_photo(tmp_path / f"g{i}.png", 30 + i)).convert("RGB") for i in range(3)]
+    pictures[0].save(gif, save_all=True, append_images=pictures[1:])
+    gif.write_bytes(gif.read_bytes()[:200])
+    done = cli("detect", str(gif), check=False)
+    assert done.returncode == 2, done.stderr
+    assert "clip.gif" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_recognize_says_how_many_of_the_concepts_it_checked(cli, tmp_path):
+    pictures = [_photo(tmp_path / f"p{i}.png", 40 + i) for i in range(7)]
+    for i, picture in enumerate(pictures):
+        cli("teach", f"thing {i}", picture, "--no-wait")
+    done = cli("recognize", pictures[0])
+    assert "of 7 concepts" in done.stdout + done.stderr
+    payload = json.loads(cli("--json", "recognize", pictures[0]).stdout)
+    assert payload["taught"] == 7 and payload["checked"] == len(payload["concepts"]) < 7
+    everything = json.loads(cli("--json", "recognize", pictures[0], "--all").stdout)
+    assert everything["checked"] == 7
+
+
+def test_teach_no_wait_returns_without_a_fingerprint(cli, tmp_path):
+    mug = _photo(tmp_path / "mug.png", 6)
+    taught = json.loads(cli("--json", "teach", "mug", mug, "--no-wait").stdout)
+    assert taught["attributes"] == {}
+    assert ConceptStore(cli.store).get("mug").fingerprint_complete is None
+
+
+def test_detect_on_one_picture_with_verify_waits_for_the_verdicts(cli, tmp_path):
+    profile = tmp_path / "profile.yaml"
+    profile.write_text("max_memory_tokens: 8\nmin_memory_tokens: 2\naccept_threshold: 0.999\n"
+                       "reject_threshold: 0.0\n")
+    cli("--profile", str(profile), "teach", "mug", _photo(tmp_path / "mug.png", 7), "--no-wait")
+    other = _photo(tmp_path / "other.png", 8)           # scores between the thresholds: uncertain
+    [row] = [json.loads(line) for line in
+             cli("--profile", str(profile), "--json", "detect", other, "--verify").stdout.splitlines()]
+    assert row["unverified"] == []
+    assert all(d["source"] in ("ego", "r2p") for d in row["detections"])

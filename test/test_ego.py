@@ -20,6 +20,25 @@ def _photo(seed, width=300, height=200):
 
 
 # ---- the method's maths -------------------------------------------------------------------
+@pytest.mark.parametrize("roi", [(0, 0, float("nan"), 10), (float("inf"), 0, 5, 5), (0, float("-inf"), 5, 5)])
+def test_non_finite_rois_are_refused_with_a_project_error(roi):
+    with pytest.raises(PersonalVLMError, match="finite"):
+        ego.check_roi(roi, (300, 200))
+
+
+def test_a_roi_partly_outside_the_image_is_clipped_to_it():
+    assert ego.check_roi((-50, -20, 100, 100), (300, 200)) == (0, 0, 50, 80)
+
+
+def test_a_roi_smaller_than_the_floor_still_gives_the_floor_of_tokens_nearest_it():
+    boxes = torch.tensor([[x, y, x + 10, y + 10] for y in range(0, 40, 10) for x in range(0, 40, 10)],
+                         dtype=torch.float32)      # (16, 4): a 4×4 grid of 10-pixel tokens
+    mask = ego.roi_mask(boxes, (31, 31, 2, 2), floor=4)
+    assert int(mask.sum()) == 4
+    assert mask[15] and mask[14] and mask[11]      # the corner token and its neighbours
+    assert int(ego.roi_mask(boxes, (0, 0, 40, 40), floor=4).sum()) == 16
+
+
 @pytest.mark.parametrize("area, n, expected", [
     (50.0, 64, 32), (10.0, 64, 6), (1.0, 64, 4), (100.0, 64, 32), (None, 64, 32), (30.0, 10, 4), (50, 3, 3),
 ])
@@ -43,7 +62,7 @@ def test_roi_mask_keeps_tokens_whose_centre_is_inside():
     assert ego.roi_mask(boxes, (1, 1, 2, 2)).tolist() == [True, False, False, False]
 
 
-@pytest.mark.parametrize("roi", [(0, 0, 0, 5), (-1, 0, 5, 5), (400, 0, 5, 5), (0, 0, -3, 4)])
+@pytest.mark.parametrize("roi", [(0, 0, 0, 5), (-10, 0, 5, 5), (400, 0, 5, 5), (0, 0, -3, 4)])
 def test_invalid_rois_are_refused(roi):
     with pytest.raises(PersonalVLMError, match="region of interest"):
         ego.check_roi(roi, (300, 200))
@@ -190,12 +209,14 @@ def test_memories_of_another_model_are_rebuilt_not_matched(assistant_for, family
     a = assistant_for(family)
     a.teach("my mug", [_photo(1)])
     old = a.store.load_memory("my mug")["memory"]
-    a.store.replace_memory("my mug", {"memory": torch.zeros(3, 17)}, "some|other|model", 3)
+    # As if it had been taught with another model: only that model's memory is stored.
+    record = a.store.get("my mug")
+    record.model_fingerprint = "some|other|model"
+    a.store.add(record, {"memory": torch.zeros(3, 17)}, a.store.load_images("my mug"), overwrite=True)
     b = assistant_for(family)
     assert any("rebuilding the memory of 'my mug'" in m for m in assistant_for.messages)
-    record = b.store.get("my mug")
-    assert record.model_fingerprint == b.vlm.fingerprint
-    rebuilt = b.store.load_memory("my mug")["memory"]
+    assert b.store.get("my mug").model_fingerprint == "some|other|model"   # that one is kept
+    rebuilt = b.store.load_memory("my mug", model=b.vlm.fingerprint)["memory"]
     assert rebuilt.shape[1] == b.vlm.hidden_size
     assert torch.allclose(rebuilt, old, atol=1e-5)   # same model, same references → same memory
 

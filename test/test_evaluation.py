@@ -303,3 +303,87 @@ def test_plots_are_drawn_for_any_names_and_degenerate_scores():
     flat = evaluation.histogram_png([0.7, 0.7], [], "score", {"accept": 0.7})
     assert Image.open(io.BytesIO(flat)).format == "PNG"
     assert Image.open(io.BytesIO(evaluation.histogram_png([], [], "score"))).size == (640, 340)
+
+
+# ---- the official Yo'LLaVA release, failed queries, settings checked first --------------------
+
+def _yollava_release(root, concepts=("bo", "mam"), train=2, test=2, negatives=2):
+    """{train,test}/<concept>/ with train/<concept>/negative_example/, as Yo'LLaVA is released."""
+    for c, name in enumerate(concepts):
+        for i in range(train):
+            _write(root / "train" / name / f"{i}.png", 100 * c + i)
+        for i in range(negatives):
+            _write(root / "train" / name / "negative_example" / f"{i}.png", 100 * c + 80 + i)
+        for i in range(test):
+            _write(root / "test" / name / f"{i}.png", 100 * c + 50 + i)
+    return root
+
+
+def test_the_official_yollava_release_layout_is_read_with_its_negatives(tmp_path):
+    root = _yollava_release(tmp_path / "yollava")
+    assert evaluation.detect_layout(root) == "yollava"
+    data = load_dataset(root, shots=2)
+    assert data.concepts == ["bo", "mam"]
+    assert [p.name for p in data.references["bo"]] == ["0.png", "1.png"]
+    keys = [q.key for q in data.queries]
+    assert keys[:4] == ["test/bo/0.png", "test/bo/1.png", "test/mam/0.png", "test/mam/1.png"]
+    assert "train/bo/negative_example/0.png" in keys
+    labelled = evaluation.pairs(data)
+    negatives = [(q.key, c, label) for q, c, label in labelled if "negative_example" in q.key]
+    # A concept's negative examples are negatives for that concept only.
+    assert sorted(negatives) == [("train/bo/negative_example/0.png", "bo", False),
+                                 ("train/bo/negative_example/1.png", "bo", False),
+                                 ("train/mam/negative_example/0.png", "mam", False),
+                                 ("train/mam/negative_example/1.png", "mam", False)]
+    assert len(labelled) == 8 + 4
+
+
+def test_failed_queries_are_reported_and_retried_on_a_rerun(assistant, tmp_path, monkeypatch):
+    data = load_dataset(_yollava(tmp_path / "data", train=1))
+    out = tmp_path / "out"
+    original = evaluation._Methods.evaluate
+
+    def flaky(self, query):
+        if query.key == "bo/test/1.png":
+            raise PersonalVLMError("the picture could not be read")
+        return original(self, query)
+
+    monkeypatch.setattr(evaluation._Methods, "evaluate", flaky)
+    messages = []
+    results = evaluation.evaluate(assistant, data, out, EvalOptions(), progress=messages.append)
+    assert results["dataset"]["queries"] == 3 and results["dataset"]["failed"] == 1
+    assert results["errors"] == [{"query": "bo/test/1.png", "error": "the picture could not be read"}]
+    assert any("bo/test/1.png failed" in m for m in messages)
+    assert "3 of 4 queries" in (out / "results.md").read_text()
+
+    monkeypatch.setattr(evaluation._Methods, "evaluate", original)
+    evaluated = []
+    monkeypatch.setattr(evaluation._Methods, "evaluate",
+                        lambda self, query: evaluated.append(query.key) or original(self, query))
+    again = evaluation.evaluate(assistant, data, out, EvalOptions(), progress=None)
+    assert evaluated == ["bo/test/1.png"]
+    assert again["dataset"]["queries"] == 4 and again["dataset"]["failed"] == 0 and again["errors"] == []
+    assert again["overall"]["positives"] + again["overall"]["negatives"] == 8
+
+
+def test_a_run_with_another_model_is_refused_before_anything_is_rebuilt(tiny_checkpoints, tmp_path):
+    data = _yollava(tmp_path / "data", concepts=("bo",), train=1, test=1)
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    evaluation.add_parser(sub)
+
+    def run(family):
+        args = parser.parse_args(["eval", str(data), "--out", str(tmp_path / "out"), "--method", "match"])
+        args.model, args.device, args.dtype, args.store, args.profile = (
+            str(tiny_checkpoints[family]), "cpu", "float32", None, None)
+        evaluation.run(args)
+
+    run("qwen2_5_vl")
+    store = ConceptStore(tmp_path / "out" / "store")
+    before = store.memory_versions(str(tiny_checkpoints["qwen2_5_vl"]))
+    with pytest.raises(PersonalVLMError, match="other settings"):
+        run("internvl")
+    from personal_vlm_node.vlm import load_vlm
+
+    intern = load_vlm(str(tiny_checkpoints["internvl"]), device="cpu", dtype="float32")
+    assert store.memory_versions(intern.fingerprint) == {}                # nothing rebuilt for it

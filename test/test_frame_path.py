@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from personal_vlm_node.assistant import Assistant
@@ -159,3 +160,97 @@ def test_when_ego_is_unsure_r2p_settles_and_keeps_every_stage(adapters, tmp_path
         assert 0.0 <= verdict["p_yes"] <= 1.0
     finally:
         a.close()
+
+
+# ---- a store shared by several processes, each on its own model -----------------------------
+
+def _assistant(adapters, family, store_dir, rebuild=True, **profile):
+    values = {"max_memory_tokens": 8, "min_memory_tokens": 2, "accept_threshold": 0.999,
+              "reject_threshold": 0.5, **profile}
+    return Assistant(adapters(family), ConceptStore(store_dir), ModelProfile(**values), progress=None,
+                     verification=False, rebuild=rebuild)
+
+
+def test_a_concept_taught_and_forgotten_elsewhere_is_followed_on_refresh(adapters, tmp_path):
+    node = _assistant(adapters, "qwen2_5_vl", tmp_path / "s")
+    cli = _assistant(adapters, "qwen2_5_vl", tmp_path / "s")
+    picture = _photo(3)
+    try:
+        cli.teach("lamp", [picture], category="lamp")
+        assert node.refresh() is True
+        node.observe(picture)
+        detections = node.observe(picture).detections
+        assert [(d.name, d.category) for d in detections] == [("lamp", "lamp")]
+        assert node.refresh() is False                       # nothing changed since
+        cli.forget("lamp")
+        node.refresh()
+        assert node.observe(picture).detections == []
+        assert node.ask("what is this?", picture).concepts == []
+    finally:
+        node.close()
+        cli.close()
+
+
+def test_the_store_watcher_thread_follows_changes_within_a_second(adapters, tmp_path):
+    node = _assistant(adapters, "qwen2_5_vl", tmp_path / "s")
+    other = ConceptStore(tmp_path / "s")
+    picture = _photo(4)
+    teacher = _assistant(adapters, "qwen2_5_vl", tmp_path / "t")
+    try:
+        teacher.teach("lamp", [picture])
+        record = teacher.store.get("lamp")
+        node.watch_store(period=0.05)
+        other.add(record, teacher.store.load_memory("lamp"), teacher.store.load_images("lamp"))
+        deadline = time.monotonic() + 1.0
+        while "lamp" not in node.matcher.names and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert "lamp" in node.matcher.names
+        other.forget("lamp")
+        deadline = time.monotonic() + 1.0
+        while "lamp" in node.matcher.names and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert "lamp" not in node.matcher.names
+    finally:
+        node.close()
+        teacher.close()
+
+
+def test_memories_are_never_matched_across_models(adapters, tmp_path):
+    qwen = _assistant(adapters, "qwen2_5_vl", tmp_path / "s")
+    picture = _photo(5)
+    try:
+        qwen.teach("mug", [picture])
+        original = qwen.store.load_memory("mug")["memory"].clone()
+        # Another model that may not rebuild: the concept is reported, not matched.
+        intern = _assistant(adapters, "internvl", tmp_path / "s", rebuild=False)
+        assert intern.unmatched == {"mug"}
+        assert "mug" not in intern.matcher.names
+        intern.close()
+        # Rebuilt for the other model: both models keep their own memory.
+        intern = _assistant(adapters, "internvl", tmp_path / "s")
+        assert "mug" in intern.matcher.names and intern.unmatched == set()
+        assert torch.equal(qwen.memory("mug"), original)
+        assert not torch.equal(intern.memory("mug").float()[:1], original[:1]) or \
+            intern.memory("mug").shape != original.shape
+        intern.close()
+        # The first model finds its memory untouched: nothing to rebuild.
+        again = _assistant(adapters, "qwen2_5_vl", tmp_path / "s")
+        assert again.rebuild_stale_memories() == []
+        assert torch.equal(again.memory("mug"), original)
+        again.close()
+    finally:
+        qwen.close()
+
+
+def test_a_concept_whose_rebuild_fails_is_not_matched(adapters, tmp_path):
+    qwen = _assistant(adapters, "qwen2_5_vl", tmp_path / "s")
+    qwen.teach("mug", [_photo(6)])
+    qwen.close()
+    directory = next((tmp_path / "s" / "concepts").iterdir())
+    (directory / "ref_0.png").unlink()
+    intern = _assistant(adapters, "internvl", tmp_path / "s")
+    try:
+        assert "mug" not in intern.matcher.names
+        assert intern.unmatched == {"mug"}
+    finally:
+        intern.close()

@@ -113,8 +113,8 @@ def _command(params: Path) -> list[str]:
 
 
 class NodeProcess:
-    def __init__(self, proc: subprocess.Popen, log: Path, model: str):
-        self.proc, self.log, self.model = proc, log, model
+    def __init__(self, proc: subprocess.Popen, log: Path, model: str, store: Path):
+        self.proc, self.log, self.model, self.store = proc, log, model, store
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -137,7 +137,7 @@ def node_process(tiny_checkpoints, tmp_path_factory):
     with open(log, "w") as out:
         proc = subprocess.Popen(_command(params), stdout=out, stderr=subprocess.STDOUT, env=env,
                                 cwd=Path(__file__).resolve().parent.parent)
-    node = NodeProcess(proc, log, model)
+    node = NodeProcess(proc, log, model, tmp / "store")
     deadline = time.monotonic() + WAIT_S
     while "ready:" not in node.output():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -389,6 +389,57 @@ def test_a_forgotten_concept_disappears_from_the_list_and_the_detections(ros):
     assert "old keys" not in names(ros.observe(keys))     # a frame sent after the forget returned
     again = ros.forget("old keys")
     assert again.success is False and "no concept named 'old keys'" in again.message
+
+
+# ---- a store shared with other processes ----------------------------------------------------
+
+def _cli(node_process, *args) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "personal_vlm_node.cli", "--model", node_process.model,
+           "--store", str(node_process.store), "--device", "cpu", "--dtype", "float32", *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def _seconds_until(ros, array, condition, limit: float = 10.0) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < limit:
+        if condition(ros.observe(array)):
+            return time.monotonic() - start
+    raise AssertionError(f"not within {limit} s")
+
+
+def test_a_concept_taught_and_forgotten_by_another_process_is_followed_within_a_second(ros, node_process, tmp_path):
+    from PIL import Image as PILImage
+
+    lamp = picture(21)
+    path = tmp_path / "lamp.png"
+    PILImage.fromarray(lamp).save(path)
+    _cli(node_process, "teach", "desk lamp", str(path), "--category", "lamp", "--no-wait")
+    seen = _seconds_until(ros, lamp, lambda r: "desk lamp" in names(r))
+    assert seen < 1.0
+    detection = next(d for d in ros.observe(lamp).detections if d.name == "desk lamp")
+    assert detection.category == "lamp"
+
+    _cli(node_process, "forget", "desk lamp")
+    gone = _seconds_until(ros, lamp, lambda r: "desk lamp" not in names(r))
+    assert gone < 1.0
+    asked = ros.ask("Is the lamp here?", image_msg(lamp))
+    assert asked.success, asked.message
+    assert "desk lamp" not in asked.concepts
+
+
+def test_repeated_bad_requests_log_a_throttled_short_warning(ros, node_process):
+    before = node_process.output().count("teach_concept:")
+    long_encoding = "x" * 5000
+    for _ in range(30):
+        response = ros.teach("mug", [_raw(encoding=long_encoding)])
+        assert response.success is False
+        assert len(response.message) < 400
+    time.sleep(0.5)
+    log = node_process.output()
+    assert log.count("teach_concept:") - before <= 3
+    assert long_encoding not in log
 
 
 # ---- bad requests ---------------------------------------------------------------------------

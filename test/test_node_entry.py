@@ -81,3 +81,46 @@ def test_node_refuses_a_threshold_that_crosses_the_model_profiles_other_one(tiny
     assert done.returncode == 2
     assert "must be below accept_threshold (0.3)" in done.stdout + done.stderr
     assert "Traceback" not in done.stdout + done.stderr
+
+
+def _start(tiny_checkpoints, tmp_path):
+    params = _params(tmp_path, model=str(tiny_checkpoints["internvl"]), device="cpu", dtype="float32",
+                     store_dir=str(tmp_path / "store"))
+    return subprocess.Popen(_command(params), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=_env(), cwd=Path(__file__).resolve().parent.parent)
+
+
+def _interrupted(proc) -> tuple[float, str]:
+    start = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    try:
+        out, _ = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        raise AssertionError(f"the node ignored Ctrl-C:\n{out}")
+    return time.monotonic() - start, out
+
+
+@pytest.mark.parametrize("delay", [0.3, 1.0])
+def test_ctrl_c_early_in_startup_ends_the_node_cleanly(tiny_checkpoints, tmp_path, delay):
+    proc = _start(tiny_checkpoints, tmp_path)
+    time.sleep(delay)
+    seconds, out = _interrupted(proc)
+    assert seconds < 5.0, out
+    assert proc.returncode == 0, out
+    assert "Traceback" not in out and "ready:" not in out
+
+
+def test_ctrl_c_while_the_model_loads_ends_the_node_cleanly(tiny_checkpoints, tmp_path):
+    proc = _start(tiny_checkpoints, tmp_path)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "loading" in line:
+            break
+    seconds, out = _interrupted(proc)
+    out = "".join(lines) + out
+    assert seconds < 5.0, out
+    assert proc.returncode == 0, out
+    assert "Traceback" not in out and "context is invalid" not in out and "ready:" not in out

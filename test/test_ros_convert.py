@@ -459,3 +459,18 @@ def test_overlay_with_no_detections_is_an_equal_copy():
 def test_overlay_rejects_a_non_rgb_array():
     with pytest.raises(PersonalVLMError):
         draw_overlay(np.zeros((4, 4), np.uint8), [])
+
+
+def test_a_long_rejected_encoding_is_shortened_in_the_message():
+    msg = Image(height=2, width=2, encoding="x" * 5000, step=6, data=bytes(12))
+    with pytest.raises(PersonalVLMError) as caught:
+        image_msg_to_array(msg)
+    assert len(str(caught.value)) < 400
+    assert "5000 characters" in str(caught.value)
+
+
+def test_control_characters_of_a_rejected_encoding_are_escaped():
+    msg = Image(height=2, width=2, encoding="rgb\x1b[31m", step=6, data=bytes(12))
+    with pytest.raises(PersonalVLMError) as caught:
+        image_msg_to_array(msg)
+    assert "\x1b" not in str(caught.value)

@@ -328,9 +328,10 @@ def test_update_fingerprint_sets_fingerprint_time_and_keywords(tmp_path):
         store.update_fingerprint("cup", {})
 
 
-def test_replace_memory_keeps_images_and_merges_extra(tmp_path):
+def test_replace_memory_of_the_taught_model_keeps_images_and_merges_extra(tmp_path):
     store = ConceptStore(tmp_path)
-    record = _record("mug", extra={"rois": [[1, 2, 3, 4]], "build_ms": 5})
+    record = _record("mug", extra={"rois": [[1, 2, 3, 4]], "build_ms": 5},
+                     model_fingerprint="big-vlm@r2/bfloat16/layers=3")
     store.add(record, _memory(1.0), [_picture(10), _picture(11)])
     old_dirs = _version_dirs(store)
     new_memory = {"layer3.keys": torch.ones(6, 16, dtype=torch.bfloat16)}  # (K_c, D)
@@ -399,7 +400,7 @@ def test_uses_wal_and_refuses_store_from_newer_version(tmp_path):
     ConceptStore(tmp_path)
     with contextlib.closing(sqlite3.connect(tmp_path / "concepts.db")) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
         db.execute("PRAGMA user_version=99")
         db.commit()
     with pytest.raises(PersonalVLMError, match="newer personal_vlm_node"):
@@ -595,3 +596,190 @@ def test_a_fingerprint_for_a_replaced_version_is_refused(tmp_path):
     assert store.get("mug").fingerprint == {}
     updated = store.update_fingerprint("mug", {"description": "new"}, expected_created=2000.0)
     assert updated.fingerprint == {"description": "new"}
+
+
+# ---------------------------------------------------------------------------- sharing one store
+
+QWEN_F32 = "qwen2_5_vl|Qwen/x|main|float32|d64"
+QWEN_BF16 = "qwen2_5_vl|Qwen/x|main|bfloat16|d64"
+INTERN_F32 = "internvl|OpenGVLab/y|main|float32|d64"
+
+
+def test_a_store_keeps_one_memory_per_model_and_reads_only_the_asked_models(tmp_path):
+    store = ConceptStore(tmp_path)
+    store.add(_record("mug", model_fingerprint=QWEN_F32), _memory(1.0), [_picture()])
+    store.replace_memory("mug", _memory(2.0), INTERN_F32, 4)
+    assert torch.equal(store.load_memory("mug", model=QWEN_F32)["tokens"], _memory(1.0)["tokens"])
+    assert torch.equal(store.load_memory("mug", model=INTERN_F32)["tokens"], _memory(2.0)["tokens"])
+    # Rebuilding for one model never replaces another model's memory.
+    store.replace_memory("mug", _memory(3.0), QWEN_F32, 4)
+    assert torch.equal(store.load_memory("mug", model=INTERN_F32)["tokens"], _memory(2.0)["tokens"])
+    assert torch.equal(store.load_memory("mug", model=QWEN_F32)["tokens"], _memory(3.0)["tokens"])
+    with pytest.raises(store_module.MemoryMissing, match="no memory for this model"):
+        store.load_memory("mug", model="idefics3|other|main|float32|d64")
+
+
+def test_a_memory_of_the_same_model_in_another_dtype_is_found(tmp_path):
+    store = ConceptStore(tmp_path)
+    store.add(_record("mug", model_fingerprint=QWEN_F32), _memory(1.0), [_picture()])
+    assert store.has_memory("mug", QWEN_BF16)
+    assert torch.equal(store.load_memory("mug", model=QWEN_BF16)["tokens"], _memory(1.0)["tokens"])
+    assert not store.has_memory("mug", INTERN_F32)
+
+
+def test_forget_and_overwrite_remove_every_models_memory(tmp_path):
+    store = ConceptStore(tmp_path)
+    store.add(_record("mug", model_fingerprint=QWEN_F32), _memory(1.0), [_picture()])
+    store.replace_memory("mug", _memory(2.0), INTERN_F32, 4)
+    store.add(_record("mug", model_fingerprint=QWEN_F32), _memory(5.0), [_picture()], overwrite=True)
+    assert not store.has_memory("mug", INTERN_F32)
+    assert len(_version_dirs(store)) == 1
+    store.replace_memory("mug", _memory(2.0), INTERN_F32, 4)
+    store.forget("mug")
+    assert _version_dirs(store) == []
+    assert not store.has_memory("mug", INTERN_F32)
+
+
+def test_memory_versions_tell_what_changed_for_one_model(tmp_path):
+    store = ConceptStore(tmp_path)
+    store.add(_record("mug", model_fingerprint=QWEN_F32), _memory(1.0), [_picture()])
+    store.add(_record("cat", model_fingerprint=INTERN_F32), _memory(1.0), [_picture()])
+    before = store.memory_versions(QWEN_F32)
+    assert set(before) == {"mug"}
+    store.replace_memory("cat", _memory(2.0), QWEN_F32, 4)
+    after = store.memory_versions(QWEN_F32)
+    assert set(after) == {"mug", "cat"} and after["mug"] == before["mug"]
+
+
+def test_a_store_written_by_format_1_opens_and_keeps_its_concepts(tmp_path):
+    store = ConceptStore(tmp_path)
+    store.add(_record("mug", model_fingerprint=QWEN_F32), _memory(1.0), [_picture()])
+    with contextlib.closing(sqlite3.connect(tmp_path / "concepts.db")) as db:
+        db.execute("DROP TABLE memories")
+        db.execute("PRAGMA user_version=1")
+        db.commit()
+    reopened = ConceptStore(tmp_path)
+    assert reopened.names() == ["mug"]
+    assert torch.equal(reopened.load_memory("mug", model=QWEN_F32)["tokens"], _memory(1.0)["tokens"])
+    reopened.replace_memory("mug", _memory(2.0), INTERN_F32, 4)
+    assert reopened.has_memory("mug", INTERN_F32)
+
+
+def test_the_watcher_sees_a_commit_of_another_store_object(tmp_path):
+    store = ConceptStore(tmp_path)
+    watcher = store.watch()
+    assert watcher.changed() is False
+    ConceptStore(tmp_path).add(_record("mug"), _memory(), [_picture()])
+    assert watcher.changed() is True
+    assert watcher.changed() is False
+    ConceptStore(tmp_path).forget("mug")
+    assert watcher.changed() is True
+    watcher.close()
+
+
+def test_a_read_racing_a_forget_never_raises_a_raw_error(tmp_path, monkeypatch):
+    store = ConceptStore(tmp_path)
+    store.add(_record("mug"), _memory(), [_picture()])
+    real_load = store_module._read_memory
+
+    def load_after_forget(path):
+        # The version being read goes away between reading the row and the file, after the file
+        # was opened: torch then fails to reopen it by path with a RuntimeError.
+        if "mug" in store:
+            ConceptStore(tmp_path).forget("mug")
+            raise RuntimeError(f"unable to open file <{path}>: No such file or directory")
+        return real_load(path)
+
+    monkeypatch.setattr(store_module, "_read_memory", load_after_forget)
+    with pytest.raises(PersonalVLMError, match="no concept named 'mug'"):
+        store.load_memory("mug")
+
+
+def test_a_memory_file_deleted_after_it_was_opened_is_still_read(tmp_path):
+    store = ConceptStore(tmp_path)
+    store.add(_record("mug"), _memory(7.0), [_picture()])
+    path = _concept_dir(store, "mug") / "memory.safetensors"
+    tensors = store_module._read_memory(path)
+    path.unlink()
+    assert torch.equal(tensors["tokens"], _memory(7.0)["tokens"])
+
+
+# ---------------------------------------------------------------------------- privacy
+
+
+def test_store_files_are_private_whatever_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        store = ConceptStore(tmp_path / "s")
+        store.add(_record("mug"), _memory(), [_picture()])
+        store.replace_memory("mug", _memory(2.0), INTERN_F32, 4)
+    finally:
+        os.umask(old)
+    root = tmp_path / "s"
+    for path in [root, *root.rglob("*")]:
+        mode = path.stat().st_mode & 0o777
+        if path.is_dir():
+            assert mode == 0o700, (path, oct(mode))
+        else:
+            assert mode == 0o600, (path, oct(mode))
+
+
+def test_forgotten_text_does_not_linger_in_the_index_file(tmp_path):
+    store = ConceptStore(tmp_path)
+    secret = "grandmother's insulin pen xyzzy"
+    store.add(_record("mug"), _memory(), [_picture()])
+    store.add(_record("pen", category="medical", keywords=[secret]), _memory(), [_picture()])
+
+    def checkpoint():
+        with contextlib.closing(sqlite3.connect(tmp_path / "concepts.db")) as db:
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    checkpoint()                                   # the row now lives in the database file itself
+    assert secret.encode() in (tmp_path / "concepts.db").read_bytes()
+    store.forget("pen")
+    checkpoint()
+    assert secret.encode() not in (tmp_path / "concepts.db").read_bytes()
+
+
+@pytest.mark.parametrize("bad", ["\u200d", "\u200d\u200c\u200d", " \u200b "])
+def test_names_of_only_invisible_characters_are_refused(bad):
+    with pytest.raises(PersonalVLMError):
+        validate_name(bad)
+
+
+def test_names_with_characters_newer_than_pythons_tables_are_accepted():
+    newer = "\U0001FAE9"   # an emoji assigned after the Unicode version of some Pythons
+    assert validate_name(f"face {newer}") == f"face {newer}"
+
+
+@pytest.mark.parametrize("bad", ["mug\x1b[31m", "a\x07b", "x\u202ey"])
+def test_categories_with_control_characters_are_refused(tmp_path, bad):
+    store = ConceptStore(tmp_path)
+    with pytest.raises(PersonalVLMError, match="category"):
+        store.add(_record("mug", category=bad), _memory(), [_picture()])
+    assert store.names() == []
+
+
+def test_an_encoded_photo_is_kept_byte_for_byte_and_read_back_upright(tmp_path):
+    import io
+
+    from PIL import ImageOps
+
+    from personal_vlm_node.images import load_image
+
+    sensor = Image.new("RGB", (40, 20), (200, 30, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6                                   # view rotated 90° clockwise
+    buffer = io.BytesIO()
+    sensor.save(buffer, format="JPEG", exif=exif.tobytes(), quality=90)
+    original = buffer.getvalue()
+    store = ConceptStore(tmp_path)
+    store.add(_record("mug"), _memory(), [load_image(original), _picture()])
+    directory = _concept_dir(store, "mug")
+    assert sorted(p.name for p in directory.iterdir()) == ["memory.safetensors", "ref_0.jpg", "ref_1.png"]
+    assert (directory / "ref_0.jpg").read_bytes() == original
+    first, second = store.load_images("mug")
+    assert first.size == (20, 40) and second.size == (6, 5)
+    store.replace_memory("mug", _memory(2.0), "tiny-vlm@r1/float32/layers=2", 4)
+    assert (_concept_dir(store, "mug") / "ref_0.jpg").read_bytes() == original
+    assert ImageOps.exif_transpose(first).size == (20, 40)

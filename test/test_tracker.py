@@ -150,3 +150,24 @@ def test_returned_tracks_are_snapshots():
 def test_invalid_parameters_are_refused(kwargs):
     with pytest.raises(PersonalVLMError):
         Tracker(**kwargs)
+
+
+def test_a_new_frame_size_starts_every_track_afresh():
+    tracker = Tracker(k=1, n=1)
+    tracker.update([mug((700.0, 400.0, 500.0, 600.0))], frame_size=(1280, 1024))
+    present = tracker.update([mug((80.0, 20.0, 100.0, 100.0))], frame_size=(803, 452))
+    assert [t.box for t in present] == [(80.0, 20.0, 100.0, 100.0)]    # not smoothed across sizes
+
+
+def test_a_stale_box_kept_on_a_miss_is_cleared_when_the_frame_size_changes():
+    tracker = Tracker(k=2, n=3)
+    for _ in range(2):
+        tracker.update([mug((700.0, 400.0, 500.0, 600.0))], frame_size=(1280, 1024))
+    assert tracker.update([], frame_size=(803, 452)) == []
+
+
+def test_every_returned_box_lies_inside_the_frame():
+    tracker = Tracker(k=1, n=1)
+    (track,) = tracker.update([mug((-10.0, 380.0, 200.0, 200.0))], frame_size=(640, 480))
+    x, y, w, h = track.box
+    assert (x, y) == (0.0, 380.0) and (x + w, y + h) == (190.0, 480.0)

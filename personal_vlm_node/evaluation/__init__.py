@@ -27,7 +27,9 @@ Dataset layouts (``--layout auto`` detects them in this order):
                names a multi-concept image.
 - ``perva``    ``ROOT/{train,test}/<category>/<concept>/*`` (PerVA); ``ROOT/{train,test}/<concept>/*``
                without the category level is read the same way.
-- ``yollava``  ``ROOT/<concept>/{train,test}/*`` (Yo'LLaVA).
+- ``yollava``  ``ROOT/{train,test}/<concept>/*`` as Yo'LLaVA is released, with the concept's hard
+               negatives in ``ROOT/train/<concept>/negative_example/*``: each is a query that is a
+               negative for that concept only; ``ROOT/<concept>/{train,test}/*`` is read too.
 - ``myvlm``    ``ROOT/<concept>/*`` (MyVLM). The queries are the images listed in ``--test-list``
                (one ``<concept>/<file>`` per line, relative to ROOT; ``#`` comments) or else the
                last ``--test-last N`` images of each concept (default: every image after the

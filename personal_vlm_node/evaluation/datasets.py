@@ -17,11 +17,15 @@ LAYOUTS = ("generic", "perva", "yollava", "myvlm")
 MAX_SHOTS = 8          # the Assistant's limit of reference images per concept
 
 
+NEGATIVE_EXAMPLES = "negative_example"     # Yo'LLaVA: train/<concept>/negative_example/
+
+
 @dataclass
 class Query:
     image: Path
     concepts: tuple[str, ...]     # the concepts present in the image
     key: str                      # the image's path relative to the dataset root: the resume key
+    negative_for: str | None = None   # a hard negative of this one concept, paired with it only
 
 
 @dataclass
@@ -62,6 +66,8 @@ def detect_layout(root: Path) -> str:
     if (root / "queries.json").is_file() and (root / "concepts").is_dir():
         return "generic"
     if (root / "train").is_dir() and (root / "test").is_dir():
+        if any((c / NEGATIVE_EXAMPLES).is_dir() for c in _subdirs(root / "train")):
+            return "yollava"
         return "perva"
     children = _subdirs(root)
     if any((c / "train").is_dir() and (c / "test").is_dir() for c in children):
@@ -90,7 +96,7 @@ def _perva_concepts(split: Path) -> dict[str, tuple[str, Path]]:
     """concept → (category, folder) under one split; a split without categories has category ""."""
     found: dict[str, tuple[str, Path]] = {}
     for first in _subdirs(split):
-        nested = [d for d in _subdirs(first) if _images(d)]
+        nested = [d for d in _subdirs(first) if _images(d) and d.name != NEGATIVE_EXAMPLES]
         entries = [(first.name, d) for d in nested] if nested else [("", first)]
         for category, folder in entries:
             name = _concept_name(folder.name, folder)
@@ -158,6 +164,19 @@ def load_dataset(root, layout: str = "auto", shots: int = 1, test_list=None, tes
                 raise PersonalVLMError(f"{folder} has test images but no training images under train/")
             queries += [Query(p, (name,), _relative(p, root)) for p in _images(folder)]
 
+    elif layout == "yollava" and (root / "train").is_dir() and (root / "test").is_dir():
+        for folder in _subdirs(root / "train"):
+            name = _concept_name(folder.name, folder)
+            train[name] = _images(folder)
+        for folder in _subdirs(root / "test"):
+            name = _concept_name(folder.name, folder)
+            if name not in train:
+                raise PersonalVLMError(f"{folder} has test images but no training images under train/")
+            queries += [Query(p, (name,), _relative(p, root)) for p in _images(folder)]
+        for name in list(train):
+            negatives = _images(root / "train" / name / NEGATIVE_EXAMPLES)
+            queries += [Query(p, (), _relative(p, root), negative_for=name) for p in negatives]
+
     elif layout == "yollava":
         for folder in _subdirs(root):
             if (folder / "train").is_dir():
@@ -199,4 +218,5 @@ def load_dataset(root, layout: str = "auto", shots: int = 1, test_list=None, tes
 
 def pairs(dataset: Dataset) -> list[tuple[Query, str, bool]]:
     """Every (query, concept, positive?) pair of the protocol."""
-    return [(q, c, c in q.concepts) for q in dataset.queries for c in dataset.concepts]
+    return [(q, c, c in q.concepts) for q in dataset.queries for c in dataset.concepts
+            if q.negative_for is None or c == q.negative_for]

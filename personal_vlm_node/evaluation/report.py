@@ -32,7 +32,8 @@ def results_markdown(results: dict) -> str:
         "",
         f"- model: `{results['model']}`",
         f"- dataset: {data['root']} (layout {data['layout']}, {data['concepts']} concepts, "
-        f"{data['queries']} of {data['of_queries']} queries, {data['shots']} shot(s))",
+        f"{data['queries']} of {data['of_queries']} queries"
+        f"{', ' + str(data['failed']) + ' failed' if data.get('failed') else ''}, {data['shots']} shot(s))",
         "- thresholds: " + ", ".join(f"{k} {format_value(v)}" for k, v in results["thresholds"].items()),
         f"- R2P: top-{results['r2p']['top_k']} of the matcher's top {results['r2p']['pool']}, "
         f"text similarity {results['r2p']['text_similarity']}",

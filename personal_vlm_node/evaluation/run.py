@@ -83,7 +83,8 @@ class _Methods:
         decide = getattr(self, f"_{self.options.method}")
         pairs, r2p_result = decide(tokens, image, scores)
         record = {"query": query.key, "concepts": list(query.concepts),
-                  "pairs": [{"concept": c, "label": c in query.concepts, **pair} for c, pair in pairs.items()]}
+                  "pairs": [{"concept": c, "label": c in query.concepts, **pair} for c, pair in pairs.items()
+                            if query.negative_for is None or c == query.negative_for]}
         if r2p_result is not None:
             record["r2p"] = {"decision": r2p_result.decision, "stages": r2p_result.stages}
         return record
@@ -234,6 +235,9 @@ def evaluate(assistant, dataset: Dataset, out, options: EvalOptions | None = Non
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _check_settings(out, _settings(assistant, dataset, options, test_split or {}), restart)
+    # Only now that the run's settings are accepted may the run's store be changed.
+    if assistant.rebuild_stale_memories():
+        assistant.reload()
     if text_similarity is None and options.verifier_model and options.method in ("r2p", "cascade"):
         from ..r2p import ImageTextSimilarity
 
@@ -243,7 +247,8 @@ def evaluate(assistant, dataset: Dataset, out, options: EvalOptions | None = Non
     introductions = _teach(assistant, dataset, out, progress)
     methods = _Methods(assistant, dataset, options, text_similarity)
     queries = dataset.queries[:options.max_queries] if options.max_queries else dataset.queries
-    done = {r["query"] for r in read_lines(out / PROGRESS_FILE)}
+    # A failed query is written down (with its error) but not done: a rerun tries it again.
+    done = {r["query"] for r in read_lines(out / PROGRESS_FILE) if "error" not in r}
     todo = [q for q in queries if q.key not in done]
     total = len(queries)
     finished = total - len(todo)
@@ -258,17 +263,28 @@ def evaluate(assistant, dataset: Dataset, out, options: EvalOptions | None = Non
         record["seconds"] = time.perf_counter() - t0
         _append_line(out / PROGRESS_FILE, record)
         finished += 1
-        progress(f"{finished}/{total} queries")
+        if "error" in record:
+            progress(f"{finished}/{total} queries ({query.key} failed: {record['error']}; a rerun retries it)")
+        else:
+            progress(f"{finished}/{total} queries")
 
     keys = {q.key for q in queries}
-    records = [r for r in read_lines(out / PROGRESS_FILE) if r.get("query") in keys]
+    latest = {}                          # the newest line per query: a retried failure is replaced
+    for r in read_lines(out / PROGRESS_FILE):
+        if r.get("query") in keys:
+            latest[r["query"]] = r
+    records = list(latest.values())
+    failed = [r for r in records if "error" in r]
+    if failed:
+        progress(f"{len(failed)} of {total} queries failed; run the same command again to retry them")
     summary = summarize(records, dataset.concepts)
     timed = [r["seconds"] for r in records if "error" not in r]
     results = {
         "method": options.method,
         "model": assistant.vlm.model_id,
         "dataset": {"root": str(dataset.root), "layout": dataset.layout, "shots": dataset.shots,
-                    "concepts": len(dataset.concepts), "queries": len(records), "of_queries": len(dataset.queries)},
+                    "concepts": len(dataset.concepts), "queries": len(records) - len(failed),
+                    "failed": len(failed), "of_queries": len(dataset.queries)},
         "thresholds": {"accept": methods.accept, "reject": methods.reject, "recognize": methods.threshold,
                        "margin": methods.margin, "pairwise": options.pairwise_threshold},
         "r2p": {"top_k": options.top_k, "pool": options.r2p_pool,

@@ -70,7 +70,7 @@ def image_msg_to_array(msg: Image) -> np.ndarray:
     if step < row_bytes:
         raise PersonalVLMError(
             f"Image step {step} is smaller than width × bytes per pixel = {width} × {bytes_per_pixel} = "
-            f"{row_bytes} for encoding {msg.encoding}; fix the publisher's step")
+            f"{row_bytes} for encoding {_shown(msg.encoding)}; fix the publisher's step")
     raw = np.frombuffer(msg.data, dtype=np.uint8)  # (len(data),) no copy
     if raw.size < step * height:
         raise PersonalVLMError(
@@ -93,7 +93,7 @@ def compressed_msg_to_array(msg: CompressedImage) -> np.ndarray:
     """A sensor_msgs/CompressedImage (JPEG or PNG) as an H×W×3 uint8 RGB array."""
     if "compresseddepth" in msg.format.lower().replace(" ", ""):
         raise PersonalVLMError(
-            f"CompressedImage format '{msg.format}' (compressedDepth) is not supported; "
+            f"CompressedImage format '{_shown(msg.format)}' (compressedDepth) is not supported; "
             "subscribe to the raw depth Image instead")
     if len(msg.data) == 0:
         raise PersonalVLMError("CompressedImage has no data; send a JPEG or PNG")
@@ -101,7 +101,7 @@ def compressed_msg_to_array(msg: CompressedImage) -> np.ndarray:
         image = load_image(bytes(msg.data))
     except PersonalVLMError as exc:
         raise PersonalVLMError(
-            f"CompressedImage (format '{msg.format}', {len(msg.data)} bytes) cannot be decoded: {exc}") from exc
+            f"CompressedImage (format '{_shown(msg.format)}', {len(msg.data)} bytes) cannot be decoded: {exc}") from exc
     return np.array(image, dtype=np.uint8)  # (H, W, 3), writable
 
 
@@ -187,6 +187,12 @@ def name_colour(name: str) -> tuple[int, int, int]:
     return int(r * 255), int(g * 255), int(b * 255)
 
 
+def _shown(text: str, limit: int = 40) -> str:
+    """A client's string as it goes into a message: shortened, with control characters escaped."""
+    text = text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+    return text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
+
+
 def _encoding_layout(encoding: str) -> tuple[int, str, str]:
     canonical = _ENCODING_BY_LOWER.get(encoding.lower())
     if canonical is not None:
@@ -194,9 +200,9 @@ def _encoding_layout(encoding: str) -> tuple[int, str, str]:
     supported = ", ".join(SUPPORTED_ENCODINGS)
     if encoding.lower().startswith("bayer"):
         raise PersonalVLMError(
-            f"Image encoding '{encoding}' (Bayer) is not supported; debayer it first (image_proc) and send "
+            f"Image encoding '{_shown(encoding)}' (Bayer) is not supported; debayer it first (image_proc) and send "
             f"one of: {supported}")
-    raise PersonalVLMError(f"Image encoding '{encoding}' is not supported; send one of: {supported}")
+    raise PersonalVLMError(f"Image encoding '{_shown(encoding)}' is not supported; send one of: {supported}")
 
 
 def _clipped_corners(box: Box, width: int, height: int) -> tuple[int, int, int, int] | None:

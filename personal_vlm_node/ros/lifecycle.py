@@ -20,7 +20,7 @@ import gc
 import sys
 
 from ..errors import PersonalVLMError
-from .node import (NODE_NAME, AssistantNode, NodeParameters, init_ros, open_assistant, ready_line, shut_down,
+from .node import (NODE_NAME, STORE_CHECK_PERIOD_S, AssistantNode, NodeParameters, init_ros, open_assistant, ready_line, shut_down,
                    spin_until_signal, stop_ros)
 
 
@@ -46,6 +46,7 @@ def _lifecycle_node_class():
                 self.get_logger().error(f"configure failed: {exc}")
                 return TransitionCallbackReturn.FAILURE
             self.parameters.attach(self.assistant, band)
+            self.assistant.watch_store(STORE_CHECK_PERIOD_S)     # follow other processes' changes
             self.get_logger().info(
                 "configured: " + ready_line(self.parameters.values, self.assistant).removeprefix("ready: ")
                 + "; activate to start serving")

@@ -75,6 +75,9 @@ PARAMETERS: dict[str, Param] = {
 }
 
 DIAGNOSTICS_PERIOD_S = 1.0
+STORE_CHECK_PERIOD_S = 0.2     # how often the store is checked for other processes' teach/forget
+WARNING_THROTTLE_S = 2.0       # a failing client must not flood the log
+MAX_LOGGED_CHARS = 300
 NO_FRAMES_WARNING_S = 5.0      # diagnostics warn when the camera has been silent this long
 WORKER_JOIN_TIMEOUT_S = 3.0
 REQUESTS_DRAIN_TIMEOUT_S = 3.0   # shutdown waits this long for interrupted requests to answer
@@ -570,7 +573,7 @@ class AssistantNode:
         except PersonalVLMError as exc:
             response.success = False
             response.message = str(exc)
-            self.log.warning(f"{service}: {exc}")
+            self.log.warning(f"{service}: {str(exc)[:MAX_LOGGED_CHARS]}", throttle_duration_sec=WARNING_THROTTLE_S)
         except Exception as exc:
             response.success = False
             response.message = f"internal error: {type(exc).__name__}: {exc}"
@@ -792,6 +795,14 @@ def stop_ros(node, executor, drained: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:               # Ctrl-C during the imports or before the node existed
+        print(f"[{NODE_NAME}] interrupted during startup", file=sys.stderr, flush=True)
+        return 0
+
+
+def _main(argv: list[str] | None) -> int:
     import rclpy
     from rclpy.executors import MultiThreadedExecutor
 
@@ -813,6 +824,7 @@ def main(argv: list[str] | None = None) -> int:
         frontend = AssistantNode(node, assistant, values)
         parameters.frontend = frontend
         frontend.start()
+        assistant.watch_store(STORE_CHECK_PERIOD_S)
         log.info(frontend.describe())
         log.info(ready_line(values, assistant))
         spin_until_signal(executor)
