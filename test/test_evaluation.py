@@ -265,8 +265,8 @@ def test_a_rerun_skips_the_queries_already_done(assistant, tmp_path, monkeypatch
     assert [r["query"] for r in evaluation.read_lines(out / "progress.jsonl")] == ["bo/test/0.png", "bo/test/1.png"]
 
     evaluated = []
-    original = evaluation._Methods.evaluate
-    monkeypatch.setattr(evaluation._Methods, "evaluate",
+    original = evaluation.run._Methods.evaluate
+    monkeypatch.setattr(evaluation.run._Methods, "evaluate",
                         lambda self, query: evaluated.append(query.key) or original(self, query))
     taught = []
     monkeypatch.setattr(assistant, "teach", lambda *a, **k: taught.append(a) or pytest.fail("taught again"))
