@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from personal_vlm_node import evaluation
+from personal_vlm_node import cli, evaluation
 from personal_vlm_node.assistant import Assistant
 from personal_vlm_node.errors import PersonalVLMError
 from personal_vlm_node.evaluation import Counts, EvalOptions, load_dataset, recognition_metrics
@@ -341,14 +341,14 @@ def test_the_official_yollava_release_layout_is_read_with_its_negatives(tmp_path
 def test_failed_queries_are_reported_and_retried_on_a_rerun(assistant, tmp_path, monkeypatch):
     data = load_dataset(_yollava(tmp_path / "data", train=1))
     out = tmp_path / "out"
-    original = evaluation._Methods.evaluate
+    original = evaluation.run._Methods.evaluate
 
     def flaky(self, query):
         if query.key == "bo/test/1.png":
             raise PersonalVLMError("the picture could not be read")
         return original(self, query)
 
-    monkeypatch.setattr(evaluation._Methods, "evaluate", flaky)
+    monkeypatch.setattr(evaluation.run._Methods, "evaluate", flaky)
     messages = []
     results = evaluation.evaluate(assistant, data, out, EvalOptions(), progress=messages.append)
     assert results["dataset"]["queries"] == 3 and results["dataset"]["failed"] == 1
@@ -356,9 +356,9 @@ def test_failed_queries_are_reported_and_retried_on_a_rerun(assistant, tmp_path,
     assert any("bo/test/1.png failed" in m for m in messages)
     assert "3 of 4 queries" in (out / "results.md").read_text()
 
-    monkeypatch.setattr(evaluation._Methods, "evaluate", original)
+    monkeypatch.setattr(evaluation.run._Methods, "evaluate", original)
     evaluated = []
-    monkeypatch.setattr(evaluation._Methods, "evaluate",
+    monkeypatch.setattr(evaluation.run._Methods, "evaluate",
                         lambda self, query: evaluated.append(query.key) or original(self, query))
     again = evaluation.evaluate(assistant, data, out, EvalOptions(), progress=None)
     assert evaluated == ["bo/test/1.png"]
@@ -366,23 +366,17 @@ def test_failed_queries_are_reported_and_retried_on_a_rerun(assistant, tmp_path,
     assert again["overall"]["positives"] + again["overall"]["negatives"] == 8
 
 
-def test_a_run_with_another_model_is_refused_before_anything_is_rebuilt(tiny_checkpoints, tmp_path):
+def test_a_run_with_another_model_is_refused_before_anything_is_rebuilt(tiny_checkpoints, tmp_path, capsys):
     data = _yollava(tmp_path / "data", concepts=("bo",), train=1, test=1)
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers(dest="command")
-    evaluation.add_parser(sub)
 
     def run(family):
-        args = parser.parse_args(["eval", str(data), "--out", str(tmp_path / "out"), "--method", "match"])
-        args.model, args.device, args.dtype, args.store, args.profile = (
-            str(tiny_checkpoints[family]), "cpu", "float32", None, None)
-        evaluation.run(args)
+        return cli.main(["--model", str(tiny_checkpoints[family]), "--device", "cpu", "--dtype", "float32",
+                         "eval", str(data), "--out", str(tmp_path / "out"), "--method", "match"])
 
-    run("qwen2_5_vl")
+    assert run("qwen2_5_vl") == 0
     store = ConceptStore(tmp_path / "out" / "store")
-    before = store.memory_versions(str(tiny_checkpoints["qwen2_5_vl"]))
-    with pytest.raises(PersonalVLMError, match="other settings"):
-        run("internvl")
+    assert run("internvl") == 2
+    assert "other settings" in capsys.readouterr().err
     from personal_vlm_node.vlm import load_vlm
 
     intern = load_vlm(str(tiny_checkpoints["internvl"]), device="cpu", dtype="float32")

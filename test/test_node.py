@@ -740,7 +740,7 @@ def test_list_says_1_concept_and_diagnostics_name_the_resolved_dtype(ros, node_p
 
 # ---- personal-vlm node …: the client for machines without the ros2 command --------------------
 
-def _cli(*args, timeout=WAIT_S):
+def _node_cli(*args, timeout=WAIT_S):
     env = dict(os.environ)
     env.pop("_ROS_WHEELS_BOOTSTRAP_COMPLETE", None)
     return subprocess.run([sys.executable, "-m", "personal_vlm_node.cli", *args], capture_output=True, text=True,
@@ -754,26 +754,26 @@ def test_the_node_client_teaches_lists_asks_and_forgets(ros, tmp_path):
     PILImage.fromarray(picture(150)).save(path)
     ns = ["node", "--namespace", NAMESPACE]
 
-    taught = _cli(*ns, "teach", "kettle", str(path), "--category", "kettle", "--json")
+    taught = _node_cli(*ns, "teach", "kettle", str(path), "--category", "kettle", "--json")
     assert taught.returncode == 0, taught.stderr
     assert json.loads(taught.stdout)["memory_tokens"] > 0
 
-    listed = _cli("--json", *ns, "list")
+    listed = _node_cli("--json", *ns, "list")
     assert listed.returncode == 0, listed.stderr
     row = next(r for r in json.loads(listed.stdout)["concepts"] if r["name"] == "kettle")
     assert row["category"] == "kettle" and row["memory_tokens"] > 0
 
-    asked = _cli(*ns, "ask", "Where is the kettle?", "--image", str(path), "--json")
+    asked = _node_cli(*ns, "ask", "Where is the kettle?", "--image", str(path), "--json")
     assert asked.returncode == 0, asked.stderr
     assert json.loads(asked.stdout)["concepts"][0] == "kettle"
 
-    streamed = _cli(*ns, "ask", "Where is the kettle?", "--image", str(path), "--stream")
+    streamed = _node_cli(*ns, "ask", "Where is the kettle?", "--image", str(path), "--stream")
     assert streamed.returncode == 0, streamed.stderr
     assert streamed.stdout.strip() == json.loads(asked.stdout)["answer"]
 
-    forgotten = _cli(*ns, "forget", "kettle")
+    forgotten = _node_cli(*ns, "forget", "kettle")
     assert forgotten.returncode == 0 and "forgot 'kettle'" in forgotten.stdout
-    again = _cli(*ns, "forget", "kettle")
+    again = _node_cli(*ns, "forget", "kettle")
     assert again.returncode == 2 and "no concept named 'kettle'" in again.stderr
     assert "Traceback" not in again.stderr
 
@@ -789,7 +789,7 @@ def test_the_node_client_watches_the_detections(ros):
     thread = threading.Thread(target=camera, daemon=True)
     thread.start()
     try:
-        watched = _cli("node", "--namespace", NAMESPACE, "--json", "watch", "--count", "2")
+        watched = _node_cli("node", "--namespace", NAMESPACE, "--json", "watch", "--count", "2")
     finally:
         stop.set()
         thread.join()
@@ -800,7 +800,7 @@ def test_the_node_client_watches_the_detections(ros):
 
 
 def test_the_node_client_says_when_no_node_answers():
-    done = _cli("node", "--namespace", "/nobody_here", "--timeout", "1", "list")
+    done = _node_cli("node", "--namespace", "/nobody_here", "--timeout", "1", "list")
     assert done.returncode == 2
     assert "no node answers on /nobody_here/list_concepts within 1 s" in done.stderr
     assert "Traceback" not in done.stderr
