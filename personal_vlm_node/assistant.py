@@ -88,6 +88,8 @@ class Assistant:
         self.store = store
         self.profile = profile or load_profile(vlm.model_id)
         self.layers = self.profile.resolved_layers(vlm.num_layers)
+        self.introduction = ego.IntroductionOptions.from_profile(self.profile, self.layers)
+        vlm.memory_layout = self.profile.memory_layout
         self.progress = progress or (lambda message: None)
         self.matcher = Matcher()
         self.encoder = encoder               # None = the model's torch vision tower
@@ -158,8 +160,7 @@ class Assistant:
             try:
                 images = self.store.load_images(record.name)
                 tokens = [self.vlm.encode_image(image) for image in images]
-                intro = ego.introduce(self.vlm, tokens, record.name, record.category, self.layers,
-                                      self.profile.max_memory_tokens, self.profile.min_memory_tokens,
+                intro = ego.introduce(self.vlm, tokens, record.name, record.category, self.introduction,
                                       rois=record.extra.get("rois"))
                 self.store.replace_memory(record.name, intro.memory, self.vlm.fingerprint,
                                           intro.memory_tokens, extra={**record.extra, "rebuilt": time.time()})
@@ -188,8 +189,7 @@ class Assistant:
             t1 = time.perf_counter()
             tokens = [self.vlm.encode_image(picture) for picture in pictures]
             t_encode = time.perf_counter() - t1
-            intro = ego.introduce(self.vlm, tokens, name, category, self.layers,
-                                  self.profile.max_memory_tokens, self.profile.min_memory_tokens,
+            intro = ego.introduce(self.vlm, tokens, name, category, self.introduction,
                                   rois=rois, progress=self.progress if len(pictures) > 1 else None)
             now = time.time()
             timings = {"encode": t_encode, **intro.timings}
@@ -245,7 +245,7 @@ class Assistant:
 
     # ---- using concepts ---------------------------------------------------------------------
     def _memories(self, names: list[str]) -> list[Memory]:
-        return [Memory(self.store.load_memory(n)["memory"], n) for n in names]
+        return [Memory.from_stored(self.store.load_memory(n), n) for n in names]
 
     def candidates(self, tokens, limit: int) -> list[str]:
         """Similarity filter: the ``limit`` concepts whose memories best match the image's tokens."""

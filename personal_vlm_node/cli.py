@@ -255,6 +255,7 @@ def _cmd_calibrate(args) -> None:
         samples.append((vlm.encode_image(image), mask))
     t0 = time.perf_counter()
     scores = ego.rank_layers(vlm, samples, args.top_k,
+                             options=ego.IntroductionOptions.from_profile(profile, []),
                              progress=lambda m: print(f"[personal-vlm] {m}", file=sys.stderr, flush=True))
     ranked = sorted(scores, key=lambda l: -scores[l])
     profile.layers = sorted(ranked[: min(args.keep, len(ranked))])

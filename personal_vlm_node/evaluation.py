@@ -352,7 +352,7 @@ class _Methods:
         if not self.reject < self.accept:
             raise PersonalVLMError(f"the reject threshold ({self.reject}) must be below the accept threshold "
                                    f"({self.accept})")
-        self.memories = {c: Memory(assistant.store.load_memory(c)["memory"], c) for c in dataset.concepts}
+        self.memories = {c: Memory.from_stored(assistant.store.load_memory(c), c) for c in dataset.concepts}
         self.fingerprints = {c: assistant.store.get(c).fingerprint for c in dataset.concepts}
         self.r2p = r2p.R2PVerifier(assistant.vlm, text_similarity, top_k=options.top_k,
                                    pairwise_threshold=options.pairwise_threshold)

@@ -39,8 +39,14 @@ def default_profile_path(model: str) -> Path:
 class ModelProfile:
     model: str = ""
     layers: list[int] = field(default_factory=list)   # empty → default_layers(num_layers)
-    max_memory_tokens: int = 32       # K: the most visual tokens kept per reference image
+    max_memory_tokens: int = 256      # cap on K, the visual tokens kept per reference image
     min_memory_tokens: int = 4        # floor of K_c, so a tiny subject still gets a memory
+    memory_budget: float = 0.2        # K = budget · the image's tokens (Ego: 20 %); 0 → K = the cap
+    memory_layout: str = "image"      # memories spliced inside vision markers at their grid
+                                      # positions ("image") or as 1-D text rows ("text")
+    attention_rows: str = "predict"   # rows read per keyword token: the row predicting it, or "own"
+    attention_baseline: str = "answer"  # subtract the answer's non-keyword rows ("answer") or "none"
+    introduction_passes: int = 1      # 1: attention captured while generating; 2: extra forward
     accept_threshold: float = 0.80    # matcher score at or above which a frame is a detection
     reject_threshold: float = 0.55    # at or below which it is not; between goes to verification
     recognize_threshold: float = 0.5  # Ego in-context p(yes) that counts as present
@@ -59,6 +65,14 @@ class ModelProfile:
     def validate(self) -> ModelProfile:
         if not 1 <= self.min_memory_tokens <= self.max_memory_tokens:
             raise PersonalVLMError("profile: need 1 <= min_memory_tokens <= max_memory_tokens")
+        if not 0.0 <= self.memory_budget <= 1.0:
+            raise PersonalVLMError("profile: memory_budget is a share of the image's tokens in [0, 1]")
+        choices = {"memory_layout": ("image", "text"), "attention_rows": ("predict", "own"),
+                   "attention_baseline": ("answer", "none"), "introduction_passes": (1, 2)}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise PersonalVLMError(f"profile: {key} must be one of {', '.join(map(str, allowed))}, "
+                                       f"got {getattr(self, key)!r}")
         if not self.reject_threshold < self.accept_threshold:
             raise PersonalVLMError("profile: reject_threshold must be below accept_threshold")
         if not 0.0 <= self.recognize_threshold <= 1.0:
