@@ -170,8 +170,12 @@ class Assistant:
 
     # ---- teaching -------------------------------------------------------------------------
     def teach(self, name: str, images: list, category: str = "", rois=None,
-              overwrite: bool = False) -> TeachResult:
-        """Ego concept introduction; the concept is usable when this returns."""
+              overwrite: bool = False, add: bool = False) -> TeachResult:
+        """Ego concept introduction; the concept is usable when this returns.
+
+        ``add``: the images are further views of an existing concept: only they are introduced, and
+        their memory tokens are appended to the concept's (its fingerprint is kept).
+        """
         t0 = time.perf_counter()
         name = validate_name(name)
         category = (category or "").strip()
@@ -179,10 +183,17 @@ class Assistant:
             raise PersonalVLMError("category is over 64 characters")
         if not images:
             raise PersonalVLMError("teaching needs at least one reference image")
-        if len(images) > MAX_REFERENCE_IMAGES:
-            raise PersonalVLMError(f"at most {MAX_REFERENCE_IMAGES} reference images per concept")
-        if name in self.store and not overwrite:
-            raise PersonalVLMError(f"a concept named {name!r} already exists; pass overwrite to replace it")
+        previous = None
+        if add and name in self.store:
+            previous = self.store.get(name)
+            category = category or previous.category
+        elif name in self.store and not overwrite:
+            raise PersonalVLMError(f"a concept named {name!r} already exists; pass overwrite to replace it, "
+                                   "or add to give it more views")
+        old_pictures = self.store.load_images(name) if previous else []
+        if len(images) + len(old_pictures) > MAX_REFERENCE_IMAGES:
+            raise PersonalVLMError(f"at most {MAX_REFERENCE_IMAGES} reference images per concept"
+                                   + (f"; {name!r} has {len(old_pictures)} already" if previous else ""))
         pictures = [load_image(image) for image in images]
         rois = self._expand_rois(rois, pictures)
         with self._teach_lock:
@@ -193,20 +204,35 @@ class Assistant:
                                   rois=rois, progress=self.progress if len(pictures) > 1 else None)
             now = time.time()
             timings = {"encode": t_encode, **intro.timings}
+            extra = {"rois": [list(r) if r else None for r in rois],
+                     "areas": [i.area for i in intro.images],
+                     "answers": [i.answer[:500] for i in intro.images]}
+            memory, keywords = intro.memory, intro.keywords
+            if previous is not None:
+                old_memory = self.store.load_memory(name)
+                memory = ego.append_views(old_memory, memory)
+                keywords = list(dict.fromkeys(previous.keywords + intro.keywords))[:12]
+                extra = {**previous.extra,
+                         **{k: list(previous.extra.get(k) or [None] * len(old_pictures)) + extra[k] for k in extra}}
             record = ConceptRecord(
-                name=name, category=category, keywords=intro.keywords, fingerprint={},
-                fingerprint_complete=None, memory_tokens=intro.memory_tokens,
-                model_fingerprint=self.vlm.fingerprint, created=now, updated=now,
-                extra={"rois": [list(r) if r else None for r in rois],
-                       "areas": [i.area for i in intro.images],
-                       "answers": [i.answer[:500] for i in intro.images]})
+                name=name, category=category, keywords=keywords,
+                fingerprint=previous.fingerprint if previous else {},
+                fingerprint_complete=previous.fingerprint_complete if previous else None,
+                memory_tokens=int(memory["memory"].shape[0]),
+                model_fingerprint=self.vlm.fingerprint, created=previous.created if previous else now,
+                updated=now, extra=extra)
             t2 = time.perf_counter()
-            self.add_concept(record, intro.memory, pictures, overwrite=overwrite)
+            self.add_concept(record, memory, old_pictures + pictures, overwrite=overwrite or previous is not None)
             timings["store"] = time.perf_counter() - t2
         seconds = time.perf_counter() - t0
         timings["usable"] = seconds
-        future = self._background.submit(self._complete_fingerprint, name, tokens[0], category, now, t0, timings)
-        return TeachResult(name, intro.memory_tokens, intro.keywords, seconds, timings, future)
+        if previous is not None and previous.fingerprint_complete is not None:
+            future: Future = Future()
+            future.set_result(previous.fingerprint)
+        else:
+            future = self._background.submit(self._complete_fingerprint, name, tokens[0], category,
+                                             record.created, t0, timings)
+        return TeachResult(name, record.memory_tokens, keywords, seconds, timings, future)
 
     def add_concept(self, record: ConceptRecord, memory: dict, pictures: list, overwrite: bool = False) -> None:
         """Store a concept whose memory is already built and make it matchable at once."""
@@ -262,7 +288,13 @@ class Assistant:
             names = [validate_name(n) for n in names]
             for n in names:
                 self.store.get(n)
-        scores = ego.recognize(self.vlm, tokens, self._memories(names))
+        if self.profile.recognition == "joint":
+            context = self.candidates(tokens, max(1, self.profile.max_concepts_in_context))
+            context = context[: max(0, self.profile.max_concepts_in_context - len(names))]
+            memories = self._memories(list(dict.fromkeys(names + context)))
+            scores = ego.recognize_joint(self.vlm, tokens, memories, names)
+        else:
+            scores = ego.recognize(self.vlm, tokens, self._memories(names))
         threshold = self.profile.recognize_threshold
         results = [Recognition(n, p, p >= threshold) for n, p in scores.items()]
         return sorted(results, key=lambda r: -r.p_yes)
@@ -343,7 +375,12 @@ class Assistant:
             memory = self._memories([name])
         except PersonalVLMError:
             return None                    # forgotten while queued
-        p_yes = ego.recognize(self.vlm, tokens, memory)[name]
+        if self.profile.recognition == "joint":
+            context = [n for n in self.candidates(tokens, self.profile.max_concepts_in_context) if n != name]
+            memory = memory + self._memories(context[: max(0, self.profile.max_concepts_in_context - 1)])
+            p_yes = ego.recognize_joint(self.vlm, tokens, memory, [name])[name]
+        else:
+            p_yes = ego.recognize(self.vlm, tokens, memory)[name]
         verdict = r2p.cascade_decision("uncertain", p_yes, self.r2p_margin, self.profile.recognize_threshold)
         if verdict != "r2p":
             return {"present": verdict == "accept", "p_yes": p_yes, "source": "ego"}

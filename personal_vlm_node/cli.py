@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     teach.add_argument("--roi", type=_parse_roi, action="append",
                        help="x,y,w,h of the subject in pixels; once for all images or once per image")
     teach.add_argument("--overwrite", action="store_true")
+    teach.add_argument("--add", action="store_true",
+                       help="the images are further views of an existing concept: add them to its memory")
     teach.add_argument("--no-wait", action="store_true", help="don't wait for the fingerprint to complete")
 
     ask = sub.add_parser("ask", help="ask a question about an image")
@@ -104,7 +106,7 @@ def _open(args, verification: bool = False):
 def _cmd_teach(args) -> None:
     with _open(args) as assistant:
         result = assistant.teach(args.name, args.images, category=args.category, rois=args.roi,
-                                 overwrite=args.overwrite)
+                                 overwrite=args.overwrite, add=args.add)
         fingerprint = {} if args.no_wait else result.wait_fingerprint()
     steps = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
     _emit(args, {"name": result.name, "memory_tokens": result.memory_tokens, "keywords": result.keywords,

@@ -381,6 +381,19 @@ def build_memory(images: list[ImageTokens], intros: list[ImageIntroduction]) -> 
             "importance": importance, "grids": grids, "num_tokens": num_tokens, "boxes": boxes}
 
 
+def append_views(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A concept memory with further reference views: ``new``'s images follow ``old``'s."""
+    if old["memory"].shape[1] != new["memory"].shape[1]:
+        raise PersonalVLMError("the stored memory was built with another model; re-teach the concept")
+    views = int(old["grids"].shape[0]) if "grids" in old else int(old.get("image_index", torch.zeros(1)).max()) + 1
+    out = {}
+    for key, value in new.items():
+        if key not in old:
+            raise PersonalVLMError("the stored memory predates multi-view teaching; re-teach the concept")
+        out[key] = torch.cat([old[key], value + views if key == "image_index" else value])
+    return out
+
+
 def introduce(vlm: VLMAdapter, images: list[ImageTokens], name: str, category: str,
               options: IntroductionOptions, rois=None, progress=None) -> Introduction:
     """Ego concept introduction over 1..R reference images (see the module docstring)."""
@@ -413,6 +426,15 @@ def describe_fingerprint(vlm: VLMAdapter, tokens: ImageTokens, name: str, catego
 def recognize(vlm: VLMAdapter, image: ImageTokens, memories: list[Memory]) -> dict[str, float]:
     """Ego in-context recognition: p(yes) per concept, its memory spliced as soft tokens."""
     return {m.name: vlm.yes_probability(prompts.recognize(m, image, vlm.family)) for m in memories}
+
+
+def recognize_joint(vlm: VLMAdapter, image: ImageTokens, memories: list[Memory],
+                    names: list[str] | None = None) -> dict[str, float]:
+    """Ego recognition with every memory in one prompt, so concepts compete: p(yes) per name
+    (default: every memory's name). The memories and the image are read once for all names."""
+    names = [m.name for m in memories] if names is None else names
+    asked = [prompts.recognize_joint(memories, image, n, vlm.family) for n in names]
+    return dict(zip(names, vlm.yes_probabilities(asked)))
 
 
 # ---- calibration ------------------------------------------------------------------------

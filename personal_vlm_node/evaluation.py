@@ -354,6 +354,7 @@ class _Methods:
                                    f"({self.accept})")
         self.memories = {c: Memory.from_stored(assistant.store.load_memory(c), c) for c in dataset.concepts}
         self.fingerprints = {c: assistant.store.get(c).fingerprint for c in dataset.concepts}
+        self._joint: dict = {}
         self.r2p = r2p.R2PVerifier(assistant.vlm, text_similarity, top_k=options.top_k,
                                    pairwise_threshold=options.pairwise_threshold)
 
@@ -376,10 +377,20 @@ class _Methods:
         return {m.name: m.score for m in self.assistant.matcher.score(tokens.features, tokens.token_boxes)
                 if m.name in concepts}
 
-    def _ego_p_yes(self, tokens, concept: str) -> float:
+    def _ego_p_yes(self, tokens, concept: str, scores: dict[str, float] | None = None) -> float:
         from . import ego
 
-        return ego.recognize(self.assistant.vlm, tokens, [self.memories[concept]])[concept]
+        if self.assistant.profile.recognition != "joint":
+            return ego.recognize(self.assistant.vlm, tokens, [self.memories[concept]])[concept]
+        # The top-M memories by matcher score in one prompt (with the concept asked about).
+        m = max(1, self.assistant.profile.max_concepts_in_context)
+        ranked = sorted(scores or {}, key=lambda c: -(scores or {})[c])
+        names = ranked[:m] if concept in ranked[:m] else ranked[:m - 1] + [concept]
+        key = (id(tokens), tuple(names))
+        if key not in self._joint:
+            self._joint = {key: ego.recognize_joint(self.assistant.vlm, tokens,
+                                                    [self.memories[n] for n in names])}
+        return self._joint[key][concept]
 
     def _run_r2p(self, tokens, image, scores: dict[str, float], must_include=()):
         from .r2p import candidates_from_scores
@@ -395,7 +406,7 @@ class _Methods:
     def _ego(self, tokens, image, scores):
         out = {}
         for c in self.dataset.concepts:
-            p = self._ego_p_yes(tokens, c)
+            p = self._ego_p_yes(tokens, c, scores)
             out[c] = {"predicted": p >= self.threshold, "score": p, "source": "ego"}
         return out, None
 
@@ -413,7 +424,7 @@ class _Methods:
         for c in self.dataset.concepts:
             s = scores.get(c)
             stage = "reject" if s is None else decide(s, self.accept, self.reject)
-            p_yes = self._ego_p_yes(tokens, c) if stage == "uncertain" else None
+            p_yes = self._ego_p_yes(tokens, c, scores) if stage == "uncertain" else None
             verdict = cascade_decision(stage, p_yes, self.options.margin, self.threshold)
             source = "match" if stage != "uncertain" else ("r2p" if verdict == "r2p" else "ego")
             out[c] = {"predicted": verdict == "accept", "score": s, "source": source, "p_yes": p_yes}

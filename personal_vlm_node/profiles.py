@@ -47,6 +47,8 @@ class ModelProfile:
     attention_rows: str = "predict"   # rows read per keyword token: the row predicting it, or "own"
     attention_baseline: str = "answer"  # subtract the answer's non-keyword rows ("answer") or "none"
     introduction_passes: int = 1      # 1: attention captured while generating; 2: extra forward
+    recognition: str = "per_concept"  # Ego check: one prompt per concept, or "joint": the top-M
+                                      # memories in one prompt, a yes-probability per name
     accept_threshold: float = 0.80    # matcher score at or above which a frame is a detection
     reject_threshold: float = 0.55    # at or below which it is not; between goes to verification
     recognize_threshold: float = 0.5  # Ego in-context p(yes) that counts as present
@@ -68,7 +70,8 @@ class ModelProfile:
         if not 0.0 <= self.memory_budget <= 1.0:
             raise PersonalVLMError("profile: memory_budget is a share of the image's tokens in [0, 1]")
         choices = {"memory_layout": ("image", "text"), "attention_rows": ("predict", "own"),
-                   "attention_baseline": ("answer", "none"), "introduction_passes": (1, 2)}
+                   "attention_baseline": ("answer", "none"), "introduction_passes": (1, 2),
+                   "recognition": ("per_concept", "joint")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise PersonalVLMError(f"profile: {key} must be one of {', '.join(map(str, allowed))}, "

@@ -24,6 +24,7 @@ FINGERPRINT = (
 )
 
 RECOGNIZE = "Is {name} in this image? Answer Yes or No."
+RECOGNIZE_JOINT_INTRO = "These are personal things, each shown by its name and its appearance:"
 
 ASK_INTRO = "These are personal things you know, each shown by its name and its appearance:"
 ASK_RULE = "Answer the question about the image. When one of these things is relevant, call it by its name."
@@ -64,6 +65,15 @@ def fingerprint(image: ImageTokens, name: str, category: str, family: str = "") 
 def recognize(memory: Memory, image: ImageTokens, family: str = "") -> list[Part]:
     return [f"This is {memory.name}: ", memory, "\n", image, "\n",
             _text("recognize", family, RECOGNIZE).format(name=memory.name)]
+
+
+def recognize_joint(memories: list[Memory], image: ImageTokens, name: str, family: str = "") -> list[Part]:
+    """Several memories in one prompt, then the question for one of them: the prompts for
+    different names share everything up to the question."""
+    parts: list[Part] = [_text("recognize_joint_intro", family, RECOGNIZE_JOINT_INTRO) + "\n"]
+    for memory in memories:
+        parts += [f"{memory.name}: ", memory, "\n"]
+    return parts + [image, "\n" + _text("recognize", family, RECOGNIZE).format(name=name)]
 
 
 def ask(memories: list[Memory], image: ImageTokens, question: str, family: str = "") -> list[Part]:

@@ -226,3 +226,33 @@ def test_introduction_reads_attention_in_one_pass_unless_asked_for_two(adapters,
     assert calls == [1]
     assert torch.equal(one.indices, two.indices)
     torch.testing.assert_close(one.importance, two.importance, atol=1e-5, rtol=1e-4)
+
+
+# ---- several prompts sharing a prefix, joint recognition, more views ---------------------------
+def test_shared_prefix_yes_probabilities_equal_separate_passes(adapters, family):
+    adapter = adapters(family)
+    tokens = adapter.encode_image(_photo(6))
+    memories = [Memory.from_stored({"memory": tokens.features[:3].clone(), "positions": torch.tensor([0, 1, 2]),
+                                    "image_index": torch.zeros(3, dtype=torch.long),
+                                    "grids": torch.tensor([list(tokens.grid)])}, "my mug"),
+                Memory(tokens.features[3:5].clone(), "Fluffy")]
+    joint = ego.recognize_joint(adapter, tokens, memories)
+    from personal_vlm_node import prompts
+
+    for name in ("my mug", "Fluffy"):
+        alone = adapter.yes_probability(prompts.recognize_joint(memories, tokens, name, adapter.family))
+        assert joint[name] == pytest.approx(alone, abs=1e-5)
+    # A second round reuses nothing stale from the first.
+    assert ego.recognize_joint(adapter, tokens, memories) == pytest.approx(joint, abs=1e-6)
+
+
+def test_append_views_offsets_the_image_index():
+    old = {"memory": torch.ones(2, 3), "positions": torch.tensor([4, 5]), "image_index": torch.tensor([0, 0]),
+           "grids": torch.tensor([[3, 3]]), "num_tokens": torch.tensor([9])}
+    new = {"memory": torch.zeros(1, 3), "positions": torch.tensor([2]), "image_index": torch.tensor([0]),
+           "grids": torch.tensor([[2, 2]]), "num_tokens": torch.tensor([4])}
+    both = ego.append_views(old, new)
+    assert both["image_index"].tolist() == [0, 0, 1]
+    assert both["positions"].tolist() == [4, 5, 2]
+    assert both["grids"].tolist() == [[3, 3], [2, 2]]
+    assert Memory.from_stored(both).has_layout

@@ -501,6 +501,36 @@ class VLMAdapter(ABC):
         pair = torch.stack([logits[0, yes], logits[0, no]])
         return float(torch.softmax(pair, dim=0)[0])
 
+    def yes_probabilities(self, prompts: list[list[Part]], system: str | None = None) -> list[float]:
+        """:meth:`yes_probability` of several prompts that share a beginning (e.g. the same memories
+        and image, then one question per name): the shared rows run once, then each prompt's own
+        rows run on that cache."""
+        if not prompts:
+            return []
+        yes, no = self.yes_no_ids(system)
+        out = []
+        with self._lock, torch.inference_mode():
+            built = [self.build(parts, system=system) for parts in prompts]
+            shared = min(b.input_ids.shape[1] for b in built) - 1
+            first = built[0]
+            for b in built[1:]:
+                same = (b.input_ids[0, :shared] == first.input_ids[0, :shared]) & \
+                    (b.inputs_embeds[0, :shared] == first.inputs_embeds[0, :shared]).all(-1) & \
+                    (b.position_ids[..., :shared] == first.position_ids[..., :shared]).reshape(-1, shared).all(0)
+                shared = int(same.long().cumprod(0).sum())
+            cache = None
+            if shared > 0:
+                _, cache = self._run(first.inputs_embeds[:, :shared], first.position_ids[..., :shared])
+            for b in built:
+                logits, cache = self._run(b.inputs_embeds[:, shared:], b.position_ids[..., shared:], cache)
+                if shared > 0:
+                    cache.crop(shared - b.input_ids.shape[1])       # back to the shared rows
+                else:
+                    cache = None
+                pair = torch.stack([logits[0, yes], logits[0, no]])
+                out.append(float(torch.softmax(pair, dim=0)[0]))
+        return out
+
     def attention_to_images(self, parts: list[Part], answer: str, spans: list[tuple[int, int]],
                             layers: list[int], system: str | None = None) -> dict[int, list[torch.Tensor]]:
         """Attention paid to each image's visual tokens while the model produced ``answer``'s ``spans``.
