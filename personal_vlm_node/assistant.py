@@ -102,6 +102,7 @@ class Assistant:
                                 if verifier_model else None)
         self.r2p = r2p.R2PVerifier(vlm, self.text_similarity, top_k=r2p_top_k)
         self.r2p_margin, self.r2p_pool = r2p_margin, r2p_pool
+        self._reference_cache: dict[tuple[str, float], object] = {}     # (name, updated) → tokens / embeddings
         if verification:
             self.verifier.start()
         self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fingerprint")
@@ -208,12 +209,23 @@ class Assistant:
                      "areas": [i.area for i in intro.images],
                      "answers": [i.answer[:500] for i in intro.images]}
             memory, keywords = intro.memory, intro.keywords
+            if self.text_similarity is not None:
+                # R2P's s_VV: the references' contrastive embeddings, computed once, stored with the concept.
+                vectors = [self.text_similarity.embed_image(p).tolist() for p in pictures]
+                old = (previous.extra.get("reference_embeddings") or {}) if previous else {}
+                if previous is not None and old.get("model") == self.text_similarity.name:
+                    vectors = old["vectors"] + vectors
+                elif previous is not None:
+                    vectors = [self.text_similarity.embed_image(p).tolist() for p in old_pictures] + vectors
+                extra["reference_embeddings"] = {"model": self.text_similarity.name,
+                                                 "vectors": [[round(v, 6) for v in row] for row in vectors]}
             if previous is not None:
                 old_memory = self.store.load_memory(name)
                 memory = ego.append_views(old_memory, memory)
                 keywords = list(dict.fromkeys(previous.keywords + intro.keywords))[:12]
-                extra = {**previous.extra,
-                         **{k: list(previous.extra.get(k) or [None] * len(old_pictures)) + extra[k] for k in extra}}
+                extra = {**previous.extra, **extra,
+                         **{k: list(previous.extra.get(k) or [None] * len(old_pictures)) + extra[k]
+                            for k in ("rois", "areas", "answers")}}
             record = ConceptRecord(
                 name=name, category=category, keywords=keywords,
                 fingerprint=previous.fingerprint if previous else {},
@@ -361,8 +373,37 @@ class Assistant:
 
     def _r2p_candidates(self, tokens, must_include: list[str]) -> list[r2p.Candidate]:
         scores = {m.name: m.score for m in self.matcher.score(tokens.features, tokens.token_boxes)}
-        return r2p.candidates_from_scores(scores, self.r2p_pool, lambda n: self.store.get(n).fingerprint,
-                                          lambda n: self.store.load_memory(n)["memory"], must_include)
+        # With a contrastive model retrieval is cheap: rank the whole library, as R2P does.
+        pool = None if self.text_similarity is not None else self.r2p_pool
+        return r2p.candidates_from_scores(
+            scores, pool, lambda n: self.store.get(n).fingerprint,
+            lambda n: Memory.from_stored(self.store.load_memory(n), n), must_include,
+            embeddings_of=self.reference_embeddings, reference_of=self.reference_tokens)
+
+    def _cached(self, name: str, what: str, compute):
+        key = (name, what, self.store.get(name).updated)
+        if key not in self._reference_cache:
+            if len(self._reference_cache) > 4 * MAX_REFERENCE_IMAGES * 64:
+                self._reference_cache.clear()
+            self._reference_cache[key] = compute()
+        return self._reference_cache[key]
+
+    def reference_embeddings(self, name: str):
+        """(R, E) contrastive embeddings of the concept's reference pictures; None without a model.
+        Stored at teaching; computed (and kept in memory) for concepts taught without this model."""
+        if self.text_similarity is None:
+            return None
+        import torch
+
+        stored = self.store.get(name).extra.get("reference_embeddings") or {}
+        if stored.get("model") == self.text_similarity.name and stored.get("vectors"):
+            return self._cached(name, "embeddings", lambda: torch.tensor(stored["vectors"]))
+        return self._cached(name, "embeddings", lambda: torch.stack(
+            [self.text_similarity.embed_image(p) for p in self.store.load_images(name)]).cpu())
+
+    def reference_tokens(self, name: str):
+        """The concept's first reference picture, encoded (R2P's pairwise step shows it)."""
+        return self._cached(name, "tokens", lambda: self.vlm.encode_image(self.store.load_images(name)[0]))
 
     def _verify_uncertain(self, request: Request) -> dict | None:
         """The cascade for one uncertain concept on the frame it was uncertain on.

@@ -41,6 +41,8 @@ concepts are taught into ``DIR/store``, never into the user's own store.
 
 from __future__ import annotations
 
+import torch
+
 import argparse
 import json
 import math
@@ -355,6 +357,18 @@ class _Methods:
         self.memories = {c: Memory.from_stored(assistant.store.load_memory(c), c) for c in dataset.concepts}
         self.fingerprints = {c: assistant.store.get(c).fingerprint for c in dataset.concepts}
         self._joint: dict = {}
+        self._embeddings: dict = {}
+
+    def _reference_embeddings(self, concept: str):
+        similarity = self.r2p.text_similarity
+        if similarity is None:
+            return None
+        if concept not in self._embeddings:
+            from .images import load_image
+
+            self._embeddings[concept] = torch.stack(
+                [similarity.embed_image(load_image(p)) for p in self.dataset.references[concept]]).cpu()
+        return self._embeddings[concept]
         self.r2p = r2p.R2PVerifier(assistant.vlm, text_similarity, top_k=options.top_k,
                                    pairwise_threshold=options.pairwise_threshold)
 
@@ -395,8 +409,12 @@ class _Methods:
     def _run_r2p(self, tokens, image, scores: dict[str, float], must_include=()):
         from .r2p import candidates_from_scores
 
-        candidates = candidates_from_scores(scores, self.options.r2p_pool, self.fingerprints.__getitem__,
-                                            lambda c: self.memories[c].tokens, must_include)
+        # With a contrastive model, retrieval ranks the whole library (as R2P does); else the pool.
+        pool = None if self.r2p.text_similarity is not None else self.options.r2p_pool
+        candidates = candidates_from_scores(scores, pool, self.fingerprints.__getitem__,
+                                            self.memories.__getitem__, must_include,
+                                            embeddings_of=self._reference_embeddings,
+                                            reference_of=self.assistant.reference_tokens)
         return self.r2p.verify(tokens, image, candidates)
 
     def _match(self, tokens, image, scores):
@@ -574,8 +592,10 @@ def evaluate(assistant, dataset: Dataset, out, options: EvalOptions | None = Non
                     "concepts": len(dataset.concepts), "queries": len(records), "of_queries": len(dataset.queries)},
         "thresholds": {"accept": methods.accept, "reject": methods.reject, "recognize": methods.threshold,
                        "margin": options.margin, "pairwise": options.pairwise_threshold},
-        "r2p": {"top_k": options.top_k, "pool": options.r2p_pool,
-                "text_similarity": text_similarity.name if text_similarity is not None else "vlm_yes_no"},
+        "r2p": {"top_k": options.top_k, "pool": options.r2p_pool if text_similarity is None else None,
+                "text_similarity": text_similarity.name if text_similarity is not None else "vlm_yes_no",
+                "judge": "contrastive model" if text_similarity is not None else
+                "the VLM itself (s_VT, s_VA by yes/no; no contrastive model configured)"},
         **summary,
         "timing": {
             "seconds_per_query": sum(timed) / len(timed) if timed else None,
@@ -635,8 +655,12 @@ def results_markdown(results: dict) -> str:
         f"- dataset: {data['root']} (layout {data['layout']}, {data['concepts']} concepts, "
         f"{data['queries']} of {data['of_queries']} queries, {data['shots']} shot(s))",
         "- thresholds: " + ", ".join(f"{k} {_fmt(v)}" for k, v in results["thresholds"].items()),
-        f"- R2P: top-{results['r2p']['top_k']} of the matcher's top {results['r2p']['pool']}, "
-        f"text similarity {results['r2p']['text_similarity']}",
+        f"- R2P: top-{results['r2p']['top_k']} of "
+        + ("the whole library" if results['r2p']['pool'] is None else f"the matcher's top {results['r2p']['pool']}")
+        + f", text similarity {results['r2p']['text_similarity']}"
+        + ("; without a contrastive model s_VT and s_VA are the VLM judging its own answers, and "
+           "s_VV is the matcher's score" if results['r2p']['text_similarity'] == "vlm_yes_no" else
+           "; s_VV from the contrastive model's image embeddings"),
         "- decided by: " + (", ".join(f"{k} {v}" for k, v in sorted(results["decided_by"].items())) or "–"),
         f"- seconds per query {_fmt(timing['seconds_per_query'])}, per concept introduction "
         f"{_fmt(timing['seconds_per_concept_introduction'])} (fingerprint complete after "

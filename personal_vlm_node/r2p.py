@@ -5,9 +5,13 @@ Every taught concept c has a *fingerprint* (written in the background after teac
 pattern, distinct_features, text_or_brand} and a one-sentence description d_c. Given a query image
 q and a short list of candidate concepts (with their visual scores from the matcher), R2P runs:
 
-1. **Retrieval.** s_c = ½ (s_VV(q, c) + s_VT(q, d_c)), top-K candidates by s_c.
-     s_VV  visual score: the matcher's late-interaction score mean_k max_j cos(M_c[k], F_q[j]),
-           mapped from [-1, 1] to [0, 1] by (s + 1) / 2;
+1. **Retrieval.** s_c = ½ (s_VV(q, c) + s_VT(q, d_c)), top-K candidates by s_c — over the whole
+   library when a contrastive model is configured (two dot products per concept), else over the
+   matcher's best few (each s_VT then costs VLM forwards).
+     s_VV  image–image similarity of the contrastive model's embeddings, (cos(E(q), E(r_c)) + 1) / 2
+           with r_c the concept's reference pictures (embedded once at teaching, max over views);
+           without a contrastive model, the matcher's late-interaction score
+           mean_k max_j cos(M_c[k], F_q[j]) mapped from [-1, 1] to [0, 1] by (s + 1) / 2;
      s_VT  image–text similarity σ(q, d_c) between the image and the fingerprint description.
    σ comes from a contrastive image–text model (CLIP / SigLIP, :class:`ImageTextSimilarity`):
    σ(q, t) = (cos(E_img(q), E_txt(t)) + 1) / 2 ∈ [0, 1], an affine map that keeps the ranking of
@@ -22,8 +26,9 @@ q and a short list of candidate concepts (with their visual scores from the matc
      s_VA(c) = mean_{a ∈ A_c ∩ S} σ(q, "a photo of <a>")   (all of A_c when S names none of them),
    with the keys S names (color, shape…) used for every candidate so they are compared on the same
    attributes. Verification passes when argmax_c s_VA(c) = ĉ_CoT; the decision is then ĉ_CoT.
-4. **Pairwise reasoning** when it fails (or the CoT said none): for each candidate, its memory is
-   spliced as soft tokens next to the query image and the VLM is asked "Is this <name>?":
+4. **Pairwise reasoning** when it fails (or the CoT said none): for each candidate, its reference
+   picture (``pairwise_reference="image"``, as in R2P; or its memory as soft tokens, "memory") is
+   shown next to the query image and the VLM is asked "Is this <name>?":
      p_i = λ_yes / (λ_yes + λ_no)
    The best candidate wins when p_i ≥ τ (``pairwise_threshold``, default 0.5); otherwise none.
 
@@ -64,9 +69,20 @@ class Candidate:
     """A concept R2P may choose, as the caller knows it for this image."""
 
     name: str
-    visual_score: float          # s_VV before mapping: the matcher's score in [-1, 1]
+    visual_score: float          # the matcher's score in [-1, 1]: s_VV without a contrastive model
     fingerprint: dict            # {"attributes": {...}, "description": str}; {} while pending
-    memory: torch.Tensor         # (K_c, D) the concept memory, for pairwise reasoning
+    memory: torch.Tensor | Memory   # (K_c, D) the concept memory (or a laid-out Memory), for pairwise
+    reference_embeddings: torch.Tensor | None = None   # (R, E) unit contrastive embeddings of its references
+    reference: object = None     # its first reference picture as ImageTokens, or a callable giving them
+
+    def reference_tokens(self) -> ImageTokens | None:
+        """The reference picture's tokens (loaded on first use: only pairwise reasoning needs them)."""
+        if callable(self.reference):
+            self.reference = self.reference()
+        return self.reference
+
+    def as_memory(self) -> Memory:
+        return self.memory if isinstance(self.memory, Memory) else Memory(self.memory, self.name)
 
     @property
     def attributes(self) -> dict[str, str]:
@@ -226,6 +242,21 @@ class _Evidence:
                 self._cache[question] = self.vlm.yes_probability([self.image_tokens, "\n" + question])
         return [self._cache[q] for q in questions]
 
+    def image_similarities(self, candidates: list[Candidate]) -> list[float | None]:
+        """s_VV per candidate: (max_r cos(E(q), E(ref_r)) + 1) / 2, or None without embeddings."""
+        if self.similarity is None or self.image is None:
+            return [None] * len(candidates)
+        out = []
+        for c in candidates:
+            if c.reference_embeddings is None or not len(c.reference_embeddings):
+                out.append(None)
+                continue
+            if self._image_embedding is None:
+                self._image_embedding = self.similarity.embed_image(self.image)
+            cosines = c.reference_embeddings.float() @ self._image_embedding.cpu()      # (R,)
+            out.append(unit(float(cosines.max())))
+        return out
+
     def attributes(self, attributes: dict[str, str]) -> dict[str, float]:
         """σ(q, a) for each attribute key → value."""
         keys = list(attributes)
@@ -347,7 +378,8 @@ class R2PVerifier:
     """The four R2P stages over one query image; see the module docstring."""
 
     def __init__(self, vlm: VLMAdapter, text_similarity: ImageTextSimilarity | None = None,
-                 top_k: int = 3, pairwise_threshold: float = 0.5, cot_max_new_tokens: int = 160):
+                 top_k: int = 3, pairwise_threshold: float = 0.5, cot_max_new_tokens: int = 160,
+                 pairwise_reference: str = "image"):
         if not isinstance(top_k, int) or top_k < 1:
             raise PersonalVLMError(f"R2P top_k must be an integer >= 1, got {top_k!r}")
         if not 0.0 <= pairwise_threshold <= 1.0:
@@ -357,6 +389,9 @@ class R2PVerifier:
         self.top_k = top_k
         self.pairwise_threshold = pairwise_threshold
         self.cot_max_new_tokens = cot_max_new_tokens
+        if pairwise_reference not in ("image", "memory"):
+            raise PersonalVLMError(f"R2P pairwise_reference must be image or memory, got {pairwise_reference!r}")
+        self.pairwise_reference = pairwise_reference
 
     def verify(self, image_tokens: ImageTokens, image, candidates: list[Candidate]) -> R2PResult:
         """R2P's decision on ``image`` among ``candidates`` (pass the matcher's top few: without a
@@ -388,17 +423,26 @@ class R2PVerifier:
 
     # 1. retrieval ---------------------------------------------------------------------------
     def retrieve(self, evidence: _Evidence, candidates: list[Candidate]) -> tuple[list[Candidate], dict]:
-        """Top-K by s = ½(s_VV + s_VT); s = s_VV for a concept without a fingerprint yet."""
+        """Top-K by s = ½(s_VV + s_VT); s = s_VV for a concept without a fingerprint yet.
+
+        s_VV is the image–image similarity of the contrastive model's embeddings, max over the
+        concept's reference views, when both are there; else the matcher's score (recorded as
+        ``visual_similarity: matcher``).
+        """
         s_vt = evidence.descriptions(candidates)
+        s_vv = evidence.image_similarities(candidates)
         rows = []
-        for c, vt in zip(candidates, s_vt):
-            vv = unit(c.visual_score)
-            rows.append({"name": c.name, "s_vv": vv, "s_vt": vt, "s": vv if vt is None else 0.5 * (vv + vt)})
+        for c, vt, image_vv in zip(candidates, s_vt, s_vv):
+            vv = unit(c.visual_score) if image_vv is None else image_vv
+            rows.append({"name": c.name, "s_vv": vv, "s_vt": vt, "s": vv if vt is None else 0.5 * (vv + vt),
+                         "s_vv_from": "matcher" if image_vv is None else "image"})
         order = sorted(range(len(rows)), key=lambda i: -rows[i]["s"])
         for rank, i in enumerate(order):
             rows[i]["top_k"] = rank < self.top_k
         top = [candidates[i] for i in order[:self.top_k]]
-        return top, {"text_similarity": evidence.kind, "candidates": [rows[i] for i in order]}
+        return top, {"text_similarity": evidence.kind,
+                     "visual_similarity": evidence.kind if any(v is not None for v in s_vv) else "matcher",
+                     "candidates": [rows[i] for i in order]}
 
     # 2. attribute-focused chain of thought --------------------------------------------------
     def reason_prompt(self, image_tokens: ImageTokens, top: list[Candidate]) -> list[Part]:
@@ -442,28 +486,39 @@ class R2PVerifier:
 
     # 4. pairwise reasoning ------------------------------------------------------------------
     def pairwise_prompt(self, image_tokens: ImageTokens, candidate: Candidate) -> list[Part]:
+        """The query beside the candidate's reference picture (as R2P does), or beside its memory
+        (``pairwise_reference="memory"``, or when no reference picture is at hand)."""
         reference = f" ({candidate.description})" if candidate.description else ""
-        return [f"This is {candidate.name}: ", Memory(candidate.memory, candidate.name), reference + "\n",
+        shown = candidate.reference_tokens() if self.pairwise_reference == "image" else None
+        if shown is None:
+            shown = candidate.as_memory()
+        return [f"This is {candidate.name}: ", shown, reference + "\n",
                 image_tokens, "\n" + PAIRWISE_PROMPT.format(name=candidate.name)]
 
     def pairwise(self, image_tokens: ImageTokens, top: list[Candidate]) -> dict:
-        """p_i = λ_yes/(λ_yes+λ_no) per candidate, memory as soft tokens; best wins above τ."""
+        """p_i = λ_yes/(λ_yes+λ_no) per candidate; best wins above τ."""
         p = {c.name: self.vlm.yes_probability(self.pairwise_prompt(image_tokens, c)) for c in top}
         best = max(p, key=p.get)
         decision = best if p[best] >= self.pairwise_threshold else None
-        return {"p": p, "best": best, "threshold": self.pairwise_threshold, "decision": decision}
+        return {"p": p, "best": best, "threshold": self.pairwise_threshold, "decision": decision,
+                "reference": self.pairwise_reference}
 
 
 # ---- where R2P sits in the decision cascade ------------------------------------------------
-def candidates_from_scores(scores: dict[str, float], pool: int, fingerprint_of, memory_of,
-                           must_include=()) -> list[Candidate]:
-    """The ``pool`` best concepts by visual score s_VV, plus ``must_include``, as R2P candidates.
+def candidates_from_scores(scores: dict[str, float], pool: int | None, fingerprint_of, memory_of,
+                           must_include=(), embeddings_of=None, reference_of=None) -> list[Candidate]:
+    """The ``pool`` best concepts by matcher score (None: all of them), plus ``must_include``.
 
-    ``fingerprint_of(name)`` and ``memory_of(name)`` give a concept's fingerprint and (K, D) memory.
+    ``fingerprint_of(name)`` and ``memory_of(name)`` give a concept's fingerprint and memory;
+    ``embeddings_of(name)`` its (R, E) reference embeddings (or None), ``reference_of(name)`` its
+    reference picture's ImageTokens (called only if pairwise reasoning needs them).
     """
-    names = sorted(scores, key=lambda n: -scores[n])[:pool]
+    names = sorted(scores, key=lambda n: -scores[n])
+    names = names[:pool] if pool is not None else names
     names += [n for n in must_include if n not in names]
-    return [Candidate(n, scores.get(n, -1.0), fingerprint_of(n), memory_of(n)) for n in names]
+    return [Candidate(n, scores.get(n, -1.0), fingerprint_of(n), memory_of(n),
+                      embeddings_of(n) if embeddings_of else None,
+                      (lambda n=n: reference_of(n)) if reference_of else None) for n in names]
 
 
 def cascade_decision(match_decision: str, ego_p_yes: float | None = None, margin: float = 0.15,
