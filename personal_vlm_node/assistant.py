@@ -82,7 +82,7 @@ class Assistant:
     def __init__(self, vlm: VLMAdapter, store: ConceptStore, profile: ModelProfile | None = None,
                  progress=_stderr_progress, rebuild: bool = True, encoder=None,
                  verification: bool = True, verifications_per_second: float = 2.0,
-                 verifier_model: str | None = None, r2p_margin: float = 0.15, r2p_top_k: int = 3,
+                 verifier_model: str | None = None, r2p_margin: float | None = None, r2p_top_k: int = 3,
                  r2p_pool: int = 5):
         self.vlm = vlm
         self.store = store
@@ -101,7 +101,9 @@ class Assistant:
         self.text_similarity = (r2p.ImageTextSimilarity(verifier_model, device=str(vlm.device))
                                 if verifier_model else None)
         self.r2p = r2p.R2PVerifier(vlm, self.text_similarity, top_k=r2p_top_k)
-        self.r2p_margin, self.r2p_pool = r2p_margin, r2p_pool
+        # None: the profile's (calibrated) margin.
+        self.r2p_margin = self.profile.r2p_margin if r2p_margin is None else r2p_margin
+        self.r2p_pool = r2p_pool
         self._reference_cache: dict[tuple[str, float], object] = {}     # (name, updated) → tokens / embeddings
         if verification:
             self.verifier.start()

@@ -80,9 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
     forget = sub.add_parser("forget", help="forget a concept and all its files")
     forget.add_argument("name")
 
-    calibrate = sub.add_parser("calibrate", help="measure the attention layers for this model")
-    calibrate.add_argument("--images", required=True, help="folder of single-subject images")
-    calibrate.add_argument("--masks", required=True, help="folder of masks with the same file stems")
+    calibrate = sub.add_parser("calibrate", help="measure the attention layers and decision thresholds for this model")
+    calibrate.add_argument("--images", default=None, help="folder of single-subject images (layer ranking)")
+    calibrate.add_argument("--masks", default=None, help="folder of masks with the same file stems")
+    calibrate.add_argument("--dataset", default=None,
+                           help="held-out labelled split in an eval layout: fits the matcher's accept/reject, "
+                                "Ego's threshold and the R2P margin")
+    calibrate.add_argument("--layout", default="auto", choices=("auto",) + evaluation.LAYOUTS,
+                           help="layout of --dataset")
+    calibrate.add_argument("--max-error", type=float, default=0.05,
+                           help="error share the matcher band and the R2P margin may leave (default 0.05)")
     calibrate.add_argument("--top-k", type=int, default=16, help="top attended tokens per layer")
     calibrate.add_argument("--keep", type=int, default=4, help="layers to keep (L)")
     calibrate.add_argument("--out", default=None, help="profile to write (default: models/<model>.yaml in a checkout, else ~/.config/personal_vlm/models/)")
@@ -233,40 +240,43 @@ def _pairs(images_dir: Path, masks_dir: Path) -> list[tuple[Path, Path]]:
 
 
 def _cmd_calibrate(args) -> None:
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    from . import ego
-    from .images import load_image
+    from . import calibration
     from .profiles import default_profile_path, load_profile, save_profile
     from .vlm import load_vlm
 
     if args.top_k < 1 or args.keep < 1:
         raise PersonalVLMError("--top-k and --keep must be at least 1")
-    pairs = _pairs(Path(args.images), Path(args.masks))
+    if (args.images is None) != (args.masks is None):
+        raise PersonalVLMError("--images and --masks go together")
+    if args.images is None and args.dataset is None:
+        raise PersonalVLMError("give --images and --masks (layers), --dataset (thresholds), or both")
+    if not 0.0 < args.max_error < 0.5:
+        raise PersonalVLMError("--max-error must lie between 0 and 0.5")
+    pairs = _pairs(Path(args.images), Path(args.masks)) if args.images else []
+    dataset = evaluation.load_dataset(args.dataset, args.layout) if args.dataset else None
     profile = load_profile(args.model, args.profile)
     vlm = load_vlm(args.model, device=args.device, dtype=args.dtype)
-    samples = []
-    for image_path, mask_path in pairs:
-        image = load_image(image_path)
-        with Image.open(mask_path) as m:
-            mask = torch.from_numpy(np.asarray(m.convert("L").resize(image.size)) > 127)   # (H, W)
-        if not mask.any():
-            raise PersonalVLMError(f"mask {mask_path} is empty")
-        samples.append((vlm.encode_image(image), mask))
-    t0 = time.perf_counter()
-    scores = ego.rank_layers(vlm, samples, args.top_k,
-                             options=ego.IntroductionOptions.from_profile(profile, []),
-                             progress=lambda m: print(f"[personal-vlm] {m}", file=sys.stderr, flush=True))
-    ranked = sorted(scores, key=lambda l: -scores[l])
-    profile.layers = sorted(ranked[: min(args.keep, len(ranked))])
-    profile.calibration = {"images": len(samples), "top_k": args.top_k,
-                           "mask_hit_rate": {int(l): round(s, 4) for l, s in scores.items()},
-                           "seconds": round(time.perf_counter() - t0, 2)}
+    progress = lambda m: print(f"[personal-vlm] {m}", file=sys.stderr, flush=True)   # noqa: E731
+    calibration_record = dict(profile.calibration or {})
+    result = {}
+    if pairs:
+        t0 = time.perf_counter()
+        scores = calibration.rank_layers_on_masks(vlm, pairs, args.top_k, progress, profile)
+        ranked = sorted(scores, key=lambda l: -scores[l])
+        profile.layers = sorted(ranked[: min(args.keep, len(ranked))])
+        calibration_record.update({"images": len(pairs), "top_k": args.top_k,
+                                   "mask_hit_rate": {int(l): round(s, 4) for l, s in scores.items()},
+                                   "seconds": round(time.perf_counter() - t0, 2)})
+        result.update({"layers": profile.layers, "mask_hit_rate": calibration_record["mask_hit_rate"]})
+    if dataset is not None:
+        fitted = calibration.calibrate_thresholds(vlm, profile, dataset, progress, args.max_error)
+        calibration_record["thresholds"] = fitted["figures"]
+        result.update({k: v for k, v in fitted.items() if k != "figures"})
+    calibration_record.pop("note", None)
+    profile.calibration = calibration_record
     out = save_profile(profile, args.out or default_profile_path(args.model))
-    _emit(args, {"profile": str(out), "layers": profile.layers, "mask_hit_rate": profile.calibration["mask_hit_rate"]},
-          f"layers {profile.layers} written to {out}")
+    summary = ", ".join(f"{k} {v}" for k, v in result.items() if k != "mask_hit_rate")
+    _emit(args, {"profile": str(out), **result}, f"{summary} written to {out}")
 
 
 COMMANDS = {"teach": _cmd_teach, "ask": _cmd_ask, "recognize": _cmd_recognize, "list": _cmd_list,

@@ -322,7 +322,7 @@ class EvalOptions:
     accept: float | None = None            # None: the model profile's thresholds
     reject: float | None = None
     threshold: float | None = None         # Ego p_yes threshold; None: the profile's recognize_threshold
-    margin: float = 0.15                   # cascade: R2P when |p_yes − threshold| < margin
+    margin: float | None = None            # cascade: R2P when |p_yes − threshold| < margin; None: the profile's
     top_k: int = 3
     pairwise_threshold: float = 0.5
     verifier_model: str | None = None      # CLIP / SigLIP for R2P; None: the VLM checks attributes
@@ -351,6 +351,7 @@ class _Methods:
         self.accept = profile_accept if options.accept is None else options.accept
         self.reject = profile_reject if options.reject is None else options.reject
         self.threshold = assistant.profile.recognize_threshold if options.threshold is None else options.threshold
+        self.margin = assistant.profile.r2p_margin if options.margin is None else options.margin
         if not self.reject < self.accept:
             raise PersonalVLMError(f"the reject threshold ({self.reject}) must be below the accept threshold "
                                    f"({self.accept})")
@@ -443,7 +444,7 @@ class _Methods:
             s = scores.get(c)
             stage = "reject" if s is None else decide(s, self.accept, self.reject)
             p_yes = self._ego_p_yes(tokens, c, scores) if stage == "uncertain" else None
-            verdict = cascade_decision(stage, p_yes, self.options.margin, self.threshold)
+            verdict = cascade_decision(stage, p_yes, self.margin, self.threshold)
             source = "match" if stage != "uncertain" else ("r2p" if verdict == "r2p" else "ego")
             out[c] = {"predicted": verdict == "accept", "score": s, "source": source, "p_yes": p_yes}
             if verdict == "r2p":
@@ -591,7 +592,7 @@ def evaluate(assistant, dataset: Dataset, out, options: EvalOptions | None = Non
         "dataset": {"root": str(dataset.root), "layout": dataset.layout, "shots": dataset.shots,
                     "concepts": len(dataset.concepts), "queries": len(records), "of_queries": len(dataset.queries)},
         "thresholds": {"accept": methods.accept, "reject": methods.reject, "recognize": methods.threshold,
-                       "margin": options.margin, "pairwise": options.pairwise_threshold},
+                       "margin": methods.margin, "pairwise": options.pairwise_threshold},
         "r2p": {"top_k": options.top_k, "pool": options.r2p_pool if text_similarity is None else None,
                 "text_similarity": text_similarity.name if text_similarity is not None else "vlm_yes_no",
                 "judge": "contrastive model" if text_similarity is not None else
@@ -804,7 +805,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--accept", type=float, default=None, help="matcher accept threshold (default: profile)")
     parser.add_argument("--reject", type=float, default=None, help="matcher reject threshold (default: profile)")
     parser.add_argument("--threshold", type=float, default=None, help="Ego p_yes threshold (default: profile)")
-    parser.add_argument("--margin", type=float, default=0.15, help="cascade: R2P when |p_yes - threshold| < margin")
+    parser.add_argument("--margin", type=float, default=None,
+                        help="cascade: R2P when |p_yes - threshold| < margin (default: the model profile's r2p_margin)")
     parser.add_argument("--top-k", type=int, default=3, help="R2P: candidates kept by retrieval")
     parser.add_argument("--r2p-pool", type=int, default=10, help="R2P: the matcher's top concepts it retrieves from")
     parser.add_argument("--pairwise-threshold", type=float, default=0.5, help="R2P: p_i needed to decide")

@@ -8,6 +8,7 @@ from the middle to three quarters of the depth, where keyword→image attention 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -32,7 +33,7 @@ def profile_dirs() -> list[Path]:
 def default_profile_path(model: str) -> Path:
     """Where calibration writes: the checkout's models/ when writable, else the user's config."""
     target = PROFILE_DIR if PROFILE_DIR.is_dir() and os.access(PROFILE_DIR, os.W_OK) else USER_PROFILE_DIR
-    return target / profile_filename(model)
+    return target / profile_names(model)[-1]
 
 
 @dataclass
@@ -52,6 +53,7 @@ class ModelProfile:
     accept_threshold: float = 0.80    # matcher score at or above which a frame is a detection
     reject_threshold: float = 0.55    # at or below which it is not; between goes to verification
     recognize_threshold: float = 0.5  # Ego in-context p(yes) that counts as present
+    r2p_margin: float = 0.15          # Ego p(yes) this close to recognize_threshold goes to R2P
     max_concepts_in_context: int = 5  # M: memories spliced into an /ask prompt
     calibration: dict = field(default_factory=dict)   # how the layers were chosen, when measured
 
@@ -80,6 +82,8 @@ class ModelProfile:
             raise PersonalVLMError("profile: reject_threshold must be below accept_threshold")
         if not 0.0 <= self.recognize_threshold <= 1.0:
             raise PersonalVLMError("profile: recognize_threshold must lie in [0, 1]")
+        if not 0.0 <= self.r2p_margin <= 0.5:
+            raise PersonalVLMError("profile: r2p_margin must lie in [0, 0.5]")
         if self.max_concepts_in_context < 0:
             raise PersonalVLMError("profile: max_concepts_in_context must be >= 0")
         return self
@@ -101,14 +105,34 @@ def profile_filename(model: str) -> str:
     return re.sub(r"[^a-z0-9._-]+", "-", base.lower()).strip("-") + ".yaml"
 
 
+PROFILE_HINT = "personal_vlm.json"   # in a checkpoint folder: {"profile": "<name>"} names its profile
+
+
+def profile_names(model: str) -> list[str]:
+    """File names a model's profile may have: from the model id / folder name, then the name a
+    local checkpoint folder gives in ``personal_vlm.json`` (so a copied or cached folder with any
+    name still finds its profile)."""
+    names = [profile_filename(model)]
+    hint = Path(model).expanduser() / PROFILE_HINT
+    if hint.is_file():
+        try:
+            name = json.loads(hint.read_text()).get("profile")
+        except (OSError, ValueError, AttributeError):
+            name = None
+        if isinstance(name, str) and name.strip() and profile_filename(name) not in names:
+            names.append(profile_filename(name))
+    return names
+
+
 def load_profile(model: str, path: str | Path | None = None) -> ModelProfile:
-    """The profile at ``path``, else ``<model>.yaml`` in :func:`profile_dirs`, else the defaults."""
+    """The profile at ``path``, else ``<model>.yaml`` in :func:`profile_dirs` (see
+    :func:`profile_names`), else the defaults."""
     if path:
         candidate = Path(path)
         if not candidate.is_file():
             raise PersonalVLMError(f"model profile not found: {candidate}")
     else:
-        found = [d / profile_filename(model) for d in profile_dirs() if (d / profile_filename(model)).is_file()]
+        found = [d / name for name in profile_names(model) for d in profile_dirs() if (d / name).is_file()]
         if not found:
             return ModelProfile(model=model).validate()
         candidate = found[0]

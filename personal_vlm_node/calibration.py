@@ -1,0 +1,163 @@
+"""Calibration of a model profile: Ego's layers and the decision thresholds, measured on data.
+
+Two measurements, both written to the profile (``models/<model>.yaml``):
+
+1. **Layers** (:func:`rank_layers_on_masks`): on single-subject images with masks, each layer is
+   ranked by the share of its top-K attended image tokens (attention of the rows that produced
+   the description's keywords) that lie on the subject's mask (``mask_hit_rate``); the best L
+   layers make the profile.
+2. **Thresholds** (:func:`fit_thresholds`), on a held-out labelled split (a dataset in any
+   ``eval`` layout; its concepts are taught into a temporary store, every (query, concept) pair
+   is scored by the matcher and by Ego's in-context check):
+
+   - ``recognize_threshold``: Ego's p(yes) threshold maximising the weighted accuracy
+     Wtd = ½(TP/(TP+FN) + TN/(TN+FP)) of Ego alone on the split;
+   - ``accept_threshold`` / ``reject_threshold``: the matcher's band. Accept is the lowest score
+     above which at most ``max_error`` of the split's negatives lie (and never below the matcher's
+     own Wtd-optimal threshold); reject the highest score below which at most ``max_error`` of the
+     positives lie (never above it). So the matcher decides alone only where it errs at most that
+     often; what lies between goes to Ego;
+   - ``r2p_margin``: the smallest margin m such that Ego's decisions with |p − τ| ≥ m are correct
+     at least ``1 − max_error`` of the time on the split (capped at 0.5); Ego's verdicts closer to
+     its threshold than m go to R2P.
+
+   The figures behind each choice (Wtd at the threshold, the pairs used) go to
+   ``profile.calibration["thresholds"]``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .errors import PersonalVLMError
+
+
+# ---- thresholds from scores -----------------------------------------------------------------
+def weighted_accuracy(positives: list[float], negatives: list[float], threshold: float) -> float:
+    """½ (share of positives ≥ threshold + share of negatives < threshold)."""
+    tp = sum(p >= threshold for p in positives) / len(positives)
+    tn = sum(n < threshold for n in negatives) / len(negatives)
+    return 0.5 * (tp + tn)
+
+
+def best_threshold(positives: list[float], negatives: list[float]) -> tuple[float, float]:
+    """The threshold maximising Wtd (midpoint between neighbouring scores) and that Wtd."""
+    if not positives or not negatives:
+        raise PersonalVLMError("calibration needs both positive and negative pairs; the split has "
+                               f"{len(positives)} positives and {len(negatives)} negatives")
+    values = sorted(set(positives) | set(negatives))
+    candidates = [values[0] - 1e-6] + [(a + b) / 2 for a, b in zip(values, values[1:])] + [values[-1] + 1e-6]
+    best = max(candidates, key=lambda t: (weighted_accuracy(positives, negatives, t), -abs(t - 0.5)))
+    return float(best), weighted_accuracy(positives, negatives, best)
+
+
+def _quantile(values: list[float], q: float) -> float:
+    return float(torch.quantile(torch.tensor(values, dtype=torch.float64), q))
+
+
+def fit_thresholds(match_pos: list[float], match_neg: list[float], ego_pos: list[float], ego_neg: list[float],
+                   max_error: float = 0.05) -> dict:
+    """Accept/reject, Ego's threshold and the R2P margin (see the module docstring)."""
+    m_best, m_wtd = best_threshold(match_pos, match_neg)
+    accept = max(m_best, _quantile(match_neg, 1.0 - max_error) + 1e-4)
+    reject = min(m_best, _quantile(match_pos, max_error) - 1e-4)
+    if reject >= accept:
+        reject = accept - 0.02
+    accept, reject = min(1.0, accept), max(-1.0, reject)
+    tau, e_wtd = best_threshold(ego_pos, ego_neg)
+    tau = min(0.99, max(0.01, tau))
+    scored = [(abs(p - tau), p >= tau) for p in ego_pos] + [(abs(p - tau), p < tau) for p in ego_neg]
+    margin = 0.5
+    for m in sorted({round(d, 4) for d, _ in scored}):
+        kept = [ok for d, ok in scored if d >= m]
+        if kept and sum(kept) / len(kept) >= 1.0 - max_error:
+            margin = m
+            break
+    uncertain = sum(reject < s < accept for s in match_pos + match_neg) / len(match_pos + match_neg)
+    return {
+        "accept_threshold": round(accept, 4), "reject_threshold": round(reject, 4),
+        "recognize_threshold": round(tau, 4), "r2p_margin": round(min(0.5, margin), 4),
+        "figures": {
+            "max_error": max_error, "pairs": {"positive": len(match_pos), "negative": len(match_neg)},
+            "match_wtd_at_best": round(m_wtd, 4), "match_best_threshold": round(m_best, 4),
+            "match_uncertain_share": round(uncertain, 4),
+            "ego_wtd_at_threshold": round(e_wtd, 4),
+        },
+    }
+
+
+# ---- scores on a labelled split ----------------------------------------------------------------
+def split_scores(assistant, dataset, progress=None) -> dict[str, list[float]]:
+    """Matcher score and Ego p(yes) of every (query, concept) pair, concepts taught from the split."""
+    from . import ego
+    from .images import load_image
+    from .vlm import Memory
+
+    for i, name in enumerate(dataset.concepts):
+        if progress:
+            progress(f"teaching {i + 1}/{len(dataset.concepts)}: {name}")
+        assistant.teach(name, dataset.references[name], category=dataset.categories.get(name, ""),
+                        overwrite=True).wait_fingerprint()
+    memories = [Memory.from_stored(assistant.store.load_memory(c), c) for c in dataset.concepts]
+    out = {"match_pos": [], "match_neg": [], "ego_pos": [], "ego_neg": []}
+    for q, query in enumerate(dataset.queries):
+        if progress:
+            progress(f"scoring query {q + 1}/{len(dataset.queries)}")
+        tokens = assistant.vlm.encode_image(load_image(query.image))
+        scores = {m.name: m.score for m in assistant.matcher.score(tokens.features, tokens.token_boxes)}
+        p_yes = ego.recognize(assistant.vlm, tokens, memories)
+        for c in dataset.concepts:
+            side = "pos" if c in query.concepts else "neg"
+            out[f"match_{side}"].append(float(scores.get(c, -1.0)))
+            out[f"ego_{side}"].append(float(p_yes[c]))
+    return out
+
+
+def calibrate_thresholds(vlm, profile, dataset, progress=None, max_error: float = 0.05) -> dict:
+    """Teach the split's concepts into a throw-away store, score every pair, fit the thresholds,
+    and set them on ``profile``; returns what :func:`fit_thresholds` returns."""
+    from .assistant import Assistant
+    from .store import ConceptStore
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="personal_vlm_calibration_") as tmp:
+        assistant = Assistant(vlm, ConceptStore(Path(tmp) / "store"), profile=profile, progress=None,
+                              verification=False, rebuild=False)
+        try:
+            scores = split_scores(assistant, dataset, progress)
+        finally:
+            assistant.close()
+    fitted = fit_thresholds(scores["match_pos"], scores["match_neg"], scores["ego_pos"], scores["ego_neg"], max_error)
+    profile.accept_threshold = fitted["accept_threshold"]
+    profile.reject_threshold = fitted["reject_threshold"]
+    profile.recognize_threshold = fitted["recognize_threshold"]
+    profile.r2p_margin = fitted["r2p_margin"]
+    fitted["figures"]["dataset"] = str(dataset.root)
+    fitted["figures"]["seconds"] = round(time.perf_counter() - t0, 1)
+    return fitted
+
+
+# ---- layers --------------------------------------------------------------------------------
+def rank_layers_on_masks(vlm, pairs: list[tuple[Path, Path]], top_k: int, progress=None,
+                         profile=None) -> dict[int, float]:
+    """mask_hit_rate per layer on (image, mask) files (see :func:`personal_vlm_node.ego.rank_layers`)."""
+    import numpy as np
+    from PIL import Image
+
+    from . import ego
+    from .images import load_image
+
+    samples = []
+    for image_path, mask_path in pairs:
+        image = load_image(image_path)
+        with Image.open(mask_path) as m:
+            mask = torch.from_numpy(np.asarray(m.convert("L").resize(image.size)) > 127)   # (H, W)
+        if not mask.any():
+            raise PersonalVLMError(f"mask {mask_path} is empty")
+        samples.append((vlm.encode_image(image), mask))
+    options = ego.IntroductionOptions.from_profile(profile, []) if profile is not None else None
+    return ego.rank_layers(vlm, samples, top_k, progress=progress, options=options)
