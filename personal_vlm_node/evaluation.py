@@ -325,6 +325,7 @@ class EvalOptions:
     margin: float | None = None            # cascade: R2P when |p_yes − threshold| < margin; None: the profile's
     top_k: int = 3
     pairwise_threshold: float = 0.5
+    pairwise_reference: str = "image"      # R2P pairwise beside the reference picture, or "memory"
     verifier_model: str | None = None      # CLIP / SigLIP for R2P; None: the VLM checks attributes
     r2p_pool: int = 10                     # R2P's candidates: the matcher's top concepts
     max_queries: int | None = None         # evaluate only the first N queries (a rerun can extend)
@@ -371,7 +372,8 @@ class _Methods:
                 [similarity.embed_image(load_image(p)) for p in self.dataset.references[concept]]).cpu()
         return self._embeddings[concept]
         self.r2p = r2p.R2PVerifier(assistant.vlm, text_similarity, top_k=options.top_k,
-                                   pairwise_threshold=options.pairwise_threshold)
+                                   pairwise_threshold=options.pairwise_threshold,
+                                   pairwise_reference=options.pairwise_reference)
 
     def evaluate(self, query: Query) -> dict:
         from .images import load_image
@@ -500,8 +502,11 @@ def _write_atomic(path: Path, text: str | bytes) -> None:
 def _settings(assistant, dataset: Dataset, options: EvalOptions, test_split: dict) -> dict:
     values = asdict(options)
     values.pop("max_queries")
+    method = {k: getattr(assistant.profile, k) for k in (
+        "layers", "max_memory_tokens", "min_memory_tokens", "memory_budget", "memory_layout", "attention_rows",
+        "attention_baseline", "introduction_passes", "recognition", "max_concepts_in_context")}
     return {"dataset": str(dataset.root), "layout": dataset.layout, "shots": dataset.shots, **test_split,
-            "model": assistant.vlm.fingerprint, **values}
+            "model": assistant.vlm.fingerprint, **values, "profile": method}
 
 
 def _check_settings(out: Path, settings: dict, restart: bool) -> None:
@@ -810,6 +815,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=int, default=3, help="R2P: candidates kept by retrieval")
     parser.add_argument("--r2p-pool", type=int, default=10, help="R2P: the matcher's top concepts it retrieves from")
     parser.add_argument("--pairwise-threshold", type=float, default=0.5, help="R2P: p_i needed to decide")
+    parser.add_argument("--pairwise-reference", default="image", choices=("image", "memory"),
+                        help="R2P pairwise: show the candidate's reference picture (as R2P does) or its memory")
     parser.add_argument("--verifier-model", default=None,
                         help="R2P: CLIP/SigLIP id or folder for image-text similarity (default: the VLM answers)")
     parser.add_argument("--restart", action="store_true", help="discard the results already in --out")
@@ -823,6 +830,7 @@ def run(args) -> None:
     dataset = load_dataset(args.dataset, args.layout, args.shots, args.test_list, args.test_last)
     options = EvalOptions(method=args.method, accept=args.accept, reject=args.reject, threshold=args.threshold,
                           margin=args.margin, top_k=args.top_k, pairwise_threshold=args.pairwise_threshold,
+                          pairwise_reference=args.pairwise_reference,
                           verifier_model=args.verifier_model, r2p_pool=args.r2p_pool,
                           max_queries=args.max_queries).check()
     out = Path(args.out).expanduser()
