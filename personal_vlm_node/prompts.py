@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from .vlm.base import ImageTokens, Memory, Part
 
+# The answer schema names its slots and gives no plausible value a model could copy verbatim.
 INTRODUCE = (
     "This photo shows {subject}. Give 3 to 6 short keywords that describe what it looks like "
     "(colour, material, shape, distinctive details), and estimate what percentage of the photo "
-    "it covers. Answer only with JSON like "
-    '{{"keywords": ["red", "ceramic", "mug"], "area": 30}}.'
+    "it covers. Answer only with JSON of the form "
+    '{{"keywords": [<keyword>, <keyword>, ...], "area": <percent of the photo, 0 to 100>}}.'
 )
 
 FINGERPRINT = (
@@ -34,9 +35,9 @@ COT_PROMPT = (
     "These are personal things the user owns, each with the attributes that tell it apart from "
     "similar things:\n{candidates}\n"
     "Look at the image. For each of them, check its attributes one by one against what you see. "
-    "Then say which one of them is in the image, or none. Answer only with JSON like "
-    '{{"reasoning": "short notes", "answer": "<name or none>", '
-    '"seen_attributes": ["<attribute you saw>", "..."]}}.'
+    "Then say which one of them is in the image, or none. Answer only with JSON, the answer first: "
+    '{{"answer": <name or none>, "seen_attributes": {{<name>: [<its attribute you see>, ...], ...}}, '
+    '"reasoning": <short notes>}}.'
 )
 PAIRWISE_PROMPT = "Is this {name}? Answer Yes or No."
 ATTRIBUTE_QUESTION = "Does the object in the image have this {label}: {value}? Answer Yes or No."

@@ -20,8 +20,8 @@ q and a short list of candidate concepts (with their visual scores from the matc
    the mean of σ over the concept's attributes (``"text_similarity": "vlm_yes_no"`` in the stages).
    A concept whose fingerprint is still pending has no s_VT: s_c = s_VV for it.
 2. **Attribute-focused chain of thought.** One generation sees the image and the K candidates'
-   attributes, checks them one by one and names the best candidate ĉ_CoT (or none) and the
-   attributes it saw, S. Parsing tolerates prose, broken JSON and names it did not offer (→ none).
+   attributes, checks them one by one and names — answer first, so the token cap cannot cut it
+   off — the best candidate ĉ_CoT (or none) and, per candidate i, the attributes A_{q,i} it saw. Parsing tolerates prose, broken JSON and names it did not offer (→ none).
 3. **Cross-modal attribute verification.** For every candidate,
      s_VA(c) = mean_{a ∈ A_c ∩ S} σ(q, "a photo of <a>")   (all of A_c when S names none of them),
    with the keys S names (color, shape…) used for every candidate so they are compared on the same
@@ -331,6 +331,27 @@ def _as_list(value) -> list[str]:
     return [s.strip().strip("\"'") for s in re.split(r"[,;]", str(value)) if s.strip().strip("\"'")]
 
 
+def _seen_by_name(value, names: list[str]) -> dict[str, list[str]] | None:
+    """{"my mug": ["red"], …} → per candidate; None when the keys are not candidate names."""
+    if not isinstance(value, dict) or not value:
+        return None
+    resolved = {resolve_name(k, names): v for k, v in value.items()}
+    if None in resolved:
+        return None
+    return {name: _as_list(v) for name, v in resolved.items()}
+
+
+def parse_seen_by_candidate(text: str, names: list[str]) -> dict[str, list[str]]:
+    """A_{q,i}: the attributes the CoT says it saw, per candidate, when it answered that way."""
+    for obj in json_objects(text or ""):
+        lowered = {str(k).lower().replace(" ", "_"): v for k, v in obj.items()}
+        for key in _SEEN_KEYS:
+            per = _seen_by_name(lowered.get(key), names)
+            if per is not None:
+                return per
+    return {}
+
+
 def parse_reasoning(text: str, names: list[str]) -> tuple[str | None, list[str]]:
     """(ĉ_CoT or None, the attributes the model says it saw) from the CoT answer; never raises."""
     for obj in json_objects(text or ""):
@@ -338,7 +359,9 @@ def parse_reasoning(text: str, names: list[str]) -> tuple[str | None, list[str]]
         answer_key = next((k for k in _ANSWER_KEYS if k in lowered), None)
         if answer_key is None:
             continue
-        seen = next((_as_list(lowered[k]) for k in _SEEN_KEYS if k in lowered), [])
+        raw = next((lowered[k] for k in _SEEN_KEYS if k in lowered), None)
+        per = _seen_by_name(raw, names)
+        seen = [a for values in per.values() for a in values] if per is not None else _as_list(raw)
         return resolve_name(lowered[answer_key], names), seen
     # Not JSON (truncated, prose): the last "answer: X" field, else the last "the answer is X".
     text = text or ""
@@ -411,7 +434,8 @@ class R2PVerifier:
         answer = stages["reasoning"]["answer"]
 
         t = time.perf_counter()
-        stages["verification"] = self.verify_attributes(evidence, top, answer, stages["reasoning"]["seen_attributes"])
+        stages["verification"] = self.verify_attributes(evidence, top, answer, stages["reasoning"]["seen_attributes"],
+                                                        stages["reasoning"].get("seen_by_candidate"))
         timings["verification"] = time.perf_counter() - t
         if stages["verification"]["passed"]:
             return R2PResult(answer, stages=stages)
@@ -457,18 +481,26 @@ class R2PVerifier:
     def reason(self, image_tokens: ImageTokens, top: list[Candidate]) -> dict:
         """One generation; ĉ_CoT and the attributes seen, parsed robustly."""
         generation = self.vlm.generate(self.reason_prompt(image_tokens, top), max_new_tokens=self.cot_max_new_tokens)
-        answer, seen = parse_reasoning(generation.text, [c.name for c in top])
+        names = [c.name for c in top]
+        answer, seen = parse_reasoning(generation.text, names)
         return {"text": generation.text[:2000], "answer": answer, "seen_attributes": seen[:16],
-                "seen_keys": seen_keys(seen, top)}
+                "seen_keys": seen_keys(seen, top),
+                "seen_by_candidate": parse_seen_by_candidate(generation.text, names)}
 
     # 3. cross-modal attribute verification --------------------------------------------------
     def verify_attributes(self, evidence: _Evidence, top: list[Candidate], answer: str | None,
-                          seen: list[str]) -> dict:
-        """s_VA(c) = mean σ(q, "a photo of <a>") over the attributes seen; pass iff argmax = ĉ_CoT."""
+                          seen: list[str], seen_by_candidate: dict[str, list[str]] | None = None) -> dict:
+        """s_VA(c) = mean σ(q, "a photo of <a>") over the attributes seen; pass iff argmax = ĉ_CoT.
+
+        With per-candidate lists A_{q,c} (the CoT's answer names them per candidate), each candidate
+        is checked on the attributes seen for it; else all on the keys seen for any of them.
+        """
         keys = seen_keys(seen, top)
         s_va: dict[str, float | None] = {}
         for c in top:
-            chosen = {k: v for k, v in c.attributes.items() if k in keys} or c.attributes
+            own = (seen_by_candidate or {}).get(c.name)
+            wanted = seen_keys(own, [c]) if own else keys
+            chosen = {k: v for k, v in c.attributes.items() if k in wanted} or c.attributes
             values = list(evidence.attributes(chosen).values())
             s_va[c.name] = sum(values) / len(values) if values else None
         scored = {n: v for n, v in s_va.items() if v is not None}

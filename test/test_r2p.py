@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -363,3 +364,32 @@ def test_candidates_cover_the_whole_library_without_a_pool():
     pooled = r2p.candidates_from_scores(scores, 1, lambda n: {}, lambda n: torch.zeros(1, 2), must_include=["a"],
                                         embeddings_of=lambda n: torch.ones(1, 2))
     assert [c.name for c in pooled] == ["b", "a"] and torch.equal(pooled[0].reference_embeddings, torch.ones(1, 2))
+
+
+def test_reasoning_with_attributes_per_candidate_checks_each_on_its_own():
+    text = ('{"answer": "my mug", "seen_attributes": {"my mug": ["red", "ceramic"], "Fluffy": ["long tail"]}, '
+            '"reasoning": "the mug is red"}')
+    assert r2p.parse_reasoning(text, NAMES) == ("my mug", ["red", "ceramic", "long tail"])
+    assert r2p.parse_seen_by_candidate(text, NAMES) == {"my mug": ["red", "ceramic"], "Fluffy": ["long tail"]}
+    assert r2p.parse_seen_by_candidate('{"answer": "Fluffy", "seen_attributes": ["white"]}', NAMES) == {}
+
+    class _Fixed:
+        kind = "fixed"
+
+        def attributes(self, attributes):
+            return {k: {"color": 0.9, "material": 0.7, "distinct_features": 0.2}.get(k, 0.5) for k in attributes}
+
+    candidates = [Candidate("my mug", 0.0, MUG, torch.zeros(1, 4)), Candidate("Fluffy", 0.0, CAT, torch.zeros(1, 4))]
+    stage = R2PVerifier(object()).verify_attributes(
+        _Fixed(), candidates, "my mug", [], {"my mug": ["red", "ceramic"], "Fluffy": ["long tail"]})
+    assert stage["s_va"] == pytest.approx({"my mug": 0.8, "Fluffy": 0.2})   # colour+material vs the tail
+    assert stage["passed"] and stage["best"] == "my mug"
+
+
+def test_prompts_give_a_schema_not_values_a_model_could_copy():
+    from personal_vlm_node import prompts
+
+    for text in (prompts.INTRODUCE, prompts.COT_PROMPT):
+        assert not re.search(r'"(red|ceramic|mug)"', text)
+        assert not re.search(r'"area":\s*\d', text)
+    assert prompts.COT_PROMPT.index('"answer"') < prompts.COT_PROMPT.index('"reasoning"')
