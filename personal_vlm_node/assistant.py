@@ -90,6 +90,7 @@ class Assistant:
         self.layers = self.profile.resolved_layers(vlm.num_layers)
         self.introduction = ego.IntroductionOptions.from_profile(self.profile, self.layers)
         vlm.memory_layout = self.profile.memory_layout
+        vlm.max_image_pixels = self.profile.max_image_pixels
         self.progress = progress or (lambda message: None)
         self.matcher = Matcher()
         self.encoder = encoder               # None = the model's torch vision tower

@@ -504,7 +504,7 @@ def _settings(assistant, dataset: Dataset, options: EvalOptions, test_split: dic
     values.pop("max_queries")
     method = {k: getattr(assistant.profile, k) for k in (
         "layers", "max_memory_tokens", "min_memory_tokens", "memory_budget", "memory_layout", "attention_rows",
-        "attention_baseline", "introduction_passes", "recognition", "max_concepts_in_context")}
+        "attention_baseline", "introduction_passes", "recognition", "max_concepts_in_context", "max_image_pixels")}
     return {"dataset": str(dataset.root), "layout": dataset.layout, "shots": dataset.shots, **test_split,
             "model": assistant.vlm.fingerprint, **values, "profile": method}
 

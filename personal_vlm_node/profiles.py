@@ -48,6 +48,8 @@ class ModelProfile:
     attention_rows: str = "predict"   # rows read per keyword token: the row predicting it, or "own"
     attention_baseline: str = "answer"  # subtract the answer's non-keyword rows ("answer") or "none"
     introduction_passes: int = 1      # 1: attention captured while generating; 2: extra forward
+    max_image_pixels: int = 0         # every picture (reference or frame) downscaled to at most this
+                                      # many pixels before the processor; 0 = the processor's limits
     recognition: str = "per_concept"  # Ego check: one prompt per concept, or "joint": the top-M
                                       # memories in one prompt, a yes-probability per name
     accept_threshold: float = 0.80    # matcher score at or above which a frame is a detection
@@ -69,6 +71,8 @@ class ModelProfile:
     def validate(self) -> ModelProfile:
         if not 1 <= self.min_memory_tokens <= self.max_memory_tokens:
             raise PersonalVLMError("profile: need 1 <= min_memory_tokens <= max_memory_tokens")
+        if self.max_image_pixels < 0:
+            raise PersonalVLMError("profile: max_image_pixels must be >= 0 (0 = the processor's limits)")
         if not 0.0 <= self.memory_budget <= 1.0:
             raise PersonalVLMError("profile: memory_budget is a share of the image's tokens in [0, 1]")
         choices = {"memory_layout": ("image", "text"), "attention_rows": ("predict", "own"),

@@ -256,3 +256,14 @@ def test_append_views_offsets_the_image_index():
     assert both["positions"].tolist() == [4, 5, 2]
     assert both["grids"].tolist() == [[3, 3], [2, 2]]
     assert Memory.from_stored(both).has_layout
+
+
+def test_one_resolution_policy_gives_reference_and_frame_the_same_token_scale(adapters):
+    adapter = adapters("qwen2_5_vl")
+    big, small = _photo(7, 224, 112), _photo(7, 112, 56)
+    adapter.max_image_pixels = 112 * 56
+    try:
+        assert adapter.encode_image(big).grid == adapter.encode_image(small).grid
+    finally:
+        adapter.max_image_pixels = 0
+    assert adapter.encode_image(big).num_tokens > adapter.encode_image(small).num_tokens

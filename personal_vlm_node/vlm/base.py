@@ -176,11 +176,14 @@ class PreparedImage:
         return out
 
 
-def prepare_image(source) -> PreparedImage:
-    """Load, downscale huge images, and pad extreme aspect ratios (keeping the mapping back)."""
+def prepare_image(source, max_pixels: int = 0) -> PreparedImage:
+    """Load, downscale huge images (and any above ``max_pixels``), and pad extreme aspect ratios
+    (keeping the mapping back)."""
     image = load_image(source)
     w, h = image.size
     scale = min(1.0, MAX_SIDE / max(w, h))
+    if max_pixels > 0:
+        scale = min(scale, (max_pixels / (w * h)) ** 0.5)
     if scale < 1.0:
         image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
     pw, ph = image.size
@@ -201,6 +204,9 @@ class VLMAdapter(ABC):
     family: str = ""
     model_types: tuple[str, ...] = ()        # config.model_type values this adapter handles
     memory_layout: str = "image"             # "image" | "text": how memories are spliced (profile)
+    # One resolution policy for reference pictures and frames (profile), so a memory's tokens and
+    # a frame's tokens cover the same scale; 0 = the image processor's own limits.
+    max_image_pixels: int = 0
 
     def __init__(self, model, tokenizer, image_processor, chat_template: str, model_id: str):
         self.model = model.eval()
@@ -274,7 +280,7 @@ class VLMAdapter(ABC):
         ``encoder`` (a callable like :meth:`vision_forward`, e.g. an onnxruntime or TensorRT
         session) replaces the torch vision tower; it needs no lock on the model.
         """
-        prepared = prepare_image(image)
+        prepared = prepare_image(image, self.max_image_pixels)
         inputs = self.preprocess(prepared)
         if encoder is None:
             with torch.inference_mode():
