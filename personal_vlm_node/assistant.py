@@ -8,16 +8,17 @@ slow part of teaching (the R2P fingerprint) on a background thread.
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from . import ego, prompts, r2p
 from .errors import PersonalVLMError
 from .images import load_image
 from .matcher import Matcher, decide
+from .options import AssistantOptions, check_thresholds
+from .output import stderr_progress
 from .tracker import Observation, Tracker
 from .verifier import Request, VerificationQueue
 from .profiles import ModelProfile, load_profile
@@ -30,8 +31,7 @@ MAX_REFERENCE_IMAGES = 8
 MAX_QUESTION_CHARS = 1000
 
 
-def _stderr_progress(message: str) -> None:
-    print(f"[personal-vlm] {message}", file=sys.stderr, flush=True)
+_stderr_progress = stderr_progress()
 
 
 @dataclass
@@ -76,37 +76,72 @@ class AskResult:
     answer: str
     concepts: list[str]
     seconds: float
+    stopped: bool = False            # on_partial ended the answer early (a cancelled request)
+
+
+def _with_overrides(profile: ModelProfile, options: AssistantOptions) -> ModelProfile:
+    """The profile with the options' thresholds and M where they are set, checked together."""
+    changes = {name: value for name in ("accept_threshold", "reject_threshold", "max_concepts_in_context")
+               if (value := getattr(options, name)) is not None}
+    if not changes:
+        return profile
+    merged = replace(profile, **changes)
+    problem = check_thresholds(merged.accept_threshold, merged.reject_threshold)
+    if problem:
+        raise PersonalVLMError(f"invalid settings: {problem}")
+    return merged
+
+
+def _frame_encoder(vlm: VLMAdapter, options: AssistantOptions, progress):
+    """The frame path's vision encoder for ``options.backend``; None = the model's torch tower."""
+    if options.backend == "torch":
+        return None
+    try:
+        from .runtime import make_encoder
+    except ImportError as exc:
+        raise PersonalVLMError(f"encoder backend {options.backend} is not available in this installation "
+                               f"({exc}); use torch") from exc
+    return make_encoder(vlm, options.backend, cache_dir=options.engine_cache, progress=progress)
 
 
 class Assistant:
+    """Construct with :meth:`open` (model id or folder) or from a loaded adapter and a store.
+
+    ``options`` (:class:`AssistantOptions`) says how it runs; keyword arguments named like its
+    fields override single options. ``encoder`` injects a ready frame-path encoder callable.
+    """
+
     def __init__(self, vlm: VLMAdapter, store: ConceptStore, profile: ModelProfile | None = None,
                  progress=_stderr_progress, rebuild: bool = True, encoder=None,
-                 verification: bool = True, verifications_per_second: float = 2.0,
-                 verifier_model: str | None = None, r2p_margin: float | None = None, r2p_top_k: int = 3,
-                 r2p_pool: int = 5):
+                 options: AssistantOptions | None = None, **overrides):
+        options = replace(options or AssistantOptions(), **overrides)
+        options.check()
+        self.options = options
         self.vlm = vlm
         self.store = store
-        self.profile = profile or load_profile(vlm.model_id)
+        profile = profile or load_profile(vlm.model_id)
+        # The profile's own band, before any override: a negative threshold parameter returns to it.
+        self.profile_thresholds = (profile.accept_threshold, profile.reject_threshold)
+        self.profile = _with_overrides(profile, options)
         self.layers = self.profile.resolved_layers(vlm.num_layers)
         self.introduction = ego.IntroductionOptions.from_profile(self.profile, self.layers)
         vlm.memory_layout = self.profile.memory_layout
         vlm.max_image_pixels = self.profile.max_image_pixels
         self.progress = progress or (lambda message: None)
         self.matcher = Matcher()
-        self.encoder = encoder               # None = the model's torch vision tower
-        self.tracker = Tracker()
-        self.verification = verification
-        self.verifier = VerificationQueue(self._verify_uncertain, max_per_second=verifications_per_second)
+        # None = the model's torch vision tower.
+        self.encoder = encoder if encoder is not None else _frame_encoder(vlm, options, self.progress)
+        self.tracker = Tracker(k=options.tracker_k, n=options.tracker_n)
+        self.verification = options.verification
+        self.verifier = VerificationQueue(self._verify_uncertain, max_per_second=options.verifications_per_second)
         self._categories: dict[str, str] = {}
         # R2P settles what Ego itself is unsure of (|p_yes - threshold| < r2p_margin).
-        self.text_similarity = (r2p.ImageTextSimilarity(verifier_model, device=str(vlm.device))
-                                if verifier_model else None)
-        self.r2p = r2p.R2PVerifier(vlm, self.text_similarity, top_k=r2p_top_k)
-        # None: the profile's (calibrated) margin.
-        self.r2p_margin = self.profile.r2p_margin if r2p_margin is None else r2p_margin
-        self.r2p_pool = r2p_pool
-        self._reference_cache: dict[tuple[str, float], object] = {}     # (name, updated) → tokens / embeddings
-        if verification:
+        self.text_similarity = (r2p.ImageTextSimilarity(options.verifier_model, device=str(vlm.device))
+                                if options.verifier_model else None)
+        self.r2p = r2p.R2PVerifier(vlm, self.text_similarity, top_k=options.r2p_top_k)
+        self.r2p_margin, self.r2p_pool = options.r2p_margin, options.r2p_pool
+        self._reference_cache: dict[tuple, object] = {}     # (name, what, updated) → tokens / embeddings
+        if self.verification:
             self.verifier.start()
         self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fingerprint")
         self._teach_lock = threading.Lock()
@@ -117,19 +152,21 @@ class Assistant:
 
     @classmethod
     def open(cls, model: str, store_dir=None, device: str = "auto", dtype: str = "auto",
-             profile_path=None, progress=_stderr_progress, **options) -> Assistant:
+             profile_path=None, progress=_stderr_progress, options: AssistantOptions | None = None,
+             **overrides) -> Assistant:
         """Load the model (HF id or folder) and the store; rebuild memories of another model.
 
-        ``options`` go to the constructor: ``encoder``, ``verification``, ``verifications_per_second``,
-        ``verifier_model`` (CLIP/SigLIP id or folder for R2P; none = the VLM's own yes/no),
-        ``r2p_margin``, ``r2p_top_k``, ``r2p_pool``.
+        ``options`` (:class:`AssistantOptions`): encoder backend and engine cache, threshold and
+        M overrides, verification and its verifier model, R2P margin, tracker k-of-n. Keyword
+        arguments (``rebuild``, ``encoder`` or an option's name) go to the constructor.
         """
+        (options or AssistantOptions()).check()         # before the model loads: the cheap mistakes
         profile = load_profile(model, profile_path)
         store = ConceptStore(store_dir)
         if progress:
             progress(f"loading {model} ({device}, {dtype})…")
         vlm = load_vlm(model, device=device, dtype=dtype)
-        return cls(vlm, store, profile, progress=progress, **options)
+        return cls(vlm, store, profile, progress=progress, options=options, **overrides)
 
     def close(self, wait: bool = True) -> None:
         """Stop the background work. ``wait=False`` (shutdown) interrupts running generations
@@ -275,7 +312,7 @@ class Assistant:
 
     def _complete_fingerprint(self, name, tokens, category, created, t0, timings) -> dict:
         t = time.perf_counter()
-        fingerprint = ego.describe_fingerprint(self.vlm, tokens, name, category)
+        fingerprint = r2p.describe_fingerprint(self.vlm, tokens, name, category)
         timings["fingerprint"] = time.perf_counter() - t
         timings["fingerprint_complete"] = time.perf_counter() - t0
         try:
@@ -314,8 +351,12 @@ class Assistant:
         results = [Recognition(n, p, p >= threshold) for n, p in scores.items()]
         return sorted(results, key=lambda r: -r.p_yes)
 
-    def ask(self, question: str, image) -> AskResult:
-        """Answer about ``image``; only the top-M matching concepts enter the prompt."""
+    def ask(self, question: str, image, on_partial=None) -> AskResult:
+        """Answer about ``image``; only the top-M matching concepts enter the prompt.
+
+        ``on_partial(answer_so_far)`` is called after each generated token; returning False stops
+        the answer there (``AskResult.stopped``).
+        """
         t0 = time.perf_counter()
         question = (question or "").strip()
         if not question:
@@ -325,8 +366,8 @@ class Assistant:
         tokens = self.vlm.encode_image(image)
         names = self.candidates(tokens, self.profile.max_concepts_in_context)
         parts = prompts.ask(self._memories(names), tokens, question, self.vlm.family)
-        generation = self.vlm.generate(parts, max_new_tokens=128)
-        return AskResult(generation.text, names, time.perf_counter() - t0)
+        generation = self.vlm.generate(parts, max_new_tokens=128, on_text=on_partial)
+        return AskResult(generation.text, names, time.perf_counter() - t0, generation.stopped)
 
     def forget(self, name: str) -> None:
         name = validate_name(name)
@@ -339,6 +380,45 @@ class Assistant:
 
     def concepts(self) -> list[ConceptRecord]:
         return self.store.list()
+
+    @staticmethod
+    def check_name(name: str) -> str:
+        """The concept name as stored, or PersonalVLMError saying what is wrong with it."""
+        return validate_name(name)
+
+    # ---- settings that may change while running ----------------------------------------------
+    def set_thresholds(self, accept: float | None = None, reject: float | None = None) -> None:
+        """The match-score decision band; None keeps the current value. reject must stay < accept."""
+        accept = self.profile.accept_threshold if accept is None else float(accept)
+        reject = self.profile.reject_threshold if reject is None else float(reject)
+        problem = check_thresholds(accept, reject)
+        if problem:
+            raise PersonalVLMError(problem)
+        self.profile.accept_threshold, self.profile.reject_threshold = accept, reject
+
+    def set_max_concepts_in_context(self, count: int) -> None:
+        """At most ``count`` memories enter one ask / recognize prompt (the similarity filter's M)."""
+        if int(count) != count or count < 0:
+            raise PersonalVLMError(f"max concepts in context must be a whole number >= 0, got {count!r}")
+        self.profile.max_concepts_in_context = int(count)
+
+    def set_verification(self, enabled: bool) -> None:
+        """Settle uncertain matches with the model (starts or stops the verification worker)."""
+        enabled = bool(enabled)
+        if enabled == self.verification:
+            return
+        self.verification = enabled
+        if enabled:
+            self.verifier.start()
+        else:
+            self.verifier.stop()
+            self.verifier.invalidate(lambda key: True)
+
+    def set_r2p_margin(self, margin: float) -> None:
+        """Ego p(yes) this close to its threshold is settled by R2P; 0 = never."""
+        if not 0.0 <= float(margin) <= 0.5:
+            raise PersonalVLMError(f"r2p margin must lie in [0, 0.5], got {margin!r}")
+        self.r2p_margin = float(margin)
 
     # ---- the frame path ---------------------------------------------------------------------
     def thresholds(self) -> tuple[float, float]:
@@ -357,13 +437,15 @@ class Assistant:
         t1 = time.perf_counter()
         accept, reject = self.thresholds()
         observations, uncertain = [], []
-        for match in self.matcher.score(tokens.features, tokens.token_boxes):
+        matches = self.matcher.score(tokens.features, tokens.token_boxes)
+        scores = {m.name: m.score for m in matches}          # R2P's candidates, if it runs
+        for match in matches:
             decision = decide(match.score, accept, reject)
             if decision == "accept":
                 observations.append(Observation(match.name, match.score, match.box, "match"))
             elif decision == "uncertain" and self.verification:
                 uncertain.append(match.name)
-                verdict = self.verifier.submit(match.name, (tokens, match.name, frame))
+                verdict = self.verifier.submit(match.name, (tokens, match.name, frame, scores))
                 if verdict is not None and verdict["present"]:
                     observations.append(Observation(match.name, verdict["p_yes"], match.box, verdict["source"]))
         t2 = time.perf_counter()
@@ -373,15 +455,6 @@ class Assistant:
                       for t in tracks if t.name in self._categories]
         return FrameResult(detections, uncertain,
                            {"encode": t1 - t0, "match": t2 - t1, "total": time.perf_counter() - t0})
-
-    def _r2p_candidates(self, tokens, must_include: list[str]) -> list[r2p.Candidate]:
-        scores = {m.name: m.score for m in self.matcher.score(tokens.features, tokens.token_boxes)}
-        # With a contrastive model retrieval is cheap: rank the whole library, as R2P does.
-        pool = None if self.text_similarity is not None else self.r2p_pool
-        return r2p.candidates_from_scores(
-            scores, pool, lambda n: self.store.get(n).fingerprint,
-            lambda n: Memory.from_stored(self.store.load_memory(n), n), must_include,
-            embeddings_of=self.reference_embeddings, reference_of=self.reference_tokens)
 
     def _cached(self, name: str, what: str, compute):
         key = (name, what, self.store.get(name).updated)
@@ -409,27 +482,25 @@ class Assistant:
         return self._cached(name, "tokens", lambda: self.vlm.encode_image(self.store.load_images(name)[0]))
 
     def _verify_uncertain(self, request: Request) -> dict | None:
-        """The cascade for one uncertain concept on the frame it was uncertain on.
+        """The cascade (:func:`r2p.settle_uncertain`) for one uncertain concept on its frame.
 
         Ego in-context check first; when Ego is itself unsure (p_yes within ``r2p_margin`` of the
-        threshold), R2P decides among the frame's best-matching concepts.
+        threshold), R2P decides among the frame's best-matching concepts, by the scores the
+        matcher gave on that frame.
         """
-        tokens, name, frame = request.payload
+        tokens, name, frame, scores = request.payload
         try:
-            memory = self._memories([name])
+            self.store.load_memory(name)
         except PersonalVLMError:
             return None                    # forgotten while queued
-        if self.profile.recognition == "joint":
-            context = [n for n in self.candidates(tokens, self.profile.max_concepts_in_context) if n != name]
-            memory = memory + self._memories(context[: max(0, self.profile.max_concepts_in_context - 1)])
-            p_yes = ego.recognize_joint(self.vlm, tokens, memory, [name])[name]
-        else:
-            p_yes = ego.recognize(self.vlm, tokens, memory)[name]
-        verdict = r2p.cascade_decision("uncertain", p_yes, self.r2p_margin, self.profile.recognize_threshold)
-        if verdict != "r2p":
-            return {"present": verdict == "accept", "p_yes": p_yes, "source": "ego"}
-        image = load_image(frame) if self.text_similarity is not None else None
-        result = self.r2p.verify(tokens, image, self._r2p_candidates(tokens, [name]))
-        score = result.score_for(name)
-        return {"present": result.present(name), "p_yes": p_yes if score is None else score,
+        verdicts, result = r2p.settle_uncertain(
+            self.vlm, tokens, [name], lambda n: Memory.from_stored(self.store.load_memory(n), n),
+            threshold=self.profile.recognize_threshold, margin=self.r2p_margin, verifier=self.r2p,
+            scores=scores, fingerprint_of=lambda n: self.store.get(n).fingerprint, pool=self.r2p_pool,
+            image=(lambda: load_image(frame)) if self.text_similarity is not None else None,
+            embeddings_of=self.reference_embeddings, reference_of=self.reference_tokens)
+        verdict = verdicts[name]
+        if result is None:
+            return {"present": verdict.present, "p_yes": verdict.p_yes, "source": "ego"}
+        return {"present": verdict.present, "p_yes": verdict.p_yes if verdict.score is None else verdict.score,
                 "source": "r2p", "r2p": result.stages}

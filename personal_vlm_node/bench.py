@@ -14,12 +14,10 @@ on any device.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import resource
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,14 +27,15 @@ import torch
 from PIL import Image
 
 from .errors import PersonalVLMError
+from .options import BACKENDS, AssistantOptions
+from .output import stderr_progress
 
 MATCHER_SIZES = (10, 100, 1_000, 10_000)
 ASK_SIZES = (0, 1, 5, 20)
 FRAME_SIZES = (224, 448)
 
 
-def _say(message: str) -> None:
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
+_say = stderr_progress("bench")
 
 
 def _picture(size: int, seed: int) -> Image.Image:
@@ -172,30 +171,25 @@ def bench_ask(assistant, frame_tokens: torch.Tensor, repeats: int, k: int) -> di
     return out
 
 
-def bench_verification(assistant, frames: int) -> dict:
+def bench_verification(vlm, store, frames: int) -> dict:
     """Frame-path latency with every score uncertain, verification on vs off."""
-    profile = assistant.profile
-    saved = (profile.accept_threshold, profile.reject_threshold)
-    profile.accept_threshold, profile.reject_threshold = 2.0, -2.0      # everything is "uncertain"
+    from .assistant import Assistant
+
     out = {}
-    try:
-        for enabled in (False, True):
-            assistant.verification = enabled
-            if enabled:
-                assistant.verifier.start()
+    for enabled in (False, True):
+        # Thresholds outside the score range: every concept is "uncertain" on every frame.
+        options = AssistantOptions(accept_threshold=2.0, reject_threshold=-2.0, verification=enabled)
+        with Assistant(vlm, store, progress=None, rebuild=False, options=options) as assistant:
             times = [assistant.observe(_picture(224, 300 + i)).timings["total"] for i in range(frames)]
             out["on" if enabled else "off"] = {"median_s": _median(times), "p95_s": _p95(times)}
             if enabled:
                 out["on"]["verified"] = assistant.verifier.stats["verified"]
-    finally:
-        profile.accept_threshold, profile.reject_threshold = saved
-        assistant.verifier.stop()
     out["p95_ratio"] = out["on"]["p95_s"] / out["off"]["p95_s"]
     return out
 
 
 def run_bench(model: str | None, size: str = "tiny", device: str = "auto", dtype: str = "float32",
-              backends: tuple[str, ...] = ("torch", "onnxruntime", "tensorrt"), repeats: int = 3,
+              backends: tuple[str, ...] = BACKENDS, repeats: int = 3,
               frames: int = 10, cache_dir: Path | None = None) -> dict:
     from .assistant import Assistant
     from .store import ConceptStore
@@ -217,7 +211,8 @@ def run_bench(model: str | None, size: str = "tiny", device: str = "auto", dtype
         "repeats": repeats, "load_seconds": time.perf_counter() - t0,
     }
     with tempfile.TemporaryDirectory(prefix="bench-store-") as store_dir:
-        assistant = Assistant(vlm, ConceptStore(store_dir), progress=None, verification=False)
+        store = ConceptStore(store_dir)
+        assistant = Assistant(vlm, store, progress=None, options=AssistantOptions(verification=False))
         try:
             _say("concept introduction…")
             report["introduction"] = bench_introduction(assistant, repeats)
@@ -238,7 +233,7 @@ def run_bench(model: str | None, size: str = "tiny", device: str = "auto", dtype
             report["ask"] = bench_ask(assistant, frame.features, max(1, repeats // 2),
                                       assistant.profile.max_memory_tokens)
             _say("verification on the frame path…")
-            report["verification"] = bench_verification(assistant, frames)
+            report["verification"] = bench_verification(vlm, store, frames)
         finally:
             assistant.close()
     if vlm.dtype == torch.float32 and "torch" in backends:
@@ -287,26 +282,3 @@ def format_table(report: dict) -> str:
         rows.append(("peak CUDA memory", f"{report['peak_memory']['cuda_allocated_mb']:.0f} MB"))
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
-
-
-def add_parser(subparsers) -> None:
-    bench = subparsers.add_parser("bench", help="measure teaching, the frame path, the matcher and ask")
-    bench.add_argument("--json", dest="json_out", default=None, help="write the figures to this JSON file")
-    bench.add_argument("--size", default="tiny", choices=["tiny", "realistic"],
-                       help="random-weight model to measure when --model is not given")
-    bench.add_argument("--backends", default="torch,onnxruntime,tensorrt")
-    bench.add_argument("--repeats", type=int, default=3)
-    bench.add_argument("--frames", type=int, default=10, help="frames for the verification p95")
-
-
-def run(args) -> None:
-    if args.repeats < 1 or args.frames < 2:
-        raise PersonalVLMError("--repeats must be >= 1 and --frames >= 2")
-    dtype = "float32" if args.dtype == "auto" else args.dtype
-    report = run_bench(args.model, size=args.size, device=args.device, dtype=dtype,
-                       backends=tuple(b.strip() for b in args.backends.split(",") if b.strip()),
-                       repeats=args.repeats, frames=args.frames)
-    print(format_table(report))
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(report, indent=2))
-        print(f"\nwritten to {args.json_out}")

@@ -1,5 +1,8 @@
 """``personal-vlm``: teach, ask, recognize, list, forget and calibrate from a shell.
 
+``personal-vlm node …`` talks to a running ROS node instead (:mod:`.ros.client`; rclpy is imported
+only then, so everything else works without ROS).
+
 Exit codes: 0 success, 2 a user error (one line on stderr, no traceback), 1 an internal error.
 Progress goes to stderr, results to stdout (``--json`` for machine-readable output).
 """
@@ -10,15 +13,17 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
-from . import bench, evaluation
+from . import evaluation
 from .errors import PersonalVLMError
-from .runtime.command import add_export_parser, run_export
+from .images import IMAGE_SUFFIXES
+from .options import BACKENDS, DEFAULT_MODEL, DTYPES, EXPORT_OPSET, PRECISIONS, RANDOM_MODEL_SIZES, AssistantOptions
+from .output import stderr_progress
 
-DEFAULT_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+NODE_TIMEOUT_S = 10.0   # seconds `personal-vlm node` waits for the node to appear
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                              f"{DEFAULT_MODEL}; bench: a random-weight model)")
     parser.add_argument("--store", default=None, help="concept store directory (default: $XDG_DATA_HOME/personal_vlm)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="auto", choices=DTYPES)
     parser.add_argument("--profile", default=None, help="model profile YAML (default: models/<model>.yaml)")
     parser.add_argument("--json", action="store_true", help="print results as JSON")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -71,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     detect = sub.add_parser("detect", help="named detections on an image, a folder of frames or a video")
     detect.add_argument("source", help="image file, folder of images (sorted by name) or video file")
-    detect.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "tensorrt"],
+    detect.add_argument("--backend", default="torch", choices=BACKENDS,
                         help="vision encoder backend")
     detect.add_argument("--engine-cache", default=None, help="cache for exported encoders / engines")
     detect.add_argument("--verify", action="store_true", help="settle uncertain scores with the model")
@@ -93,9 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--top-k", type=int, default=16, help="top attended tokens per layer")
     calibrate.add_argument("--keep", type=int, default=4, help="layers to keep (L)")
     calibrate.add_argument("--out", default=None, help="profile to write (default: models/<model>.yaml in a checkout, else ~/.config/personal_vlm/models/)")
-    bench.add_parser(sub)
-    evaluation.add_parser(sub)
-    add_export_parser(sub)
+    _add_bench_parser(sub)
+    _add_eval_parser(sub)
+    _add_export_parser(sub)
+    _add_node_parser(sub)
     return parser
 
 
@@ -103,11 +109,11 @@ def _emit(args, payload: dict, text: str) -> None:
     print(json.dumps(payload, ensure_ascii=False) if args.json else text)
 
 
-def _open(args, verification: bool = False):
+def _open(args, options: AssistantOptions | None = None):
     from .assistant import Assistant
 
     return Assistant.open(args.model, store_dir=args.store, device=args.device, dtype=args.dtype,
-                          profile_path=args.profile, verification=verification)
+                          profile_path=args.profile, options=options or AssistantOptions(verification=False))
 
 
 def _cmd_teach(args) -> None:
@@ -184,19 +190,13 @@ def _video_frames(path: Path):
 
 
 def _cmd_detect(args) -> None:
-    from .tracker import Tracker
-
     source = Path(args.source)
     frames = _frames(source)
     still = source.is_file() and source.suffix.lower() not in VIDEO_SUFFIXES
-    with _open(args, verification=args.verify) as assistant:
-        if args.backend != "torch":
-            from .runtime.backends import make_encoder
-
-            assistant.encoder = make_encoder(assistant.vlm, args.backend, cache_dir=args.engine_cache,
-                                             progress=lambda m: print(f"[personal-vlm] {m}", file=sys.stderr))
-        if still:
-            assistant.tracker = Tracker(k=1, n=1)     # one frame: no hysteresis to wait for
+    hysteresis = {"tracker_k": 1, "tracker_n": 1} if still else {}   # one frame: nothing to wait for
+    options = AssistantOptions(backend=args.backend, engine_cache=args.engine_cache,
+                               verification=args.verify, **hysteresis)
+    with _open(args, options) as assistant:
         for label, frame in frames:
             result = assistant.observe(frame)
             rows = [{"name": d.name, "score": round(d.score, 4), "box": [round(v, 1) for v in d.box],
@@ -239,9 +239,67 @@ def _pairs(images_dir: Path, masks_dir: Path) -> list[tuple[Path, Path]]:
     return pairs
 
 
+def _add_eval_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``eval`` on the ``personal-vlm`` subcommands."""
+    parser = subparsers.add_parser(
+        "eval", help="recognition accuracy on a personalization dataset (Yo'LLaVA, PerVA, MyVLM, generic)",
+        description=evaluation.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dataset", help="dataset root folder")
+    parser.add_argument("--out", required=True, help="results folder; a rerun resumes the run in it")
+    parser.add_argument("--layout", default="auto", choices=("auto",) + evaluation.LAYOUTS)
+    parser.add_argument("--method", default="match", choices=evaluation.METHODS)
+    parser.add_argument("--shots", type=int, default=1, help=f"reference images per concept (1..{evaluation.MAX_SHOTS})")
+    parser.add_argument("--test-list", default=None, help="myvlm: file listing the query images (<concept>/<file>)")
+    parser.add_argument("--test-last", type=int, default=None,
+                        help="myvlm: the last N images of each concept are queries (default: all after --shots)")
+    parser.add_argument("--max-queries", type=int, default=None, help="evaluate only the first N queries")
+    parser.add_argument("--accept", type=float, default=None, help="matcher accept threshold (default: profile)")
+    parser.add_argument("--reject", type=float, default=None, help="matcher reject threshold (default: profile)")
+    parser.add_argument("--threshold", type=float, default=None, help="Ego p_yes threshold (default: profile)")
+    parser.add_argument("--margin", type=float, default=0.15, help="cascade: R2P when |p_yes - threshold| < margin")
+    parser.add_argument("--top-k", type=int, default=3, help="R2P: candidates kept by retrieval")
+    parser.add_argument("--r2p-pool", type=int, default=10, help="R2P: the matcher's top concepts it retrieves from")
+    parser.add_argument("--pairwise-threshold", type=float, default=0.5, help="R2P: p_i needed to decide")
+    parser.add_argument("--verifier-model", default=None,
+                        help="R2P: CLIP/SigLIP id or folder for image-text similarity (default: the VLM answers)")
+    parser.add_argument("--restart", action="store_true", help="discard the results already in --out")
+    return parser
+
+
+def _cmd_eval(args) -> None:
+    """``personal-vlm eval``: load the model, evaluate, print the overall metrics."""
+    from .assistant import Assistant
+    from .evaluation import RESULTS_MD, EvalOptions, evaluate, load_dataset, pairs
+    from .evaluation.report import format_value as _fmt
+
+    _say = stderr_progress("eval")
+
+    dataset = load_dataset(args.dataset, args.layout, args.shots, args.test_list, args.test_last)
+    options = EvalOptions(method=args.method, accept=args.accept, reject=args.reject, threshold=args.threshold,
+                          margin=args.margin, top_k=args.top_k, pairwise_threshold=args.pairwise_threshold,
+                          verifier_model=args.verifier_model, r2p_pool=args.r2p_pool,
+                          max_queries=args.max_queries).check()
+    out = Path(args.out).expanduser()
+    _say(f"{dataset.layout} dataset: {len(dataset.concepts)} concepts, {len(dataset.queries)} queries, "
+         f"{len(pairs(dataset))} pairs")
+    split = {"test_list": str(args.test_list) if args.test_list else None, "test_last": args.test_last}
+    with Assistant.open(args.model, store_dir=out / "store", device=args.device, dtype=args.dtype,
+                        profile_path=getattr(args, "profile", None), progress=_say,
+                        options=AssistantOptions(verification=False)) as assistant:
+        results = evaluate(assistant, dataset, out, options, restart=args.restart, test_split=split)
+    overall = results["overall"]
+    if getattr(args, "json", False):
+        print(json.dumps({k: results[k] for k in ("method", "dataset", "overall", "macro_weighted_accuracy",
+                                                  "timing", "decided_by")} | {"out": str(out)}, ensure_ascii=False))
+    else:
+        print(f"{options.method}: Wtd {_fmt(overall['weighted_accuracy'])} (positive {_fmt(overall['positive_accuracy'])}, "
+              f"negative {_fmt(overall['negative_accuracy'])}), precision {_fmt(overall['precision'])}, "
+              f"recall {_fmt(overall['recall'])}, F1 {_fmt(overall['f1'])} over {results['dataset']['queries']} "
+              f"queries; {_fmt(results['timing']['seconds_per_query'])} s/query. Results in {out / RESULTS_MD}")
+
+
 def _cmd_calibrate(args) -> None:
-    from . import calibration
-    from .profiles import default_profile_path, load_profile, save_profile
+    from .profiles import calibrate_layers, default_profile_path, load_profile, save_profile
     from .vlm import load_vlm
 
     if args.top_k < 1 or args.keep < 1:
@@ -256,32 +314,131 @@ def _cmd_calibrate(args) -> None:
     dataset = evaluation.load_dataset(args.dataset, args.layout) if args.dataset else None
     profile = load_profile(args.model, args.profile)
     vlm = load_vlm(args.model, device=args.device, dtype=args.dtype)
-    progress = lambda m: print(f"[personal-vlm] {m}", file=sys.stderr, flush=True)   # noqa: E731
-    calibration_record = dict(profile.calibration or {})
-    result = {}
-    if pairs:
-        t0 = time.perf_counter()
-        scores = calibration.rank_layers_on_masks(vlm, pairs, args.top_k, progress, profile)
-        ranked = sorted(scores, key=lambda l: -scores[l])
-        profile.layers = sorted(ranked[: min(args.keep, len(ranked))])
-        calibration_record.update({"images": len(pairs), "top_k": args.top_k,
-                                   "mask_hit_rate": {int(l): round(s, 4) for l, s in scores.items()},
-                                   "seconds": round(time.perf_counter() - t0, 2)})
-        result.update({"layers": profile.layers, "mask_hit_rate": calibration_record["mask_hit_rate"]})
-    if dataset is not None:
-        fitted = calibration.calibrate_thresholds(vlm, profile, dataset, progress, args.max_error)
-        calibration_record["thresholds"] = fitted["figures"]
-        result.update({k: v for k, v in fitted.items() if k != "figures"})
-    calibration_record.pop("note", None)
-    profile.calibration = calibration_record
+    profile = calibrate_layers(profile, vlm, pairs, args.top_k, args.keep, progress=stderr_progress())
     out = save_profile(profile, args.out or default_profile_path(args.model))
     summary = ", ".join(f"{k} {v}" for k, v in result.items() if k != "mask_hit_rate")
     _emit(args, {"profile": str(out), **result}, f"{summary} written to {out}")
 
 
+def _add_bench_parser(subparsers) -> None:
+    bench = subparsers.add_parser("bench", help="measure teaching, the frame path, the matcher and ask")
+    bench.add_argument("--json", dest="json_out", default=None, help="write the figures to this JSON file")
+    bench.add_argument("--size", default="tiny", choices=RANDOM_MODEL_SIZES,
+                       help="random-weight model to measure when --model is not given")
+    bench.add_argument("--backends", default=",".join(BACKENDS))
+    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--frames", type=int, default=10, help="frames for the verification p95")
+
+
+def _cmd_bench(args) -> None:
+    from .bench import format_table, run_bench
+
+    if args.repeats < 1 or args.frames < 2:
+        raise PersonalVLMError("--repeats must be >= 1 and --frames >= 2")
+    dtype = "float32" if args.dtype == "auto" else args.dtype
+    report = run_bench(args.model, size=args.size, device=args.device, dtype=dtype,
+                       backends=tuple(b.strip() for b in args.backends.split(",") if b.strip()),
+                       repeats=args.repeats, frames=args.frames)
+    print(format_table(report))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(report, indent=2))
+        print(f"\nwritten to {args.json_out}")
+
+
+def _add_export_parser(subparsers):
+    """Add ``export-encoder --out DIR [--image-size S] [--opset N] [--backend-check]`` to ``subparsers``."""
+    parser = subparsers.add_parser(
+        "export-encoder", help="export the vision tower + projector to ONNX (checked against torch)",
+        description="Export the model's vision tower + projector to DIR/encoder.onnx with DIR/encoder.json, "
+                    "and check the graph against torch on onnxruntime CPU. The node exports on its own into "
+                    "its cache; use this to prepare a folder for another machine or to see which backends work.")
+    parser.add_argument("--out", required=True, help="folder to write encoder.onnx and encoder.json to")
+    parser.add_argument("--image-size", type=int, default=None, metavar="S",
+                        help="fix the graph to S×S px images (a static TensorRT engine); default: any size")
+    parser.add_argument("--opset", type=int, default=EXPORT_OPSET, help="ONNX opset (default: %(default)s)")
+    parser.add_argument("--backend-check", action="store_true",
+                        help="also run the graph on every onnxruntime provider here and on TensorRT if installed, "
+                             "and report each one's error against torch and its time")
+    parser.add_argument("--precision", default="fp16", choices=PRECISIONS,
+                        help="TensorRT precision for --backend-check (default: %(default)s)")
+    return parser
+
+
+def _cmd_export(args) -> None:
+    """The command: uses args.model / device / dtype / json from the global options."""
+    from .runtime.command import check_backends
+    from .runtime.export import export_encoder, read_metadata, say_to_stderr
+    from .vlm import load_vlm
+
+    vlm = load_vlm(args.model, device=args.device, dtype=args.dtype)
+    onnx_path = export_encoder(vlm, args.out, image_size=args.image_size, opset=args.opset,
+                               progress=say_to_stderr)
+    folder = Path(onnx_path).parent
+    meta = read_metadata(folder)
+    result = {"onnx": str(onnx_path), "metadata": str(folder / "encoder.json"), "family": meta["family"],
+              "fingerprint": meta["fingerprint"], "image_size": meta["image_size"],
+              "max_abs_error": meta["parity"]["max_abs_error"], "onnx_sha256": meta["onnx_sha256"],
+              "bytes": sum(meta["file_sizes"].values())}
+    if args.backend_check:
+        result["backends"] = check_backends(vlm, folder, meta, getattr(args, "precision", "fp16"), say_to_stderr)
+    if getattr(args, "json", False):
+        print(json.dumps(result, ensure_ascii=False))
+        return
+    sizes = "any image size" if meta["image_size"] is None else f"{meta['image_size']} px images only"
+    lines = [f"exported the {meta['family']} encoder ({sizes}, {result['bytes'] / 1e6:.1f} MB) to {onnx_path}; "
+             f"max abs error vs torch {result['max_abs_error']:.2e}"]
+    for row in result.get("backends", []):
+        if "unavailable" in row:
+            lines.append(f"  {row['backend']:<12} {row['provider']:<28} unavailable: {row['unavailable']}")
+        else:
+            lines.append(f"  {row['backend']:<12} {row['provider']:<28} max abs error {row['max_abs_error']:.2e}"
+                         f"  {row['median_s'] * 1000:.1f} ms")
+    print("\n".join(lines))
+
+
+def _add_node_parser(sub) -> None:
+    """``node VERB``: a ROS client of a running node; parsing needs no ROS import."""
+    node = sub.add_parser("node", help="talk to a running ROS node (needs rclpy, not the ros2 command)")
+    node.add_argument("--namespace", "-n", default="", help="the node's namespace (default: none)")
+    node.add_argument("--node-name", default="personal_vlm", help="the node's name (default: personal_vlm)")
+    node.add_argument("--timeout", type=float, default=NODE_TIMEOUT_S,
+                      help=f"seconds to wait for the node to appear (default: {NODE_TIMEOUT_S:g})")
+    # SUPPRESS: `personal-vlm --json node list`, `… node --json list` and `… node list --json` all work.
+    node.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print results as JSON")
+    verbs = node.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+
+    teach = verbs.add_parser("teach", help="teach a concept from pictures, or from the latest camera frame")
+    teach.add_argument("name")
+    teach.add_argument("images", nargs="*", help="picture files; none = the node's latest camera frame")
+    teach.add_argument("--category", default="")
+    teach.add_argument("--roi", default=None, help="x,y,w,h of the subject in pixels, for every picture")
+    teach.add_argument("--overwrite", action="store_true")
+
+    ask = verbs.add_parser("ask", help="ask a question about a picture or the latest camera frame")
+    ask.add_argument("question")
+    ask.add_argument("--image", default=None, help="picture file; default: the node's latest camera frame")
+    ask.add_argument("--stream", action="store_true", help="print the answer while it is generated (ask action)")
+
+    verbs.add_parser("list", help="list the node's concepts")
+    forget = verbs.add_parser("forget", help="forget a concept")
+    forget.add_argument("name")
+    watch = verbs.add_parser("watch", help="print the node's detections")
+    watch.add_argument("--count", type=int, default=0, help="stop after this many frames (default: never)")
+    watch.add_argument("--seconds", type=float, default=0.0, help="stop after this many seconds (default: never)")
+    for verb in (teach, ask, verbs.choices["list"], forget, watch):
+        verb.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print results as JSON")
+
+
+def _cmd_node(args) -> None:
+    from .ros import client
+
+    client.run(args)
+
+
 COMMANDS = {"teach": _cmd_teach, "ask": _cmd_ask, "recognize": _cmd_recognize, "list": _cmd_list,
-            "forget": _cmd_forget, "calibrate": _cmd_calibrate, "bench": bench.run,
-            "detect": _cmd_detect, "eval": evaluation.run, "export-encoder": run_export}
+            "forget": _cmd_forget, "calibrate": _cmd_calibrate, "bench": _cmd_bench,
+            "detect": _cmd_detect, "eval": _cmd_eval, "export-encoder": _cmd_export,
+            "node": _cmd_node}
 
 
 def main(argv: list[str] | None = None) -> int:

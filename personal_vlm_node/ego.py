@@ -93,35 +93,6 @@ def parse_introduction(text: str) -> tuple[list[str], float | None]:
     return unique[:8], area
 
 
-FINGERPRINT_KEYS = ("shape", "material", "color", "pattern", "distinct_features", "text_or_brand")
-
-
-def parse_fingerprint(text: str) -> dict:
-    """R2P attributes + description from the fingerprint answer; never raises."""
-    attributes: dict[str, str] = {}
-    description = ""
-    for obj in json_objects(text):
-        lowered = {str(k).lower().replace(" ", "_"): v for k, v in obj.items()}
-        lowered.setdefault("color", lowered.get("colour"))
-        for key in FINGERPRINT_KEYS:
-            value = lowered.get(key)
-            if isinstance(value, (list, tuple)):
-                value = ", ".join(str(v) for v in value)
-            if value is not None and str(value).strip() and str(value).strip().lower() != "none":
-                attributes[key] = str(value).strip()[:120]
-        description = str(lowered.get("description") or "").strip()[:300]
-        break
-    if not attributes:
-        for key in FINGERPRINT_KEYS:
-            match = re.search(rf"{key.replace('_', '[ _]')}\W*[:=]\W*([^\n,;\"}}]+)", text, re.IGNORECASE)
-            if match and match.group(1).strip().lower() != "none":
-                attributes[key] = match.group(1).strip()[:120]
-    if not description:
-        plain = re.sub(r"[{}\[\]\"]", " ", text).strip()
-        description = re.split(r"(?<=[.!?])\s", plain)[0][:300] if plain else ""
-    return {"attributes": attributes, "description": description}
-
-
 def keyword_spans(answer: str, keywords: list[str]) -> list[tuple[int, int]]:
     """Character spans of every whole-word occurrence of the keywords in the answer (any case)."""
     spans = []
@@ -412,14 +383,6 @@ def introduce(vlm: VLMAdapter, images: list[ImageTokens], name: str, category: s
         "attention": sum(i.timings["attention"] for i in intros),
     }
     return Introduction(memory, keywords[:12], int(memory["memory"].shape[0]), intros, timings)
-
-
-def describe_fingerprint(vlm: VLMAdapter, tokens: ImageTokens, name: str, category: str) -> dict:
-    """The R2P fingerprint (second generation); run in the background after teaching."""
-    generation = vlm.generate(prompts.fingerprint(tokens, name, category, vlm.family), max_new_tokens=120)
-    fingerprint = parse_fingerprint(generation.text)
-    fingerprint["raw"] = generation.text[:1000]
-    return fingerprint
 
 
 # ---- recognition ------------------------------------------------------------------------

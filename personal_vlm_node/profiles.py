@@ -12,12 +12,13 @@ import json
 import os
 import re
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import yaml
 
 from .errors import PersonalVLMError
+from .options import check_thresholds
 
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "models"   # in a source checkout
 USER_PROFILE_DIR = Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "personal_vlm" / "models"
@@ -82,8 +83,9 @@ class ModelProfile:
             if getattr(self, key) not in allowed:
                 raise PersonalVLMError(f"profile: {key} must be one of {', '.join(map(str, allowed))}, "
                                        f"got {getattr(self, key)!r}")
-        if not self.reject_threshold < self.accept_threshold:
-            raise PersonalVLMError("profile: reject_threshold must be below accept_threshold")
+        problem = check_thresholds(self.accept_threshold, self.reject_threshold)
+        if problem:
+            raise PersonalVLMError(f"profile: {problem}")
         if not 0.0 <= self.recognize_threshold <= 1.0:
             raise PersonalVLMError("profile: recognize_threshold must lie in [0, 1]")
         if not 0.0 <= self.r2p_margin <= 0.5:
@@ -160,3 +162,39 @@ def save_profile(profile: ModelProfile, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(asdict(profile), sort_keys=False))
     return path
+
+
+def calibrate_layers(profile: ModelProfile, vlm, pairs: list[tuple], top_k: int, keep: int,
+                     progress=None) -> ModelProfile:
+    """``profile`` with the ``keep`` layers whose keyword attention lands best on the subject.
+
+    ``pairs`` are (image, mask) files of single-subject pictures; each layer is scored by the
+    share of its ``top_k`` most attended visual tokens that fall on the mask
+    (:func:`personal_vlm_node.ego.rank_layers`), and every layer's score is kept in
+    ``calibration``.
+    """
+    import time
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from . import ego
+    from .images import load_image
+
+    samples = []
+    for image_path, mask_path in pairs:
+        image = load_image(image_path)
+        with Image.open(mask_path) as m:
+            mask = torch.from_numpy(np.asarray(m.convert("L").resize(image.size)) > 127)   # (H, W)
+        if not mask.any():
+            raise PersonalVLMError(f"mask {mask_path} is empty")
+        samples.append((vlm.encode_image(image), mask))
+    t0 = time.perf_counter()
+    scores = ego.rank_layers(vlm, samples, top_k, progress=progress,
+                             options=ego.IntroductionOptions.from_profile(profile, []))
+    ranked = sorted(scores, key=lambda l: -scores[l])
+    calibration = {"images": len(samples), "top_k": top_k,
+                   "mask_hit_rate": {int(l): round(s, 4) for l, s in scores.items()},
+                   "seconds": round(time.perf_counter() - t0, 2)}
+    return replace(profile, layers=sorted(ranked[: min(keep, len(ranked))]), calibration=calibration)

@@ -1,7 +1,7 @@
 """R2P: retrieval and reasoning on concept fingerprints, for the cases the memory match can't settle.
 
 Every taught concept c has a *fingerprint* (written in the background after teaching, see
-:func:`personal_vlm_node.ego.describe_fingerprint`): attributes A_c = {shape, material, color,
+:func:`describe_fingerprint`): attributes A_c = {shape, material, color,
 pattern, distinct_features, text_or_brand} and a one-sentence description d_c. Given a query image
 q and a short list of candidate concepts (with their visual scores from the matcher), R2P runs:
 
@@ -48,10 +48,50 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .ego import FINGERPRINT_KEYS, json_objects
+from . import prompts
+from .ego import json_objects
 from .prompts import ATTRIBUTE_QUESTION, ATTRIBUTE_TEXT, COT_PROMPT, DESCRIPTION_QUESTION, PAIRWISE_PROMPT
 from .errors import PersonalVLMError
 from .vlm.base import ImageTokens, Memory, Part, VLMAdapter
+
+# ---- the fingerprint: what R2P knows of a concept beyond its memory ----------------------------
+FINGERPRINT_KEYS = ("shape", "material", "color", "pattern", "distinct_features", "text_or_brand")
+
+
+def parse_fingerprint(text: str) -> dict:
+    """R2P attributes + description from the fingerprint answer; never raises."""
+    attributes: dict[str, str] = {}
+    description = ""
+    for obj in json_objects(text):
+        lowered = {str(k).lower().replace(" ", "_"): v for k, v in obj.items()}
+        lowered.setdefault("color", lowered.get("colour"))
+        for key in FINGERPRINT_KEYS:
+            value = lowered.get(key)
+            if isinstance(value, (list, tuple)):
+                value = ", ".join(str(v) for v in value)
+            if value is not None and str(value).strip() and str(value).strip().lower() != "none":
+                attributes[key] = str(value).strip()[:120]
+        description = str(lowered.get("description") or "").strip()[:300]
+        break
+    if not attributes:
+        for key in FINGERPRINT_KEYS:
+            match = re.search(rf"{key.replace('_', '[ _]')}\W*[:=]\W*([^\n,;\"}}]+)", text, re.IGNORECASE)
+            if match and match.group(1).strip().lower() != "none":
+                attributes[key] = match.group(1).strip()[:120]
+    if not description:
+        plain = re.sub(r"[{}\[\]\"]", " ", text).strip()
+        description = re.split(r"(?<=[.!?])\s", plain)[0][:300] if plain else ""
+    return {"attributes": attributes, "description": description}
+
+
+
+def describe_fingerprint(vlm: VLMAdapter, tokens: ImageTokens, name: str, category: str) -> dict:
+    """The R2P fingerprint (second generation); run in the background after teaching."""
+    generation = vlm.generate(prompts.fingerprint(tokens, name, category, vlm.family), max_new_tokens=120)
+    fingerprint = parse_fingerprint(generation.text)
+    fingerprint["raw"] = generation.text[:1000]
+    return fingerprint
+
 
 # ---- prompt wording lives in prompts.py --------------------------------------------------------
 
@@ -571,3 +611,50 @@ def cascade_decision(match_decision: str, ego_p_yes: float | None = None, margin
     if abs(ego_p_yes - threshold) < margin:
         return "r2p"
     return "accept" if ego_p_yes >= threshold else "reject"
+
+
+@dataclass
+class Verdict:
+    """How the cascade settled one concept the matcher was unsure of, on one image."""
+
+    present: bool
+    p_yes: float                     # Ego's in-context p(yes)
+    source: str                      # "ego", or "r2p" when Ego was itself unsure
+    score: float | None = None       # R2P's score for the concept, when R2P decided
+
+
+def settle_uncertain(vlm: VLMAdapter, tokens: ImageTokens, names: list[str], memory_of, *,
+                     threshold: float, margin: float, verifier: R2PVerifier, scores: dict[str, float],
+                     fingerprint_of, pool: int, image=None, embeddings_of=None,
+                     reference_of=None) -> tuple[dict[str, Verdict], R2PResult | None]:
+    """The decision cascade for ``names``, the concepts in the matcher's uncertain band on one image.
+
+    Ego's in-context p_yes decides each one; those Ego is itself unsure of (:func:`cascade_decision`)
+    are settled together by one R2P run over the ``pool`` best-matching concepts. ``scores`` are the
+    matcher's scores on this image (not computed again here); ``memory_of(name)`` and
+    ``fingerprint_of(name)`` give a concept's (K, D) memory and fingerprint; ``image()`` gives the
+    picture for the image-text scores, asked for only when R2P runs. The frame path and the
+    evaluation both decide through this function.
+    """
+    from . import ego
+
+    verdicts, unsure = {}, []
+    for name in names:
+        memory = memory_of(name)
+        memory = memory if isinstance(memory, Memory) else Memory(memory, name)
+        p_yes = ego.recognize(vlm, tokens, [memory])[name]
+        decision = cascade_decision("uncertain", p_yes, margin, threshold)
+        verdicts[name] = Verdict(decision == "accept", p_yes, "r2p" if decision == "r2p" else "ego")
+        if decision == "r2p":
+            unsure.append(name)
+    if not unsure:
+        return verdicts, None
+    # With a contrastive model retrieval is cheap: rank the whole library, as R2P does.
+    pool = None if verifier.text_similarity is not None else pool
+    candidates = candidates_from_scores(scores, pool, fingerprint_of, memory_of, unsure,
+                                        embeddings_of=embeddings_of, reference_of=reference_of)
+    result = verifier.verify(tokens, image() if image is not None else None, candidates)
+    for name in unsure:
+        verdicts[name].present = result.present(name)
+        verdicts[name].score = result.score_for(name)
+    return verdicts, result

@@ -33,7 +33,7 @@ def test_bench_writes_every_figure_and_prints_a_table(tmp_path, monkeypatch, cap
 
 
 def test_bench_runs_unchanged_on_a_given_checkpoint_of_other_families(tiny_checkpoints, tmp_path):
-    for family in ("internvl", "idefics3"):
+    for family in ("internvl", "idefics3", "qwen3_vl", "smolvlm"):
         report = bench.run_bench(str(tiny_checkpoints[family]), device="cpu", dtype="float32",
                                  backends=("torch", "onnxruntime"), repeats=1, frames=2,
                                  cache_dir=tmp_path / family)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from personal_vlm_node import ego
+from personal_vlm_node import ego, r2p
 from personal_vlm_node.assistant import Assistant
 from personal_vlm_node.errors import PersonalVLMError
 from personal_vlm_node.profiles import ModelProfile, default_layers, load_profile, profile_filename
@@ -66,14 +66,14 @@ def test_introduction_answers_are_parsed_robustly(text, keywords, area):
 
 
 def test_fingerprint_answers_are_parsed_robustly():
-    good = ego.parse_fingerprint('{"shape": "cylinder", "material": "ceramic", "colour": "red", '
+    good = r2p.parse_fingerprint('{"shape": "cylinder", "material": "ceramic", "colour": "red", '
                                  '"pattern": "none", "description": "A red mug."}')
     assert good == {"attributes": {"shape": "cylinder", "material": "ceramic", "color": "red"},
                     "description": "A red mug."}
-    broken = ego.parse_fingerprint('shape: round\nmaterial: plush,\n"description": "A toy cat')
+    broken = r2p.parse_fingerprint('shape: round\nmaterial: plush,\n"description": "A toy cat')
     assert broken["attributes"] == {"shape": "round", "material": "plush"}
     assert isinstance(broken["description"], str)
-    assert ego.parse_fingerprint("") == {"attributes": {}, "description": ""}
+    assert r2p.parse_fingerprint("") == {"attributes": {}, "description": ""}
 
 
 def test_keyword_spans_locate_keywords_in_the_answer():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 
@@ -244,6 +243,21 @@ def test_cascade_hands_what_ego_is_unsure_of_to_r2p(assistant, tmp_path, clip):
     assert "r2p" not in record and all(p["predicted"] == (p["p_yes"] >= 0.5) for p in record["pairs"])
 
 
+@pytest.mark.parametrize("family", ["qwen3_vl", "smolvlm"])
+def test_the_cascade_runs_on_the_newer_families(adapters, tmp_path, family):
+    # Ego and R2P through the whole eval on Qwen3-VL (DeepStack) and SmolVLM2 checkpoints.
+    data = load_dataset(_yollava(tmp_path / "data", train=1))
+    with Assistant(adapters(family), ConceptStore(tmp_path / "store"),
+                   ModelProfile(max_memory_tokens=8, min_memory_tokens=2), progress=None,
+                   verification=False) as a:
+        options = EvalOptions(method="cascade", accept=1.5, reject=-1.5, margin=0.5, top_k=2, max_queries=2)
+        results = evaluation.evaluate(a, data, tmp_path / "out", options, progress=None)
+    assert results["decided_by"] == {"r2p": 4}
+    assert results["overall"]["positives"] + results["overall"]["negatives"] == 4
+    assert all(0.0 < p["p_yes"] < 1.0 for r in evaluation.read_lines(tmp_path / "out" / "progress.jsonl")
+               for p in r["pairs"])
+
+
 def test_a_rerun_skips_the_queries_already_done(assistant, tmp_path, monkeypatch):
     data = load_dataset(_yollava(tmp_path / "data", train=1))
     out = tmp_path / "out"
@@ -272,14 +286,10 @@ def test_a_rerun_skips_the_queries_already_done(assistant, tmp_path, monkeypatch
 
 def test_the_command_runs_from_parsed_arguments(tiny_checkpoints, tmp_path, capsys):
     data = _yollava(tmp_path / "data", concepts=("bo",), train=1, test=1)
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--json", action="store_true")
-    sub = parser.add_subparsers(dest="command")
-    evaluation.add_parser(sub)
-    args = parser.parse_args(["--json", "eval", str(data), "--out", str(tmp_path / "out"), "--method", "match"])
-    args.model, args.device, args.dtype, args.store, args.profile = (
-        str(tiny_checkpoints["qwen2_5_vl"]), "cpu", "float32", None, None)
-    evaluation.run(args)
+    from personal_vlm_node.cli import main
+
+    assert main(["--model", str(tiny_checkpoints["qwen2_5_vl"]), "--device", "cpu", "--dtype", "float32", "--json",
+                 "eval", str(data), "--out", str(tmp_path / "out"), "--method", "match"]) == 0
     captured = capsys.readouterr()
     printed = json.loads(captured.out)
     assert printed["method"] == "match" and printed["overall"]["positives"] == 1

@@ -6,7 +6,6 @@ here, so its engine-cache key, rebuild decision and missing-install message are 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import shutil
@@ -22,8 +21,8 @@ from personal_vlm_node.errors import PersonalVLMError
 from personal_vlm_node.runtime import backends, export
 from personal_vlm_node.runtime.backends import (cached_export, engine_cache_key, engine_paths, make_encoder,
                                                 needs_rebuild, provider_chain)
-from personal_vlm_node.runtime.command import add_export_parser, run_export
-from personal_vlm_node.runtime.graphs import graph_for
+from personal_vlm_node.cli import main
+from personal_vlm_node.vlm.graph import graph_for
 from personal_vlm_node.vlm.base import prepare_image
 
 FP32_TOLERANCE = 1e-4
@@ -81,7 +80,7 @@ def test_exported_encoder_matches_the_torch_tower_on_onnxruntime_cpu(adapters, e
 def test_metadata_describes_the_graph_and_hashes_its_file(adapters, exported, family):
     adapter = adapters(family)
     folder, meta = exported(family)
-    assert meta["family"] == family and meta["fingerprint"] == adapter.fingerprint
+    assert meta["family"] == adapter.family and meta["fingerprint"] == adapter.fingerprint
     assert meta["dtype"] == "float32" and meta["image_size"] is None and meta["external_data"] is False
     session = ort.InferenceSession(str(folder / "encoder.onnx"), providers=["CPUExecutionProvider"])
     assert [i["name"] for i in meta["inputs"]] == [i.name for i in session.get_inputs()]
@@ -370,21 +369,10 @@ def test_engine_is_rebuilt_when_its_file_is_truncated_or_its_record_disagrees(tm
 
 # ---- command line ---------------------------------------------------------------------------------
 
-def _parse(argv):
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--json", action="store_true")
-    add_export_parser(parser.add_subparsers(dest="command"))
-    return parser.parse_args(argv)
-
-
 def test_export_command_writes_the_folder_and_checks_every_backend(tiny_checkpoints, tmp_path, capsys):
     out = tmp_path / "encoder"
-    args = _parse(["--model", str(tiny_checkpoints["internvl"]), "--json", "export-encoder", "--out", str(out),
-                   "--backend-check"])
-    run_export(args)
+    assert main(["--model", str(tiny_checkpoints["internvl"]), "--device", "cpu", "--dtype", "float32", "--json",
+                 "export-encoder", "--out", str(out), "--backend-check"]) == 0
     captured = capsys.readouterr()
     result = json.loads(captured.out)                                            # stdout holds only the result
     assert result["onnx"] == str(out / "encoder.onnx") and (out / "encoder.json").is_file()
@@ -399,6 +387,8 @@ def test_export_command_writes_the_folder_and_checks_every_backend(tiny_checkpoi
 
 
 def test_export_command_parses_a_fixed_image_size():
-    args = _parse(["export-encoder", "--out", "x", "--image-size", "448"])
+    from personal_vlm_node.cli import build_parser
+
+    args = build_parser().parse_args(["export-encoder", "--out", "x", "--image-size", "448"])
     assert args.image_size == 448 and args.backend_check is False and args.out == "x"
     assert args.opset == export.DEFAULT_OPSET

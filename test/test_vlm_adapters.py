@@ -18,6 +18,8 @@ from personal_vlm_node.errors import PersonalVLMError
 from personal_vlm_node.vlm import Memory, load_vlm
 from personal_vlm_node.vlm.base import prepare_image
 
+QWEN = ("qwen2_5_vl", "qwen3_vl")      # M-RoPE families: positions from input_ids + token types
+
 
 def _photo(width=300, height=200, seed=0):
     rng = np.random.default_rng(seed)
@@ -27,7 +29,7 @@ def _photo(width=300, height=200, seed=0):
 def _reference_pixel_inputs(adapter, image):
     """What the transformers model itself takes for ``image`` (processor output)."""
     prepared = prepare_image(image).image
-    if adapter.family == "qwen2_5_vl":
+    if adapter.family in QWEN:
         inputs = adapter.image_processor(images=[prepared], return_tensors="pt")
         return {"pixel_values": inputs["pixel_values"], "image_grid_thw": inputs["image_grid_thw"]}
     if adapter.family == "internvl":
@@ -49,6 +51,8 @@ def _capture_llm_inputs(adapter):
 
     def hook(module, args, kwargs):
         seen["inputs_embeds"] = kwargs["inputs_embeds"].detach().clone()
+        seen["deepstack_visual_embeds"] = kwargs.get("deepstack_visual_embeds")
+        seen["visual_pos_masks"] = kwargs.get("visual_pos_masks")
 
     return seen, adapter.language_model.register_forward_pre_hook(hook, with_kwargs=True)
 
@@ -60,7 +64,7 @@ def test_visual_tokens_equal_the_models_own_input_embeddings_at_image_positions(
     prompt = adapter.build(["Describe this: ", tokens])
     assert tokens.features.shape == (len(tokens.slots), adapter.hidden_size)
     extra = _reference_pixel_inputs(adapter, image)
-    if family == "qwen2_5_vl":
+    if adapter.family in QWEN:
         extra["mm_token_type_ids"] = _token_types(prompt)
     seen, handle = _capture_llm_inputs(adapter)
     try:
@@ -72,6 +76,14 @@ def test_visual_tokens_equal_the_models_own_input_embeddings_at_image_positions(
     rows = prompt.image_positions[0]
     torch.testing.assert_close(reference[rows], tokens.features, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(reference, prompt.inputs_embeds[0], atol=1e-5, rtol=1e-5)
+    # Families with DeepStack (Qwen3-VL) also feed per-layer visual features to the LLM.
+    if seen["deepstack_visual_embeds"] is None:
+        assert prompt.lm_inputs == {}
+    else:
+        assert torch.equal(seen["visual_pos_masks"], prompt.lm_inputs["visual_pos_masks"])
+        assert len(seen["deepstack_visual_embeds"]) == len(prompt.lm_inputs["deepstack_visual_embeds"]) > 0
+        for theirs, ours in zip(seen["deepstack_visual_embeds"], prompt.lm_inputs["deepstack_visual_embeds"]):
+            torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
 
 
 def test_captured_attention_equals_eager_output_attentions(adapters, tiny_checkpoints, family):
@@ -88,11 +100,10 @@ def test_captured_attention_equals_eager_output_attentions(adapters, tiny_checkp
     rows = [prompt.answer_start + i - 1 for i, (s, e) in enumerate(prompt.answer_offsets)
             if any(s < b and e > a for a, b in spans)]
     assert rows, "the spans must map to answer tokens"
-    eager_lm = {"qwen2_5_vl": lambda m: m.model.language_model, "internvl": lambda m: m.model.language_model,
-                "idefics3": lambda m: m.model.text_model}[family](eager)
+    eager_lm = eager.model.text_model if adapter.family == "idefics3" else eager.model.language_model
     with torch.inference_mode():
         out = eager_lm(inputs_embeds=prompt.inputs_embeds, position_ids=prompt.position_ids,
-                       output_attentions=True)
+                       output_attentions=True, **prompt.lm_inputs)
     for layer in layers:
         expected = out.attentions[layer][0, :, rows, :].mean(dim=(0, 1))[prompt.image_positions[0]]
         torch.testing.assert_close(captured[layer][0], expected, atol=1e-6, rtol=1e-4)
@@ -112,24 +123,40 @@ def test_generation_with_spliced_memory_equals_the_reference_forward(adapters, f
     ids = torch.cat([prompt.input_ids, generated], dim=1)
     embeds = torch.cat([prompt.inputs_embeds, adapter.language_model.get_input_embeddings()(generated)], dim=1)
     kwargs = {}
-    if family == "qwen2_5_vl":
+    if adapter.family in QWEN:
         adapter.model.model.rope_deltas = None
         types = torch.zeros_like(ids, dtype=torch.int32)
         types[0, : prompt.input_ids.shape[1]] = _token_types(prompt)[0]
         kwargs = {"input_ids": ids, "mm_token_type_ids": types,
                   "image_grid_thw": tokens.rope["image_grid_thw"]}
+    if adapter.family == "qwen3_vl":
+        # Qwen3-VL takes input_ids or inputs_embeds, not both: mark the image rows with the image
+        # token's embedding and let the model encode the pixels itself (visual tokens + DeepStack),
+        # at the positions of its own get_rope_index.
+        image_rows = prompt.image_positions[0]
+        with torch.inference_mode():
+            image_embedding = adapter.language_model.get_input_embeddings()(
+                torch.tensor(adapter.config.image_token_id))
+            embeds = embeds.clone()
+            embeds[0, image_rows] = image_embedding
+        position_ids, _ = adapter.model.model.get_rope_index(ids, mm_token_type_ids=types,
+                                                             image_grid_thw=kwargs["image_grid_thw"])
+        adapter.model.model.rope_deltas = None
+        kwargs = {"pixel_values": _reference_pixel_inputs(adapter, _photo(seed=2))["pixel_values"],
+                  "image_grid_thw": kwargs["image_grid_thw"], "position_ids": position_ids}
     with torch.inference_mode():
         logits = adapter.model(inputs_embeds=embeds, **kwargs).logits[0]
     start = prompt.input_ids.shape[1] - 1
     predicted = logits[start : start + len(generation.token_ids)].argmax(-1).tolist()
     assert predicted == generation.token_ids
     with torch.inference_mode():
-        first, _ = adapter._run(prompt.inputs_embeds, prompt.position_ids)
+        first, _ = adapter._run(prompt.inputs_embeds, prompt.position_ids, **prompt.lm_inputs)
     torch.testing.assert_close(first[0], logits[start].float(), atol=1e-4, rtol=1e-4)
 
 
-def test_qwen_positions_are_three_dimensional_for_the_image_and_linear_for_memories(adapters):
-    adapter = adapters("qwen2_5_vl")
+@pytest.mark.parametrize("qwen", QWEN)
+def test_qwen_positions_are_three_dimensional_for_the_image_and_linear_for_memories(adapters, qwen):
+    adapter = adapters(qwen)
     tokens = adapter.encode_image(_photo())
     prompt = adapter.build([tokens, Memory(torch.zeros(4, adapter.hidden_size))])
     rows, cols = tokens.grid
@@ -230,7 +257,7 @@ def test_memory_of_the_wrong_width_is_refused(adapters):
 def test_missing_weights_give_one_clear_message(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    with pytest.raises(PersonalVLMError, match="huggingface-cli download"):
+    with pytest.raises(PersonalVLMError, match="`hf download "):
         load_vlm("Qwen/Qwen2.5-VL-3B-Instruct")
     with pytest.raises(PersonalVLMError, match="not found"):
         load_vlm(str(tmp_path / "nowhere"))

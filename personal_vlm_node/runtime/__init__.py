@@ -1,5 +1,7 @@
 """Vision-encoder runtimes: ONNX export, onnxruntime (TensorRT / CUDA / CPU providers), native TensorRT.
 
+Family-independent: each family's exportable graph lives in its folder under ``vlm/``.
+
     from personal_vlm_node.runtime import make_encoder
     encoder = make_encoder(vlm, "onnxruntime")          # exports once, cached by model fingerprint
     tokens = vlm.encode_image(frame, encoder=encoder)
@@ -16,8 +18,7 @@ _NAMES = {
     "needs_rebuild": "backends", "provider_chain": "backends", "cached_export": "backends",
     "BACKENDS": "backends", "PRECISIONS": "backends",
     "export_encoder": "export", "read_metadata": "export",
-    "graph_for": "graphs",
-    "add_export_parser": "command", "run_export": "command",
+    "check_backends": "command",
 }
 
 __all__ = sorted(_NAMES)

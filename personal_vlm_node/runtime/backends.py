@@ -32,12 +32,12 @@ from pathlib import Path
 import torch
 
 from ..errors import PersonalVLMError
+from ..output import write_atomic
 from .export import (FORMAT_VERSION, ONNX_NAME, Progress, _write_json_atomic, export_encoder, read_metadata,
                      say_to_stderr)
-from .graphs import VisionGraph, graph_for
+from ..vlm.graph import VisionGraph, graph_for
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
-PRECISIONS = ("fp16", "fp32")
+from ..options import BACKENDS, PRECISIONS
 TRT_EP, CUDA_EP, CPU_EP = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
 TRT_INSTALL_HINT = ("the tensorrt backend needs TensorRT: pip install tensorrt (x86_64 with CUDA 12/13; "
                     "on Jetson it comes with JetPack: apt install python3-libnvinfer), "
@@ -356,12 +356,7 @@ def build_engine(onnx_path: Path, meta: dict, precision: str, engine_path: Path,
                                "or encoder_backend onnxruntime")
     data = bytes(serialized)
     engine_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = engine_path.with_name(f".{engine_path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, engine_path)
+    write_atomic(engine_path, data)
     _write_json_atomic(record_path, {"key": key, **key_fields, "engine_bytes": len(data),
                                      "build_s": round(time.perf_counter() - t0, 1),
                                      "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})

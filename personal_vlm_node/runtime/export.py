@@ -18,7 +18,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import sys
 import time
 import warnings
@@ -29,10 +28,12 @@ import numpy as np
 import torch
 
 from ..errors import PersonalVLMError
-from .graphs import VisionGraph, graph_for
+from ..options import EXPORT_OPSET
+from ..output import stderr_progress, write_atomic
+from ..vlm.graph import VisionGraph, graph_for
 
 FORMAT_VERSION = 1
-DEFAULT_OPSET = 20               # the dynamo exporter needs ≥ 18; TensorRT 10 parses up to 22
+DEFAULT_OPSET = EXPORT_OPSET
 EXTERNAL_DATA_BYTES = int(1.5e9)  # protobuf files stop at 2 GB; leave room for the graph itself
 DEFAULT_TOLERANCE = 1e-3         # max |onnx − torch| allowed, relative to max(1, max |torch|)
 SAMPLE_SIZE = 448
@@ -42,8 +43,7 @@ META_NAME = "encoder.json"
 Progress = Callable[[str], None]
 
 
-def say_to_stderr(message: str) -> None:
-    print(f"[personal-vlm] {message}", file=sys.stderr, flush=True)
+say_to_stderr = stderr_progress()
 
 
 def sample_image(width: int, height: int, seed: int = 0):
@@ -96,12 +96,7 @@ def read_metadata(folder: Path) -> dict | None:
 
 
 def _write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(payload, indent=2))
 
 
 def _require_export_tools() -> None:

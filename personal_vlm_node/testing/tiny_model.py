@@ -1,6 +1,8 @@
 """Tiny random-weight VLMs of the real architectures, built fully offline.
 
-Each builder writes a folder laid out like a Hugging Face checkpoint (config.json, safetensors
+The recipes live with their families (``vlm/<family>/tiny.py``, one or more kits each, found
+through the registry in :mod:`personal_vlm_node.vlm`); this module trains the tokenizer and writes
+a folder laid out like a Hugging Face checkpoint (config.json, safetensors
 weights, tokenizer files, preprocessor_config.json, chat template), so tests, benchmarks and smoke
 runs load it with ``from_pretrained(folder)`` through exactly the code path of a real checkpoint.
 
@@ -13,10 +15,13 @@ token bookkeeping, positions, attention capture and I/O, never quality.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
+
+from ..options import RANDOM_MODEL_SIZES
+from ..vlm.tiny import VOCAB_SIZE, TinyKit
 
 # A small corpus so the byte-level BPE learns the words our prompts use; the ids stay tiny.
 _CORPUS = """
@@ -32,63 +37,18 @@ user assistant system image picture photo object person dog cat cup bottle chair
 """
 
 
-@dataclass(frozen=True)
-class _Family:
-    special_tokens: list[str]
-    chat_template: str
+def _kits() -> dict:
+    """Every tiny kit of every registered family (``vlm/<family>/tiny.py``), by kit name."""
+    from ..vlm import FAMILIES as _REGISTERED
+
+    kits = {}
+    for family in _REGISTERED:
+        kits.update(importlib.import_module(f"personal_vlm_node.vlm.{family}.tiny").KITS)
+    return kits
 
 
-_CHATML_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if loop.first and message['role'] != 'system' -%}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-    "{%- endif -%}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{%- if message['content'] is string -%}{{ message['content'] }}"
-    "{%- else -%}{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'image' -%}{{ image_placeholder }}"
-    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
-    "<|im_end|>\n"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}<|im_start|>assistant\n{%- endif -%}"
-)
-
-_FAMILIES = {
-    "qwen2_5_vl": _Family(
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
-                        "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"],
-        chat_template=_CHATML_TEMPLATE.replace(
-            "{{ image_placeholder }}", "<|vision_start|><|image_pad|><|vision_end|>"),
-    ),
-    "internvl": _Family(
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>",
-                        "<IMG_CONTEXT>", "<video>"],
-        chat_template=_CHATML_TEMPLATE.replace("{{ image_placeholder }}", "<image>\n"),
-    ),
-    "idefics3": _Family(
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<image>",
-                        "<fake_token_around_image>", "<global-img>"]
-        + [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)],
-        chat_template=(
-            "<|im_start|>"
-            "{%- for message in messages -%}"
-            # As SmolVLM writes it: "User: text", "Assistant: Yes" (": " before text, ":" before an image).
-            "{{ message['role'] | capitalize }}:"
-            "{%- if message['content'] is string or message['content'][0]['type'] != 'image' %} {% endif -%}"
-            "{%- if message['content'] is string -%}{{ message['content'] }}"
-            "{%- else -%}{%- for part in message['content'] -%}"
-            "{%- if part['type'] == 'image' -%}<image>"
-            "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
-            "{%- endfor -%}{%- endif -%}"
-            "<end_of_utterance>\n"
-            "{%- endfor -%}"
-            "{%- if add_generation_prompt -%}Assistant:{%- endif -%}"
-        ),
-    ),
-}
-FAMILIES = tuple(_FAMILIES)
-_VOCAB_SIZE = 512  # the model's embedding rows; the tokenizer is trained to stay below it
+_KITS = _kits()
+FAMILIES = tuple(_KITS)
 
 
 def train_byte_level_bpe(corpus: str, vocab_size: int, special_tokens: list[str], unk_token: str | None = None):
@@ -108,10 +68,10 @@ def train_byte_level_bpe(corpus: str, vocab_size: int, special_tokens: list[str]
     return tok
 
 
-def _build_tokenizer(family: _Family):
+def _build_tokenizer(family: TinyKit):
     from transformers import PreTrainedTokenizerFast
 
-    tok = train_byte_level_bpe(_CORPUS, _VOCAB_SIZE, family.special_tokens)
+    tok = train_byte_level_bpe(_CORPUS, VOCAB_SIZE, family.special_tokens)
     first = family.special_tokens[0]
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -123,110 +83,7 @@ def _build_tokenizer(family: _Family):
     )
 
 
-# Qwen2.5-VL-3B-Instruct's dimensions, for benchmarks that mean something on a CPU. The language
-# model keeps only REALISTIC_TEXT_LAYERS of its 36 layers (random init of all 3B parameters takes
-# minutes); per-layer LLM costs scale linearly. The vocabulary stays tiny (it only sizes the
-# embedding table and the LM head).
-REALISTIC_TEXT_LAYERS = 4
-_QWEN_SIZES = {
-    "tiny": (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=2, mrope_section=[2, 3, 3]),
-             dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                  fullatt_block_indexes=[1]),
-             224 * 224),
-    "realistic": (dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=REALISTIC_TEXT_LAYERS,
-                       num_attention_heads=16, num_key_value_heads=2, mrope_section=[16, 24, 24]),
-                  dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
-                       fullatt_block_indexes=[7, 15, 23, 31]),
-                  448 * 448),
-}
-
-
-def _qwen2_5_vl(tokenizer, size="tiny"):
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
-
-    ids = tokenizer.convert_tokens_to_ids
-    text, vision, max_pixels = _QWEN_SIZES[size]
-    text = dict(text)
-    mrope = text.pop("mrope_section")
-    config = Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=_VOCAB_SIZE, max_position_embeddings=4096, **text,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
-            bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"),
-            pad_token_id=ids("<|endoftext|>"),
-        ),
-        vision_config=dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112
-                           if size == "realistic" else 56, **vision),
-        image_token_id=ids("<|image_pad|>"),
-        video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"),
-        vision_end_token_id=ids("<|vision_end|>"),
-    )
-    model = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation="sdpa")
-    # Real Qwen2.5-VL geometry (14 px patches, 2×2 merge) with a small pixel budget.
-    processor = Qwen2VLImageProcessorPil(
-        size={"shortest_edge": 56 * 56, "longest_edge": max_pixels},
-        patch_size=14, merge_size=2, temporal_patch_size=2,
-    )
-    return model, processor
-
-
-def _internvl(tokenizer, size="tiny"):
-    from transformers import GotOcr2ImageProcessorPil, InternVLConfig, InternVLForConditionalGeneration
-
-    ids = tokenizer.convert_tokens_to_ids
-    config = InternVLConfig(
-        vision_config=dict(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-            image_size=[224, 224], patch_size=[14, 14],
-        ),
-        text_config=dict(
-            model_type="qwen2", vocab_size=_VOCAB_SIZE, hidden_size=64, intermediate_size=128,
-            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-            max_position_embeddings=4096, bos_token_id=ids("<|endoftext|>"),
-            eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
-        ),
-        image_token_id=ids("<IMG_CONTEXT>"),
-        image_seq_length=64,  # (224/14)² patches, pixel-shuffled by 0.5 → 8×8 tokens per tile
-        downsample_ratio=0.5,
-    )
-    model = InternVLForConditionalGeneration._from_config(config, attn_implementation="sdpa")
-    processor = GotOcr2ImageProcessorPil(
-        size={"height": 224, "width": 224}, crop_to_patches=False, min_patches=1, max_patches=4,
-    )
-    return model, processor
-
-
-def _idefics3(tokenizer, size="tiny"):
-    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil
-
-    ids = tokenizer.convert_tokens_to_ids
-    config = Idefics3Config(
-        vision_config=dict(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            image_size=128, patch_size=16,
-        ),
-        text_config=dict(
-            model_type="llama", vocab_size=_VOCAB_SIZE, hidden_size=64, intermediate_size=128,
-            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-            max_position_embeddings=4096, bos_token_id=ids("<|endoftext|>"),
-            eos_token_id=ids("<end_of_utterance>"), pad_token_id=ids("<|endoftext|>"),
-        ),
-        image_token_id=ids("<image>"),
-        scale_factor=2,  # (128/16)² = 64 patches → 16 tokens per tile
-    )
-    model = Idefics3ForConditionalGeneration._from_config(config, attn_implementation="sdpa")
-    processor = Idefics3ImageProcessorPil(
-        size={"longest_edge": 256}, max_image_size={"longest_edge": 128}, do_image_splitting=True,
-    )
-    return model, processor
-
-
-_BUILDERS = {"qwen2_5_vl": _qwen2_5_vl, "internvl": _internvl, "idefics3": _idefics3}
-
-
-SIZES = ("tiny", "realistic")
+SIZES = RANDOM_MODEL_SIZES
 
 
 def build_tiny_model(out_dir: str | Path, family: str = "qwen2_5_vl", seed: int = 0, size: str = "tiny") -> Path:
@@ -236,19 +93,18 @@ def build_tiny_model(out_dir: str | Path, family: str = "qwen2_5_vl", seed: int 
     """
     import torch
 
-    if family not in _FAMILIES:
+    if family not in _KITS:
         raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
-    if size not in SIZES or (size == "realistic" and family != "qwen2_5_vl"):
-        raise ValueError(f"size {size!r} is not available for {family}; realistic exists for qwen2_5_vl")
+    spec = _KITS[family]
+    if size not in spec.sizes:
+        raise ValueError(f"size {size!r} is not available for {family}; it has {', '.join(spec.sizes)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    spec = _FAMILIES[family]
     tokenizer = _build_tokenizer(spec)
-    model, image_processor = _BUILDERS[family](tokenizer, size)
-    if family == "idefics3":
-        # The processor reads these from the tokenizer's special-token attributes.
-        tokenizer.image_token = "<image>"
+    model, image_processor = spec.build(tokenizer, size)
+    for name, value in spec.tokenizer_attributes.items():
+        setattr(tokenizer, name, value)
     model.eval()
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

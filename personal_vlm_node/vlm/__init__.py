@@ -1,4 +1,9 @@
-"""VLM adapters: one file per model family behind the protocol in :mod:`.base`.
+"""VLM adapters: one folder per model family behind the protocol in :mod:`.base`.
+
+``vlm/<family>/`` holds the family's adapter (``adapter.py``, exported as ``ADAPTER``), its
+exportable vision graph (``graph.py``, on the shared base in :mod:`.graph`) and its tiny
+random-weight test kits (``tiny.py``). :data:`FAMILIES` below is the one registry: adding a family
+is adding its folder and its name there.
 
 ``load_vlm(model)`` accepts a Hugging Face id or a local checkpoint folder and returns the adapter
 for the checkpoint's ``model_type``.
@@ -6,20 +11,20 @@ for the checkpoint's ``model_type``.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from pathlib import Path
 
 from ..errors import PersonalVLMError
+from ..options import DTYPES
 from .base import Generation, ImageTokens, Memory, Prompt, VLMAdapter, read_chat_template
-from .idefics3 import Idefics3Adapter
-from .internvl import InternVLAdapter
-from .qwen2_5_vl import Qwen25VLAdapter
 
-ADAPTERS: tuple[type[VLMAdapter], ...] = (Qwen25VLAdapter, InternVLAdapter, Idefics3Adapter)
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+FAMILIES = ("qwen2_5_vl", "qwen3_vl", "internvl", "idefics3")
+ADAPTERS: tuple[type[VLMAdapter], ...] = tuple(
+    importlib.import_module(f".{family}", __name__).ADAPTER for family in FAMILIES)
 
-__all__ = ["ADAPTERS", "Generation", "ImageTokens", "Memory", "Prompt", "VLMAdapter",
+__all__ = ["ADAPTERS", "DTYPES", "FAMILIES", "Generation", "ImageTokens", "Memory", "Prompt", "VLMAdapter",
            "adapter_for", "load_vlm", "resolve_checkpoint"]
 
 
@@ -58,7 +63,7 @@ def resolve_checkpoint(model: str) -> Path:
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
     raise PersonalVLMError(
         f"the weights of {model!r} are not in the Hugging Face cache and could not be downloaded "
-        f"({reason}). Run `huggingface-cli download {model}` on a machine with network and copy "
+        f"({reason}). Run `hf download {model}` on a machine with network and copy "
         "~/.cache/huggingface over, or set `model` to a local checkpoint folder.")
 
 

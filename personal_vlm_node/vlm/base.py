@@ -11,7 +11,7 @@ row its position (M-RoPE for Qwen), and runs the language model directly:
   chosen layers only (see :mod:`.attention`).
 
 Family quirks (how an image becomes tokens, where the language model lives, positions) live in
-``vlm/<family>.py``.
+``vlm/<family>/adapter.py``.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class ImageTokens:
     token_boxes: torch.Tensor     # (N, 4) float x0, y0, x1, y1 of each token in source pixels
     grid: tuple[int, int]         # (rows, cols) of the main token grid
     source_size: tuple[int, int]  # (width, height) of the image the user gave
-    rope: dict = field(default_factory=dict)   # family data for positions (e.g. Qwen's grid_thw)
+    rope: dict = field(default_factory=dict)   # family data for positions and the LM (Qwen's grid_thw, …)
 
     @property
     def num_tokens(self) -> int:
@@ -120,6 +120,7 @@ class Prompt:
     memory_positions: list[torch.Tensor]      # per memory: (K_j,) rows holding its soft tokens
     answer_start: int | None = None           # first row of the answer text, when one was given
     answer_offsets: list[tuple[int, int]] | None = None   # char span of each answer token
+    lm_inputs: dict = field(default_factory=dict)          # family extras of the prompt's forward
 
 
 @dataclass
@@ -133,6 +134,7 @@ class Generation:
     # at an end-of-turn token, so row i+1 is token i's own row.
     attention: dict[int, torch.Tensor] | None = None
     raw_text: str = ""            # the decoded tokens, unstripped (token spans index into it)
+    stopped: bool = False            # the on_text callback ended generation early
 
 
 Part = str | ImageTokens | Memory
@@ -207,6 +209,7 @@ class VLMAdapter(ABC):
     # One resolution policy for reference pictures and frames (profile), so a memory's tokens and
     # a frame's tokens cover the same scale; 0 = the image processor's own limits.
     max_image_pixels: int = 0
+    vision_graph: type | None = None         # the family's exportable graph (a vlm.graph.VisionGraph)
 
     def __init__(self, model, tokenizer, image_processor, chat_template: str, model_id: str):
         self.model = model.eval()
@@ -257,6 +260,10 @@ class VLMAdapter(ABC):
 
     def _step_position(self, position: int) -> torch.Tensor:
         return torch.tensor([[position]], device=self.device)
+
+    def _lm_inputs(self, length: int, images: list[ImageTokens], image_positions: list[torch.Tensor]) -> dict:
+        """Extra keyword inputs of the language model for the prompt (e.g. Qwen3-VL's DeepStack)."""
+        return {}
 
     # ---- description ---------------------------------------------------------------------
     @property
@@ -395,24 +402,28 @@ class VLMAdapter(ABC):
             embeds[0, rows.to(self.device)] = memory.tokens.to(self.device, embeds.dtype)
         position_ids, next_position = self._positions(input_ids, blocks)
         return Prompt(input_ids, embeds, position_ids, next_position, image_positions,
-                      memory_positions, answer_start, answer_offsets)
+                      memory_positions, answer_start, answer_offsets,
+                      self._lm_inputs(len(ids), images, image_positions))
 
     # ---- running the language model ------------------------------------------------------
-    def _run(self, embeds: torch.Tensor, position_ids: torch.Tensor, cache=None):
+    def _run(self, embeds: torch.Tensor, position_ids: torch.Tensor, cache=None, **lm_inputs):
         out = self.language_model(inputs_embeds=embeds, position_ids=position_ids,
-                                  past_key_values=cache, use_cache=True)
+                                  past_key_values=cache, use_cache=True, **lm_inputs)
         logits = self.model.lm_head(out.last_hidden_state[:, -1])               # (1, V)
         return logits.float(), out.past_key_values
 
     def generate(self, parts: list[Part], max_new_tokens: int = 64, system: str | None = None,
-                 attention_layers: list[int] | None = None) -> Generation:
+                 attention_layers: list[int] | None = None, on_text=None) -> Generation:
         """Greedy decoding from the templated prompt; stops at the model's end-of-turn tokens.
 
         With ``attention_layers``, the attention that every generated token's producing row pays
         to the prompt's images is captured during the same pass (see :class:`Generation`).
+        ``on_text(text_so_far)`` is called after every generated token with the decoded answer so
+        far; returning False stops generation there (``Generation.stopped``), e.g. on a cancel.
         """
         if attention_layers is not None:
             self._check_layers(attention_layers)
+        stopped = False
         with self._lock, torch.inference_mode():
             prompt = self.build(parts, system=system)
             columns = (torch.cat(prompt.image_positions) if prompt.image_positions
@@ -420,7 +431,7 @@ class VLMAdapter(ABC):
             capturing = (attention.capture(attention_layers, None, columns) if attention_layers
                          else contextlib.nullcontext())
             with capturing as request:
-                logits, cache = self._run(prompt.inputs_embeds, prompt.position_ids)
+                logits, cache = self._run(prompt.inputs_embeds, prompt.position_ids, **prompt.lm_inputs)
                 generated: list[int] = []
                 embed = self.language_model.get_input_embeddings()
                 for step in range(max_new_tokens):
@@ -430,6 +441,10 @@ class VLMAdapter(ABC):
                     if token in self._stop_ids:
                         break
                     generated.append(token)
+                    if on_text is not None and on_text(
+                            self.tokenizer.decode(generated, skip_special_tokens=True).strip()) is False:
+                        stopped = True
+                        break
                     if step + 1 == max_new_tokens:
                         break
                     step_embeds = embed(torch.tensor([[token]], device=self.device))
@@ -439,7 +454,7 @@ class VLMAdapter(ABC):
         if attention_layers:
             captured = {layer: torch.stack(request.steps[layer])[: len(generated) + 1].mean(dim=1).cpu()
                         for layer in attention_layers}                            # (T', C)
-        return Generation(raw.strip(), generated, prompt, captured, raw)
+        return Generation(raw.strip(), generated, prompt, captured, raw, stopped)
 
     def answer_attention(self, parts: list[Part], answer_ids: list[int], layers: list[int],
                          system: str | None = None) -> dict[int, torch.Tensor]:
@@ -453,7 +468,7 @@ class VLMAdapter(ABC):
             rows = torch.arange(prompt.answer_start - 1, prompt.answer_start + len(answer_ids))   # (T+1,)
             columns = torch.cat(prompt.image_positions)
             with attention.capture(layers, rows, columns) as request:
-                self._run(prompt.inputs_embeds, prompt.position_ids)
+                self._run(prompt.inputs_embeds, prompt.position_ids, **prompt.lm_inputs)
         return {layer: request.captured[layer].mean(dim=0).cpu() for layer in layers}
 
     def _check_layers(self, layers) -> None:
@@ -503,7 +518,7 @@ class VLMAdapter(ABC):
         yes, no = self.yes_no_ids(system)
         with self._lock, torch.inference_mode():
             prompt = self.build(parts, system=system)
-            logits, _ = self._run(prompt.inputs_embeds, prompt.position_ids)
+            logits, _ = self._run(prompt.inputs_embeds, prompt.position_ids, **prompt.lm_inputs)
         pair = torch.stack([logits[0, yes], logits[0, no]])
         return float(torch.softmax(pair, dim=0)[0])
 
@@ -518,6 +533,8 @@ class VLMAdapter(ABC):
         with self._lock, torch.inference_mode():
             built = [self.build(parts, system=system) for parts in prompts]
             shared = min(b.input_ids.shape[1] for b in built) - 1
+            if any(b.lm_inputs for b in built):
+                shared = 0          # per-row extra inputs (e.g. DeepStack) are not split here
             first = built[0]
             for b in built[1:]:
                 same = (b.input_ids[0, :shared] == first.input_ids[0, :shared]) & \
@@ -528,7 +545,8 @@ class VLMAdapter(ABC):
             if shared > 0:
                 _, cache = self._run(first.inputs_embeds[:, :shared], first.position_ids[..., :shared])
             for b in built:
-                logits, cache = self._run(b.inputs_embeds[:, shared:], b.position_ids[..., shared:], cache)
+                extra = b.lm_inputs if shared == 0 else {}
+                logits, cache = self._run(b.inputs_embeds[:, shared:], b.position_ids[..., shared:], cache, **extra)
                 if shared > 0:
                     cache.crop(shared - b.input_ids.shape[1])       # back to the shared rows
                 else:
@@ -555,7 +573,7 @@ class VLMAdapter(ABC):
             if not rows:
                 raise PersonalVLMError("none of the requested answer spans maps to a token")
             with attention.capture(layers, torch.tensor(rows)) as request:
-                self._run(prompt.inputs_embeds, prompt.position_ids)
+                self._run(prompt.inputs_embeds, prompt.position_ids, **prompt.lm_inputs)
         result = {}
         for layer in layers:
             probs = request.captured[layer].mean(dim=(0, 1))                     # (S,)

@@ -12,11 +12,13 @@ import math
 
 import torch
 
-from .base import EncoderInputs, ImageTokens, PreparedImage, VLMAdapter, grid_boxes
+from ..base import EncoderInputs, ImageTokens, PreparedImage, VLMAdapter, grid_boxes
+from .graph import InternVLVisionGraph
 
 
 class InternVLAdapter(VLMAdapter):
     family = "internvl"
+    vision_graph = InternVLVisionGraph
     model_types = ("internvl",)
     tiling = False
 

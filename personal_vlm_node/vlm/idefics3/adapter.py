@@ -14,11 +14,13 @@ import math
 
 import torch
 
-from .base import EncoderInputs, ImageTokens, PreparedImage, VLMAdapter, grid_boxes
+from ..base import EncoderInputs, ImageTokens, PreparedImage, VLMAdapter, grid_boxes
+from .graph import Idefics3VisionGraph
 
 
 class Idefics3Adapter(VLMAdapter):
     family = "idefics3"
+    vision_graph = Idefics3VisionGraph
     model_types = ("idefics3", "smolvlm")
 
     @property

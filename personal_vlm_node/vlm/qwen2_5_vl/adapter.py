@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import torch
 
-from .base import EncoderInputs, ImageTokens, PreparedImage, VLMAdapter, grid_boxes
+from ..base import EncoderInputs, ImageTokens, PreparedImage, VLMAdapter, grid_boxes
+from .graph import QwenVisionGraph
 
 
 class Qwen25VLAdapter(VLMAdapter):
     family = "qwen2_5_vl"
+    vision_graph = QwenVisionGraph
     model_types = ("qwen2_5_vl", "qwen2_vl")
 
     @property

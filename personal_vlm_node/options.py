@@ -1,0 +1,59 @@
+"""What a front end can choose, in one place: the choice lists, the defaults and :class:`AssistantOptions`.
+
+The ROS node's parameters, the CLI's flags and the benchmark all build their choices and their
+:class:`AssistantOptions` from here, so a backend, a dtype or a rule is written once. Importing
+this module costs nothing (no torch, no transformers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import PersonalVLMError
+
+DEFAULT_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
+BACKENDS = ("torch", "onnxruntime", "tensorrt")          # vision encoder on the frame path
+PRECISIONS = ("fp16", "fp32")                            # TensorRT engine precision
+DTYPES = ("auto", "float32", "bfloat16", "float16")      # weight precision of the model
+EXPORT_OPSET = 20              # ONNX opset of exported encoders: dynamo needs ≥ 18, TensorRT 10 parses ≤ 22
+RANDOM_MODEL_SIZES = ("tiny", "realistic")                # random-weight models `bench` builds by itself
+
+
+def check_thresholds(accept: float, reject: float) -> str | None:
+    """Why this decision band is unusable, or None: everything between the two goes to verification."""
+    if not reject < accept:
+        return f"reject_threshold ({reject:g}) must be below accept_threshold ({accept:g})"
+    return None
+
+
+@dataclass(frozen=True)
+class AssistantOptions:
+    """How an :class:`~personal_vlm_node.assistant.Assistant` runs, beyond the model and the store.
+
+    ``None`` thresholds and ``max_concepts_in_context`` keep the model profile's values.
+    """
+
+    backend: str = "torch"                    # frame-path vision encoder: one of BACKENDS
+    engine_cache: str | None = None           # exported ONNX files / TensorRT engines; None = default
+    accept_threshold: float | None = None     # match score that detects without verification
+    reject_threshold: float | None = None     # match score that rejects without verification
+    max_concepts_in_context: int | None = None   # M: memories in one /ask prompt
+    verification: bool = True                 # settle uncertain matches with the model
+    verifications_per_second: float = 2.0
+    verifier_model: str | None = None         # CLIP/SigLIP id or folder for R2P; None = the VLM's yes/no
+    r2p_margin: float = 0.15                  # Ego p(yes) this close to its threshold goes to R2P
+    r2p_top_k: int = 3
+    r2p_pool: int = 5
+    tracker_k: int = 2                        # a track appears after k detections in the last n frames
+    tracker_n: int = 3
+
+    def check(self) -> None:
+        """Refuse settings that cannot work, with what to change."""
+        if self.backend not in BACKENDS:
+            raise PersonalVLMError(f"unknown encoder backend {self.backend!r}; use one of {', '.join(BACKENDS)}")
+        if self.accept_threshold is not None and self.reject_threshold is not None:
+            problem = check_thresholds(self.accept_threshold, self.reject_threshold)
+            if problem:
+                raise PersonalVLMError(problem)
+        if not 0.0 <= self.r2p_margin <= 0.5:
+            raise PersonalVLMError(f"r2p_margin must lie in [0, 0.5], got {self.r2p_margin!r}")

@@ -1,0 +1,6 @@
+"""Qwen3-VL: the adapter (``adapter.py``), its exportable vision graph (``graph.py``) and its tiny
+random-weight test kit (``tiny.py``)."""
+
+from .adapter import Qwen3VLAdapter as ADAPTER
+
+__all__ = ["ADAPTER"]
