@@ -104,6 +104,8 @@ def test_memory_size_is_a_budget_share_of_the_image(area, n, expected):
     ("qwen2_5_vl", "Yes", "No"),        # ChatML: the answer follows "assistant\n" directly
     ("internvl", "Yes", "No"),
     ("idefics3", " Yes", " No"),        # "Assistant:" + " Yes", as SmolVLM writes it
+    ("qwen3_vl", "Yes", "No"),
+    ("smolvlm", " Yes", " No"),
 ])
 def test_yes_no_ids_are_the_first_tokens_the_template_produces(adapters, family, yes, no):
     adapter = adapters(family)
@@ -159,8 +161,10 @@ def test_a_memory_of_every_token_reads_exactly_like_the_image(adapters, family):
     question = "\nIs it here? Answer Yes or No."
     as_image = adapter.yes_probability(["Look: ", tokens, question])
     as_memory = adapter.yes_probability(["Look: ", _whole_image_memory(tokens), question])
-    if family == "idefics3" and len(tokens.segment_ids) != tokens.num_tokens + 3:
+    if family in ("idefics3", "smolvlm") and len(tokens.segment_ids) != tokens.num_tokens + 3:
         pytest.skip("tiled image: its segment has per-tile markers a memory does not repeat")
+    if family == "qwen3_vl":
+        pytest.skip("an image brings DeepStack features a memory does not have")
     assert as_memory == pytest.approx(as_image, abs=1e-6)
 
 

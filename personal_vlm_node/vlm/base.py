@@ -536,7 +536,7 @@ class VLMAdapter(ABC):
             if any(b.lm_inputs for b in built):
                 shared = 0          # per-row extra inputs (e.g. DeepStack) are not split here
             first = built[0]
-            for b in built[1:]:
+            for b in built[1:] if shared > 0 else []:
                 same = (b.input_ids[0, :shared] == first.input_ids[0, :shared]) & \
                     (b.inputs_embeds[0, :shared] == first.inputs_embeds[0, :shared]).all(-1) & \
                     (b.position_ids[..., :shared] == first.position_ids[..., :shared]).reshape(-1, shared).all(0)
