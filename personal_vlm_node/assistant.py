@@ -143,6 +143,9 @@ class Assistant:
         self.profile_thresholds = (profile.accept_threshold, profile.reject_threshold)
         self.profile = _with_overrides(profile, options)
         self.layers = self.profile.resolved_layers(vlm.num_layers)
+        self.introduction = ego.IntroductionOptions.from_profile(self.profile, self.layers)
+        vlm.memory_layout = self.profile.memory_layout
+        vlm.max_image_pixels = self.profile.max_image_pixels
         self.progress = progress or (lambda message: None)
         self.matcher = Matcher()
         # None = the model's torch vision tower.
@@ -158,6 +161,7 @@ class Assistant:
         # None: the profile's (calibrated) margin.
         self.r2p_margin = self.profile.r2p_margin if options.r2p_margin is None else options.r2p_margin
         self.r2p_pool = options.r2p_pool
+        self._reference_cache: dict[tuple, object] = {}     # (name, what, updated) → tokens / embeddings
         if self.verification:
             self.verifier.start()
         self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fingerprint")
@@ -235,9 +239,14 @@ class Assistant:
         """Load the bank again from the store (after memories were rebuilt)."""
         self._load_bank()
 
+    def stored_memory(self, name: str) -> dict:
+        """This model's stored memory of ``name``: the tokens and their layout (positions, grids);
+        MemoryMissing when it has none."""
+        return self.store.load_memory(name, model=self.vlm.fingerprint)
+
     def memory(self, name: str):
         """This model's memory of ``name`` (K_c, D); MemoryMissing when it has none."""
-        return self.store.load_memory(name, model=self.vlm.fingerprint)["memory"]
+        return self.stored_memory(name)["memory"]
 
     def _report_unmatched(self, names: set[str]) -> None:
         for name in sorted(names - self.unmatched):
@@ -318,8 +327,7 @@ class Assistant:
             try:
                 images = self.store.load_images(record.name)
                 tokens = [self.vlm.encode_image(image) for image in images]
-                intro = ego.introduce(self.vlm, tokens, record.name, record.category, self.layers,
-                                      self.profile.max_memory_tokens, self.profile.min_memory_tokens,
+                intro = ego.introduce(self.vlm, tokens, record.name, record.category, self.introduction,
                                       rois=record.extra.get("rois"))
                 self.store.replace_memory(record.name, intro.memory, self.vlm.fingerprint,
                                           intro.memory_tokens, extra={**record.extra, "rebuilt": time.time()})
@@ -329,8 +337,12 @@ class Assistant:
 
     # ---- teaching -------------------------------------------------------------------------
     def teach(self, name: str, images: list, category: str = "", rois=None,
-              overwrite: bool = False) -> TeachResult:
-        """Ego concept introduction; the concept is usable when this returns."""
+              overwrite: bool = False, add: bool = False) -> TeachResult:
+        """Ego concept introduction; the concept is usable when this returns.
+
+        ``add``: the images are further views of an existing concept: only they are introduced, and
+        their memory tokens are appended to the concept's (its fingerprint is kept).
+        """
         t0 = time.perf_counter()
         name = validate_name(name)
         category = validate_category(category or "")
@@ -338,35 +350,66 @@ class Assistant:
             raise PersonalVLMError("category is over 64 characters")
         if not images:
             raise PersonalVLMError("teaching needs at least one reference image")
-        if len(images) > MAX_REFERENCE_IMAGES:
-            raise PersonalVLMError(f"at most {MAX_REFERENCE_IMAGES} reference images per concept")
-        if name in self.store and not overwrite:
-            raise PersonalVLMError(f"a concept named {name!r} already exists; pass overwrite to replace it")
+        previous = None
+        if add and name in self.store:
+            previous = self.store.get(name)
+            category = category or previous.category
+        elif name in self.store and not overwrite:
+            raise PersonalVLMError(f"a concept named {name!r} already exists; pass overwrite to replace it, "
+                                   "or add to give it more views")
+        old_pictures = self.store.load_images(name) if previous else []
+        if len(images) + len(old_pictures) > MAX_REFERENCE_IMAGES:
+            raise PersonalVLMError(f"at most {MAX_REFERENCE_IMAGES} reference images per concept"
+                                   + (f"; {name!r} has {len(old_pictures)} already" if previous else ""))
         pictures = [load_image(image) for image in images]
         rois = expand_rois(rois, pictures)
         with self._teach_lock:
             t1 = time.perf_counter()
             tokens = [self.vlm.encode_image(picture) for picture in pictures]
             t_encode = time.perf_counter() - t1
-            intro = ego.introduce(self.vlm, tokens, name, category, self.layers,
-                                  self.profile.max_memory_tokens, self.profile.min_memory_tokens,
+            intro = ego.introduce(self.vlm, tokens, name, category, self.introduction,
                                   rois=rois, progress=self.progress if len(pictures) > 1 else None)
             now = time.time()
             timings = {"encode": t_encode, **intro.timings}
+            extra = {"rois": [list(r) if r else None for r in rois],
+                     "areas": [i.area for i in intro.images],
+                     "answers": [i.answer[:500] for i in intro.images]}
+            memory, keywords = intro.memory, intro.keywords
+            if self.text_similarity is not None:
+                # R2P's s_VV: the references' contrastive embeddings, computed once, stored with the concept.
+                vectors = [self.text_similarity.embed_image(p).tolist() for p in pictures]
+                old = (previous.extra.get("reference_embeddings") or {}) if previous else {}
+                if previous is not None and old.get("model") == self.text_similarity.name:
+                    vectors = old["vectors"] + vectors
+                elif previous is not None:
+                    vectors = [self.text_similarity.embed_image(p).tolist() for p in old_pictures] + vectors
+                extra["reference_embeddings"] = {"model": self.text_similarity.name,
+                                                 "vectors": [[round(v, 6) for v in row] for row in vectors]}
+            if previous is not None:
+                memory = ego.append_views(self.stored_memory(name), memory)
+                keywords = list(dict.fromkeys(previous.keywords + intro.keywords))[:12]
+                extra = {**previous.extra, **extra,
+                         **{k: list(previous.extra.get(k) or [None] * len(old_pictures)) + extra[k]
+                            for k in ("rois", "areas", "answers")}}
             record = ConceptRecord(
-                name=name, category=category, keywords=intro.keywords, fingerprint={},
-                fingerprint_complete=None, memory_tokens=intro.memory_tokens,
-                model_fingerprint=self.vlm.fingerprint, created=now, updated=now,
-                extra={"rois": [list(r) if r else None for r in rois],
-                       "areas": [i.area for i in intro.images],
-                       "answers": [i.answer[:500] for i in intro.images]})
+                name=name, category=category, keywords=keywords,
+                fingerprint=previous.fingerprint if previous else {},
+                fingerprint_complete=previous.fingerprint_complete if previous else None,
+                memory_tokens=int(memory["memory"].shape[0]),
+                model_fingerprint=self.vlm.fingerprint, created=previous.created if previous else now,
+                updated=now, extra=extra)
             t2 = time.perf_counter()
-            self.add_concept(record, intro.memory, pictures, overwrite=overwrite)
+            self.add_concept(record, memory, old_pictures + pictures, overwrite=overwrite or previous is not None)
             timings["store"] = time.perf_counter() - t2
         seconds = time.perf_counter() - t0
         timings["usable"] = seconds
-        future = self._background.submit(self._complete_fingerprint, name, tokens[0], category, now, t0, timings)
-        return TeachResult(name, intro.memory_tokens, intro.keywords, seconds, timings, future)
+        if previous is not None and previous.fingerprint_complete is not None:
+            future: Future = Future()
+            future.set_result(previous.fingerprint)
+        else:
+            future = self._background.submit(self._complete_fingerprint, name, tokens[0], category,
+                                             record.created, t0, timings)
+        return TeachResult(name, record.memory_tokens, keywords, seconds, timings, future)
 
     def add_concept(self, record: ConceptRecord, memory: dict, pictures: list, overwrite: bool = False) -> None:
         """Store a concept whose memory is already built and make it matchable at once."""
@@ -395,7 +438,7 @@ class Assistant:
         memories = []
         for n in names:
             try:
-                memories.append(Memory(self.memory(n), n))
+                memories.append(Memory.from_stored(self.stored_memory(n), n))
             except PersonalVLMError:
                 if not skip_gone:
                     raise
@@ -417,7 +460,13 @@ class Assistant:
             names = [validate_name(n) for n in names]
             for n in names:
                 self.store.get(n)
-        scores = ego.recognize(self.vlm, tokens, self._memories(names))
+        if self.profile.recognition == "joint":
+            context = self.candidates(tokens, max(1, self.profile.max_concepts_in_context))
+            context = context[: max(0, self.profile.max_concepts_in_context - len(names))]
+            memories = self._memories(list(dict.fromkeys(names + context)))
+            scores = ego.recognize_joint(self.vlm, tokens, memories, names)
+        else:
+            scores = ego.recognize(self.vlm, tokens, self._memories(names))
         threshold = self.profile.recognize_threshold
         results = [Recognition(n, p, p >= threshold) for n, p in scores.items()]
         return sorted(results, key=lambda r: -r.p_yes)
@@ -546,6 +595,31 @@ class Assistant:
         settled.uncertain = [n for n in settled.uncertain if self.verifier.result(n) is None]
         return settled
 
+    def _cached(self, name: str, what: str, compute):
+        key = (name, what, self.store.get(name).updated)
+        if key not in self._reference_cache:
+            if len(self._reference_cache) > 4 * MAX_REFERENCE_IMAGES * 64:
+                self._reference_cache.clear()
+            self._reference_cache[key] = compute()
+        return self._reference_cache[key]
+
+    def reference_embeddings(self, name: str):
+        """(R, E) contrastive embeddings of the concept's reference pictures; None without a model.
+        Stored at teaching; computed (and kept in memory) for concepts taught without this model."""
+        if self.text_similarity is None:
+            return None
+        import torch
+
+        stored = self.store.get(name).extra.get("reference_embeddings") or {}
+        if stored.get("model") == self.text_similarity.name and stored.get("vectors"):
+            return self._cached(name, "embeddings", lambda: torch.tensor(stored["vectors"]))
+        return self._cached(name, "embeddings", lambda: torch.stack(
+            [self.text_similarity.embed_image(p) for p in self.store.load_images(name)]).cpu())
+
+    def reference_tokens(self, name: str):
+        """The concept's first reference picture, encoded (R2P's pairwise step shows it)."""
+        return self._cached(name, "tokens", lambda: self.vlm.encode_image(self.store.load_images(name)[0]))
+
     def _verify_uncertain(self, request: Request) -> dict | None:
         """The cascade (:func:`r2p.settle_uncertain`) for one uncertain concept on its frame.
 
@@ -555,14 +629,15 @@ class Assistant:
         """
         tokens, name, frame, scores = request.payload
         try:
-            self.store.load_memory(name)
+            self.stored_memory(name)
         except PersonalVLMError:
             return None                    # forgotten while queued
         verdicts, result = r2p.settle_uncertain(
-            self.vlm, tokens, [name], lambda n: self.store.load_memory(n)["memory"],
+            self.vlm, tokens, [name], lambda n: Memory.from_stored(self.stored_memory(n), n),
             threshold=self.profile.recognize_threshold, margin=self.r2p_margin, verifier=self.r2p,
             scores=scores, fingerprint_of=lambda n: self.store.get(n).fingerprint, pool=self.r2p_pool,
-            image=(lambda: load_image(frame)) if self.text_similarity is not None else None)
+            image=(lambda: load_image(frame)) if self.text_similarity is not None else None,
+            embeddings_of=self.reference_embeddings, reference_of=self.reference_tokens)
         verdict = verdicts[name]
         if result is None:
             return {"present": verdict.present, "p_yes": verdict.p_yes, "source": "ego"}

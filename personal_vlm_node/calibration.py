@@ -102,7 +102,7 @@ def split_scores(assistant, dataset, progress=None) -> dict[str, list[float]]:
             progress(f"teaching {i + 1}/{len(dataset.concepts)}: {name}")
         assistant.teach(name, dataset.references[name], category=dataset.categories.get(name, ""),
                         overwrite=True).wait_fingerprint()
-    memories = [Memory(assistant.store.load_memory(c)["memory"], c) for c in dataset.concepts]
+    memories = [Memory.from_stored(assistant.store.load_memory(c), c) for c in dataset.concepts]
     out = {"match_pos": [], "match_neg": [], "ego_pos": [], "ego_neg": []}
     for q, query in enumerate(dataset.queries):
         if progress:

@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     teach.add_argument("--roi", type=_parse_roi, action="append",
                        help="x,y,w,h of the subject in pixels; once for all images or once per image")
     teach.add_argument("--overwrite", action="store_true")
+    teach.add_argument("--add", action="store_true",
+                       help="the images are further views of an existing concept: add them to its memory")
     teach.add_argument("--no-wait", action="store_true",
                        help="return once the memory is stored; the R2P fingerprint is then not computed")
 
@@ -148,7 +150,8 @@ def _cmd_teach(args) -> None:
     expand_rois(args.roi, pictures)
     assistant = _open(args)
     try:
-        result = assistant.teach(name, pictures, category=category, rois=args.roi, overwrite=args.overwrite)
+        result = assistant.teach(name, pictures, category=category, rois=args.roi, overwrite=args.overwrite,
+                                 add=args.add)
         fingerprint = {} if args.no_wait else result.wait_fingerprint()
     finally:
         assistant.close(wait=not args.no_wait)

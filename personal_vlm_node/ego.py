@@ -95,23 +95,90 @@ def parse_introduction(text: str) -> tuple[list[str], float | None]:
 
 
 def keyword_spans(answer: str, keywords: list[str]) -> list[tuple[int, int]]:
-    """Character spans of the keywords inside the model's answer (case-insensitive)."""
+    """Character spans of every whole-word occurrence of the keywords in the answer (any case)."""
     spans = []
-    lowered = answer.lower()
     for keyword in keywords:
-        start = lowered.find(keyword.lower())
-        if start >= 0:
-            spans.append((start, start + len(keyword)))
-    return spans
+        if not keyword.strip():
+            continue
+        pattern = rf"(?<!\w){re.escape(keyword.strip())}(?!\w)"
+        spans += [m.span() for m in re.finditer(pattern, answer, re.IGNORECASE)]
+    return sorted(set(spans))
+
+
+_NOT_KEYWORD_CHARS = " \t\n\"'`“”‘’"
+
+
+def token_char_spans(tokenizer, token_ids: list[int]) -> tuple[str, list[tuple[int, int]]]:
+    """The decoded text of ``token_ids`` and each token's character span in it.
+
+    Decoded cumulatively, so spans are those of the tokens the model actually generated (a
+    re-tokenised copy of the text can split differently). A token that ends inside a multi-byte
+    character gets an empty span; the token that completes the character covers it.
+    """
+    spans, previous = [], 0
+    text = ""
+    for i in range(len(token_ids)):
+        text = tokenizer.decode(token_ids[: i + 1], skip_special_tokens=False)
+        end = len(text.rstrip("\ufffd"))
+        spans.append((min(previous, end), end))
+        previous = end
+    return text, spans
+
+
+def keyword_token_indices(text: str, spans: list[tuple[int, int]], keywords: list[str],
+                          skip: set[int] = frozenset()) -> list[int]:
+    """Indices of the generated tokens that spell a keyword, matched on word boundaries.
+
+    A token belongs to a keyword when the characters it shares with the keyword's span are more
+    than quotes and spaces: ``"red`` counts for "red", a bare ``"`` or ``", "`` never does, and a
+    keyword split over several tokens contributes all of them. ``skip``: special-token indices.
+    """
+    chosen = set()
+    for start, end in keyword_spans(text, keywords):
+        for i, (s, e) in enumerate(spans):
+            if i in skip or s >= end or e <= start:
+                continue
+            if text[max(s, start):min(e, end)].strip(_NOT_KEYWORD_CHARS):
+                chosen.add(i)
+    return sorted(chosen)
+
+
+def token_importance(attention: torch.Tensor, keyword_tokens: list[int], other_tokens: list[int],
+                     rows: str = "predict", baseline: str = "answer") -> torch.Tensor | None:
+    """I_j from one layer's captured attention ``(T', N)`` (row i produced token i). (N,)
+
+    ``rows``: "predict" reads the rows that produced each keyword token (row i for token i);
+    "own" reads the keyword tokens' own rows (row i+1). ``baseline``: "answer" subtracts the mean
+    attention of the answer's other (non-keyword) rows, so visual tokens that draw attention
+    whatever is said (attention sinks) do not win the top-K; "none" keeps the raw mean.
+    None when no keyword row exists.
+    """
+    shift = 0 if rows == "predict" else 1
+    available = attention.shape[0]
+    pick = [i + shift for i in keyword_tokens if i + shift < available]
+    if not pick:
+        return None
+    importance = attention[pick].float().mean(0)                                  # (N,)
+    if baseline == "answer":
+        others = [i + shift for i in other_tokens if i + shift < available]
+        if others:
+            importance = importance - attention[others].float().mean(0)
+    return importance
 
 
 # ---- memory selection -------------------------------------------------------------------
-def memory_size(area: float | None, num_tokens: int, max_tokens: int, min_tokens: int) -> int:
-    """K_c = min(K, α_c·N_r/100) with a floor; an unknown area keeps K."""
+def memory_size(area: float | None, num_tokens: int, max_tokens: int, min_tokens: int,
+                budget: float | None = None) -> int:
+    """K_c = min(K, max(K_min, α_c·N_r/100)); an unknown area keeps K.
+
+    K is the budget share of the image's tokens (Ego: 20 % of N_r) capped at ``max_tokens``;
+    without a budget, K = ``max_tokens``.
+    """
+    cap = max_tokens if budget is None else min(max_tokens, max(min_tokens, round(budget * num_tokens)))
     if area is None:
-        k = max_tokens
+        k = cap
     else:
-        k = min(max_tokens, max(min_tokens, round(area * num_tokens / 100.0)))
+        k = min(cap, max(min_tokens, round(area * num_tokens / 100.0)))
     return max(1, min(k, num_tokens))
 
 
@@ -189,6 +256,7 @@ class ImageIntroduction:
     indices: torch.Tensor          # (K_r,) chosen token indices, ascending
     importance: torch.Tensor       # (N_r,) I_j
     timings: dict[str, float] = field(default_factory=dict)
+    keyword_token_ids: list[int] = field(default_factory=list)   # the generated tokens read
 
 
 @dataclass
@@ -202,34 +270,96 @@ class Introduction:
     timings: dict[str, float]
 
 
-def introduce_image(vlm: VLMAdapter, tokens: ImageTokens, name: str, category: str, layers: list[int],
-                    max_tokens: int, min_tokens: int, roi=None) -> ImageIntroduction:
-    """Steps 1–3 for one reference image (one generation + one attention forward)."""
+@dataclass
+class IntroductionOptions:
+    """How a memory is chosen; every choice is a profile option (see profiles.ModelProfile)."""
+
+    layers: list[int]                 # Λ: the text layers whose attention is read
+    max_tokens: int = 256             # K's absolute cap
+    min_tokens: int = 4               # K_c's floor
+    budget: float | None = 0.2        # K = budget · N_r (Ego: 20 % of the image's tokens)
+    rows: str = "predict"             # "predict" (row i-1 of keyword token i) | "own" (row i)
+    baseline: str = "answer"          # "answer": subtract the non-keyword rows' mean | "none"
+    passes: int = 1                   # 1: attention captured while generating | 2: extra forward
+    max_new_tokens: int = 48
+
+    @classmethod
+    def from_profile(cls, profile, layers: list[int]) -> IntroductionOptions:
+        return cls(list(layers), profile.max_memory_tokens, profile.min_memory_tokens,
+                   profile.memory_budget or None, profile.attention_rows, profile.attention_baseline,
+                   profile.introduction_passes)
+
+
+@dataclass
+class Attended:
+    """What the introduction generation said and where its keywords looked, per layer."""
+
+    text: str
+    keywords: list[str]
+    area: float | None
+    importance: dict[int, torch.Tensor]        # layer → (N_r,) I_j at that layer
+    keyword_token_ids: list[int]
+    timings: dict[str, float]
+
+
+def attend(vlm: VLMAdapter, tokens: ImageTokens, name: str, category: str,
+           options: IntroductionOptions) -> Attended:
+    """One generation that describes the subject and, in the same pass, captures the attention
+    (``passes: 2``: a teacher-forced forward over the generated tokens afterwards)."""
     timings = {}
+    layers = options.layers
+    parts = prompts.introduce(tokens, name, category, vlm.family)
     t0 = time.perf_counter()
-    generation = vlm.generate(prompts.introduce(tokens, name, category, vlm.family), max_new_tokens=48)
+    generation = vlm.generate(parts, max_new_tokens=options.max_new_tokens,
+                              attention_layers=layers if options.passes == 1 else None)
     timings["describe"] = time.perf_counter() - t0
     keywords, area = parse_introduction(generation.text)
-    answer = generation.text
-    spans = keyword_spans(answer, keywords)
-    if not answer.strip():
+    answer_ids = list(generation.token_ids)
+    t1 = time.perf_counter()
+    if not answer_ids:
         # Nothing generated: attend from the concept's name, given as the answer.
-        answer = name
-        spans = [(0, len(name))]
-    elif not spans:
-        spans = [(0, len(answer))]
-    eligible = roi_mask(tokens.token_boxes, roi, floor=min_tokens)
+        answer_ids = vlm._text_ids(name) or [vlm._placeholder_id]
+        attention_maps = vlm.answer_attention(parts, answer_ids, layers)
+        keywords = keywords or [name]
+    elif options.passes == 1:
+        attention_maps = generation.attention
+    else:
+        attention_maps = vlm.answer_attention(parts, answer_ids, layers)
+    timings["attention"] = time.perf_counter() - t1
+    text, spans = token_char_spans(vlm.tokenizer, answer_ids)
+    special = set(vlm.tokenizer.all_special_ids)
+    skip = {i for i, t in enumerate(answer_ids) if t in special}
+    keyword_tokens = keyword_token_indices(text, spans, keywords, skip)
+    answer_tokens = [i for i in range(len(answer_ids)) if i not in skip and text[slice(*spans[i])].strip()]
+    if not keyword_tokens:
+        keyword_tokens, other_tokens = answer_tokens or list(range(len(answer_ids))), []
+    else:
+        other_tokens = [i for i in answer_tokens if i not in keyword_tokens]
+    importance = {}
+    for layer in layers:
+        attention_map = attention_maps[layer][:, : tokens.num_tokens]                 # (T', N_r)
+        value = token_importance(attention_map, keyword_tokens, other_tokens, options.rows, options.baseline)
+        if value is None:      # "own" row of a last token that has none: the predicting rows
+            value = token_importance(attention_map, keyword_tokens, other_tokens, "predict", options.baseline)
+        importance[layer] = value
+    return Attended(generation.text or name, keywords, area, importance,
+                    [answer_ids[i] for i in keyword_tokens], timings)
+
+
+def introduce_image(vlm: VLMAdapter, tokens: ImageTokens, name: str, category: str,
+                    options: IntroductionOptions, roi=None) -> ImageIntroduction:
+    """Steps 1–3 for one reference image."""
+    attended = attend(vlm, tokens, name, category, options)
+    area = attended.area
+    eligible = roi_mask(tokens.token_boxes, roi, floor=options.min_tokens)
     if roi is not None:
         width, height = tokens.source_size
         area = 100.0 * roi[2] * roi[3] / (width * height)
-    t1 = time.perf_counter()
-    per_layer = vlm.attention_to_images(prompts.introduce(tokens, name, category, vlm.family),
-                                        answer, spans, layers)
-    timings["attention"] = time.perf_counter() - t1
-    importance = torch.stack([per_layer[l][0] for l in layers]).mean(0)     # (N_r,) I_j
-    k = memory_size(area, tokens.num_tokens, max_tokens, min_tokens)
+    importance = torch.stack([attended.importance[l] for l in options.layers]).mean(0)   # (N_r,) I_j
+    k = memory_size(area, tokens.num_tokens, options.max_tokens, options.min_tokens, options.budget)
     indices = select_tokens(importance, k, eligible)
-    return ImageIntroduction(answer, keywords, area, tokens.num_tokens, indices, importance, timings)
+    return ImageIntroduction(attended.text, attended.keywords, area, tokens.num_tokens, indices, importance,
+                             attended.timings, attended.keyword_token_ids)
 
 
 def build_memory(images: list[ImageTokens], intros: list[ImageIntroduction]) -> dict[str, torch.Tensor]:
@@ -246,15 +376,28 @@ def build_memory(images: list[ImageTokens], intros: list[ImageIntroduction]) -> 
             "importance": importance, "grids": grids, "num_tokens": num_tokens, "boxes": boxes}
 
 
-def introduce(vlm: VLMAdapter, images: list[ImageTokens], name: str, category: str, layers: list[int],
-              max_tokens: int, min_tokens: int, rois=None, progress=None) -> Introduction:
+def append_views(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A concept memory with further reference views: ``new``'s images follow ``old``'s."""
+    if old["memory"].shape[1] != new["memory"].shape[1]:
+        raise PersonalVLMError("the stored memory was built with another model; re-teach the concept")
+    views = int(old["grids"].shape[0]) if "grids" in old else int(old.get("image_index", torch.zeros(1)).max()) + 1
+    out = {}
+    for key, value in new.items():
+        if key not in old:
+            raise PersonalVLMError("the stored memory predates multi-view teaching; re-teach the concept")
+        out[key] = torch.cat([old[key], value + views if key == "image_index" else value])
+    return out
+
+
+def introduce(vlm: VLMAdapter, images: list[ImageTokens], name: str, category: str,
+              options: IntroductionOptions, rois=None, progress=None) -> Introduction:
     """Ego concept introduction over 1..R reference images (see the module docstring)."""
     rois = list(rois) if rois else [None] * len(images)
     intros = []
     for r, (tokens, roi) in enumerate(zip(images, rois)):
         if progress:
             progress(f"reference image {r + 1}/{len(images)}: describing and attending")
-        intros.append(introduce_image(vlm, tokens, name, category, layers, max_tokens, min_tokens, roi))
+        intros.append(introduce_image(vlm, tokens, name, category, options, roi))
     keywords: list[str] = []
     for intro in intros:
         keywords += [k for k in intro.keywords if k.lower() not in {x.lower() for x in keywords}]
@@ -272,6 +415,15 @@ def recognize(vlm: VLMAdapter, image: ImageTokens, memories: list[Memory]) -> di
     return {m.name: vlm.yes_probability(prompts.recognize(m, image, vlm.family)) for m in memories}
 
 
+def recognize_joint(vlm: VLMAdapter, image: ImageTokens, memories: list[Memory],
+                    names: list[str] | None = None) -> dict[str, float]:
+    """Ego recognition with every memory in one prompt, so concepts compete: p(yes) per name
+    (default: every memory's name). The memories and the image are read once for all names."""
+    names = [m.name for m in memories] if names is None else names
+    asked = [prompts.recognize_joint(memories, image, n, vlm.family) for n in names]
+    return dict(zip(names, vlm.yes_probabilities(asked)))
+
+
 # ---- calibration ------------------------------------------------------------------------
 def mask_overlap(token_boxes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(N,) share of each token's box covered by the binary mask (H, W) of the source image."""
@@ -286,23 +438,19 @@ def mask_overlap(token_boxes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def rank_layers(vlm: VLMAdapter, samples: list[tuple[ImageTokens, torch.Tensor]], top_k: int,
-                progress=None) -> dict[int, float]:
+                progress=None, options: IntroductionOptions | None = None) -> dict[int, float]:
     """Mean share of each layer's top-K attended tokens that lie on the subject's mask."""
     layers = list(range(vlm.num_layers))
+    options = IntroductionOptions(layers) if options is None else \
+        IntroductionOptions(**{**options.__dict__, "layers": layers})
     totals = {l: 0.0 for l in layers}
     for s, (tokens, mask) in enumerate(samples):
         if progress:
             progress(f"calibration image {s + 1}/{len(samples)}")
-        generation = vlm.generate(prompts.introduce(tokens, "the main subject", "", vlm.family),
-                                  max_new_tokens=48)
-        keywords, _ = parse_introduction(generation.text)
-        answer = generation.text or "the main subject"
-        spans = keyword_spans(answer, keywords) or [(0, len(answer))]
-        per_layer = vlm.attention_to_images(prompts.introduce(tokens, "the main subject", "", vlm.family),
-                                            answer, spans, layers)
+        attended = attend(vlm, tokens, "the main subject", "", options)
         on_mask = mask_overlap(tokens.token_boxes, mask) >= 0.5                  # (N,)
         k = min(top_k, tokens.num_tokens)
         for l in layers:
-            top = torch.topk(per_layer[l][0], k).indices
+            top = torch.topk(attended.importance[l], k).indices
             totals[l] += float(on_mask[top].float().mean())
     return {l: totals[l] / max(1, len(samples)) for l in layers}

@@ -41,8 +41,18 @@ def default_profile_path(model: str) -> Path:
 class ModelProfile:
     model: str = ""
     layers: list[int] = field(default_factory=list)   # empty → default_layers(num_layers)
-    max_memory_tokens: int = 32       # K: the most visual tokens kept per reference image
+    max_memory_tokens: int = 256      # cap on K, the visual tokens kept per reference image
     min_memory_tokens: int = 4        # floor of K_c, so a tiny subject still gets a memory
+    memory_budget: float = 0.2        # K = budget · the image's tokens (Ego: 20 %); 0 → K = the cap
+    memory_layout: str = "image"      # memories spliced inside vision markers at their grid
+                                      # positions ("image") or as 1-D text rows ("text")
+    attention_rows: str = "predict"   # rows read per keyword token: the row predicting it, or "own"
+    attention_baseline: str = "answer"  # subtract the answer's non-keyword rows ("answer") or "none"
+    introduction_passes: int = 1      # 1: attention captured while generating; 2: extra forward
+    max_image_pixels: int = 0         # every picture (reference or frame) downscaled to at most this
+                                      # many pixels before the processor; 0 = the processor's limits
+    recognition: str = "per_concept"  # Ego check: one prompt per concept, or "joint": the top-M
+                                      # memories in one prompt, a yes-probability per name
     accept_threshold: float = 0.80    # matcher score at or above which a frame is a detection
     reject_threshold: float = 0.55    # at or below which it is not; between goes to verification
     recognize_threshold: float = 0.5  # Ego in-context p(yes) that counts as present
@@ -62,6 +72,17 @@ class ModelProfile:
     def validate(self) -> ModelProfile:
         if not 1 <= self.min_memory_tokens <= self.max_memory_tokens:
             raise PersonalVLMError("profile: need 1 <= min_memory_tokens <= max_memory_tokens")
+        if self.max_image_pixels < 0:
+            raise PersonalVLMError("profile: max_image_pixels must be >= 0 (0 = the processor's limits)")
+        if not 0.0 <= self.memory_budget <= 1.0:
+            raise PersonalVLMError("profile: memory_budget is a share of the image's tokens in [0, 1]")
+        choices = {"memory_layout": ("image", "text"), "attention_rows": ("predict", "own"),
+                   "attention_baseline": ("answer", "none"), "introduction_passes": (1, 2),
+                   "recognition": ("per_concept", "joint")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise PersonalVLMError(f"profile: {key} must be one of {', '.join(map(str, allowed))}, "
+                                       f"got {getattr(self, key)!r}")
         problem = check_thresholds(self.accept_threshold, self.reject_threshold)
         if problem:
             raise PersonalVLMError(f"profile: {problem}")
@@ -170,7 +191,8 @@ def calibrate_layers(profile: ModelProfile, vlm, pairs: list[tuple], top_k: int,
             raise PersonalVLMError(f"mask {mask_path} is empty")
         samples.append((vlm.encode_image(image), mask))
     t0 = time.perf_counter()
-    scores = ego.rank_layers(vlm, samples, top_k, progress=progress)
+    scores = ego.rank_layers(vlm, samples, top_k, progress=progress,
+                             options=ego.IntroductionOptions.from_profile(profile, []))
     ranked = sorted(scores, key=lambda l: -scores[l])
     calibration = {"images": len(samples), "top_k": top_k,
                    "mask_hit_rate": {int(l): round(s, 4) for l, s in scores.items()},

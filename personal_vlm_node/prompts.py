@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from .vlm.base import ImageTokens, Memory, Part
 
+# The answer schema names its slots and gives no plausible value a model could copy verbatim.
 INTRODUCE = (
     "This photo shows {subject}. Give 3 to 6 short keywords that describe what it looks like "
     "(colour, material, shape, distinctive details), and estimate what percentage of the photo "
-    "it covers. Answer only with JSON like "
-    '{{"keywords": ["red", "ceramic", "mug"], "area": 30}}.'
+    "it covers. Answer only with JSON of the form "
+    '{{"keywords": [<keyword>, <keyword>, ...], "area": <percent of the photo, 0 to 100>}}.'
 )
 
 FINGERPRINT = (
@@ -24,6 +25,7 @@ FINGERPRINT = (
 )
 
 RECOGNIZE = "Is {name} in this image? Answer Yes or No."
+RECOGNIZE_JOINT_INTRO = "These are personal things, each shown by its name and its appearance:"
 
 ASK_INTRO = "These are personal things you know, each shown by its name and its appearance:"
 ASK_RULE = "Answer the question about the image. When one of these things is relevant, call it by its name."
@@ -33,9 +35,9 @@ COT_PROMPT = (
     "These are personal things the user owns, each with the attributes that tell it apart from "
     "similar things:\n{candidates}\n"
     "Look at the image. For each of them, check its attributes one by one against what you see. "
-    "Then say which one of them is in the image, or none. Answer only with JSON like "
-    '{{"reasoning": "short notes", "answer": "<name or none>", '
-    '"seen_attributes": ["<attribute you saw>", "..."]}}.'
+    "Then say which one of them is in the image, or none. Answer only with JSON, the answer first: "
+    '{{"answer": <name or none>, "seen_attributes": {{<name>: [<its attribute you see>, ...], ...}}, '
+    '"reasoning": <short notes>}}.'
 )
 PAIRWISE_PROMPT = "Is this {name}? Answer Yes or No."
 ATTRIBUTE_QUESTION = "Does the object in the image have this {label}: {value}? Answer Yes or No."
@@ -64,6 +66,15 @@ def fingerprint(image: ImageTokens, name: str, category: str, family: str = "") 
 def recognize(memory: Memory, image: ImageTokens, family: str = "") -> list[Part]:
     return [f"This is {memory.name}: ", memory, "\n", image, "\n",
             _text("recognize", family, RECOGNIZE).format(name=memory.name)]
+
+
+def recognize_joint(memories: list[Memory], image: ImageTokens, name: str, family: str = "") -> list[Part]:
+    """Several memories in one prompt, then the question for one of them: the prompts for
+    different names share everything up to the question."""
+    parts: list[Part] = [_text("recognize_joint_intro", family, RECOGNIZE_JOINT_INTRO) + "\n"]
+    for memory in memories:
+        parts += [f"{memory.name}: ", memory, "\n"]
+    return parts + [image, "\n" + _text("recognize", family, RECOGNIZE).format(name=name)]
 
 
 def ask(memories: list[Memory], image: ImageTokens, question: str, family: str = "") -> list[Part]:

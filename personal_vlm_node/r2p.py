@@ -5,9 +5,13 @@ Every taught concept c has a *fingerprint* (written in the background after teac
 pattern, distinct_features, text_or_brand} and a one-sentence description d_c. Given a query image
 q and a short list of candidate concepts (with their visual scores from the matcher), R2P runs:
 
-1. **Retrieval.** s_c = ½ (s_VV(q, c) + s_VT(q, d_c)), top-K candidates by s_c.
-     s_VV  visual score: the matcher's late-interaction score mean_k max_j cos(M_c[k], F_q[j]),
-           mapped from [-1, 1] to [0, 1] by (s + 1) / 2;
+1. **Retrieval.** s_c = ½ (s_VV(q, c) + s_VT(q, d_c)), top-K candidates by s_c — over the whole
+   library when a contrastive model is configured (two dot products per concept), else over the
+   matcher's best few (each s_VT then costs VLM forwards).
+     s_VV  image–image similarity of the contrastive model's embeddings, (cos(E(q), E(r_c)) + 1) / 2
+           with r_c the concept's reference pictures (embedded once at teaching, max over views);
+           without a contrastive model, the matcher's late-interaction score
+           mean_k max_j cos(M_c[k], F_q[j]) mapped from [-1, 1] to [0, 1] by (s + 1) / 2;
      s_VT  image–text similarity σ(q, d_c) between the image and the fingerprint description.
    σ comes from a contrastive image–text model (CLIP / SigLIP, :class:`ImageTextSimilarity`):
    σ(q, t) = (cos(E_img(q), E_txt(t)) + 1) / 2 ∈ [0, 1], an affine map that keeps the ranking of
@@ -16,14 +20,15 @@ q and a short list of candidate concepts (with their visual scores from the matc
    the mean of σ over the concept's attributes (``"text_similarity": "vlm_yes_no"`` in the stages).
    A concept whose fingerprint is still pending has no s_VT: s_c = s_VV for it.
 2. **Attribute-focused chain of thought.** One generation sees the image and the K candidates'
-   attributes, checks them one by one and names the best candidate ĉ_CoT (or none) and the
-   attributes it saw, S. Parsing tolerates prose, broken JSON and names it did not offer (→ none).
+   attributes, checks them one by one and names — answer first, so the token cap cannot cut it
+   off — the best candidate ĉ_CoT (or none) and, per candidate i, the attributes A_{q,i} it saw. Parsing tolerates prose, broken JSON and names it did not offer (→ none).
 3. **Cross-modal attribute verification.** For every candidate,
      s_VA(c) = mean_{a ∈ A_c ∩ S} σ(q, "a photo of <a>")   (all of A_c when S names none of them),
    with the keys S names (color, shape…) used for every candidate so they are compared on the same
    attributes. Verification passes when argmax_c s_VA(c) = ĉ_CoT; the decision is then ĉ_CoT.
-4. **Pairwise reasoning** when it fails (or the CoT said none): for each candidate, its memory is
-   spliced as soft tokens next to the query image and the VLM is asked "Is this <name>?":
+4. **Pairwise reasoning** when it fails (or the CoT said none): for each candidate, its reference
+   picture (``pairwise_reference="image"``, as in R2P; or its memory as soft tokens, "memory") is
+   shown next to the query image and the VLM is asked "Is this <name>?":
      p_i = λ_yes / (λ_yes + λ_no)
    The best candidate wins when p_i ≥ τ (``pairwise_threshold``, default 0.5); otherwise none.
 
@@ -104,9 +109,20 @@ class Candidate:
     """A concept R2P may choose, as the caller knows it for this image."""
 
     name: str
-    visual_score: float          # s_VV before mapping: the matcher's score in [-1, 1]
+    visual_score: float          # the matcher's score in [-1, 1]: s_VV without a contrastive model
     fingerprint: dict            # {"attributes": {...}, "description": str}; {} while pending
-    memory: torch.Tensor         # (K_c, D) the concept memory, for pairwise reasoning
+    memory: torch.Tensor | Memory   # (K_c, D) the concept memory (or a laid-out Memory), for pairwise
+    reference_embeddings: torch.Tensor | None = None   # (R, E) unit contrastive embeddings of its references
+    reference: object = None     # its first reference picture as ImageTokens, or a callable giving them
+
+    def reference_tokens(self) -> ImageTokens | None:
+        """The reference picture's tokens (loaded on first use: only pairwise reasoning needs them)."""
+        if callable(self.reference):
+            self.reference = self.reference()
+        return self.reference
+
+    def as_memory(self) -> Memory:
+        return self.memory if isinstance(self.memory, Memory) else Memory(self.memory, self.name)
 
     @property
     def attributes(self) -> dict[str, str]:
@@ -266,6 +282,21 @@ class _Evidence:
                 self._cache[question] = self.vlm.yes_probability([self.image_tokens, "\n" + question])
         return [self._cache[q] for q in questions]
 
+    def image_similarities(self, candidates: list[Candidate]) -> list[float | None]:
+        """s_VV per candidate: (max_r cos(E(q), E(ref_r)) + 1) / 2, or None without embeddings."""
+        if self.similarity is None or self.image is None:
+            return [None] * len(candidates)
+        out = []
+        for c in candidates:
+            if c.reference_embeddings is None or not len(c.reference_embeddings):
+                out.append(None)
+                continue
+            if self._image_embedding is None:
+                self._image_embedding = self.similarity.embed_image(self.image)
+            cosines = c.reference_embeddings.float() @ self._image_embedding.cpu()      # (R,)
+            out.append(unit(float(cosines.max())))
+        return out
+
     def attributes(self, attributes: dict[str, str]) -> dict[str, float]:
         """σ(q, a) for each attribute key → value."""
         keys = list(attributes)
@@ -340,6 +371,27 @@ def _as_list(value) -> list[str]:
     return [s.strip().strip("\"'") for s in re.split(r"[,;]", str(value)) if s.strip().strip("\"'")]
 
 
+def _seen_by_name(value, names: list[str]) -> dict[str, list[str]] | None:
+    """{"my mug": ["red"], …} → per candidate; None when the keys are not candidate names."""
+    if not isinstance(value, dict) or not value:
+        return None
+    resolved = {resolve_name(k, names): v for k, v in value.items()}
+    if None in resolved:
+        return None
+    return {name: _as_list(v) for name, v in resolved.items()}
+
+
+def parse_seen_by_candidate(text: str, names: list[str]) -> dict[str, list[str]]:
+    """A_{q,i}: the attributes the CoT says it saw, per candidate, when it answered that way."""
+    for obj in json_objects(text or ""):
+        lowered = {str(k).lower().replace(" ", "_"): v for k, v in obj.items()}
+        for key in _SEEN_KEYS:
+            per = _seen_by_name(lowered.get(key), names)
+            if per is not None:
+                return per
+    return {}
+
+
 def parse_reasoning(text: str, names: list[str]) -> tuple[str | None, list[str]]:
     """(ĉ_CoT or None, the attributes the model says it saw) from the CoT answer; never raises."""
     for obj in json_objects(text or ""):
@@ -347,7 +399,9 @@ def parse_reasoning(text: str, names: list[str]) -> tuple[str | None, list[str]]
         answer_key = next((k for k in _ANSWER_KEYS if k in lowered), None)
         if answer_key is None:
             continue
-        seen = next((_as_list(lowered[k]) for k in _SEEN_KEYS if k in lowered), [])
+        raw = next((lowered[k] for k in _SEEN_KEYS if k in lowered), None)
+        per = _seen_by_name(raw, names)
+        seen = [a for values in per.values() for a in values] if per is not None else _as_list(raw)
         return resolve_name(lowered[answer_key], names), seen
     # Not JSON (truncated, prose): the last "answer: X" field, else the last "the answer is X".
     text = text or ""
@@ -387,7 +441,8 @@ class R2PVerifier:
     """The four R2P stages over one query image; see the module docstring."""
 
     def __init__(self, vlm: VLMAdapter, text_similarity: ImageTextSimilarity | None = None,
-                 top_k: int = 3, pairwise_threshold: float = 0.5, cot_max_new_tokens: int = 160):
+                 top_k: int = 3, pairwise_threshold: float = 0.5, cot_max_new_tokens: int = 160,
+                 pairwise_reference: str = "image"):
         if not isinstance(top_k, int) or top_k < 1:
             raise PersonalVLMError(f"R2P top_k must be an integer >= 1, got {top_k!r}")
         if not 0.0 <= pairwise_threshold <= 1.0:
@@ -397,6 +452,9 @@ class R2PVerifier:
         self.top_k = top_k
         self.pairwise_threshold = pairwise_threshold
         self.cot_max_new_tokens = cot_max_new_tokens
+        if pairwise_reference not in ("image", "memory"):
+            raise PersonalVLMError(f"R2P pairwise_reference must be image or memory, got {pairwise_reference!r}")
+        self.pairwise_reference = pairwise_reference
 
     def verify(self, image_tokens: ImageTokens, image, candidates: list[Candidate]) -> R2PResult:
         """R2P's decision on ``image`` among ``candidates`` (pass the matcher's top few: without a
@@ -416,7 +474,8 @@ class R2PVerifier:
         answer = stages["reasoning"]["answer"]
 
         t = time.perf_counter()
-        stages["verification"] = self.verify_attributes(evidence, top, answer, stages["reasoning"]["seen_attributes"])
+        stages["verification"] = self.verify_attributes(evidence, top, answer, stages["reasoning"]["seen_attributes"],
+                                                        stages["reasoning"].get("seen_by_candidate"))
         timings["verification"] = time.perf_counter() - t
         if stages["verification"]["passed"]:
             return R2PResult(answer, stages=stages)
@@ -428,17 +487,26 @@ class R2PVerifier:
 
     # 1. retrieval ---------------------------------------------------------------------------
     def retrieve(self, evidence: _Evidence, candidates: list[Candidate]) -> tuple[list[Candidate], dict]:
-        """Top-K by s = ½(s_VV + s_VT); s = s_VV for a concept without a fingerprint yet."""
+        """Top-K by s = ½(s_VV + s_VT); s = s_VV for a concept without a fingerprint yet.
+
+        s_VV is the image–image similarity of the contrastive model's embeddings, max over the
+        concept's reference views, when both are there; else the matcher's score (recorded as
+        ``visual_similarity: matcher``).
+        """
         s_vt = evidence.descriptions(candidates)
+        s_vv = evidence.image_similarities(candidates)
         rows = []
-        for c, vt in zip(candidates, s_vt):
-            vv = unit(c.visual_score)
-            rows.append({"name": c.name, "s_vv": vv, "s_vt": vt, "s": vv if vt is None else 0.5 * (vv + vt)})
+        for c, vt, image_vv in zip(candidates, s_vt, s_vv):
+            vv = unit(c.visual_score) if image_vv is None else image_vv
+            rows.append({"name": c.name, "s_vv": vv, "s_vt": vt, "s": vv if vt is None else 0.5 * (vv + vt),
+                         "s_vv_from": "matcher" if image_vv is None else "image"})
         order = sorted(range(len(rows)), key=lambda i: -rows[i]["s"])
         for rank, i in enumerate(order):
             rows[i]["top_k"] = rank < self.top_k
         top = [candidates[i] for i in order[:self.top_k]]
-        return top, {"text_similarity": evidence.kind, "candidates": [rows[i] for i in order]}
+        return top, {"text_similarity": evidence.kind,
+                     "visual_similarity": evidence.kind if any(v is not None for v in s_vv) else "matcher",
+                     "candidates": [rows[i] for i in order]}
 
     # 2. attribute-focused chain of thought --------------------------------------------------
     def reason_prompt(self, image_tokens: ImageTokens, top: list[Candidate]) -> list[Part]:
@@ -453,18 +521,26 @@ class R2PVerifier:
     def reason(self, image_tokens: ImageTokens, top: list[Candidate]) -> dict:
         """One generation; ĉ_CoT and the attributes seen, parsed robustly."""
         generation = self.vlm.generate(self.reason_prompt(image_tokens, top), max_new_tokens=self.cot_max_new_tokens)
-        answer, seen = parse_reasoning(generation.text, [c.name for c in top])
+        names = [c.name for c in top]
+        answer, seen = parse_reasoning(generation.text, names)
         return {"text": generation.text[:2000], "answer": answer, "seen_attributes": seen[:16],
-                "seen_keys": seen_keys(seen, top)}
+                "seen_keys": seen_keys(seen, top),
+                "seen_by_candidate": parse_seen_by_candidate(generation.text, names)}
 
     # 3. cross-modal attribute verification --------------------------------------------------
     def verify_attributes(self, evidence: _Evidence, top: list[Candidate], answer: str | None,
-                          seen: list[str]) -> dict:
-        """s_VA(c) = mean σ(q, "a photo of <a>") over the attributes seen; pass iff argmax = ĉ_CoT."""
+                          seen: list[str], seen_by_candidate: dict[str, list[str]] | None = None) -> dict:
+        """s_VA(c) = mean σ(q, "a photo of <a>") over the attributes seen; pass iff argmax = ĉ_CoT.
+
+        With per-candidate lists A_{q,c} (the CoT's answer names them per candidate), each candidate
+        is checked on the attributes seen for it; else all on the keys seen for any of them.
+        """
         keys = seen_keys(seen, top)
         s_va: dict[str, float | None] = {}
         for c in top:
-            chosen = {k: v for k, v in c.attributes.items() if k in keys} or c.attributes
+            own = (seen_by_candidate or {}).get(c.name)
+            wanted = seen_keys(own, [c]) if own else keys
+            chosen = {k: v for k, v in c.attributes.items() if k in wanted} or c.attributes
             values = list(evidence.attributes(chosen).values())
             s_va[c.name] = sum(values) / len(values) if values else None
         scored = {n: v for n, v in s_va.items() if v is not None}
@@ -482,28 +558,39 @@ class R2PVerifier:
 
     # 4. pairwise reasoning ------------------------------------------------------------------
     def pairwise_prompt(self, image_tokens: ImageTokens, candidate: Candidate) -> list[Part]:
+        """The query beside the candidate's reference picture (as R2P does), or beside its memory
+        (``pairwise_reference="memory"``, or when no reference picture is at hand)."""
         reference = f" ({candidate.description})" if candidate.description else ""
-        return [f"This is {candidate.name}: ", Memory(candidate.memory, candidate.name), reference + "\n",
+        shown = candidate.reference_tokens() if self.pairwise_reference == "image" else None
+        if shown is None:
+            shown = candidate.as_memory()
+        return [f"This is {candidate.name}: ", shown, reference + "\n",
                 image_tokens, "\n" + PAIRWISE_PROMPT.format(name=candidate.name)]
 
     def pairwise(self, image_tokens: ImageTokens, top: list[Candidate]) -> dict:
-        """p_i = λ_yes/(λ_yes+λ_no) per candidate, memory as soft tokens; best wins above τ."""
+        """p_i = λ_yes/(λ_yes+λ_no) per candidate; best wins above τ."""
         p = {c.name: self.vlm.yes_probability(self.pairwise_prompt(image_tokens, c)) for c in top}
         best = max(p, key=p.get)
         decision = best if p[best] >= self.pairwise_threshold else None
-        return {"p": p, "best": best, "threshold": self.pairwise_threshold, "decision": decision}
+        return {"p": p, "best": best, "threshold": self.pairwise_threshold, "decision": decision,
+                "reference": self.pairwise_reference}
 
 
 # ---- where R2P sits in the decision cascade ------------------------------------------------
-def candidates_from_scores(scores: dict[str, float], pool: int, fingerprint_of, memory_of,
-                           must_include=()) -> list[Candidate]:
-    """The ``pool`` best concepts by visual score s_VV, plus ``must_include``, as R2P candidates.
+def candidates_from_scores(scores: dict[str, float], pool: int | None, fingerprint_of, memory_of,
+                           must_include=(), embeddings_of=None, reference_of=None) -> list[Candidate]:
+    """The ``pool`` best concepts by matcher score (None: all of them), plus ``must_include``.
 
-    ``fingerprint_of(name)`` and ``memory_of(name)`` give a concept's fingerprint and (K, D) memory.
+    ``fingerprint_of(name)`` and ``memory_of(name)`` give a concept's fingerprint and memory;
+    ``embeddings_of(name)`` its (R, E) reference embeddings (or None), ``reference_of(name)`` its
+    reference picture's ImageTokens (called only if pairwise reasoning needs them).
     """
-    names = sorted(scores, key=lambda n: -scores[n])[:pool]
+    names = sorted(scores, key=lambda n: -scores[n])
+    names = names[:pool] if pool is not None else names
     names += [n for n in must_include if n not in names]
-    return [Candidate(n, scores.get(n, -1.0), fingerprint_of(n), memory_of(n)) for n in names]
+    return [Candidate(n, scores.get(n, -1.0), fingerprint_of(n), memory_of(n),
+                      embeddings_of(n) if embeddings_of else None,
+                      (lambda n=n: reference_of(n)) if reference_of else None) for n in names]
 
 
 def cascade_decision(match_decision: str, ego_p_yes: float | None = None, margin: float = 0.15,
@@ -538,7 +625,8 @@ class Verdict:
 
 def settle_uncertain(vlm: VLMAdapter, tokens: ImageTokens, names: list[str], memory_of, *,
                      threshold: float, margin: float, verifier: R2PVerifier, scores: dict[str, float],
-                     fingerprint_of, pool: int, image=None) -> tuple[dict[str, Verdict], R2PResult | None]:
+                     fingerprint_of, pool: int, image=None, embeddings_of=None,
+                     reference_of=None) -> tuple[dict[str, Verdict], R2PResult | None]:
     """The decision cascade for ``names``, the concepts in the matcher's uncertain band on one image.
 
     Ego's in-context p_yes decides each one; those Ego is itself unsure of (:func:`cascade_decision`)
@@ -552,14 +640,19 @@ def settle_uncertain(vlm: VLMAdapter, tokens: ImageTokens, names: list[str], mem
 
     verdicts, unsure = {}, []
     for name in names:
-        p_yes = ego.recognize(vlm, tokens, [Memory(memory_of(name), name)])[name]
+        memory = memory_of(name)
+        memory = memory if isinstance(memory, Memory) else Memory(memory, name)
+        p_yes = ego.recognize(vlm, tokens, [memory])[name]
         decision = cascade_decision("uncertain", p_yes, margin, threshold)
         verdicts[name] = Verdict(decision == "accept", p_yes, "r2p" if decision == "r2p" else "ego")
         if decision == "r2p":
             unsure.append(name)
     if not unsure:
         return verdicts, None
-    candidates = candidates_from_scores(scores, pool, fingerprint_of, memory_of, unsure)
+    # With a contrastive model retrieval is cheap: rank the whole library, as R2P does.
+    pool = None if verifier.text_similarity is not None else pool
+    candidates = candidates_from_scores(scores, pool, fingerprint_of, memory_of, unsure,
+                                        embeddings_of=embeddings_of, reference_of=reference_of)
     result = verifier.verify(tokens, image() if image is not None else None, candidates)
     for name in unsure:
         verdicts[name].present = result.present(name)

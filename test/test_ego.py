@@ -248,3 +248,27 @@ def test_teach_refuses_bad_requests_clearly(assistant_for):
     replaced = a.teach("my mug", [_photo(3), _photo(4)], overwrite=True)
     assert a.store.load_memory("my mug")["image_index"].max() == 1
     assert replaced.memory_tokens == a.store.get("my mug").memory_tokens
+
+
+def test_teach_add_gives_a_concept_more_views_and_keeps_its_fingerprint(assistant_for):
+    a = assistant_for("qwen2_5_vl")
+    first = a.teach("my mug", [_photo(1)])
+    fingerprint = first.wait_fingerprint(timeout=120)
+    k1 = first.memory_tokens
+    more = a.teach("my mug", [_photo(2), _photo(3)], add=True)
+    memory = a.store.load_memory("my mug")
+    assert memory["image_index"].unique().tolist() == [0, 1, 2]
+    assert more.memory_tokens == memory["memory"].shape[0] > k1
+    assert len(a.store.load_images("my mug")) == 3
+    assert a.store.get("my mug").fingerprint == fingerprint
+    assert more.wait_fingerprint(timeout=1) == fingerprint
+    with pytest.raises(PersonalVLMError, match="at most"):
+        a.teach("my mug", [_photo(4)] * 6, add=True)
+
+
+def test_joint_recognition_scores_every_asked_name(assistant_for):
+    a = assistant_for("internvl", recognition="joint", max_concepts_in_context=3)
+    a.teach("my mug", [_photo(1)])
+    a.teach("Fluffy", [_photo(2)])
+    results = a.recognize(_photo(1), names=["my mug"])
+    assert [r.name for r in results] == ["my mug"] and 0.0 <= results[0].p_yes <= 1.0

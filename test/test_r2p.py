@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -305,3 +306,90 @@ def test_bad_settings_are_refused(adapters):
         R2PVerifier(adapters("qwen2_5_vl"), None, top_k=0)
     with pytest.raises(PersonalVLMError, match="pairwise_threshold"):
         R2PVerifier(adapters("qwen2_5_vl"), None, pairwise_threshold=1.5)
+
+
+# ---- s_VV from image embeddings, pairwise with the reference picture ------------------------
+class _PlantedSimilarity:
+    """A contrastive model whose image embedding of the query is planted."""
+
+    name = "planted:clip"
+
+    def __init__(self, query_embedding):
+        self.query = torch.tensor(query_embedding, dtype=torch.float)
+
+    def embed_image(self, image):
+        return self.query / self.query.norm()
+
+    def similarity(self, image_embedding, texts):
+        return torch.zeros(len(texts))          # cos 0 → s_VT = 0.5 for every text
+
+
+def test_s_vv_is_the_best_reference_views_image_similarity():
+    sim = _PlantedSimilarity([1.0, 0.0])
+    evidence = r2p._Evidence(None, sim, None, _photo(1))
+    views = torch.tensor([[0.0, 1.0], [0.6, 0.8]])      # cos 0 and 0.6 with the query
+    far = torch.tensor([[-1.0, 0.0]])                  # cos -1
+    candidates = [Candidate("my mug", 0.9, MUG, torch.zeros(1, 4), views),
+                  Candidate("Fluffy", 0.9, CAT, torch.zeros(1, 4), far),
+                  Candidate("new thing", 0.2, {}, torch.zeros(1, 4))]     # no embeddings: matcher score
+    top, stage = R2PVerifier(object(), top_k=2).retrieve(evidence, candidates)
+    rows = {row["name"]: row for row in stage["candidates"]}
+    assert rows["my mug"]["s_vv"] == pytest.approx(0.8) and rows["my mug"]["s"] == pytest.approx(0.65)
+    assert rows["Fluffy"]["s_vv"] == pytest.approx(0.0) and rows["Fluffy"]["s"] == pytest.approx(0.25)
+    assert rows["new thing"]["s_vv"] == pytest.approx(0.6) and rows["new thing"]["s_vv_from"] == "matcher"
+    assert [c.name for c in top] == ["my mug", "new thing"]
+    assert stage["visual_similarity"] == "planted:clip"
+
+
+def test_pairwise_shows_the_reference_picture_and_can_show_the_memory(adapters):
+    vlm = adapters("qwen2_5_vl")
+    query, reference = vlm.encode_image(_photo(21)), vlm.encode_image(_photo(22))
+    loaded = []
+    candidate = Candidate("my mug", 0.5, MUG, reference.features[:3], reference=lambda: loaded.append(1) or reference)
+    with_image = R2PVerifier(vlm).pairwise_prompt(query, candidate)
+    assert with_image[1] is reference and with_image[3] is query
+    assert R2PVerifier(vlm).pairwise_prompt(query, candidate)[1] is reference and loaded == [1]   # loaded once
+    with_memory = R2PVerifier(vlm, pairwise_reference="memory").pairwise_prompt(query, candidate)
+    assert isinstance(with_memory[1], r2p.Memory) and torch.equal(with_memory[1].tokens, reference.features[:3])
+    no_reference = Candidate("Fluffy", 0.5, CAT, reference.features[:2])
+    assert isinstance(R2PVerifier(vlm).pairwise_prompt(query, no_reference)[1], r2p.Memory)
+    with pytest.raises(PersonalVLMError, match="pairwise_reference"):
+        R2PVerifier(vlm, pairwise_reference="both")
+
+
+def test_candidates_cover_the_whole_library_without_a_pool():
+    scores = {"a": 0.1, "b": 0.9, "c": 0.5}
+    names = [c.name for c in r2p.candidates_from_scores(scores, None, lambda n: {}, lambda n: torch.zeros(1, 2))]
+    assert names == ["b", "c", "a"]
+    pooled = r2p.candidates_from_scores(scores, 1, lambda n: {}, lambda n: torch.zeros(1, 2), must_include=["a"],
+                                        embeddings_of=lambda n: torch.ones(1, 2))
+    assert [c.name for c in pooled] == ["b", "a"] and torch.equal(pooled[0].reference_embeddings, torch.ones(1, 2))
+
+
+def test_reasoning_with_attributes_per_candidate_checks_each_on_its_own():
+    text = ('{"answer": "my mug", "seen_attributes": {"my mug": ["red", "ceramic"], "Fluffy": ["long tail"]}, '
+            '"reasoning": "the mug is red"}')
+    assert r2p.parse_reasoning(text, NAMES) == ("my mug", ["red", "ceramic", "long tail"])
+    assert r2p.parse_seen_by_candidate(text, NAMES) == {"my mug": ["red", "ceramic"], "Fluffy": ["long tail"]}
+    assert r2p.parse_seen_by_candidate('{"answer": "Fluffy", "seen_attributes": ["white"]}', NAMES) == {}
+
+    class _Fixed:
+        kind = "fixed"
+
+        def attributes(self, attributes):
+            return {k: {"color": 0.9, "material": 0.7, "distinct_features": 0.2}.get(k, 0.5) for k in attributes}
+
+    candidates = [Candidate("my mug", 0.0, MUG, torch.zeros(1, 4)), Candidate("Fluffy", 0.0, CAT, torch.zeros(1, 4))]
+    stage = R2PVerifier(object()).verify_attributes(
+        _Fixed(), candidates, "my mug", [], {"my mug": ["red", "ceramic"], "Fluffy": ["long tail"]})
+    assert stage["s_va"] == pytest.approx({"my mug": 0.8, "Fluffy": 0.2})   # colour+material vs the tail
+    assert stage["passed"] and stage["best"] == "my mug"
+
+
+def test_prompts_give_a_schema_not_values_a_model_could_copy():
+    from personal_vlm_node import prompts
+
+    for text in (prompts.INTRODUCE, prompts.COT_PROMPT):
+        assert not re.search(r'"(red|ceramic|mug)"', text)
+        assert not re.search(r'"area":\s*\d', text)
+    assert prompts.COT_PROMPT.index('"answer"') < prompts.COT_PROMPT.index('"reasoning"')

@@ -69,7 +69,7 @@ class _Methods:
         problem = check_thresholds(self.accept, self.reject)
         if problem:
             raise PersonalVLMError(problem)
-        self.memories = {c: Memory(assistant.store.load_memory(c)["memory"], c) for c in dataset.concepts}
+        self.memories = {c: Memory.from_stored(assistant.stored_memory(c), c) for c in dataset.concepts}
         self.fingerprints = {c: assistant.store.get(c).fingerprint for c in dataset.concepts}
         self.r2p = r2p.R2PVerifier(assistant.vlm, text_similarity, top_k=options.top_k,
                                    pairwise_threshold=options.pairwise_threshold)
@@ -103,7 +103,7 @@ class _Methods:
         from ..r2p import candidates_from_scores
 
         candidates = candidates_from_scores(scores, self.options.r2p_pool, self.fingerprints.__getitem__,
-                                            lambda c: self.memories[c].tokens, must_include)
+                                            self.memories.__getitem__, must_include)
         return self.r2p.verify(tokens, image, candidates)
 
     def _match(self, tokens, image, scores):
@@ -132,7 +132,7 @@ class _Methods:
                   for c in self.dataset.concepts}
         verdicts, result = settle_uncertain(
             self.assistant.vlm, tokens, [c for c, stage in stages.items() if stage == "uncertain"],
-            lambda c: self.memories[c].tokens, threshold=self.threshold, margin=self.margin,
+            self.memories.__getitem__, threshold=self.threshold, margin=self.margin,
             verifier=self.r2p, scores=scores, fingerprint_of=self.fingerprints.__getitem__,
             pool=self.options.r2p_pool, image=lambda: image)
         out = {}

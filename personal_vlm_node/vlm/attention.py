@@ -24,8 +24,11 @@ _request: contextvars.ContextVar[CaptureRequest | None] = contextvars.ContextVar
 @dataclass
 class CaptureRequest:
     layers: frozenset[int]
-    rows: torch.Tensor                      # (R,) long: query positions in the full sequence
-    captured: dict[int, torch.Tensor] = field(default_factory=dict)   # layer → (H, R, S)
+    rows: torch.Tensor | None               # (R,) query positions in the full sequence; None: the
+                                            # last query row of every forward call (generation)
+    columns: torch.Tensor | None = None     # (C,) key positions kept; None: all
+    captured: dict[int, torch.Tensor] = field(default_factory=dict)   # layer → (H, R, S or C)
+    steps: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # layer → [(H, C)] per call
 
 
 def _capture_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
@@ -37,7 +40,14 @@ def _capture_attention(module, query, key, value, attention_mask, dropout=0.0, s
     request = _request.get()
     layer = getattr(module, "layer_idx", None)
     if request is not None and layer in request.layers:
-        request.captured[layer] = _rows_softmax(module, query, key, attention_mask, scaling, request.rows)
+        rows = request.rows if request.rows is not None else torch.tensor([key.shape[2] - 1])
+        probs = _rows_softmax(module, query, key, attention_mask, scaling, rows)   # (H, R, S)
+        if request.columns is not None:
+            probs = probs[:, :, request.columns.to(probs.device)]
+        if request.rows is None:
+            request.steps.setdefault(layer, []).append(probs[:, 0])
+        else:
+            request.captured[layer] = probs
     return output
 
 
@@ -82,9 +92,11 @@ def register() -> str:
 
 
 @contextlib.contextmanager
-def capture(layers, rows: torch.Tensor):
-    """Within the block, forward passes record attention of ``rows`` at ``layers``."""
-    request = CaptureRequest(frozenset(int(i) for i in layers), rows.long())
+def capture(layers, rows: torch.Tensor | None, columns: torch.Tensor | None = None):
+    """Within the block, forward passes record attention of ``rows`` at ``layers`` (``None``: the
+    last row of every call, as a generation produces them), keeping only ``columns``."""
+    request = CaptureRequest(frozenset(int(i) for i in layers), None if rows is None else rows.long(),
+                             None if columns is None else columns.long())
     token = _request.set(request)
     try:
         yield request

@@ -16,6 +16,7 @@ Family quirks (how an image becomes tokens, where the language model lives, posi
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 from abc import ABC, abstractmethod
@@ -61,10 +62,52 @@ class EncoderInputs:
 
 @dataclass
 class Memory:
-    """A concept memory spliced into a prompt as K soft tokens."""
+    """A concept memory spliced into a prompt as K soft tokens.
 
-    tokens: torch.Tensor          # (K, D) in the LLM input space
+    With its layout (where each token sat in its reference image's token grid), the adapter can
+    splice it the way the model saw those tokens: inside the family's vision markers, at their
+    original grid positions (``memory_layout = "image"``). Without a layout, or with
+    ``memory_layout = "text"``, the tokens become plain text rows with 1-D positions.
+    """
+
+    tokens: torch.Tensor                      # (K, D) in the LLM input space
     name: str = ""
+    positions: torch.Tensor | None = None     # (K,) index of each token in its image's token list
+    image_index: torch.Tensor | None = None   # (K,) which reference image each token came from
+    grids: torch.Tensor | None = None         # (R, 2) rows, cols of each reference image's grid
+
+    @classmethod
+    def from_stored(cls, stored: dict, name: str = "") -> Memory:
+        """From a stored memory dict (``ego.build_memory``); records without a layout still load."""
+        return cls(stored["memory"], name, stored.get("positions"), stored.get("image_index"),
+                   stored.get("grids"))
+
+    @property
+    def has_layout(self) -> bool:
+        k = self.tokens.shape[0]
+        return (self.positions is not None and self.image_index is not None and self.grids is not None
+                and self.positions.shape[0] == k and self.image_index.shape[0] == k
+                and k > 0 and int(self.image_index.max()) < self.grids.shape[0])
+
+    def blocks(self) -> list[tuple[torch.Tensor, torch.Tensor, tuple[int, int]]]:
+        """Per reference image: (indices into ``tokens`` (k,), (row, col) of each (k, 2), grid)."""
+        out = []
+        for r in sorted(set(self.image_index.tolist())):
+            index = torch.nonzero(self.image_index == r).flatten()                  # (k,)
+            rows, cols = (int(v) for v in self.grids[r])
+            pos = self.positions[index].long() % max(1, rows * cols)
+            coords = torch.stack([pos // max(1, cols), pos % max(1, cols)], dim=1)   # (k, 2)
+            out.append((index, coords, (rows, cols)))
+        return out
+
+
+@dataclass
+class VisionBlock:
+    """Prompt rows that hold visual tokens laid out on a grid (an image, or a memory's image part)."""
+
+    rows: torch.Tensor            # (n,) prompt rows, contiguous
+    coords: torch.Tensor          # (n, 2) (row, col) of each token on the grid
+    grid: tuple[int, int]         # (rows, cols) of the grid the coordinates live on
 
 
 @dataclass
@@ -85,10 +128,23 @@ class Generation:
     text: str
     token_ids: list[int]
     prompt: Prompt
+    # When asked for: {layer: (T', C)} head-averaged attention to the prompt's image rows (the
+    # columns are ``cat(prompt.image_positions)``). Row i is the row that *produced* token i
+    # (input: token i-1, or the prompt's last row for i = 0); row T exists when generation stopped
+    # at an end-of-turn token, so row i+1 is token i's own row.
+    attention: dict[int, torch.Tensor] | None = None
+    raw_text: str = ""            # the decoded tokens, unstripped (token spans index into it)
     stopped: bool = False            # the on_text callback ended generation early
 
 
 Part = str | ImageTokens | Memory
+
+
+def _grid_coords(n: int, grid: tuple[int, int]) -> torch.Tensor:
+    """(n, 2) (row, col) of n row-major tokens on ``grid``; tiled images repeat the tile grid."""
+    rows, cols = (max(1, int(v)) for v in grid)
+    index = torch.arange(n) % (rows * cols)
+    return torch.stack([index // cols, index % cols], dim=1)
 
 
 def grid_boxes(rows: int, cols: int, box: tuple[float, float, float, float]) -> torch.Tensor:
@@ -122,11 +178,14 @@ class PreparedImage:
         return out
 
 
-def prepare_image(source) -> PreparedImage:
-    """Load, downscale huge images, and pad extreme aspect ratios (keeping the mapping back)."""
+def prepare_image(source, max_pixels: int = 0) -> PreparedImage:
+    """Load, downscale huge images (and any above ``max_pixels``), and pad extreme aspect ratios
+    (keeping the mapping back)."""
     image = load_image(source)
     w, h = image.size
     scale = min(1.0, MAX_SIDE / max(w, h))
+    if max_pixels > 0:
+        scale = min(scale, (max_pixels / (w * h)) ** 0.5)
     if scale < 1.0:
         image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
     pw, ph = image.size
@@ -146,6 +205,10 @@ class VLMAdapter(ABC):
 
     family: str = ""
     model_types: tuple[str, ...] = ()        # config.model_type values this adapter handles
+    memory_layout: str = "image"             # "image" | "text": how memories are spliced (profile)
+    # One resolution policy for reference pictures and frames (profile), so a memory's tokens and
+    # a frame's tokens cover the same scale; 0 = the image processor's own limits.
+    max_image_pixels: int = 0
     vision_graph: type | None = None         # the family's exportable graph (a vlm.graph.VisionGraph)
 
     def __init__(self, model, tokenizer, image_processor, chat_template: str, model_id: str):
@@ -165,6 +228,7 @@ class VLMAdapter(ABC):
         model.set_attn_implementation({"text_config": attention.register()})
         self._placeholder_id = self._pick_placeholder_id()
         self._stop_ids = self._collect_stop_ids()
+        self._yes_no: dict[str, tuple[int, int]] = {}
 
     # ---- family hooks ------------------------------------------------------------------
     @property
@@ -184,11 +248,15 @@ class VLMAdapter(ABC):
     def assemble(self, features: torch.Tensor, inputs: EncoderInputs, prepared: PreparedImage) -> ImageTokens:
         """Wrap the visual tokens with their prompt segment and their boxes in source pixels."""
 
-    def _positions(self, input_ids: torch.Tensor, images: list[ImageTokens],
-                   image_positions: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
-        """Position ids for the prompt and the position of the first generated token."""
+    def _positions(self, input_ids: torch.Tensor, blocks: list[VisionBlock]) -> tuple[torch.Tensor, int]:
+        """Position ids for the prompt and the position of the first generated token (1-D RoPE)."""
         length = input_ids.shape[1]
         return torch.arange(length, device=self.device)[None], length
+
+    def memory_segment(self, k: int) -> tuple[list[int], list[int]]:
+        """The prompt segment for k memory tokens laid out as an image, and the index of each slot
+        in it: the family's vision markers around k image slots. Families override it."""
+        return [self._placeholder_id] * k, list(range(k))
 
     def _step_position(self, position: int) -> torch.Tensor:
         return torch.tensor([[position]], device=self.device)
@@ -219,7 +287,7 @@ class VLMAdapter(ABC):
         ``encoder`` (a callable like :meth:`vision_forward`, e.g. an onnxruntime or TensorRT
         session) replaces the torch vision tower; it needs no lock on the model.
         """
-        prepared = prepare_image(image)
+        prepared = prepare_image(image, self.max_image_pixels)
         inputs = self.preprocess(prepared)
         if encoder is None:
             with torch.inference_mode():
@@ -277,13 +345,16 @@ class VLMAdapter(ABC):
             out.append(objects[int(piece)] if i % 2 else piece)
         return [p for p in out if not (isinstance(p, str) and p == "")]
 
-    def build(self, parts: list[Part], answer: str | None = None, system: str | None = None) -> Prompt:
-        """Token ids, spliced embeddings and positions of the templated prompt (+ ``answer``)."""
+    def build(self, parts: list[Part], answer: str | None = None, system: str | None = None,
+              answer_ids: list[int] | None = None) -> Prompt:
+        """Token ids, spliced embeddings and positions of the templated prompt (+ the answer, as
+        text or as the token ids the model generated)."""
         ids: list[int] = []
         images: list[ImageTokens] = []
         image_positions: list[torch.Tensor] = []
         memories: list[Memory] = []
         memory_positions: list[torch.Tensor] = []
+        blocks: list[VisionBlock] = []
         for part in self.render(parts, system):
             if isinstance(part, str):
                 ids.extend(self._text_ids(part))
@@ -291,14 +362,30 @@ class VLMAdapter(ABC):
                 start = len(ids)
                 ids.extend(part.segment_ids)
                 images.append(part)
-                image_positions.append(torch.tensor(part.slots) + start)
+                rows = torch.tensor(part.slots, dtype=torch.long) + start
+                image_positions.append(rows)
+                blocks.append(VisionBlock(rows, _grid_coords(part.num_tokens, part.grid), part.grid))
+            elif self.memory_layout == "image" and part.has_layout:
+                rows = torch.empty(part.tokens.shape[0], dtype=torch.long)       # (K,)
+                for index, coords, grid in part.blocks():
+                    segment, slots = self.memory_segment(len(index))
+                    start = len(ids)
+                    ids.extend(segment)
+                    block_rows = torch.tensor(slots, dtype=torch.long) + start
+                    rows[index] = block_rows
+                    blocks.append(VisionBlock(block_rows, coords, grid))
+                memories.append(part)
+                memory_positions.append(rows)
             else:
                 start = len(ids)
                 ids.extend([self._placeholder_id] * part.tokens.shape[0])
                 memories.append(part)
                 memory_positions.append(torch.arange(start, start + part.tokens.shape[0]))
         answer_start = answer_offsets = None
-        if answer:
+        if answer_ids:
+            answer_start = len(ids)
+            ids.extend(int(t) for t in answer_ids)
+        elif answer:
             enc = self.tokenizer(answer, add_special_tokens=False, return_offsets_mapping=True)
             answer_start = len(ids)
             ids.extend(enc["input_ids"])
@@ -313,7 +400,7 @@ class VLMAdapter(ABC):
                     f"memory of concept {memory.name!r} has width {memory.tokens.shape[-1]} but this model "
                     f"expects {embeds.shape[-1]}: it was built with another model; re-teach it")
             embeds[0, rows.to(self.device)] = memory.tokens.to(self.device, embeds.dtype)
-        position_ids, next_position = self._positions(input_ids, images, image_positions)
+        position_ids, next_position = self._positions(input_ids, blocks)
         return Prompt(input_ids, embeds, position_ids, next_position, image_positions,
                       memory_positions, answer_start, answer_offsets,
                       self._lm_inputs(len(ids), images, image_positions))
@@ -326,54 +413,147 @@ class VLMAdapter(ABC):
         return logits.float(), out.past_key_values
 
     def generate(self, parts: list[Part], max_new_tokens: int = 64, system: str | None = None,
-                 on_text=None) -> Generation:
+                 attention_layers: list[int] | None = None, on_text=None) -> Generation:
         """Greedy decoding from the templated prompt; stops at the model's end-of-turn tokens.
 
+        With ``attention_layers``, the attention that every generated token's producing row pays
+        to the prompt's images is captured during the same pass (see :class:`Generation`).
         ``on_text(text_so_far)`` is called after every generated token with the decoded answer so
         far; returning False stops generation there (``Generation.stopped``), e.g. on a cancel.
         """
+        if attention_layers is not None:
+            self._check_layers(attention_layers)
         stopped = False
         with self._lock, torch.inference_mode():
             prompt = self.build(parts, system=system)
-            logits, cache = self._run(prompt.inputs_embeds, prompt.position_ids, **prompt.lm_inputs)
-            generated: list[int] = []
-            embed = self.language_model.get_input_embeddings()
-            for step in range(max_new_tokens):
-                if self._interrupted.is_set():
-                    raise PersonalVLMError("generation interrupted: the model is shutting down")
-                token = int(logits.argmax(-1))
-                if token in self._stop_ids:
-                    break
-                generated.append(token)
-                if on_text is not None and on_text(
-                        self.tokenizer.decode(generated, skip_special_tokens=True).strip()) is False:
-                    stopped = True
-                    break
-                if step + 1 == max_new_tokens:
-                    break
-                step_embeds = embed(torch.tensor([[token]], device=self.device))
-                logits, cache = self._run(step_embeds, self._step_position(prompt.next_position + step), cache)
-        text = self.tokenizer.decode(generated, skip_special_tokens=True)
-        return Generation(text.strip(), generated, prompt, stopped)
+            columns = (torch.cat(prompt.image_positions) if prompt.image_positions
+                       else torch.zeros(0, dtype=torch.long))                     # (C,)
+            capturing = (attention.capture(attention_layers, None, columns) if attention_layers
+                         else contextlib.nullcontext())
+            with capturing as request:
+                logits, cache = self._run(prompt.inputs_embeds, prompt.position_ids, **prompt.lm_inputs)
+                generated: list[int] = []
+                embed = self.language_model.get_input_embeddings()
+                for step in range(max_new_tokens):
+                    if self._interrupted.is_set():
+                        raise PersonalVLMError("generation interrupted: the model is shutting down")
+                    token = int(logits.argmax(-1))
+                    if token in self._stop_ids:
+                        break
+                    generated.append(token)
+                    if on_text is not None and on_text(
+                            self.tokenizer.decode(generated, skip_special_tokens=True).strip()) is False:
+                        stopped = True
+                        break
+                    if step + 1 == max_new_tokens:
+                        break
+                    step_embeds = embed(torch.tensor([[token]], device=self.device))
+                    logits, cache = self._run(step_embeds, self._step_position(prompt.next_position + step), cache)
+        raw = self.tokenizer.decode(generated, skip_special_tokens=True)
+        captured = None
+        if attention_layers:
+            captured = {layer: torch.stack(request.steps[layer])[: len(generated) + 1].mean(dim=1).cpu()
+                        for layer in attention_layers}                            # (T', C)
+        return Generation(raw.strip(), generated, prompt, captured, raw, stopped)
+
+    def answer_attention(self, parts: list[Part], answer_ids: list[int], layers: list[int],
+                         system: str | None = None) -> dict[int, torch.Tensor]:
+        """The attention :meth:`generate` captures, from a second, teacher-forced forward pass over
+        prompt + ``answer_ids``: ``{layer: (T+1, C)}``, row i producing token i."""
+        self._check_layers(layers)
+        if not answer_ids:
+            raise PersonalVLMError("attention needs a non-empty answer")
+        with self._lock, torch.inference_mode():
+            prompt = self.build(parts, answer_ids=answer_ids, system=system)
+            rows = torch.arange(prompt.answer_start - 1, prompt.answer_start + len(answer_ids))   # (T+1,)
+            columns = torch.cat(prompt.image_positions)
+            with attention.capture(layers, rows, columns) as request:
+                self._run(prompt.inputs_embeds, prompt.position_ids, **prompt.lm_inputs)
+        return {layer: request.captured[layer].mean(dim=0).cpu() for layer in layers}
+
+    def _check_layers(self, layers) -> None:
+        bad = [l for l in layers if not 0 <= l < self.num_layers]
+        if bad:
+            raise PersonalVLMError(f"layers {bad} do not exist; this model has {self.num_layers} layers")
 
     def interrupt(self) -> None:
         """Make running and future generations stop at their next token (used at shutdown)."""
         self._interrupted.set()
 
-    def _answer_token_ids(self, word: str) -> int:
-        ids = self._text_ids(word)
-        if not ids:
-            raise PersonalVLMError(f"the tokenizer cannot encode {word!r}")
-        return ids[0]
+    def yes_no_ids(self, system: str | None = None) -> tuple[int, int]:
+        """The first token ids of "Yes" and "No" as the checkpoint's template writes an answer.
+
+        The chat template renders a finished assistant turn "Yes"; the first id that differs from
+        the generation prompt's ids is the answer's first token. Templates that end the prompt in
+        "Assistant:" give " Yes" (leading space), ChatML ones give "Yes".
+        """
+        key = system or ""
+        if key not in self._yes_no:
+            self._yes_no[key] = tuple(self._answer_first_id(word, system) for word in ("Yes", "No"))
+        return self._yes_no[key]
+
+    def _answer_first_id(self, word: str, system: str | None) -> int:
+        messages = []
+        if system:
+            messages.append({"role": "system", "content": [{"type": "text", "text": system}]})
+        messages.append({"role": "user", "content": [{"type": "text", "text": "?"}]})
+        prompt = self.tokenizer.apply_chat_template(
+            messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True)
+        try:
+            finished = self.tokenizer.apply_chat_template(
+                messages + [{"role": "assistant", "content": [{"type": "text", "text": word}]}],
+                chat_template=self.chat_template, tokenize=False)
+        except Exception:  # a template that refuses assistant turns: fall back to the spacing rule
+            finished = ""
+        if not finished.startswith(prompt) or word not in finished[len(prompt):]:
+            finished = prompt + ("" if prompt[-1:].isspace() else " ") + word
+        before, after = self._text_ids(prompt), self._text_ids(finished)
+        for i, token in enumerate(after):
+            if i >= len(before) or before[i] != token:
+                return int(token)
+        raise PersonalVLMError(f"the tokenizer cannot encode {word!r}")
 
     def yes_probability(self, parts: list[Part], system: str | None = None) -> float:
         """p = λ_yes / (λ_yes + λ_no): the Yes/No softmax of the first answer token."""
-        yes, no = self._answer_token_ids("Yes"), self._answer_token_ids("No")
+        yes, no = self.yes_no_ids(system)
         with self._lock, torch.inference_mode():
             prompt = self.build(parts, system=system)
             logits, _ = self._run(prompt.inputs_embeds, prompt.position_ids, **prompt.lm_inputs)
         pair = torch.stack([logits[0, yes], logits[0, no]])
         return float(torch.softmax(pair, dim=0)[0])
+
+    def yes_probabilities(self, prompts: list[list[Part]], system: str | None = None) -> list[float]:
+        """:meth:`yes_probability` of several prompts that share a beginning (e.g. the same memories
+        and image, then one question per name): the shared rows run once, then each prompt's own
+        rows run on that cache."""
+        if not prompts:
+            return []
+        yes, no = self.yes_no_ids(system)
+        out = []
+        with self._lock, torch.inference_mode():
+            built = [self.build(parts, system=system) for parts in prompts]
+            shared = min(b.input_ids.shape[1] for b in built) - 1
+            if any(b.lm_inputs for b in built):
+                shared = 0          # per-row extra inputs (e.g. DeepStack) are not split here
+            first = built[0]
+            for b in built[1:] if shared > 0 else []:
+                same = (b.input_ids[0, :shared] == first.input_ids[0, :shared]) & \
+                    (b.inputs_embeds[0, :shared] == first.inputs_embeds[0, :shared]).all(-1) & \
+                    (b.position_ids[..., :shared] == first.position_ids[..., :shared]).reshape(-1, shared).all(0)
+                shared = int(same.long().cumprod(0).sum())
+            cache = None
+            if shared > 0:
+                _, cache = self._run(first.inputs_embeds[:, :shared], first.position_ids[..., :shared])
+            for b in built:
+                extra = b.lm_inputs if shared == 0 else {}
+                logits, cache = self._run(b.inputs_embeds[:, shared:], b.position_ids[..., shared:], cache, **extra)
+                if shared > 0:
+                    cache.crop(shared - b.input_ids.shape[1])       # back to the shared rows
+                else:
+                    cache = None
+                pair = torch.stack([logits[0, yes], logits[0, no]])
+                out.append(float(torch.softmax(pair, dim=0)[0]))
+        return out
 
     def attention_to_images(self, parts: list[Part], answer: str, spans: list[tuple[int, int]],
                             layers: list[int], system: str | None = None) -> dict[int, list[torch.Tensor]]:
@@ -383,9 +563,7 @@ class VLMAdapter(ABC):
         we take the row that *produced* it (row i-1 for token i), at each requested layer, average
         over heads and those rows, and split the columns per image: ``{layer: [(N_i,), ...]}``.
         """
-        bad = [l for l in layers if not 0 <= l < self.num_layers]
-        if bad:
-            raise PersonalVLMError(f"layers {bad} do not exist; this model has {self.num_layers} layers")
+        self._check_layers(layers)
         with self._lock, torch.inference_mode():
             prompt = self.build(parts, answer=answer, system=system)
             if prompt.answer_start is None:

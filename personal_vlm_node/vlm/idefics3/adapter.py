@@ -3,7 +3,9 @@
 The image processor resizes the image, splits it into rows×cols tiles and appends a downscaled
 global image; each gives ``image_seq_len`` tokens on a square grid. The prompt segment interleaves
 ``<fake_token_around_image>``, ``<row_r_col_c>`` / ``<global-img>`` markers with the image slots,
-as the checkpoint was trained. 1-D RoPE: positions are plain row indices.
+as the checkpoint was trained. 1-D RoPE: positions are plain row indices. A memory laid out as an
+image is one "global image": ``<fake_token_around_image><global-img>`` + its tokens +
+``<fake_token_around_image>``.
 """
 
 from __future__ import annotations
@@ -46,6 +48,11 @@ class Idefics3Adapter(VLMAdapter):
         add_tile(glob)
         ids.append(fake)
         return ids, slots
+
+    def memory_segment(self, k):
+        tid = self.tokenizer.convert_tokens_to_ids
+        fake = tid("<fake_token_around_image>")
+        return [fake, tid("<global-img>")] + [self.config.image_token_id] * k + [fake], list(range(2, k + 2))
 
     def preprocess(self, prepared: PreparedImage) -> EncoderInputs:
         inputs = self.image_processor(images=[[prepared.image]], return_row_col_info=True,

@@ -14,7 +14,9 @@ _SPECIAL_TOKENS = (["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<ima
 _CHAT_TEMPLATE = (
     "<|im_start|>"
     "{%- for message in messages -%}"
+    # As SmolVLM writes it: "User: text", "Assistant: Yes" (": " before text, ":" before an image).
     "{{ message['role'] | capitalize }}:"
+    "{%- if message['content'] is string or message['content'][0]['type'] != 'image' %} {% endif -%}"
     "{%- if message['content'] is string -%}{{ message['content'] }}"
     "{%- else -%}{%- for part in message['content'] -%}"
     "{%- if part['type'] == 'image' -%}<image>"

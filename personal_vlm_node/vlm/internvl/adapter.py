@@ -3,7 +3,7 @@
 Each 448² tile (the tiny test models use 224²) gives ``image_seq_length`` tokens on a square grid.
 By default an image is one tile resized to the square (fast, fixed token count, what a robot wants
 per frame); ``tiling=True`` uses the processor's tiles plus a thumbnail. 1-D RoPE: positions are
-plain row indices.
+plain row indices. A memory laid out as an image is wrapped in ``<img>`` … ``</img>`` like one.
 """
 
 from __future__ import annotations
@@ -40,6 +40,11 @@ class InternVLAdapter(VLMAdapter):
         boxes = [(c * w / cols, r * h / rows, (c + 1) * w / cols, (r + 1) * h / rows)
                  for r in range(rows) for c in range(cols)]
         return boxes + [(0.0, 0.0, float(w), float(h))]                            # thumbnail last
+
+    def memory_segment(self, k):
+        start = self.tokenizer.convert_tokens_to_ids("<img>")
+        end = self.tokenizer.convert_tokens_to_ids("</img>")
+        return [start] + [self.config.image_token_id] * k + [end], list(range(1, k + 1))
 
     def preprocess(self, prepared: PreparedImage) -> EncoderInputs:
         inputs = self.image_processor(images=[prepared.image], crop_to_patches=self.tiling,

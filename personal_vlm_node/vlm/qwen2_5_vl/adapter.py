@@ -1,10 +1,14 @@
 """Qwen2.5-VL / Qwen2-VL: dynamic resolution, 14 px patches merged 2×2, M-RoPE positions.
 
 The processor resizes the whole image (no crop) to a multiple of 28 px, so visual tokens tile the
-image uniformly, row-major. Memories are spliced as *text* rows (token type 0): they get 1-D
-positions, the image gets its 3-D (t, h, w) positions from ``get_rope_index``. We always pass these
-positions explicitly — with ``inputs_embeds`` alone the model would silently give the image 1-D
-positions and reuse a stale ``rope_deltas``.
+image uniformly, row-major. M-RoPE positions: a text row gets (p, p, p) and advances p by one; a
+block of visual tokens starting at p gets (p, p + row, p + col) for the token at (row, col) of its
+merged grid, and the text after it continues at p + max(rows, cols) — the scheme of the model's own
+``get_rope_index`` (a test pins the equality). We compute them ourselves so that a memory, spliced
+between ``<|vision_start|>`` … ``<|vision_end|>``, keeps the grid positions its tokens had in the
+reference image (``memory_layout: image``); as plain text rows it gets 1-D positions
+(``memory_layout: text``). Positions are always passed explicitly — with ``inputs_embeds`` alone
+the model would silently give the image 1-D positions and reuse a stale ``rope_deltas``.
 """
 
 from __future__ import annotations
@@ -51,19 +55,28 @@ class Qwen25VLAdapter(VLMAdapter):
         return ImageTokens(features.detach(), segment, list(range(1, n + 1)), prepared.to_source(boxes),
                            (rows, cols), prepared.source_size, rope={"image_grid_thw": grid_thw})
 
-    def _positions(self, input_ids, images, image_positions):
-        token_type = torch.zeros_like(input_ids, dtype=torch.int32)               # (1, L)
-        for rows in image_positions:
-            token_type[0, rows.to(input_ids.device)] = 1
-        grid_thw = (torch.cat([img.rope["image_grid_thw"] for img in images]).to(self.device)
-                    if images else None)
-        if grid_thw is None:
-            length = input_ids.shape[1]
-            return torch.arange(length, device=self.device).view(1, 1, -1).expand(3, 1, -1), length
-        self.model.model.rope_deltas = None
-        position_ids, _ = self.model.model.get_rope_index(
-            input_ids, mm_token_type_ids=token_type, image_grid_thw=grid_thw)        # (3, 1, L)
-        return position_ids, int(position_ids.max()) + 1
+    def memory_segment(self, k):
+        segment = ([self.config.vision_start_token_id] + [self.config.image_token_id] * k
+                   + [self.config.vision_end_token_id])
+        return segment, list(range(1, k + 1))
+
+    def _positions(self, input_ids, blocks):
+        length = input_ids.shape[1]
+        position_ids = torch.zeros(3, 1, length, dtype=torch.long)               # (3, 1, L)
+        starts = {int(block.rows[0]): block for block in blocks if len(block.rows)}
+        p = i = 0
+        while i < length:
+            block = starts.get(i)
+            if block is None:
+                position_ids[:, 0, i] = p
+                p, i = p + 1, i + 1
+                continue
+            rows = block.rows
+            position_ids[0, 0, rows] = p
+            position_ids[1, 0, rows] = p + block.coords[:, 0]
+            position_ids[2, 0, rows] = p + block.coords[:, 1]
+            p, i = p + max(block.grid), i + len(rows)
+        return position_ids.to(self.device), p
 
     def _step_position(self, position: int) -> torch.Tensor:
         return torch.full((3, 1, 1), position, device=self.device, dtype=torch.long)

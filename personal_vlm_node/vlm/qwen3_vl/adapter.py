@@ -5,8 +5,8 @@ gives one more (N, D) feature map per DeepStack layer; the language model adds m
 image rows of its hidden state after decoder layer *i*. The vision forward (torch or an exported
 graph) returns all of them side by side, (N, (1+S)·D); :meth:`assemble` keeps the first block as
 the visual tokens (what the matcher and the memories use) and the rest with the image, and every
-prompt that holds the image passes them to the language model. Memories are text rows and get
-no DeepStack features.
+prompt that holds the image passes them to the language model. Memories (spliced like Qwen2.5-VL's,
+inside vision markers at their grid positions) get no DeepStack features.
 """
 
 from __future__ import annotations

@@ -1,0 +1,273 @@
+"""Ego's method choices, pinned with hand-checked cases: memory positions, Yes/No ids, keyword
+rows, attention-sink baseline, single-pass attention, the memory budget."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from personal_vlm_node import ego
+from personal_vlm_node.vlm import Memory
+
+
+def _photo(seed=0, width=300, height=200):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+
+
+class _PieceTokenizer:
+    """Decodes ids to fixed text pieces, so token spans are known by hand."""
+
+    def __init__(self, pieces):
+        self.pieces = pieces
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(self.pieces[i] for i in ids)
+
+
+def _keyword_tokens(pieces, keywords):
+    text, spans = ego.token_char_spans(_PieceTokenizer(pieces), list(range(len(pieces))))
+    assert text == "".join(pieces)
+    return ego.keyword_token_indices(text, spans, keywords)
+
+
+# ---- keyword tokens ------------------------------------------------------------------------
+def test_keyword_tokens_are_the_generated_tokens_that_spell_each_keyword():
+    pieces = ['{"', "key", "words", '":', ' ["', "red", '",', ' "', "mu", "g", '"]}']
+    assert _keyword_tokens(pieces, ["red", "mug"]) == [5, 8, 9]          # "mug" is two tokens
+
+
+def test_a_token_that_carries_a_quote_counts_but_a_bare_quote_never_does():
+    assert _keyword_tokens(['["', '"red', '",', ' "', 'blue"', "]"], ["red", "blue"]) == [1, 4]
+    assert _keyword_tokens(['"', "red", '"'], ["red"]) == [1]
+
+
+def test_keywords_match_whole_words_only():
+    assert _keyword_tokens([" bored", " reddish", " red", " car"], ["red"]) == [2]
+    assert _keyword_tokens([" curved", " handle"], ["curved handle"]) == [0, 1]
+    assert _keyword_tokens([" a", " mug"], ["cup"]) == []
+
+
+def test_special_tokens_never_count_as_keyword_tokens():
+    text, spans = ego.token_char_spans(_PieceTokenizer([" red", "<eos>"]), [0, 1])
+    assert ego.keyword_token_indices(text, spans, ["red"], skip={0}) == []
+
+
+# ---- which rows, and the attention-sink baseline -------------------------------------------
+# Rows of a planted (T'=5, N=4) map: row i produced token i. Column 0 is a sink every row
+# attends to; keyword tokens 1 and 3 are predicted by rows that look at column 2, while their
+# own rows (2 and 4) look at column 3.
+_PLANTED = torch.tensor([
+    [0.70, 0.10, 0.10, 0.10],   # row 0: produced token 0 (not a keyword)
+    [0.50, 0.05, 0.40, 0.05],   # row 1: produced keyword token 1
+    [0.60, 0.05, 0.05, 0.30],   # row 2: token 1's own row; produced token 2 (not a keyword)
+    [0.50, 0.05, 0.40, 0.05],   # row 3: produced keyword token 3
+    [0.60, 0.05, 0.05, 0.30],   # row 4: token 3's own row
+])
+
+
+@pytest.mark.parametrize("rows, baseline, top2", [
+    ("predict", "none", [0, 2]),      # the sink wins without a baseline
+    ("predict", "answer", [2, 1]),    # minus the non-keyword rows (0, 2): the sink drops
+    ("own", "none", [0, 3]),
+    ("own", "answer", [3, 0]),
+])
+def test_planted_attention_selects_exact_tokens(rows, baseline, top2):
+    importance = ego.token_importance(_PLANTED, [1, 3], [0, 2], rows, baseline)
+    assert torch.topk(importance, 2).indices.tolist() == top2
+
+
+def test_baseline_subtracts_the_mean_of_the_other_answer_rows():
+    importance = ego.token_importance(_PLANTED, [1, 3], [0, 2], "predict", "answer")
+    expected = _PLANTED[[1, 3]].mean(0) - _PLANTED[[0, 2]].mean(0)
+    torch.testing.assert_close(importance, expected)
+    assert ego.token_importance(_PLANTED, [4], [0], "own", "none") is None   # row 5 does not exist
+
+
+# ---- memory budget --------------------------------------------------------------------------
+@pytest.mark.parametrize("area, n, expected", [
+    (None, 100, 20),     # K = 20 % of the image's tokens
+    (50.0, 100, 20),     # a large subject is capped by K
+    (10.0, 100, 10),     # a small one keeps α·N/100
+    (1.0, 100, 4),       # with the floor
+    (None, 1000, 64),    # the absolute cap
+    (None, 10, 4),       # the floor also bounds K
+])
+def test_memory_size_is_a_budget_share_of_the_image(area, n, expected):
+    assert ego.memory_size(area, n, max_tokens=64, min_tokens=4, budget=0.2) == expected
+
+
+# ---- Yes / No ids -----------------------------------------------------------------------------
+@pytest.mark.parametrize("family, yes, no", [
+    ("qwen2_5_vl", "Yes", "No"),        # ChatML: the answer follows "assistant\n" directly
+    ("internvl", "Yes", "No"),
+    ("idefics3", " Yes", " No"),        # "Assistant:" + " Yes", as SmolVLM writes it
+    ("qwen3_vl", "Yes", "No"),
+    ("smolvlm", " Yes", " No"),
+])
+def test_yes_no_ids_are_the_first_tokens_the_template_produces(adapters, family, yes, no):
+    adapter = adapters(family)
+    yes_id, no_id = adapter.yes_no_ids()
+    assert yes_id == adapter.tokenizer(yes, add_special_tokens=False)["input_ids"][0]
+    assert no_id == adapter.tokenizer(no, add_special_tokens=False)["input_ids"][0]
+    assert yes_id != no_id
+    decoded = adapter.tokenizer.decode([yes_id])
+    assert decoded == yes[: len(decoded)] and (decoded.startswith(" ") == yes.startswith(" "))
+
+
+# ---- memory positions -------------------------------------------------------------------------
+def _whole_image_memory(tokens, name="it"):
+    n = tokens.num_tokens
+    return Memory(tokens.features.clone(), name, torch.arange(n), torch.zeros(n, dtype=torch.long),
+                  torch.tensor([list(tokens.grid)]))
+
+
+def test_qwen_positions_equal_the_models_own_rope_index(adapters):
+    adapter = adapters("qwen2_5_vl")
+    a, b = adapter.encode_image(_photo(1)), adapter.encode_image(_photo(2, 140, 280))
+    prompt = adapter.build(["Compare ", a, " with ", b, "."])
+    types = torch.zeros_like(prompt.input_ids, dtype=torch.int32)
+    for rows in prompt.image_positions:
+        types[0, rows] = 1
+    adapter.model.model.rope_deltas = None
+    expected, _ = adapter.model.model.get_rope_index(
+        prompt.input_ids, mm_token_type_ids=types,
+        image_grid_thw=torch.cat([a.rope["image_grid_thw"], b.rope["image_grid_thw"]]))
+    assert torch.equal(prompt.position_ids.cpu(), expected.cpu())
+    assert prompt.next_position == int(expected.max()) + 1
+
+
+def test_qwen_memory_keeps_its_grid_positions_inside_vision_markers(adapters):
+    adapter = adapters("qwen2_5_vl")
+    # Tokens 1, 5, 6 of a 3×4 grid: (row, col) = (0, 1), (1, 1), (1, 2).
+    memory = Memory(torch.zeros(3, adapter.hidden_size), "it", torch.tensor([1, 5, 6]),
+                    torch.zeros(3, dtype=torch.long), torch.tensor([[3, 4]]))
+    prompt = adapter.build(["x", memory, "y"])
+    rows = prompt.memory_positions[0]
+    assert rows.tolist() == list(range(int(rows[0]), int(rows[0]) + 3))
+    ids = prompt.input_ids[0]
+    assert int(ids[rows[0] - 1]) == adapter.config.vision_start_token_id
+    assert int(ids[rows[-1] + 1]) == adapter.config.vision_end_token_id
+    p = int(prompt.position_ids[0, 0, rows[0] - 1]) + 1         # the block starts after <|vision_start|>
+    assert prompt.position_ids[:, 0, rows].tolist() == [[p, p, p], [p, p + 1, p + 1], [p + 1, p + 1, p + 2]]
+    assert int(prompt.position_ids[0, 0, rows[-1] + 1]) == p + 4   # text resumes after max(3, 4)
+
+
+def test_a_memory_of_every_token_reads_exactly_like_the_image(adapters, family):
+    adapter = adapters(family)
+    tokens = adapter.encode_image(_photo(3, 140, 140))
+    question = "\nIs it here? Answer Yes or No."
+    as_image = adapter.yes_probability(["Look: ", tokens, question])
+    as_memory = adapter.yes_probability(["Look: ", _whole_image_memory(tokens), question])
+    if family in ("idefics3", "smolvlm") and len(tokens.segment_ids) != tokens.num_tokens + 3:
+        pytest.skip("tiled image: its segment has per-tile markers a memory does not repeat")
+    if family == "qwen3_vl":
+        pytest.skip("an image brings DeepStack features a memory does not have")
+    assert as_memory == pytest.approx(as_image, abs=1e-6)
+
+
+def test_memories_of_several_views_get_one_marked_block_each(adapters, family):
+    adapter = adapters(family)
+    memory = Memory(torch.zeros(5, adapter.hidden_size), "it", torch.tensor([0, 3, 1, 2, 7]),
+                    torch.tensor([0, 0, 1, 1, 1]), torch.tensor([[2, 2], [3, 3]]))
+    prompt = adapter.build(["x", memory])
+    rows = prompt.memory_positions[0]
+    segment, slots = adapter.memory_segment(2)
+    first = int(rows[0]) - slots[0]
+    assert prompt.input_ids[0, first:first + len(segment)].tolist()[: slots[0]] == segment[: slots[0]]
+    assert int(rows[2]) - int(rows[1]) == len(segment) - slots[1] + slots[0]   # markers between views
+
+
+def test_text_layout_and_old_records_splice_as_plain_rows(adapters):
+    adapter = adapters("qwen2_5_vl")
+    stored = {"memory": torch.zeros(4, adapter.hidden_size)}                # a record without a layout
+    old = Memory.from_stored(stored, "old")
+    assert not old.has_layout
+    prompt = adapter.build(["x", old])
+    mem = prompt.position_ids[:, 0, prompt.memory_positions[0]]
+    assert torch.equal(mem[0], mem[1]) and torch.equal(mem[1], mem[2])
+    laid_out = Memory(torch.zeros(4, adapter.hidden_size), "new", torch.arange(4),
+                      torch.zeros(4, dtype=torch.long), torch.tensor([[2, 2]]))
+    adapter.memory_layout = "text"
+    try:
+        prompt = adapter.build(["x", laid_out])
+    finally:
+        adapter.memory_layout = "image"
+    assert adapter.config.vision_start_token_id not in prompt.input_ids[0].tolist()
+    mem = prompt.position_ids[:, 0, prompt.memory_positions[0]]
+    assert torch.equal(mem[1], mem[2]) and mem[0].tolist() == list(range(int(mem[0, 0]), int(mem[0, 0]) + 4))
+
+
+# ---- one prefill ------------------------------------------------------------------------------
+def test_attention_captured_while_generating_equals_the_second_pass(adapters, family):
+    adapter = adapters(family)
+    tokens = adapter.encode_image(_photo(4))
+    parts = [tokens, "\nDescribe it."]
+    layers = [0, adapter.num_layers - 1]
+    generation = adapter.generate(parts, max_new_tokens=6, attention_layers=layers)
+    assert generation.token_ids
+    forced = adapter.answer_attention(parts, generation.token_ids, layers)
+    for layer in layers:
+        captured = generation.attention[layer]
+        assert captured.shape[1] == tokens.num_tokens
+        assert captured.shape[0] in (len(generation.token_ids), len(generation.token_ids) + 1)
+        torch.testing.assert_close(captured, forced[layer][: captured.shape[0]], atol=1e-5, rtol=1e-4)
+
+
+def test_introduction_reads_attention_in_one_pass_unless_asked_for_two(adapters, family, monkeypatch):
+    adapter = adapters(family)
+    tokens = adapter.encode_image(_photo(5))
+    calls = []
+    original = adapter.answer_attention
+    monkeypatch.setattr(adapter, "answer_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
+    options = ego.IntroductionOptions([0, 1], max_tokens=8, min_tokens=2)
+    one = ego.introduce_image(adapter, tokens, "my mug", "", options)
+    assert calls == [] or one.answer == "my mug"     # a second pass only when nothing was generated
+    calls.clear()
+    two = ego.introduce_image(adapter, tokens, "my mug", "", ego.IntroductionOptions([0, 1], 8, 2, passes=2))
+    assert calls == [1]
+    assert torch.equal(one.indices, two.indices)
+    torch.testing.assert_close(one.importance, two.importance, atol=1e-5, rtol=1e-4)
+
+
+# ---- several prompts sharing a prefix, joint recognition, more views ---------------------------
+def test_shared_prefix_yes_probabilities_equal_separate_passes(adapters, family):
+    adapter = adapters(family)
+    tokens = adapter.encode_image(_photo(6))
+    memories = [Memory.from_stored({"memory": tokens.features[:3].clone(), "positions": torch.tensor([0, 1, 2]),
+                                    "image_index": torch.zeros(3, dtype=torch.long),
+                                    "grids": torch.tensor([list(tokens.grid)])}, "my mug"),
+                Memory(tokens.features[3:5].clone(), "Fluffy")]
+    joint = ego.recognize_joint(adapter, tokens, memories)
+    from personal_vlm_node import prompts
+
+    for name in ("my mug", "Fluffy"):
+        alone = adapter.yes_probability(prompts.recognize_joint(memories, tokens, name, adapter.family))
+        assert joint[name] == pytest.approx(alone, abs=1e-5)
+    # A second round reuses nothing stale from the first.
+    assert ego.recognize_joint(adapter, tokens, memories) == pytest.approx(joint, abs=1e-6)
+
+
+def test_append_views_offsets_the_image_index():
+    old = {"memory": torch.ones(2, 3), "positions": torch.tensor([4, 5]), "image_index": torch.tensor([0, 0]),
+           "grids": torch.tensor([[3, 3]]), "num_tokens": torch.tensor([9])}
+    new = {"memory": torch.zeros(1, 3), "positions": torch.tensor([2]), "image_index": torch.tensor([0]),
+           "grids": torch.tensor([[2, 2]]), "num_tokens": torch.tensor([4])}
+    both = ego.append_views(old, new)
+    assert both["image_index"].tolist() == [0, 0, 1]
+    assert both["positions"].tolist() == [4, 5, 2]
+    assert both["grids"].tolist() == [[3, 3], [2, 2]]
+    assert Memory.from_stored(both).has_layout
+
+
+def test_one_resolution_policy_gives_reference_and_frame_the_same_token_scale(adapters):
+    adapter = adapters("qwen2_5_vl")
+    big, small = _photo(7, 224, 112), _photo(7, 112, 56)
+    adapter.max_image_pixels = 112 * 56
+    try:
+        assert adapter.encode_image(big).grid == adapter.encode_image(small).grid
+    finally:
+        adapter.max_image_pixels = 0
+    assert adapter.encode_image(big).num_tokens > adapter.encode_image(small).num_tokens
