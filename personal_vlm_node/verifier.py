@@ -225,6 +225,7 @@ class VerificationQueue:
             return False
         with self._cond:
             self._thread = None
+            self._stopping = False   # verify_next() may still drive the queue by hand
         return True
 
     def verify_next(self) -> bool:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from personal_vlm_node.assistant import Assistant
@@ -126,3 +128,35 @@ def test_when_ego_is_unsure_r2p_settles_and_keeps_every_stage(adapters, tmp_path
         assert 0.0 <= verdict["p_yes"] <= 1.0
     finally:
         a.close()
+
+
+def test_a_verification_pauses_inside_the_language_model_while_a_frame_is_processed(make):
+    a = make("qwen2_5_vl", verification=True)
+    a.verifier.stop()                                 # drive the queue by hand
+    linears = [m for m in a.vlm.language_model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(m._forward_pre_hooks for m in linears)
+    reached, release = threading.Event(), threading.Event()
+    calls = []
+
+    def verify(request):                              # one LM pass, as a verification does
+        reached.set()
+        release.wait(5.0)
+        a.vlm.yes_probability(["Is this a mug?"])
+        calls.append(request.key)
+        return {"present": False, "p_yes": 0.0, "source": "ego"}
+
+    a.verifier._verify = verify
+    a.verifier.submit("mug", None)
+    worker = threading.Thread(target=a.verifier.verify_next)
+    worker.start()
+    assert reached.wait(5.0)
+    with a.verifier.frame():
+        release.set()
+        deadline = time.monotonic() + 5.0
+        while a.verifier.stats["yields"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert a.verifier.stats["yields"] == 1 and calls == []     # paused at a linear layer
+    worker.join(5.0)
+    assert calls == ["mug"]
+    a.close()
+    assert not any(m._forward_pre_hooks for m in linears)
