@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import evaluation
 from .errors import PersonalVLMError
-from .options import BACKENDS, DEFAULT_MODEL, DTYPES, EXPORT_OPSET, PRECISIONS, RANDOM_MODEL_SIZES, AssistantOptions
+from .options import BACKENDS, DEFAULT_MODEL, ENCODER_CHOICES, DTYPES, EXPORT_OPSET, PRECISIONS, RANDOM_MODEL_SIZES, AssistantOptions
 from .output import stderr_progress
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     detect = sub.add_parser("detect", help="named detections on an image, a folder of frames or a video")
     detect.add_argument("source", help="image file, folder of images (sorted by name) or video file")
-    detect.add_argument("--backend", default="torch", choices=BACKENDS,
+    detect.add_argument("--backend", default="torch", choices=ENCODER_CHOICES,
                         help="vision encoder backend")
     detect.add_argument("--engine-cache", default=None, help="cache for exported encoders / engines")
     detect.add_argument("--verify", action="store_true", help="settle uncertain scores with the model")
