@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from personal_vlm_node.errors import PersonalVLMError
 from personal_vlm_node.runtime.auto import candidates, choose
@@ -95,3 +96,39 @@ def test_unreadable_cache_is_measured_again(tmp_path):
     fakes = Fakes({("torch", "float32"): 1.0})
     pair, _, _ = choose([("torch", "float32")], fakes.build, fakes.measure, tmp_path / "auto.json", "m1")
     assert pair == ("torch", "float32") and fakes.measured
+
+
+def test_auto_on_a_tiny_model_measures_once_then_reuses_the_choice(adapters, tmp_path):
+    from PIL import Image
+
+    from personal_vlm_node.runtime.auto import auto_encoder
+
+    adapter = adapters("qwen2_5_vl")
+    said = []
+    auto_encoder(adapter, cache_dir=tmp_path, progress=said.append, repeats=1)
+    (cache_file,) = tmp_path.glob("*-auto.json")
+    (record,) = json.loads(cache_file.read_text()).values()
+    assert {"torch/float32", "onnxruntime/fp32"} <= set(record["seconds"])
+    said.clear()
+    encoder = auto_encoder(adapter, cache_dir=tmp_path, progress=said.append, repeats=1)
+    assert any("measured before" in line for line in said)
+    picture = Image.new("RGB", (64, 48), (120, 30, 200))
+    reference = adapter.encode_image(picture)
+    tokens = adapter.encode_image(picture, encoder=encoder)
+    assert tokens.features.shape == reference.features.shape
+    assert torch.allclose(tokens.features.float(), reference.features.float(), atol=1e-3, rtol=1e-3)
+
+
+def test_torch_bfloat16_encoder_keeps_the_float32_weights_and_stays_close(adapters):
+    from PIL import Image
+
+    from personal_vlm_node.runtime.auto import TorchEncoder
+
+    adapter = adapters("qwen2_5_vl")
+    picture = Image.new("RGB", (64, 48), (20, 200, 90))
+    reference = adapter.encode_image(picture).features
+    features = adapter.encode_image(picture, encoder=TorchEncoder(adapter, torch.bfloat16)).features
+    assert features.dtype == adapter.dtype == torch.float32
+    assert next(adapter.model.parameters()).dtype == torch.float32
+    scale = reference.abs().max()
+    assert (features - reference).abs().max() <= 0.05 * scale
