@@ -30,6 +30,7 @@ def test_bench_writes_every_figure_and_prints_a_table(tmp_path, monkeypatch, cap
     assert report["verification"]["frame_period_s"] >= bench.NODE_PERIOD_S
     assert report["verification"]["on"]["verifications_per_s"] >= 0
     assert report["introduction"]["ego_vs_fingerprint"] > 0
+    assert report["fastest_encoder_448"] in ("torch", "torch_bfloat16")
     assert report["machine"]["cpu"]["capability"] and "warm-up" in report["method"]
     assert report["peak_memory"]["rss_mb"] > 0
     table = capsys.readouterr().out
