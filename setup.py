@@ -42,7 +42,7 @@ setup(
         (f"share/{PACKAGE}/models", sorted(glob("models/*.yaml"))),
         # Where `ros2 run` and launch_ros look for executables (pip ignores setup.cfg's
         # install_scripts, so ship the node's launcher as data).
-        (f"lib/{PACKAGE}", ["scripts/assistant_node"]),
+        (f"lib/{PACKAGE}", ["scripts/assistant_node", "scripts/assistant_lifecycle_node"]),
     ],
     zip_safe=False,
     entry_points={

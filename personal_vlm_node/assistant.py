@@ -78,6 +78,7 @@ class AskResult:
     answer: str
     concepts: list[str]
     seconds: float
+    stopped: bool = False            # on_partial ended the answer early (a cancelled request)
 
 
 def _with_overrides(profile: ModelProfile, options: AssistantOptions) -> ModelProfile:
@@ -137,7 +138,10 @@ class Assistant:
         self.options = options
         self.vlm = vlm
         self.store = store
-        self.profile = _with_overrides(profile or load_profile(vlm.model_id), options)
+        profile = profile or load_profile(vlm.model_id)
+        # The profile's own band, before any override: a negative threshold parameter returns to it.
+        self.profile_thresholds = (profile.accept_threshold, profile.reject_threshold)
+        self.profile = _with_overrides(profile, options)
         self.layers = self.profile.resolved_layers(vlm.num_layers)
         self.progress = progress or (lambda message: None)
         self.matcher = Matcher()
@@ -188,9 +192,7 @@ class Assistant:
         if not wait:
             self.vlm.interrupt()
         self.verifier.stop()
-        for handle in self._yield_hooks:
-            handle.remove()
-        self._yield_hooks = []
+        self._remove_yield_points()
         self._background.shutdown(wait=wait, cancel_futures=not wait)
 
     def __enter__(self):
@@ -327,8 +329,12 @@ class Assistant:
         results = [Recognition(n, p, p >= threshold) for n, p in scores.items()]
         return sorted(results, key=lambda r: -r.p_yes)
 
-    def ask(self, question: str, image) -> AskResult:
-        """Answer about ``image``; only the top-M matching concepts enter the prompt."""
+    def ask(self, question: str, image, on_partial=None) -> AskResult:
+        """Answer about ``image``; only the top-M matching concepts enter the prompt.
+
+        ``on_partial(answer_so_far)`` is called after each generated token; returning False stops
+        the answer there (``AskResult.stopped``).
+        """
         t0 = time.perf_counter()
         question = (question or "").strip()
         if not question:
@@ -338,8 +344,8 @@ class Assistant:
         tokens = self.vlm.encode_image(image)
         names = self.candidates(tokens, self.profile.max_concepts_in_context)
         parts = prompts.ask(self._memories(names), tokens, question, self.vlm.family)
-        generation = self.vlm.generate(parts, max_new_tokens=128)
-        return AskResult(generation.text, names, time.perf_counter() - t0)
+        generation = self.vlm.generate(parts, max_new_tokens=128, on_text=on_partial)
+        return AskResult(generation.text, names, time.perf_counter() - t0, generation.stopped)
 
     def forget(self, name: str) -> None:
         name = validate_name(name)
@@ -357,6 +363,47 @@ class Assistant:
     def check_name(name: str) -> str:
         """The concept name as stored, or PersonalVLMError saying what is wrong with it."""
         return validate_name(name)
+
+    # ---- settings that may change while running ----------------------------------------------
+    def set_thresholds(self, accept: float | None = None, reject: float | None = None) -> None:
+        """The match-score decision band; None keeps the current value. reject must stay < accept."""
+        accept = self.profile.accept_threshold if accept is None else float(accept)
+        reject = self.profile.reject_threshold if reject is None else float(reject)
+        problem = check_thresholds(accept, reject)
+        if problem:
+            raise PersonalVLMError(problem)
+        self.profile.accept_threshold, self.profile.reject_threshold = accept, reject
+
+    def set_max_concepts_in_context(self, count: int) -> None:
+        """At most ``count`` memories enter one ask / recognize prompt (the similarity filter's M)."""
+        if int(count) != count or count < 0:
+            raise PersonalVLMError(f"max concepts in context must be a whole number >= 0, got {count!r}")
+        self.profile.max_concepts_in_context = int(count)
+
+    def set_verification(self, enabled: bool) -> None:
+        """Settle uncertain matches with the model (starts or stops the verification worker)."""
+        enabled = bool(enabled)
+        if enabled == self.verification:
+            return
+        self.verification = enabled
+        if enabled:
+            self._yield_hooks = _install_yield_points(self.vlm, self.verifier.yield_point)
+            self.verifier.start()
+        else:
+            self.verifier.stop()
+            self._remove_yield_points()
+            self.verifier.invalidate(lambda key: True)
+
+    def _remove_yield_points(self) -> None:
+        for handle in self._yield_hooks:
+            handle.remove()
+        self._yield_hooks = []
+
+    def set_r2p_margin(self, margin: float) -> None:
+        """Ego p(yes) this close to its threshold is settled by R2P; 0 = never."""
+        if not 0.0 <= float(margin) <= 0.5:
+            raise PersonalVLMError(f"r2p margin must lie in [0, 0.5], got {margin!r}")
+        self.r2p_margin = float(margin)
 
     # ---- the frame path ---------------------------------------------------------------------
     def thresholds(self) -> tuple[float, float]:

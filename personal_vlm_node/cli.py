@@ -1,5 +1,8 @@
 """``personal-vlm``: teach, ask, recognize, list, forget and calibrate from a shell.
 
+``personal-vlm node …`` talks to a running ROS node instead (:mod:`.ros.client`; rclpy is imported
+only then, so everything else works without ROS).
+
 Exit codes: 0 success, 2 a user error (one line on stderr, no traceback), 1 an internal error.
 Progress goes to stderr, results to stdout (``--json`` for machine-readable output).
 """
@@ -14,10 +17,13 @@ from pathlib import Path
 
 from . import evaluation
 from .errors import PersonalVLMError
-from .options import BACKENDS, DEFAULT_MODEL, ENCODER_CHOICES, DTYPES, EXPORT_OPSET, PRECISIONS, RANDOM_MODEL_SIZES, AssistantOptions
+from .images import IMAGE_SUFFIXES
+from .options import BACKENDS, DEFAULT_MODEL, DTYPES, ENCODER_CHOICES, EXPORT_OPSET, PRECISIONS, RANDOM_MODEL_SIZES, AssistantOptions
 from .output import stderr_progress
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+NODE_TIMEOUT_S = 10.0   # seconds `personal-vlm node` waits for the node to appear
 
 
 class _Parser(argparse.ArgumentParser):
@@ -86,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_parser(sub)
     _add_eval_parser(sub)
     _add_export_parser(sub)
+    _add_node_parser(sub)
     return parser
 
 
@@ -373,9 +380,49 @@ def _cmd_export(args) -> None:
     print("\n".join(lines))
 
 
+def _add_node_parser(sub) -> None:
+    """``node VERB``: a ROS client of a running node; parsing needs no ROS import."""
+    node = sub.add_parser("node", help="talk to a running ROS node (needs rclpy, not the ros2 command)")
+    node.add_argument("--namespace", "-n", default="", help="the node's namespace (default: none)")
+    node.add_argument("--node-name", default="personal_vlm", help="the node's name (default: personal_vlm)")
+    node.add_argument("--timeout", type=float, default=NODE_TIMEOUT_S,
+                      help=f"seconds to wait for the node to appear (default: {NODE_TIMEOUT_S:g})")
+    # SUPPRESS: `personal-vlm --json node list`, `… node --json list` and `… node list --json` all work.
+    node.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print results as JSON")
+    verbs = node.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+
+    teach = verbs.add_parser("teach", help="teach a concept from pictures, or from the latest camera frame")
+    teach.add_argument("name")
+    teach.add_argument("images", nargs="*", help="picture files; none = the node's latest camera frame")
+    teach.add_argument("--category", default="")
+    teach.add_argument("--roi", default=None, help="x,y,w,h of the subject in pixels, for every picture")
+    teach.add_argument("--overwrite", action="store_true")
+
+    ask = verbs.add_parser("ask", help="ask a question about a picture or the latest camera frame")
+    ask.add_argument("question")
+    ask.add_argument("--image", default=None, help="picture file; default: the node's latest camera frame")
+    ask.add_argument("--stream", action="store_true", help="print the answer while it is generated (ask action)")
+
+    verbs.add_parser("list", help="list the node's concepts")
+    forget = verbs.add_parser("forget", help="forget a concept")
+    forget.add_argument("name")
+    watch = verbs.add_parser("watch", help="print the node's detections")
+    watch.add_argument("--count", type=int, default=0, help="stop after this many frames (default: never)")
+    watch.add_argument("--seconds", type=float, default=0.0, help="stop after this many seconds (default: never)")
+    for verb in (teach, ask, verbs.choices["list"], forget, watch):
+        verb.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print results as JSON")
+
+
+def _cmd_node(args) -> None:
+    from .ros import client
+
+    client.run(args)
+
+
 COMMANDS = {"teach": _cmd_teach, "ask": _cmd_ask, "recognize": _cmd_recognize, "list": _cmd_list,
             "forget": _cmd_forget, "calibrate": _cmd_calibrate, "bench": _cmd_bench,
-            "detect": _cmd_detect, "eval": _cmd_eval, "export-encoder": _cmd_export}
+            "detect": _cmd_detect, "eval": _cmd_eval, "export-encoder": _cmd_export,
+            "node": _cmd_node}
 
 
 def main(argv: list[str] | None = None) -> int:

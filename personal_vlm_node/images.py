@@ -15,6 +15,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .errors import PersonalVLMError
 
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}   # picture files in folders
 MAX_PIXELS = 64_000_000  # a 8000×8000 frame; beyond this we refuse instead of exhausting memory
 
 

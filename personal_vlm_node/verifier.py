@@ -17,8 +17,9 @@ Frames first. The frame path wraps each frame in `with queue.frame():`. The work
 verification while a frame is in flight, and a running one pauses at its next `yield_point()`
 (the caller wires that into the model, e.g. before every linear layer) until no frame is in
 flight; time spent paused does not count as busy. Verification thus runs in the frame path's idle
-time: at a camera rate the encoder keeps up with, verdicts arrive; with frames back to back they
-wait for the gaps.
+time. So that verdicts still arrive when frames come back to back, one verification is held back
+by frames (before it starts and while paused) for at most `max_defer_seconds` in all; after that
+it runs through, still under the busy-fraction cap.
 
 Queue: at most `max_pending` requests, oldest first. A key that is already pending keeps its
 place and takes the newest payload (the latest frame is the one worth checking); when the queue
@@ -70,6 +71,7 @@ class VerificationQueue:
         max_pending: int = 4,
         clock: Callable[[], float] = time.monotonic,
         max_busy_fraction: float = 0.5,
+        max_defer_seconds: float = 10.0,
     ) -> None:
         if not max_per_second > 0:
             raise PersonalVLMError(f"max_per_second must be > 0, got {max_per_second!r}")
@@ -77,6 +79,8 @@ class VerificationQueue:
             raise PersonalVLMError(f"cache_seconds must be >= 0, got {cache_seconds!r}")
         if not 0.0 < max_busy_fraction <= 1.0:
             raise PersonalVLMError(f"max_busy_fraction must lie in (0, 1], got {max_busy_fraction!r}")
+        if not max_defer_seconds >= 0:
+            raise PersonalVLMError(f"max_defer_seconds must be >= 0, got {max_defer_seconds!r}")
         if not isinstance(max_pending, int) or max_pending < 1:
             raise PersonalVLMError(f"max_pending must be an integer >= 1, got {max_pending!r}")
         self._verify = verify
@@ -84,6 +88,8 @@ class VerificationQueue:
         self.cache_seconds = float(cache_seconds)
         self.max_pending = max_pending
         self.max_busy_fraction = float(max_busy_fraction)
+        self.max_defer_seconds = float(max_defer_seconds)
+        self._held_since: float | None = None  # when frames first held back the next start
         self._clock = clock
         self._not_before = -float("inf")  # busy-fraction cap: no verification starts before this
         self._frames_in_flight = 0
@@ -94,6 +100,7 @@ class VerificationQueue:
         self._inflight: Hashable | None = None
         self._inflight_cancelled = False
         self._has_inflight = False
+        self._deferred_before_start = 0.0
         self._tokens = 1.0  # token bucket level, capacity 1 (burst 1)
         self._refilled_at = clock()
         self._waiting_for_budget = False
@@ -184,18 +191,25 @@ class VerificationQueue:
 
         Cheap enough to call before every layer of the model (one attribute read when idle).
         """
-        if not getattr(self._worker_local, "verifying", False) or not self._frames_in_flight:
+        local = self._worker_local
+        if (not getattr(local, "verifying", False) or not self._frames_in_flight
+                or local.deferred >= self.max_defer_seconds):
             return
         with self._cond:
             if not self._frames_in_flight:
                 return
             self.stats["yields"] += 1
+            local = self._worker_local
             paused_at = self._clock()
             while self._frames_in_flight and not self._stopping:
-                self._cond.wait()
+                left = self.max_defer_seconds - local.deferred - (self._clock() - paused_at)
+                if left <= 0:
+                    break                   # held back long enough: run through
+                self._cond.wait(timeout=left)
             paused = self._clock() - paused_at
             self.stats["yield_seconds"] += paused
-            self._worker_local.paused += paused
+            local.paused += paused
+            local.deferred += paused
 
     # ---------------------------------------------------------------- worker
     def start(self) -> None:
@@ -244,7 +258,7 @@ class VerificationQueue:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._stopping and (not self._pending or self._frames_in_flight):
+                while not self._stopping and not self._pending:
                     self._cond.wait()
                 if self._stopping:
                     return
@@ -259,13 +273,20 @@ class VerificationQueue:
     def _take(self, now: float) -> tuple[Request | None, float]:
         """Pop the oldest request and spend a token, or say how long until one may start.
 
-        Nothing starts while a frame is in flight (the wait is then 0: the frame's end wakes the
-        worker). Called with the lock held.
+        Nothing starts while a frame is in flight, unless frames have held this start back for
+        `max_defer_seconds` (a frame's end wakes the worker earlier). Called with the lock held.
         """
-        if not self._pending or self._frames_in_flight:
+        if not self._pending:
+            self._held_since = None
             return None, 0.0
         if now < self._not_before:
             return None, self._not_before - now
+        if self._frames_in_flight:
+            if self._held_since is None:
+                self._held_since = now
+            left = self.max_defer_seconds - (now - self._held_since)
+            if left > 0:
+                return None, left
         self._tokens = min(1.0, self._tokens + (now - self._refilled_at) * self.max_per_second)
         self._refilled_at = now
         if self._tokens < 1.0:
@@ -275,6 +296,8 @@ class VerificationQueue:
             return None, (1.0 - self._tokens) / self.max_per_second
         self._tokens -= 1.0
         self._waiting_for_budget = False
+        self._deferred_before_start = 0.0 if self._held_since is None else now - self._held_since
+        self._held_since = None
         key, request = self._pending.popitem(last=False)
         self._inflight = key
         self._has_inflight = True
@@ -285,6 +308,7 @@ class VerificationQueue:
         """Run `verify` outside the lock, store its result and set the busy-fraction pause."""
         local = self._worker_local
         local.verifying, local.paused = True, 0.0
+        local.deferred = self._deferred_before_start
         started = self._clock()
         try:
             result = self._verify(request)

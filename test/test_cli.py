@@ -84,7 +84,7 @@ def test_missing_weights_exit_2_with_how_to_get_them(tmp_path):
     done = subprocess.run([sys.executable, "-m", "personal_vlm_node.cli", "--store", str(tmp_path / "s"),
                            "teach", "x", img], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 2
-    assert "huggingface-cli download" in done.stderr and "Traceback" not in done.stderr
+    assert "`hf download " in done.stderr and "Traceback" not in done.stderr
 
 
 def test_calibrate_writes_a_profile_with_the_best_layers(cli, tmp_path):

@@ -107,6 +107,40 @@ def test_closing_without_waiting_interrupts_generation(make):
     a.vlm._interrupted.clear()              # the adapter is shared with other tests
 
 
+def test_ask_streams_the_growing_answer_and_stops_when_told(make):
+    a = make()
+    partial = []
+    full = a.ask("Describe this.", _photo(8), on_partial=lambda text: partial.append(text) is None)
+    assert not full.stopped and partial and partial[-1] == full.answer
+    assert all(later.startswith(earlier) for earlier, later in zip(partial, partial[1:]))
+
+    seen = []
+    stopped = a.ask("Describe this.", _photo(8), on_partial=lambda text: seen.append(text) or len(seen) < 2)
+    assert stopped.stopped and len(seen) == 2 and stopped.answer == seen[-1]
+
+
+def test_settings_change_while_running_and_bad_ones_are_refused(make):
+    from personal_vlm_node.errors import PersonalVLMError
+
+    a = make()
+    a.set_thresholds(accept=0.9, reject=0.2)
+    assert a.thresholds() == (0.9, 0.2)
+    with pytest.raises(PersonalVLMError, match=r"reject threshold \(0.95\) must be below accept threshold \(0.9\)"):
+        a.set_thresholds(reject=0.95)
+    assert a.thresholds() == (0.9, 0.2)
+    a.set_max_concepts_in_context(3)
+    assert a.profile.max_concepts_in_context == 3
+    a.set_r2p_margin(0.3)
+    assert a.r2p_margin == 0.3
+    with pytest.raises(PersonalVLMError, match="r2p margin"):
+        a.set_r2p_margin(0.9)
+    linears = [m for m in a.vlm.language_model.modules() if isinstance(m, torch.nn.Linear)]
+    a.set_verification(True)
+    assert a.verification is True and all(m._forward_pre_hooks for m in linears)
+    a.set_verification(False)
+    assert a.verification is False and not any(m._forward_pre_hooks for m in linears)
+
+
 def test_when_ego_is_unsure_r2p_settles_and_keeps_every_stage(adapters, tmp_path):
     # A margin of 0.5 around the threshold makes every Ego verdict "unsure".
     a = Assistant(adapters("internvl"), ConceptStore(tmp_path / "s"),

@@ -67,6 +67,15 @@ def test_a_detection_box_becomes_centre_and_size():
     assert (msg.center_x, msg.center_y, msg.size_x, msg.size_y) == (25.0, 40.0, 30.0, 40.0)
 
 
+def test_detection_scores_are_clamped_to_the_range_the_message_promises():
+    from personal_vlm_node.assistant import Detection
+    from personal_vlm_node.ros.node import detection_to_msg
+
+    scores = [detection_to_msg(Detection("a", "", s, "match", (0.0, 0.0, 1.0, 1.0), 1)).score
+              for s in (1.0000001192092896, -0.25, float("nan"), 0.5)]
+    assert scores == [1.0, 0.0, 0.0, 0.5]
+
+
 def test_compressed_frames_are_decoded_and_corrupt_ones_refused():
     import io
 
@@ -488,10 +497,280 @@ def test_overlay_carries_the_frame_header_and_diagnostics_describe_the_frame_pat
         assert float(values[key]) >= 0
 
 
+# ---- parameters while running -----------------------------------------------------------------
+
+def _set(ros, **values):
+    from rcl_interfaces.srv import SetParameters
+    from rclpy.parameter import Parameter
+
+    request = [Parameter(name, value=value).to_parameter_msg() for name, value in values.items()]
+    return ros.call(SetParameters, "personal_vlm/set_parameters", parameters=request).results
+
+
+def _get(ros, *names):
+    from rcl_interfaces.srv import GetParameters
+    from rclpy.parameter import parameter_value_to_python
+
+    values = ros.call(GetParameters, "personal_vlm/get_parameters", names=list(names)).values
+    return [parameter_value_to_python(v) for v in values]
+
+
+def test_restart_only_parameters_are_read_only_and_described(ros):
+    from rcl_interfaces.srv import DescribeParameters
+
+    for name, value in [("model", "foo"), ("device", "cuda"), ("dtype", "float16"), ("store_dir", "/tmp/x"),
+                        ("encoder_backend", "onnxruntime"), ("compressed", True), ("verifier_model", "x")]:
+        [result] = _set(ros, **{name: value})
+        assert result.successful is False, name
+        assert "read-only" in result.reason, (name, result.reason)
+    described = ros.call(DescribeParameters, "personal_vlm/describe_parameters",
+                         names=["model", "process_rate_hz", "max_concepts_in_context"]).descriptors
+    model, rate, concepts = described
+    assert model.read_only and "restart" in model.description
+    assert not rate.read_only and "frames processed per second" in rate.description
+    assert (rate.floating_point_range[0].from_value, rate.floating_point_range[0].to_value) == (0.01, 120.0)
+    assert (concepts.integer_range[0].from_value, concepts.integer_range[0].to_value) == (0, 64)
+
+
+@pytest.mark.parametrize("values, reason", [
+    ({"reject_threshold": 0.9995}, "reject_threshold (0.9995) must be below accept_threshold (0.999)"),
+    ({"accept_threshold": 0.4}, "must be below accept_threshold (0.4)"),
+    ({"process_rate_hz": 0.0}, "process_rate_hz"),
+    ({"process_rate_hz": "fast"}, "process_rate_hz must be a number"),
+    ({"max_concepts_in_context": 65}, "max_concepts_in_context"),
+    ({"verification": "yes"}, "Wrong parameter type"),             # refused by rclpy itself
+])
+def test_a_live_parameter_change_with_a_bad_value_is_refused_with_the_reason(ros, values, reason):
+    before = _get(ros, *values)
+    [result] = _set(ros, **values)
+    assert result.successful is False
+    assert reason in result.reason
+    assert _get(ros, *values) == before
+
+
+def _processed_per_second(ros, seconds: float) -> float:
+    """Frames published as fast as the node could want them; detections counted for ``seconds``."""
+    stop = threading.Event()
+
+    def camera():
+        while not stop.is_set():
+            ros.publish(image_msg(picture(120)))
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=camera, daemon=True)
+    thread.start()
+    try:
+        time.sleep(1.0)                                  # the previous rate's last frame is done
+        with ros._lock:
+            start = len(ros.detections)
+        time.sleep(seconds)
+        with ros._lock:
+            count = len(ros.detections) - start
+    finally:
+        stop.set()
+        thread.join()
+    return count / seconds
+
+
+def test_a_live_change_of_the_processing_rate_changes_the_processed_rate(ros):
+    [result] = _set(ros, process_rate_hz=1)               # an integer for a float parameter
+    assert result.successful, result.reason
+    assert _get(ros, "process_rate_hz") == [1.0]          # stored as a float
+    slow = _processed_per_second(ros, 4.0)
+    [result] = _set(ros, process_rate_hz=20.0)
+    assert result.successful, result.reason
+    fast = _processed_per_second(ros, 4.0)
+    assert slow <= 1.5, slow
+    assert fast >= 2.5 * max(slow, 0.5), (slow, fast)
+
+
+def test_live_thresholds_change_what_is_detected(ros):
+    plate, table = picture(130), picture(131)
+    assert ros.teach("plate", [image_msg(plate)]).success
+    ros.observe_until(table, lambda r: "plate" not in names(r), frames=3)
+    # Another random picture scores about 0.4: below the module's reject threshold of 0.5, above 0.3.
+    for name, value in [("reject_threshold", 0.2), ("accept_threshold", 0.3)]:
+        [result] = _set(ros, **{name: value})
+        assert result.successful, result.reason
+    try:
+        ros.observe_until(table, lambda r: "plate" in names(r), frames=10)
+    finally:
+        for name, value in [("accept_threshold", 0.999), ("reject_threshold", 0.5)]:
+            [result] = _set(ros, **{name: value})
+            assert result.successful, result.reason
+    ros.observe_until(table, lambda r: "plate" not in names(r), frames=3)
+    assert ros.forget("plate").success
+
+
+# ---- the ask action -------------------------------------------------------------------------
+
+class AskActionClient:
+    def __init__(self, ros):
+        from personal_vlm_interfaces.action import Ask as AskAction
+        from rclpy.action import ActionClient
+
+        self.ros, self.type = ros, AskAction
+        self.client = ActionClient(ros.node, AskAction, "ask")
+        assert self.client.wait_for_server(timeout_sec=WAIT_S), "the ask action never appeared"
+
+    def _wait(self, future):
+        done = threading.Event()
+        future.add_done_callback(lambda _: done.set())
+        assert done.wait(WAIT_S), "no answer from the ask action"
+        return future.result()
+
+    def ask(self, question, image, on_feedback=None):
+        feedback = []
+
+        def keep(msg):
+            feedback.append(msg.feedback.partial_answer)
+            if on_feedback is not None:
+                on_feedback(goal_handle[0])
+
+        goal_handle = [None]
+        future = self.client.send_goal_async(self.type.Goal(question=question, image=image), feedback_callback=keep)
+        goal_handle[0] = self._wait(future)
+        assert goal_handle[0].accepted
+        response = self._wait(goal_handle[0].get_result_async())
+        return response.status, response.result, feedback
+
+
+def test_the_ask_action_streams_the_answer_as_feedback(ros):
+    from action_msgs.msg import GoalStatus
+
+    assert ros.teach("teapot", [image_msg(picture(140))]).success
+    action = AskActionClient(ros)
+    status, result, feedback = action.ask("Where is the teapot?", image_msg(picture(140)))
+    assert status == GoalStatus.STATUS_SUCCEEDED
+    assert result.success, result.message
+    assert result.concepts[0] == "teapot"
+    assert feedback, "no partial answer was streamed"
+    assert result.answer.startswith(feedback[-1]) and feedback[-1] != ""
+    assert all(later.startswith(earlier) for earlier, later in zip(feedback, feedback[1:]))
+    assert len(feedback) >= 2                             # one per token, not one at the end
+
+
+def test_a_cancelled_ask_goal_stops_generating(ros):
+    from action_msgs.msg import GoalStatus
+
+    action = AskActionClient(ros)
+    cancelled = []
+
+    def cancel_on_first(goal):
+        if not cancelled:
+            cancelled.append(goal.cancel_goal_async())
+
+    status, result, feedback = action.ask("Describe everything in detail.", image_msg(picture(141)),
+                                          on_feedback=cancel_on_first)
+    assert cancelled
+    assert status == GoalStatus.STATUS_CANCELED
+    assert result.success is False and "cancelled" in result.message
+    full = ros.ask("Describe everything in detail.", image_msg(picture(141)))
+    assert full.success and len(result.answer) < len(full.answer)   # it stopped early
+
+
+def test_the_ask_action_refuses_a_bad_request_with_a_message(ros):
+    from action_msgs.msg import GoalStatus
+
+    status, result, feedback = AskActionClient(ros).ask("  ", image_msg(picture(142)))
+    assert status == GoalStatus.STATUS_ABORTED
+    assert result.success is False and "question is empty" in result.message and feedback == []
+
+
+# ---- wording and values -------------------------------------------------------------------------
+
+def test_list_says_1_concept_and_diagnostics_name_the_resolved_dtype(ros, node_process):
+    listed = ros.list()
+    count = len(listed.names)
+    assert listed.message == (f"{count} concept" if count == 1 else f"{count} concepts")
+    assert _diagnostic_value(ros, node_process.model, "dtype") == "float32"
+    assert "(float32, qwen2_5_vl)" in node_process.output()
+
+
+# ---- personal-vlm node …: the client for machines without the ros2 command --------------------
+
+def _cli(*args, timeout=WAIT_S):
+    env = dict(os.environ)
+    env.pop("_ROS_WHEELS_BOOTSTRAP_COMPLETE", None)
+    return subprocess.run([sys.executable, "-m", "personal_vlm_node.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+def test_the_node_client_teaches_lists_asks_and_forgets(ros, tmp_path):
+    from PIL import Image as PILImage
+
+    path = tmp_path / "kettle.png"
+    PILImage.fromarray(picture(150)).save(path)
+    ns = ["node", "--namespace", NAMESPACE]
+
+    taught = _cli(*ns, "teach", "kettle", str(path), "--category", "kettle", "--json")
+    assert taught.returncode == 0, taught.stderr
+    assert json.loads(taught.stdout)["memory_tokens"] > 0
+
+    listed = _cli("--json", *ns, "list")
+    assert listed.returncode == 0, listed.stderr
+    row = next(r for r in json.loads(listed.stdout)["concepts"] if r["name"] == "kettle")
+    assert row["category"] == "kettle" and row["memory_tokens"] > 0
+
+    asked = _cli(*ns, "ask", "Where is the kettle?", "--image", str(path), "--json")
+    assert asked.returncode == 0, asked.stderr
+    assert json.loads(asked.stdout)["concepts"][0] == "kettle"
+
+    streamed = _cli(*ns, "ask", "Where is the kettle?", "--image", str(path), "--stream")
+    assert streamed.returncode == 0, streamed.stderr
+    assert streamed.stdout.strip() == json.loads(asked.stdout)["answer"]
+
+    forgotten = _cli(*ns, "forget", "kettle")
+    assert forgotten.returncode == 0 and "forgot 'kettle'" in forgotten.stdout
+    again = _cli(*ns, "forget", "kettle")
+    assert again.returncode == 2 and "no concept named 'kettle'" in again.stderr
+    assert "Traceback" not in again.stderr
+
+
+def test_the_node_client_watches_the_detections(ros):
+    stop = threading.Event()
+
+    def camera():
+        while not stop.is_set():
+            ros.publish(image_msg(picture(151)), frame_id="watch_cam")
+            time.sleep(0.1)
+
+    thread = threading.Thread(target=camera, daemon=True)
+    thread.start()
+    try:
+        watched = _cli("node", "--namespace", NAMESPACE, "--json", "watch", "--count", "2")
+    finally:
+        stop.set()
+        thread.join()
+    assert watched.returncode == 0, watched.stderr
+    frames = [json.loads(line) for line in watched.stdout.splitlines()]
+    assert len(frames) == 2
+    assert all(f["frame_id"] == "watch_cam" and f["detections"] == [] for f in frames)
+
+
+def test_the_node_client_says_when_no_node_answers():
+    done = _cli("node", "--namespace", "/nobody_here", "--timeout", "1", "list")
+    assert done.returncode == 2
+    assert "no node answers on /nobody_here/list_concepts within 1 s" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 # ---- shutdown (last: it stops the module's node) ---------------------------------------------
 
-def test_ctrl_c_stops_the_node_within_5_s(ros, node_process):
+def test_ctrl_c_stops_the_node_within_5_s_and_ends_requests_in_flight(ros, node_process):
+    from personal_vlm_interfaces.action import Ask as AskAction
+    from rclpy.action import ActionClient
+
     assert ros.list().success
+    # An ask goal that is generating, and an ask request behind it, when Ctrl-C arrives.
+    streaming = threading.Event()
+    action = ActionClient(ros.node, AskAction, "ask")
+    assert action.wait_for_server(timeout_sec=WAIT_S)
+    action.send_goal_async(AskAction.Goal(question="Tell me a long story.", image=image_msg(picture(160))),
+                           feedback_callback=lambda _msg: streaming.set())
+    assert streaming.wait(WAIT_S), "the goal never started answering"
+    ros._clients["ask"].call_async(Ask.Request(question="And another one?", image=image_msg(picture(161))))
+    time.sleep(0.2)
     start = time.monotonic()
     node_process.proc.send_signal(signal.SIGINT)
     try:
@@ -502,3 +781,4 @@ def test_ctrl_c_stops_the_node_within_5_s(ros, node_process):
     assert elapsed < 5.0, output
     assert node_process.proc.returncode == 0, output
     assert "Traceback" not in output
+    assert "never retrieved" not in output and "Destroyable" not in output

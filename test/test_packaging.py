@@ -254,22 +254,51 @@ def test_launch_file_compiles(tmp_path):
     )
 
 
-def test_launch_file_starts_the_assistant_node():
+def test_launch_file_starts_the_assistant_node_or_its_lifecycle_variant():
     tree = ast.parse((REPO / "launch" / "assistant.launch.py").read_text(encoding="utf-8"))
-    node_calls = [
-        call
+    calls = {
+        call.func.id: {kw.arg: kw.value.value for kw in call.keywords if isinstance(kw.value, ast.Constant)}
         for call in ast.walk(tree)
-        if isinstance(call, ast.Call) and getattr(call.func, "id", None) == "Node"
-    ]
-    assert len(node_calls) == 1
-    keywords = {
-        kw.arg: kw.value.value
-        for kw in node_calls[0].keywords
-        if isinstance(kw.value, ast.Constant)
+        if isinstance(call, ast.Call) and getattr(call.func, "id", None) in ("Node", "LifecycleNode")
     }
+    assert calls["Node"]["executable"] == "assistant_node"
+    assert calls["LifecycleNode"]["executable"] == "assistant_lifecycle_node"
+    common = next(
+        node.value for node in ast.walk(tree)
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "common"
+    )
+    keywords = {kw.arg: kw.value.value for kw in common.keywords if isinstance(kw.value, ast.Constant)}
     assert keywords["package"] == PACKAGE
-    assert keywords["executable"] == "assistant_node"
     assert keywords["name"] == "personal_vlm"
+
+
+def test_every_node_parameter_is_a_launch_argument():
+    import importlib.util
+
+    from personal_vlm_node.ros.node import PARAMETERS
+
+    source = (REPO / "launch" / "assistant.launch.py").read_text(encoding="utf-8")
+    tree = ast.parse(source)
+    table = next(
+        node.value for node in ast.walk(tree)
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "PARAMETER_ARGUMENTS"
+    )
+    assert sorted(key.value for key in table.keys) == sorted(PARAMETERS)
+    assert importlib.util.find_spec("personal_vlm_node.ros.lifecycle") is not None
+
+
+def test_installed_lifecycle_launcher_is_executable():
+    launcher = _install_prefix() / "lib" / PACKAGE / "assistant_lifecycle_node"
+    assert launcher.is_file() and os.access(launcher, os.X_OK)
+    assert launcher.read_bytes() == (REPO / "scripts" / "assistant_lifecycle_node").read_bytes()
+
+
+def test_package_xml_lists_what_the_node_and_launch_file_import():
+    text = (REPO / "package.xml").read_text(encoding="utf-8")
+    for dependency in ("rclpy", "launch", "launch_ros", "ament_index_python", "std_msgs", "sensor_msgs",
+                       "diagnostic_msgs", "lifecycle_msgs", "action_msgs", "rcl_interfaces",
+                       "personal_vlm_interfaces"):
+        assert f"<exec_depend>{dependency}</exec_depend>" in text, dependency
 
 
 def test_parameters_file_applies_to_the_node_in_any_namespace():

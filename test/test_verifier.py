@@ -253,7 +253,7 @@ def test_result_of_verification_invalidated_while_running_is_not_cached():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"max_per_second": 0.0}, {"cache_seconds": -1.0}, {"max_pending": 0}, {"max_busy_fraction": 0.0}, {"max_busy_fraction": 1.5}],
+    [{"max_per_second": 0.0}, {"cache_seconds": -1.0}, {"max_pending": 0}, {"max_busy_fraction": 0.0}, {"max_busy_fraction": 1.5}, {"max_defer_seconds": -1.0}],
 )
 def test_invalid_parameters_are_refused(kwargs):
     with pytest.raises(PersonalVLMError):
@@ -365,5 +365,63 @@ def test_worker_thread_delivers_verdicts_between_frames():
             time.sleep(0.05)
             assert queue.result("mug") is None    # waits for the frame to end
         assert wait_until(lambda: queue.result("mug") == "verdict:7")
+    finally:
+        assert queue.stop(timeout=5.0)
+
+
+def test_frames_back_to_back_hold_a_verification_back_at_most_max_defer_seconds():
+    clock = FakeClock()
+    started, go = threading.Event(), threading.Event()
+    queue = None
+    yielded_at = []
+
+    def verify(request):
+        queue.yield_point()                   # held 2 s already: must not pause again
+        yielded_at.append(clock.now)
+        return "ok"
+
+    queue = VerificationQueue(verify, max_per_second=1000.0, clock=clock, max_defer_seconds=2.0)
+    queue.submit("mug", None)
+    with queue.frame():
+        assert not queue.verify_next()
+        clock.now = 1.99
+        assert not queue.verify_next()
+    with queue.frame():                       # the next frame follows at once
+        clock.now = 2.0
+        assert queue.verify_next()            # starved long enough: runs despite the frame
+    assert yielded_at == [2.0] and queue.stats["yields"] == 0
+    assert queue.result("mug") == "ok"
+
+
+def test_a_paused_verification_resumes_after_max_defer_seconds_even_if_frames_continue():
+    reached, go, done = threading.Event(), threading.Event(), threading.Event()
+    queue = None
+
+    def verify(request):
+        reached.set()
+        go.wait(5.0)
+        queue.yield_point()
+        done.set()
+        return "ok"
+
+    queue = VerificationQueue(verify, max_per_second=1000.0, max_defer_seconds=0.05)
+    queue.submit("mug", None)
+    worker = threading.Thread(target=queue.verify_next)
+    worker.start()
+    assert reached.wait(5.0)
+    with queue.frame():                       # a frame that never ends, for the verifier
+        go.set()
+        assert done.wait(5.0)
+        assert queue.stats["yields"] == 1
+    worker.join(5.0)
+
+
+def test_worker_starts_a_verification_held_back_by_endless_frames_after_max_defer_seconds():
+    queue = VerificationQueue(RecordingVerify(), max_per_second=1000.0, max_defer_seconds=0.05)
+    queue.start()
+    try:
+        with queue.frame():
+            queue.submit("mug", 3)
+            assert wait_until(lambda: queue.result("mug") == "verdict:3")
     finally:
         assert queue.stop(timeout=5.0)

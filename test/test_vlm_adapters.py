@@ -257,7 +257,7 @@ def test_memory_of_the_wrong_width_is_refused(adapters):
 def test_missing_weights_give_one_clear_message(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    with pytest.raises(PersonalVLMError, match="huggingface-cli download"):
+    with pytest.raises(PersonalVLMError, match="`hf download "):
         load_vlm("Qwen/Qwen2.5-VL-3B-Instruct")
     with pytest.raises(PersonalVLMError, match="not found"):
         load_vlm(str(tmp_path / "nowhere"))

@@ -42,9 +42,9 @@ concepts are taught into ``DIR/store``, never into the user's own store.
 
 from .datasets import IMAGE_SUFFIXES, LAYOUTS, MAX_SHOTS, Dataset, Query, detect_layout, load_dataset, pairs
 from .metrics import Counts, recognition_metrics, summarize
-from .report import bar_chart_png, histogram_png, results_markdown
-from .run import (HISTOGRAM_PLOT, INTRODUCTIONS_FILE, METHODS, PROGRESS_FILE, RESULTS_JSON, RESULTS_MD,
-                  SETTINGS_FILE, WTD_PLOT, EvalOptions, evaluate, read_lines)
+from .report import HISTOGRAM_PLOT, WTD_PLOT, bar_chart_png, histogram_png, results_markdown
+from .run import (INTRODUCTIONS_FILE, METHODS, PROGRESS_FILE, RESULTS_JSON, RESULTS_MD, SETTINGS_FILE, EvalOptions,
+                  evaluate, read_lines)
 
 __all__ = ["Counts", "Dataset", "EvalOptions", "HISTOGRAM_PLOT", "IMAGE_SUFFIXES", "INTRODUCTIONS_FILE",
            "LAYOUTS", "MAX_SHOTS", "METHODS", "PROGRESS_FILE", "Query", "RESULTS_JSON", "RESULTS_MD",

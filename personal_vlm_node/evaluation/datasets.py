@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import PersonalVLMError
+from ..images import IMAGE_SUFFIXES
 
 LAYOUTS = ("generic", "perva", "yollava", "myvlm")
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 MAX_SHOTS = 8          # the Assistant's limit of reference images per concept
 
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
+
+WTD_PLOT = "wtd_per_concept.png"
+HISTOGRAM_PLOT = "score_histogram.png"
 
 
 def format_value(value, digits: int = 3) -> str:

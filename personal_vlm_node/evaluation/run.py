@@ -12,10 +12,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import PersonalVLMError
+from ..options import check_thresholds
 from ..output import stderr_progress, write_atomic
 from .datasets import Dataset, Query, _relative
 from .metrics import summarize
-from .report import bar_chart_png, histogram_png, results_markdown
+from .report import HISTOGRAM_PLOT, WTD_PLOT, bar_chart_png, histogram_png, results_markdown
 
 METHODS = ("match", "ego", "r2p", "cascade")
 
@@ -24,8 +25,6 @@ INTRODUCTIONS_FILE = "introductions.jsonl"
 SETTINGS_FILE = "run.json"
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
-WTD_PLOT = "wtd_per_concept.png"
-HISTOGRAM_PLOT = "score_histogram.png"
 
 _say = stderr_progress("eval")
 
@@ -66,9 +65,9 @@ class _Methods:
         self.accept = profile_accept if options.accept is None else options.accept
         self.reject = profile_reject if options.reject is None else options.reject
         self.threshold = assistant.profile.recognize_threshold if options.threshold is None else options.threshold
-        if not self.reject < self.accept:
-            raise PersonalVLMError(f"the reject threshold ({self.reject}) must be below the accept threshold "
-                                   f"({self.accept})")
+        problem = check_thresholds(self.accept, self.reject)
+        if problem:
+            raise PersonalVLMError(problem)
         self.memories = {c: Memory(assistant.store.load_memory(c)["memory"], c) for c in dataset.concepts}
         self.fingerprints = {c: assistant.store.get(c).fingerprint for c in dataset.concepts}
         self.r2p = r2p.R2PVerifier(assistant.vlm, text_similarity, top_k=options.top_k,

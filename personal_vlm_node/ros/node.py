@@ -1,8 +1,11 @@
 """The ROS 2 node: a thin adapter over :class:`personal_vlm_node.assistant.Assistant`.
 
 Run it with ``ros2 run personal_vlm_node assistant_node --ros-args --params-file config/assistant.yaml``
-or ``ros2 launch personal_vlm_node assistant.launch.py``. Parameters are declared with descriptions
-and ranges; their defaults live in ``config/assistant.yaml``.
+or ``ros2 launch personal_vlm_node assistant.launch.py``; ``assistant_lifecycle_node`` (see
+:mod:`.lifecycle`) is the same node as a managed lifecycle node. Parameters are declared with
+descriptions and ranges; their defaults live in ``config/assistant.yaml``. Those that pick what is
+loaded (model, device, dtype, store, backends …) are read-only; the others apply while running,
+checked first by a set-parameters callback that refuses bad values with a reason.
 
 Topics and services (names relative to the node's namespace):
 
@@ -13,17 +16,23 @@ Topics and services (names relative to the node's namespace):
 - ``~/overlay`` (out): the processed frame with the detections drawn, while someone subscribes.
 - ``/diagnostics`` (out): one ``DiagnosticStatus`` per second about the frame path.
 - ``teach_concept``, ``ask``, ``list_concepts``, ``forget_concept``: the services.
+- ``ask`` (action ``personal_vlm_interfaces/action/Ask``): the answer streams as feedback; a
+  cancel stops the generation at the next token.
 
 Threads: the camera callback only drops the message into a one-slot holder; one worker thread
 takes the newest frame at most ``process_rate_hz`` times a second and runs
 ``Assistant.observe`` (frames that arrive meanwhile replace each other and are counted as dropped).
 Each service has its own callback group in a multi-threaded executor, so a slow teach or ask never
-holds up the camera callback, the worker or another service.
+holds up the camera callback, the worker or another service. On shutdown, requests in flight are
+ended (generation interrupted) and answered before the node is destroyed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import signal
 import sys
 import threading
 import time
@@ -43,6 +52,7 @@ class Param:
     choices: tuple = ()
     low: float | None = None
     high: float | None = None
+    live: bool = False          # applies while running; the others need a restart (read-only)
 
 
 PARAMETERS: dict[str, Param] = {
@@ -53,25 +63,37 @@ PARAMETERS: dict[str, Param] = {
     "profile": Param("", "model profile YAML; empty = models/<model>.yaml or the defaults"),
     "encoder_backend": Param("torch", "vision encoder on the frame path", ENCODER_CHOICES),
     "engine_cache_dir": Param("", "cache for exported ONNX files and TensorRT engines"),
-    "process_rate_hz": Param(2.0, "most camera frames processed per second", low=0.01, high=120.0),
-    "accept_threshold": Param(-1.0, "match score that detects without verification; <0 = profile", low=-1.0, high=1.0),
-    "reject_threshold": Param(-1.0, "match score that rejects without verification; <0 = profile", low=-1.0, high=1.0),
-    "max_concepts_in_context": Param(5, "most memories in one /ask prompt", low=0, high=64),
-    "verification": Param(True, "settle uncertain matches with the model"),
-    "overlay": Param(True, "publish ~/overlay while someone subscribes"),
+    "process_rate_hz": Param(2.0, "most camera frames processed per second", low=0.01, high=120.0, live=True),
+    "accept_threshold": Param(-1.0, "match score that detects without verification; <0 = profile", low=-1.0, high=1.0, live=True),
+    "reject_threshold": Param(-1.0, "match score that rejects without verification; <0 = profile", low=-1.0, high=1.0, live=True),
+    "max_concepts_in_context": Param(5, "most memories in one /ask prompt", low=0, high=64, live=True),
+    "verification": Param(True, "settle uncertain matches with the model", live=True),
+    "overlay": Param(True, "publish ~/overlay while someone subscribes", live=True),
     "compressed": Param(False, "subscribe to sensor_msgs/CompressedImage instead of Image"),
     "verifier_model": Param("", "CLIP/SigLIP id or folder for R2P's image-text scores; empty = the VLM's yes/no"),
-    "r2p_margin": Param(0.15, "Ego p(yes) this close to its threshold is settled by R2P; 0 = never", low=0.0, high=0.5),
+    "r2p_margin": Param(0.15, "Ego p(yes) this close to its threshold is settled by R2P; 0 = never", low=0.0, high=0.5, live=True),
 }
 
 DIAGNOSTICS_PERIOD_S = 1.0
 NO_FRAMES_WARNING_S = 5.0      # diagnostics warn when the camera has been silent this long
 WORKER_JOIN_TIMEOUT_S = 3.0
+REQUESTS_DRAIN_TIMEOUT_S = 3.0   # shutdown waits this long for interrupted requests to answer
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def check_value(name: str, value) -> str | None:
     """Why ``value`` is not acceptable for parameter ``name``, or None when it is."""
     spec = PARAMETERS[name]
+    expected = type(spec.default)
+    if expected is float:
+        # Integers are welcome where a float is meant (`-p process_rate_hz:=5`).
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"{name} must be a number, got {value!r}"
+    elif not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        return f"{name} must be {'true or false' if expected is bool else 'a ' + expected.__name__}, got {value!r}"
     if spec.choices and value not in spec.choices:
         return f"{name} must be one of {', '.join(spec.choices)}"
     if spec.low is not None and not spec.low <= float(value) <= spec.high:
@@ -81,22 +103,50 @@ def check_value(name: str, value) -> str | None:
     return None
 
 
+def effective_thresholds(values: dict, profile_accept: float, profile_reject: float) -> tuple[float, float]:
+    """The decision band the parameters ask for: a negative value keeps the profile's."""
+    accept = float(values["accept_threshold"]) if values["accept_threshold"] >= 0 else profile_accept
+    reject = float(values["reject_threshold"]) if values["reject_threshold"] >= 0 else profile_reject
+    return accept, reject
+
+
+def descriptor_for(name: str):
+    """The ParameterDescriptor of ``name``: description, range or choices, read-only unless live."""
+    from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType
+
+    spec = PARAMETERS[name]
+    lifetime = "applies while running" if spec.live else "read-only: takes effect on restart"
+    descriptor = ParameterDescriptor(name=name, description=f"{spec.description} ({lifetime})",
+                                     read_only=not spec.live)
+    if spec.choices:
+        descriptor.additional_constraints = "one of: " + ", ".join(spec.choices)
+    if isinstance(spec.default, float):
+        # Dynamic typing lets an integer through (`-p process_rate_hz:=5`); the set-parameters
+        # callback checks that it is a number, and integers are stored as floats.
+        descriptor.dynamic_typing = True
+        descriptor.additional_constraints = "a number (integers accepted)"
+        if spec.low is not None:
+            descriptor.floating_point_range = [FloatingPointRange(from_value=spec.low, to_value=spec.high)]
+    else:
+        descriptor.type = {bool: ParameterType.PARAMETER_BOOL, int: ParameterType.PARAMETER_INTEGER,
+                           str: ParameterType.PARAMETER_STRING}[type(spec.default)]
+        if spec.low is not None:
+            descriptor.integer_range = [IntegerRange(from_value=int(spec.low), to_value=int(spec.high), step=1)]
+    return descriptor
+
+
 def _declare(node) -> None:
-    from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
     from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
+    from rclpy.parameter import Parameter
 
     for name, spec in PARAMETERS.items():
-        descriptor = ParameterDescriptor(description=spec.description)
-        if spec.choices:
-            descriptor.additional_constraints = "one of: " + ", ".join(spec.choices)
-        if spec.low is not None and isinstance(spec.default, float):
-            descriptor.floating_point_range = [FloatingPointRange(from_value=spec.low, to_value=spec.high)]
-        elif spec.low is not None:
-            descriptor.integer_range = [IntegerRange(from_value=int(spec.low), to_value=int(spec.high), step=1)]
         try:
-            node.declare_parameter(name, spec.default, descriptor)
+            node.declare_parameter(name, spec.default, descriptor_for(name))
         except (InvalidParameterTypeException, InvalidParameterValueException) as exc:
             raise PersonalVLMError(f"invalid parameter {name}: {exc}") from exc
+        value = node.get_parameter(name).value
+        if isinstance(spec.default, float) and isinstance(value, int) and not isinstance(value, bool):
+            node.set_parameters([Parameter(name, Parameter.Type.DOUBLE, float(value))])
 
 
 def _values(node) -> dict:
@@ -108,7 +158,7 @@ def _values(node) -> dict:
             problems.append(f"{problem}; a negative value keeps the model profile's")
     if problems:
         raise PersonalVLMError("invalid parameters: " + "; ".join(problems))
-    return values
+    return {n: float(v) if isinstance(PARAMETERS[n].default, float) else v for n, v in values.items()}
 
 
 def assistant_options(values: dict) -> AssistantOptions:
@@ -122,6 +172,111 @@ def assistant_options(values: dict) -> AssistantOptions:
         max_concepts_in_context=int(values["max_concepts_in_context"]),
         verification=values["verification"], verifier_model=values["verifier_model"] or None,
         r2p_margin=values["r2p_margin"])
+
+
+class NodeParameters:
+    """The node's parameters: declared once, checked before every change, applied while running.
+
+    ``values`` is the one dict the rest of the node reads. A change of a live parameter is checked
+    by ``_check`` (ROS refuses it with the reason when that returns one; read-only parameters are
+    refused by ROS itself) and then handed to the Assistant / frame path by ``_apply``.
+    """
+
+    def __init__(self, node):
+        self.node = node
+        _declare(node)
+        self.values = _values(node)
+        self.assistant = None       # set while a model is loaded
+        self.frontend = None        # set while serving
+        self._profile_band: tuple[float, float] | None = None   # the profile's own thresholds
+        node.add_pre_set_parameters_callback(self._floats)
+        node.add_on_set_parameters_callback(self._check)
+        node.add_post_set_parameters_callback(self._apply)
+
+    def attach(self, assistant, profile_band: tuple[float, float]) -> None:
+        self.assistant, self._profile_band = assistant, profile_band
+
+    def detach(self) -> None:
+        self.assistant = self._profile_band = None
+
+    def _floats(self, parameters):
+        """Integers given for float parameters become floats, so the stored type stays double."""
+        from rclpy.parameter import Parameter
+
+        out = []
+        for p in parameters:
+            spec = PARAMETERS.get(p.name)
+            if spec is not None and isinstance(spec.default, float) and p.type_ == Parameter.Type.INTEGER:
+                p = Parameter(p.name, Parameter.Type.DOUBLE, float(p.value))
+            out.append(p)
+        return out
+
+    def _check(self, parameters):
+        from rcl_interfaces.msg import SetParametersResult
+
+        proposed = dict(self.values)
+        for p in parameters:
+            if p.name not in PARAMETERS:
+                continue
+            problem = check_value(p.name, p.value)
+            if problem:
+                return SetParametersResult(successful=False, reason=problem)
+            proposed[p.name] = p.value
+        if self._profile_band is not None:
+            problem = check_thresholds(*effective_thresholds(proposed, *self._profile_band))
+        elif proposed["accept_threshold"] >= 0 and proposed["reject_threshold"] >= 0:
+            problem = check_thresholds(proposed["accept_threshold"], proposed["reject_threshold"])
+        else:
+            problem = None
+        return SetParametersResult(successful=problem is None, reason=problem or "")
+
+    def _apply(self, parameters) -> None:
+        changed = {p.name for p in parameters if p.name in PARAMETERS}
+        for name in changed:
+            value = next(p.value for p in parameters if p.name == name)
+            self.values[name] = float(value) if isinstance(PARAMETERS[name].default, float) else value
+        assistant = self.assistant
+        try:
+            if assistant is not None:
+                if changed & {"accept_threshold", "reject_threshold"}:
+                    assistant.set_thresholds(*effective_thresholds(self.values, *self._profile_band))
+                if "max_concepts_in_context" in changed:
+                    assistant.set_max_concepts_in_context(self.values["max_concepts_in_context"])
+                if "verification" in changed:
+                    assistant.set_verification(self.values["verification"])
+                if "r2p_margin" in changed:
+                    assistant.set_r2p_margin(self.values["r2p_margin"])
+            if self.frontend is not None and "process_rate_hz" in changed:
+                self.frontend.set_rate(self.values["process_rate_hz"])
+        except PersonalVLMError as exc:      # checked before, so this is a bug, but keep running
+            self.node.get_logger().error(f"parameter change not applied: {exc}")
+            return
+        live = sorted(changed & {n for n, spec in PARAMETERS.items() if spec.live})
+        if live and (assistant is not None or self.frontend is not None):
+            self.node.get_logger().info(
+                "now " + ", ".join(f"{n} = {self.values[n]}" for n in live))
+
+
+def open_assistant(values: dict, log):
+    """Load the model and store for these parameter values; returns (assistant, profile's band)."""
+    from ..assistant import Assistant
+
+    assistant = Assistant.open(values["model"], store_dir=values["store_dir"] or None,
+                               device=values["device"], dtype=values["dtype"],
+                               profile_path=values["profile"] or None,
+                               progress=lambda m: log.info(m), options=assistant_options(values))
+    return assistant, assistant.profile_thresholds
+
+
+def ready_line(values: dict, assistant) -> str:
+    """What was loaded, with what ``auto`` resolved to."""
+    count = len(assistant.concepts())
+    return (f"ready: {values['model']} on {assistant.vlm.device} ({dtype_name(assistant)}, "
+            f"{assistant.vlm.family}), {plural(count, 'concept')} in {assistant.store.root}")
+
+
+def dtype_name(assistant) -> str:
+    return str(assistant.vlm.dtype).replace("torch.", "")
 
 
 class LatestFrame:
@@ -216,22 +371,32 @@ def detection_to_msg(detection):
     from personal_vlm_interfaces.msg import Detection
 
     x, y, w, h = (float(v) for v in detection.box)
-    return Detection(name=detection.name, category=detection.category, score=float(detection.score),
+    # Detection.msg promises [0, 1]; a matcher score of a token with itself can round to 1.0000001.
+    score = float(detection.score)
+    score = min(1.0, max(0.0, score)) if math.isfinite(score) else 0.0
+    return Detection(name=detection.name, category=detection.category, score=score,
                      source=detection.source, center_x=x + w / 2.0, center_y=y + h / 2.0,
                      size_x=w, size_y=h, track_id=int(detection.track_id))
 
 
 class AssistantNode:
-    """Topics, services, the frame worker and diagnostics of one loaded Assistant on one rclpy node."""
+    """Topics, services, the ask action, the frame worker and diagnostics of one loaded Assistant.
 
-    # One executor thread per callback group: camera, four services, diagnostics.
-    EXECUTOR_THREADS = 6
+    Made when the node starts serving and ``destroy``-ed when it stops (the lifecycle node's
+    deactivate); the rclpy node and the Assistant outlive it.
+    """
+
+    # One executor thread per callback group: camera, four services, diagnostics, and two for the
+    # action (a goal running and a cancel request arriving meanwhile).
+    EXECUTOR_THREADS = 8
 
     def __init__(self, node, assistant, values: dict):
         from diagnostic_msgs.msg import DiagnosticArray
+        from personal_vlm_interfaces.action import Ask as AskAction
         from personal_vlm_interfaces.msg import DetectionArray
         from personal_vlm_interfaces.srv import Ask, ForgetConcept, ListConcepts, TeachConcept
-        from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+        from rclpy.action import ActionServer, CancelResponse, GoalResponse
+        from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
         from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
         from sensor_msgs.msg import CompressedImage, Image
 
@@ -243,6 +408,10 @@ class AssistantNode:
         self.stats = FrameStats()
         self._period = 1.0 / float(values["process_rate_hz"])
         self._stop = threading.Event()
+        # Requests being worked on, so that shutdown can let them answer before destroying the node.
+        self._requests = 0
+        self._requests_done = threading.Condition()
+        self._closing = False
 
         # Sensor-data QoS with depth 1: a camera frame is worth nothing once a newer one exists.
         camera_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
@@ -266,6 +435,11 @@ class AssistantNode:
             node.create_service(ForgetConcept, "forget_concept", self._forget,
                                 callback_group=MutuallyExclusiveCallbackGroup()),
         ]
+        # Reentrant: a cancel request must get through while the goal's execute callback runs.
+        self.ask_action = ActionServer(
+            node, AskAction, "ask", execute_callback=self._ask_goal,
+            goal_callback=lambda _goal: GoalResponse.REJECT if self._closing else GoalResponse.ACCEPT,
+            cancel_callback=lambda _goal: CancelResponse.ACCEPT, callback_group=ReentrantCallbackGroup())
         self._diagnostics_clock = (time.monotonic(), 0, 0)   # (time, received, dropped) at last report
         self.diagnostics_timer = node.create_timer(DIAGNOSTICS_PERIOD_S, self._publish_diagnostics,
                                                    callback_group=MutuallyExclusiveCallbackGroup())
@@ -274,17 +448,64 @@ class AssistantNode:
     def start(self) -> None:
         self.worker.start()
 
+    def set_rate(self, hz: float) -> None:
+        """Process at most ``hz`` frames a second from the next frame on."""
+        self._period = 1.0 / float(hz)
+        self.frames.wake()
+
     def stop(self) -> None:
-        """Stop the worker; it finishes the frame in hand (bounded wait: it is a daemon thread)."""
+        """Stop the worker; it finishes the frame in hand (bounded wait: it is a daemon thread).
+
+        New requests are refused from here on."""
+        self._closing = True
         self._stop.set()
         self.frames.wake()
         if self.worker.is_alive():
             self.worker.join(WORKER_JOIN_TIMEOUT_S)
 
+    def drain(self, timeout: float = REQUESTS_DRAIN_TIMEOUT_S) -> bool:
+        """Wait until no request is being worked on; True if none is left. Interrupt the model first."""
+        deadline = time.monotonic() + timeout
+        with self._requests_done:
+            while self._requests > 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._requests_done.wait(left)
+        return True
+
+    def destroy(self) -> None:
+        """Stop serving: the worker, the subscription, publishers, services, action and timer go."""
+        self.stop()
+        self.drain()
+        node = self.node
+        node.destroy_timer(self.diagnostics_timer)
+        self.ask_action.destroy()
+        for service in self.services:
+            node.destroy_service(service)
+        node.destroy_subscription(self.subscription)
+        for publisher in (self.detections_pub, self.overlay_pub, self.diagnostics_pub):
+            node.destroy_publisher(publisher)
+
+    @contextlib.contextmanager
+    def _request(self):
+        """One request: counted while it runs; refused once the node is closing."""
+        with self._requests_done:
+            if self._closing:
+                raise PersonalVLMError("the node is shutting down")
+            self._requests += 1
+        try:
+            yield
+        finally:
+            with self._requests_done:
+                self._requests -= 1
+                self._requests_done.notify_all()
+
     def describe(self) -> str:
         kind = "CompressedImage" if self.values["compressed"] else "Image"
         return (f"camera {self.subscription.topic_name} ({kind}), detections on "
-                f"{self.detections_pub.topic_name}, services {', '.join(s.service_name for s in self.services)}")
+                f"{self.detections_pub.topic_name}, services {', '.join(s.service_name for s in self.services)}, "
+                f"action {self.services[1].service_name}")
 
     # ---- the frame path -----------------------------------------------------------------------
     def _on_frame(self, msg) -> None:
@@ -343,7 +564,8 @@ class AssistantNode:
     def _serve(self, service: str, response, work):
         """Run ``work(response)``; a user error or a bug becomes success=false and the node goes on."""
         try:
-            work(response)
+            with self._request():
+                work(response)
             response.success = True
         except PersonalVLMError as exc:
             response.success = False
@@ -382,23 +604,60 @@ class AssistantNode:
 
         return self._serve("teach_concept", response, work)
 
+    def _question_image(self, image):
+        from .convert import image_msg_to_array, is_empty_image
+
+        if is_empty_image(image):
+            return self._latest_frame_array()
+        try:
+            return image_msg_to_array(image)
+        except PersonalVLMError as exc:
+            raise PersonalVLMError(f"image: {exc}") from exc
+
     def _ask(self, request, response):
         def work(out):
-            from .convert import image_msg_to_array, is_empty_image
-
-            if is_empty_image(request.image):
-                array = self._latest_frame_array()
-            else:
-                try:
-                    array = image_msg_to_array(request.image)
-                except PersonalVLMError as exc:
-                    raise PersonalVLMError(f"image: {exc}") from exc
-            result = self.assistant.ask(request.question, array)
+            array = self._question_image(request.image)
+            result = self.assistant.ask(request.question, array, on_partial=lambda _text: not self._closing)
+            if result.stopped:
+                raise PersonalVLMError("the node is shutting down")
             out.answer = result.answer
             out.concepts = list(result.concepts)
             out.message = f"answered in {result.seconds:.1f} s"
 
         return self._serve("ask", response, work)
+
+    def _ask_goal(self, goal):
+        """The ask action: the answer so far as feedback after every token; a cancel stops it."""
+        from personal_vlm_interfaces.action import Ask as AskAction
+
+        request = goal.request
+
+        def partial(text: str) -> bool:
+            if goal.is_cancel_requested or self._closing:
+                return False
+            goal.publish_feedback(AskAction.Feedback(partial_answer=text))
+            return True
+
+        result = self._serve("ask action", AskAction.Result(), lambda out: self._answer_goal(
+            out, request, partial))
+        if goal.is_cancel_requested:
+            result.success = False
+            result.message = f"cancelled after {plural(len(result.answer), 'character')} of the answer"
+            goal.canceled()
+        elif result.success:
+            goal.succeed()
+        else:
+            goal.abort()
+        return result
+
+    def _answer_goal(self, out, request, partial) -> None:
+        array = self._question_image(request.image)
+        result = self.assistant.ask(request.question, array, on_partial=partial)
+        out.answer = result.answer
+        out.concepts = list(result.concepts)
+        if result.stopped and self._closing:
+            raise PersonalVLMError("the node is shutting down")
+        out.message = f"answered in {result.seconds:.1f} s"
 
     def _list(self, request, response):
         def work(out):
@@ -407,7 +666,7 @@ class AssistantNode:
             out.categories = [r.category for r in records]
             out.memory_tokens = [int(r.memory_tokens) for r in records]
             out.keywords_json = [json.dumps(list(r.keywords), ensure_ascii=False) for r in records]
-            out.message = f"{len(records)} concepts"
+            out.message = plural(len(records), "concept")
 
         return self._serve("list_concepts", response, work)
 
@@ -455,6 +714,7 @@ class AssistantNode:
             "model": str(self.values["model"]),
             "family": str(self.assistant.vlm.family),
             "device": str(self.assistant.vlm.device),
+            "dtype": dtype_name(self.assistant),
             "encoder_backend": str(self.values["encoder_backend"]),
             "verification": str(bool(self.values["verification"])).lower(),
         }
@@ -470,13 +730,72 @@ class AssistantNode:
         return Header(stamp=self.node.get_clock().now().to_msg())
 
 
+def shut_down(frontend, assistant) -> bool:
+    """End serving before the node is destroyed: stop the frame worker, interrupt the model so
+    running requests end at their next token, and let them answer. True if all of them did."""
+    drained = True
+    if frontend is not None:
+        frontend.stop()
+    if assistant is not None:
+        # Pending background fingerprints are dropped (the store keeps the concept).
+        assistant.close(wait=False)
+    if frontend is not None:
+        drained = frontend.drain()
+    return drained
+
+
+def init_ros(argv: list[str] | None) -> None:
+    """rclpy without its own SIGINT/SIGTERM handling: that would shut the context down at once,
+    and requests in flight could then no longer be answered. :func:`spin_until_signal` handles
+    them; before it runs (loading the model), Ctrl-C is Python's KeyboardInterrupt."""
+    import rclpy
+    from rclpy.signals import SignalHandlerOptions
+
+    rclpy.init(args=argv if argv is not None else sys.argv, signal_handler_options=SignalHandlerOptions.NO)
+
+
+def _spin(executor) -> None:
+    from rclpy.executors import ExternalShutdownException
+
+    try:
+        executor.spin()
+    except ExternalShutdownException:      # rclpy.shutdown() from elsewhere: stop as on a signal
+        pass
+
+
+def spin_until_signal(executor) -> None:
+    """Spin ``executor`` on a thread until SIGINT or SIGTERM; the caller then ends the requests in
+    flight while the executor still runs and the context is still valid, so they are answered."""
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    spinner = threading.Thread(target=_spin, args=(executor,), name="executor", daemon=True)
+    spinner.start()
+    try:
+        while spinner.is_alive() and not stop.wait(0.25):
+            pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if stop.is_set():
+        print(f"[{NODE_NAME}] shutting down", file=sys.stderr, flush=True)
+
+
+def stop_ros(node, executor, drained: bool) -> None:
+    """Stop the executor (waiting for the answers being sent unless a request did not end in
+    time), then destroy the node and shut rclpy down."""
+    import rclpy
+
+    executor.shutdown(timeout_sec=REQUESTS_DRAIN_TIMEOUT_S if drained else 0, wait_for_threads=drained)
+    node.destroy_node()
+    if rclpy.ok():
+        rclpy.shutdown()
+
+
 def main(argv: list[str] | None = None) -> int:
     import rclpy
-    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+    from rclpy.executors import MultiThreadedExecutor
 
-    from ..assistant import Assistant
-
-    rclpy.init(args=argv if argv is not None else sys.argv)
+    init_ros(argv)
     node = rclpy.create_node(NODE_NAME)
     log = node.get_logger()
     assistant = None
@@ -487,35 +806,23 @@ def main(argv: list[str] | None = None) -> int:
     executor = MultiThreadedExecutor(num_threads=AssistantNode.EXECUTOR_THREADS)
     executor.add_node(node)
     try:
-        _declare(node)
-        values = _values(node)
-        assistant = Assistant.open(values["model"], store_dir=values["store_dir"] or None,
-                                   device=values["device"], dtype=values["dtype"],
-                                   profile_path=values["profile"] or None,
-                                   progress=lambda m: log.info(m), options=assistant_options(values))
+        parameters = NodeParameters(node)
+        values = parameters.values
+        assistant, band = open_assistant(values, log)
+        parameters.attach(assistant, band)
         frontend = AssistantNode(node, assistant, values)
+        parameters.frontend = frontend
         frontend.start()
         log.info(frontend.describe())
-        log.info(f"ready: {values['model']} on {assistant.vlm.device} ({assistant.vlm.family}), "
-                 f"{len(assistant.concepts())} concepts in {assistant.store.root}")
-        executor.spin()
+        log.info(ready_line(values, assistant))
+        spin_until_signal(executor)
     except PersonalVLMError as exc:
         log.error(str(exc))
         code = 2
-    except (KeyboardInterrupt, ExternalShutdownException):
-        # The context is already shut down here, so /rosout can't carry this line.
+    except KeyboardInterrupt:
         print(f"[{NODE_NAME}] shutting down", file=sys.stderr, flush=True)
     finally:
-        if frontend is not None:
-            frontend.stop()
-        # Don't wait for a running teach/ask: interrupting the model ends its generation at the
-        # next token, and a pending background fingerprint is dropped (the store keeps the concept).
-        executor.shutdown(timeout_sec=0, wait_for_threads=False)
-        if assistant is not None:
-            assistant.close(wait=False)
-        node.destroy_node()
-        if rclpy.ok():
-            rclpy.shutdown()
+        stop_ros(node, executor, shut_down(frontend, assistant))
     return code
 
 

@@ -63,7 +63,7 @@ def resolve_checkpoint(model: str) -> Path:
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
     raise PersonalVLMError(
         f"the weights of {model!r} are not in the Hugging Face cache and could not be downloaded "
-        f"({reason}). Run `huggingface-cli download {model}` on a machine with network and copy "
+        f"({reason}). Run `hf download {model}` on a machine with network and copy "
         "~/.cache/huggingface over, or set `model` to a local checkpoint folder.")
 
 

@@ -85,6 +85,7 @@ class Generation:
     text: str
     token_ids: list[int]
     prompt: Prompt
+    stopped: bool = False            # the on_text callback ended generation early
 
 
 Part = str | ImageTokens | Memory
@@ -332,8 +333,14 @@ class VLMAdapter(ABC):
         logits = self.model.lm_head(out.last_hidden_state[:, -1])               # (1, V)
         return logits.float(), out.past_key_values
 
-    def generate(self, parts: list[Part], max_new_tokens: int = 64, system: str | None = None) -> Generation:
-        """Greedy decoding from the templated prompt; stops at the model's end-of-turn tokens."""
+    def generate(self, parts: list[Part], max_new_tokens: int = 64, system: str | None = None,
+                 on_text=None) -> Generation:
+        """Greedy decoding from the templated prompt; stops at the model's end-of-turn tokens.
+
+        ``on_text(text_so_far)`` is called after every generated token with the decoded answer so
+        far; returning False stops generation there (``Generation.stopped``), e.g. on a cancel.
+        """
+        stopped = False
         with self._lock, torch.inference_mode():
             prompt = self.build(parts, system=system)
             logits, cache = self._run(prompt.inputs_embeds, prompt.position_ids, **prompt.lm_inputs)
@@ -346,12 +353,16 @@ class VLMAdapter(ABC):
                 if token in self._stop_ids:
                     break
                 generated.append(token)
+                if on_text is not None and on_text(
+                        self.tokenizer.decode(generated, skip_special_tokens=True).strip()) is False:
+                    stopped = True
+                    break
                 if step + 1 == max_new_tokens:
                     break
                 step_embeds = embed(torch.tensor([[token]], device=self.device))
                 logits, cache = self._run(step_embeds, self._step_position(prompt.next_position + step), cache)
         text = self.tokenizer.decode(generated, skip_special_tokens=True)
-        return Generation(text.strip(), generated, prompt)
+        return Generation(text.strip(), generated, prompt, stopped)
 
     def interrupt(self) -> None:
         """Make running and future generations stop at their next token (used at shutdown)."""

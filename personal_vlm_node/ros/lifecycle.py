@@ -1,0 +1,136 @@
+"""The node as a managed (lifecycle) node: ``ros2 run personal_vlm_node assistant_lifecycle_node``.
+
+Same parameters, topics, services and action as :mod:`.node`, driven by the standard transitions
+(``ros2 lifecycle set /personal_vlm configure`` …):
+
+- configure: load the model and the concept store (the slow part; a failure says why and the node
+  stays unconfigured);
+- activate: subscribe to the camera, publish detections, serve the services and the ask action;
+- deactivate: stop processing frames and serving (requests in flight are interrupted and answered);
+- cleanup: free the model;
+- shutdown: both, from any state.
+
+The node's pieces are the plain node's (:class:`.node.AssistantNode`, :class:`.node.NodeParameters`);
+only the order in which they are made differs.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+
+from ..errors import PersonalVLMError
+from .node import (NODE_NAME, AssistantNode, NodeParameters, init_ros, open_assistant, ready_line, shut_down,
+                   spin_until_signal, stop_ros)
+
+
+def _lifecycle_node_class():
+    from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
+
+    class AssistantLifecycleNode(LifecycleNode):
+        def __init__(self, **kwargs):
+            super().__init__(NODE_NAME, **kwargs)
+            self.parameters: NodeParameters | None = None
+            self.assistant = None
+            self.frontend: AssistantNode | None = None
+
+        def declare(self) -> None:
+            """Declare and check the parameters (a PersonalVLMError names the bad ones)."""
+            self.parameters = NodeParameters(self)
+
+        # ---- transitions ------------------------------------------------------------------
+        def on_configure(self, state):
+            try:
+                self.assistant, band = open_assistant(self.parameters.values, self.get_logger())
+            except PersonalVLMError as exc:
+                self.get_logger().error(f"configure failed: {exc}")
+                return TransitionCallbackReturn.FAILURE
+            self.parameters.attach(self.assistant, band)
+            self.get_logger().info(
+                "configured: " + ready_line(self.parameters.values, self.assistant).removeprefix("ready: ")
+                + "; activate to start serving")
+            return TransitionCallbackReturn.SUCCESS
+
+        def on_activate(self, state):
+            self.frontend = AssistantNode(self, self.assistant, self.parameters.values)
+            self.parameters.frontend = self.frontend
+            self.frontend.start()
+            self.get_logger().info(self.frontend.describe())
+            self.get_logger().info(ready_line(self.parameters.values, self.assistant))
+            return super().on_activate(state)
+
+        def on_deactivate(self, state):
+            self._stop_serving()
+            self.get_logger().info("inactive: camera frames and requests are no longer processed")
+            return super().on_deactivate(state)
+
+        def on_cleanup(self, state):
+            self._free_model()
+            self.get_logger().info("unconfigured: the model is unloaded")
+            return TransitionCallbackReturn.SUCCESS
+
+        def on_shutdown(self, state):
+            self.release()
+            return TransitionCallbackReturn.SUCCESS
+
+        def on_error(self, state):
+            self.release()
+            return TransitionCallbackReturn.SUCCESS
+
+        # ---- the shared pieces ------------------------------------------------------------
+        def _stop_serving(self) -> None:
+            if self.frontend is not None:
+                self.parameters.frontend = None
+                self.frontend.destroy()
+                self.frontend = None
+
+        def _free_model(self) -> None:
+            if self.assistant is not None:
+                self.parameters.detach()
+                self.assistant.close()
+                self.assistant = None
+                gc.collect()
+
+        def release(self) -> bool:
+            """Stop serving and free the model without waiting for slow work (shutdown, Ctrl-C);
+            True if every request in flight answered."""
+            drained = shut_down(self.frontend, self.assistant)
+            if self.frontend is not None:
+                if self.parameters is not None:
+                    self.parameters.frontend = None
+                self.frontend = None
+            if self.assistant is not None:
+                self.parameters.detach()
+                self.assistant = None
+            return drained
+
+    return AssistantLifecycleNode
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rclpy.executors import MultiThreadedExecutor
+
+    init_ros(argv)
+    node = _lifecycle_node_class()()
+    log = node.get_logger()
+    code = 0
+    # One thread more than the plain node: the lifecycle services.
+    executor = MultiThreadedExecutor(num_threads=AssistantNode.EXECUTOR_THREADS + 1)
+    executor.add_node(node)
+    try:
+        node.declare()
+        log.info(f"unconfigured: `ros2 lifecycle set {node.get_fully_qualified_name()} configure` loads "
+                 f"{node.parameters.values['model']}, then `… activate` starts serving")
+        spin_until_signal(executor)
+    except PersonalVLMError as exc:
+        log.error(str(exc))
+        code = 2
+    except KeyboardInterrupt:
+        print(f"[{NODE_NAME}] shutting down", file=sys.stderr, flush=True)
+    finally:
+        stop_ros(node, executor, node.release())
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
