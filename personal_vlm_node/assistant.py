@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+
+import torch
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
@@ -96,6 +98,10 @@ def _frame_encoder(vlm: VLMAdapter, options: AssistantOptions, progress):
     """The frame path's vision encoder for ``options.backend``; None = the model's torch tower."""
     if options.backend == "torch":
         return None
+    if options.backend == "auto":
+        from .runtime.auto import auto_encoder
+
+        return auto_encoder(vlm, cache_dir=options.engine_cache, progress=progress)
     try:
         from .runtime import make_encoder
     except ImportError as exc:
@@ -121,6 +127,19 @@ def expand_rois(rois, pictures) -> list:
             raise PersonalVLMError("a region of interest is four numbers: x, y, width, height")
         out.append(ego.check_roi(roi, picture.size))
     return out
+
+
+def _install_yield_points(vlm: VLMAdapter, yield_point) -> list:
+    """Call ``yield_point`` before every linear layer of the language model and its head.
+
+    A verification (a language-model pass on the verifier's thread) then pauses within
+    milliseconds when a frame starts encoding; on other threads the call returns at once.
+    """
+    modules = [m for m in vlm.language_model.modules() if isinstance(m, torch.nn.Linear)]
+    head = getattr(vlm.model, "lm_head", None)
+    if isinstance(head, torch.nn.Linear):
+        modules.append(head)
+    return [m.register_forward_pre_hook(lambda module, args: yield_point()) for m in modules]
 
 
 class Assistant:
@@ -152,7 +171,9 @@ class Assistant:
         self.encoder = encoder if encoder is not None else _frame_encoder(vlm, options, self.progress)
         self.tracker = Tracker(k=options.tracker_k, n=options.tracker_n)
         self.verification = options.verification
-        self.verifier = VerificationQueue(self._verify_uncertain, max_per_second=options.verifications_per_second)
+        self.verifier = VerificationQueue(self._verify_uncertain, max_per_second=options.verifications_per_second,
+                                          max_busy_fraction=options.verification_busy_fraction)
+        self._yield_hooks = []
         self._categories: dict[str, str] = {}
         # R2P settles what Ego itself is unsure of (|p_yes - threshold| < r2p_margin).
         self.text_similarity = (r2p.ImageTextSimilarity(options.verifier_model, device=str(vlm.device))
@@ -163,6 +184,7 @@ class Assistant:
         self.r2p_pool = options.r2p_pool
         self._reference_cache: dict[tuple, object] = {}     # (name, what, updated) → tokens / embeddings
         if self.verification:
+            self._yield_hooks = _install_yield_points(vlm, self.verifier.yield_point)
             self.verifier.start()
         self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fingerprint")
         self._teach_lock = threading.Lock()
@@ -207,6 +229,7 @@ class Assistant:
         if self._watch_thread is None or not self._watch_thread.is_alive():
             self._watcher.close()
         self.verifier.stop()
+        self._remove_yield_points()
         self._background.shutdown(wait=wait, cancel_futures=not wait)
 
     def __enter__(self):
@@ -529,10 +552,17 @@ class Assistant:
             return
         self.verification = enabled
         if enabled:
+            self._yield_hooks = _install_yield_points(self.vlm, self.verifier.yield_point)
             self.verifier.start()
         else:
             self.verifier.stop()
+            self._remove_yield_points()
             self.verifier.invalidate(lambda key: True)
+
+    def _remove_yield_points(self) -> None:
+        for handle in self._yield_hooks:
+            handle.remove()
+        self._yield_hooks = []
 
     def set_r2p_margin(self, margin: float) -> None:
         """Ego p(yes) this close to its threshold is settled by R2P; 0 = never."""
@@ -552,6 +582,10 @@ class Assistant:
         concept); a fresh verdict from it counts on this frame, a pending one does not wait.
         The tracker then applies k-of-n hysteresis and smooths the boxes.
         """
+        with self.verifier.frame():          # the verifier pauses while this frame is processed
+            return self._observe(frame)
+
+    def _observe(self, frame) -> FrameResult:
         t0 = time.perf_counter()
         tokens = self.vlm.encode_image(frame, encoder=self.encoder)
         t1 = time.perf_counter()

@@ -102,15 +102,27 @@ def _plant(assistant, first: int, count: int, frame_tokens: torch.Tensor, k: int
 
 
 def bench_introduction(assistant, repeats: int) -> dict:
+    """Teach ``repeats`` concepts after one untimed warm-up teach.
+
+    ``ego_vs_fingerprint``: Ego's own steps (everything after the shared image encoding, until
+    the concept is usable) over R2P's fingerprint generation for the same image, median of the
+    per-repeat ratios.
+    """
     steps: dict[str, list[float]] = {}
-    tokens = []
+    tokens, ratios = [], []
+    assistant.teach("bench warm-up", [_picture(448, 99)], overwrite=True).wait_fingerprint()
     for r in range(repeats):
         result = assistant.teach(f"bench concept {r}", [_picture(448, 100 + r)], overwrite=True)
         result.wait_fingerprint()
         for step, seconds in result.timings.items():
             steps.setdefault(step, []).append(seconds)
         tokens.append(result.memory_tokens)
-    return {"median_seconds": {s: _median(v) for s, v in steps.items()}, "memory_tokens": tokens}
+        if result.timings.get("fingerprint"):
+            ratios.append((result.timings["usable"] - result.timings.get("encode", 0.0))
+                          / result.timings["fingerprint"])
+    assistant.forget("bench warm-up")
+    return {"median_seconds": {s: _median(v) for s, v in steps.items()}, "memory_tokens": tokens,
+            "ego_vs_fingerprint": _median(ratios)}
 
 
 def bench_encoders(vlm, backends: list[str], repeats: int, cache_dir: Path) -> dict:
@@ -171,21 +183,68 @@ def bench_ask(assistant, frame_tokens: torch.Tensor, repeats: int, k: int) -> di
     return out
 
 
+NODE_PERIOD_S = 0.5          # the node's default process_rate_hz (2) as a period
+
+
 def bench_verification(vlm, store, frames: int) -> dict:
-    """Frame-path latency with every score uncertain, verification on vs off."""
+    """Frame-path latency with every score uncertain, verification on vs off, default budget.
+
+    Frames come at a camera period, as in the node: the node's default rate (2 Hz) or, when the
+    frame path is slower, twice its median time without verification (the frame path half
+    busy), so verification has the idle time the node leaves it. Two untimed warm-up frames
+    precede each series. Throughput: verdicts delivered per second of the series.
+    """
     from .assistant import Assistant
 
-    out = {}
+    out: dict = {}
+    period = None
     for enabled in (False, True):
         # Thresholds outside the score range: every concept is "uncertain" on every frame.
         options = AssistantOptions(accept_threshold=2.0, reject_threshold=-2.0, verification=enabled)
         with Assistant(vlm, store, progress=None, rebuild=False, options=options) as assistant:
-            times = [assistant.observe(_picture(224, 300 + i)).timings["total"] for i in range(frames)]
-            out["on" if enabled else "off"] = {"median_s": _median(times), "p95_s": _p95(times)}
+            warm = [assistant.observe(_picture(224, 290 + i)).timings["total"] for i in range(2)]
+            if period is None:
+                period = max(NODE_PERIOD_S, 2.0 * _median(warm))
+            assistant.verifier.stats.update(verified=0, busy_seconds=0.0)
+            times = []
+            start = time.perf_counter()
+            for i in range(frames):
+                due = start + i * period
+                time.sleep(max(0.0, due - time.perf_counter()))
+                times.append(assistant.observe(_picture(224, 300 + i)).timings["total"])
+            elapsed = time.perf_counter() - start
+            entry = {"median_s": _median(times), "p95_s": _p95(times)}
             if enabled:
-                out["on"]["verified"] = assistant.verifier.stats["verified"]
+                stats = assistant.verifier.stats
+                entry.update(verified=stats["verified"], verifications_per_s=stats["verified"] / elapsed,
+                             busy_fraction=stats["busy_seconds"] / elapsed, yields=stats["yields"],
+                             budget=f"{options.verifications_per_second:g}/s, busy ≤ "
+                                    f"{options.verification_busy_fraction:.0%}")
+            out["on" if enabled else "off"] = entry
+    out["frame_period_s"] = period
+    out["warmup_frames"] = 2
     out["p95_ratio"] = out["on"]["p95_s"] / out["off"]["p95_s"]
     return out
+
+
+def cpu_info() -> dict:
+    """The CPU model and flags (Linux /proc/cpuinfo), and what torch dispatches to."""
+    info: dict = {"capability": torch.backends.cpu.get_cpu_capability()}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and "model" not in info:
+            info["model"] = value.strip()
+        elif key == "flags" and "flags" not in info:
+            info["flags"] = value.split()
+    flags = set(info.get("flags", ()))
+    info["matmul_flags"] = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16",
+                                        "amx_tile", "amx_bf16", "amx_int8") if f in flags]
+    return info
 
 
 def run_bench(model: str | None, size: str = "tiny", device: str = "auto", dtype: str = "float32",
@@ -207,8 +266,12 @@ def run_bench(model: str | None, size: str = "tiny", device: str = "auto", dtype
         "device": str(vlm.device), "dtype": str(vlm.dtype).replace("torch.", ""),
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                     "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-                    "torch": torch.__version__},
-        "repeats": repeats, "load_seconds": time.perf_counter() - t0,
+                    "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                    "cpu": cpu_info()},
+        "repeats": repeats,
+        "method": ("medians over the repeats (p95 where stated); one untimed warm-up run precedes every "
+                   "timed series (teach, each encoder size, matcher; not ask); verification: two warm-up "
+                   "frames, then frames at a camera period"), "load_seconds": time.perf_counter() - t0,
     }
     with tempfile.TemporaryDirectory(prefix="bench-store-") as store_dir:
         store = ConceptStore(store_dir)
@@ -243,6 +306,9 @@ def run_bench(model: str | None, size: str = "tiny", device: str = "auto", dtype
         report["encoder"]["torch_bfloat16"] = {
             str(s): {"median_s": _median(_timed(lambda: vlm.encode_image(_picture(s, s)), repeats))}
             for s in FRAME_SIZES}
+    at_448 = {name: e["448"]["median_s"] for name, e in report["encoder"].items() if "448" in e}
+    if at_448:
+        report["fastest_encoder_448"] = min(at_448, key=at_448.get)    # what encoder_backend auto measures
     torch_448 = report["encoder"].get("torch", {}).get("448", {}).get("median_s")
     ort_448 = report["encoder"].get("onnxruntime", {}).get("448", {}).get("median_s")
     if torch_448 and ort_448:
@@ -254,8 +320,14 @@ def run_bench(model: str | None, size: str = "tiny", device: str = "auto", dtype
 
 def format_table(report: dict) -> str:
     rows = [("model", report["model"]), ("device / dtype", f"{report['device']} / {report['dtype']}")]
+    cpu = report["machine"].get("cpu", {})
+    rows.append(("cpu", f"{cpu.get('model', '?')} ({report['machine']['cpu_count']} cores; "
+                        f"{' '.join(cpu.get('matmul_flags', [])) or 'no flags read'})"))
+    rows.append(("method", f"median of {report['repeats']} after 1 warm-up run"))
     for step, seconds in report["introduction"]["median_seconds"].items():
         rows.append((f"teach: {step}", f"{seconds:.3f} s"))
+    intro = report["introduction"]
+    rows.append(("teaching: Ego usable vs R2P fingerprint", f"{intro['ego_vs_fingerprint']:.2f}"))
     for backend, entry in report["encoder"].items():
         if "unavailable" in entry:
             rows.append((f"encoder {backend}", "unavailable"))
@@ -265,6 +337,8 @@ def format_table(report: dict) -> str:
                 rows.append((f"encoder {backend} {size}px", f"{entry[str(size)]['median_s']:.3f} s"))
     if "onnxruntime_speedup_448" in report:
         rows.append(("onnxruntime vs torch fp32, 448px", f"{report['onnxruntime_speedup_448']:.2f}×"))
+    if "fastest_encoder_448" in report:
+        rows.append(("fastest encoder here, 448px", report["fastest_encoder_448"]))
     for count, entry in report["matcher"].items():
         rows.append((f"matcher {int(count):,} concepts", f"{entry['median_s'] * 1000:.1f} ms"))
     if "matcher_10000_vs_fastest_encoder_448" in report:
@@ -276,7 +350,11 @@ def format_table(report: dict) -> str:
     rows.append(("tokens per concept / per image", f"{tokens['per_concept_mean']:.1f} / {tokens['per_image_448']}"))
     v = report["verification"]
     rows.append(("frame p95, verification off / on",
-                 f"{v['off']['p95_s']:.3f} s / {v['on']['p95_s']:.3f} s ({v['p95_ratio']:.2f}×)"))
+                 f"{v['off']['p95_s']:.3f} s / {v['on']['p95_s']:.3f} s ({v['p95_ratio']:.2f}×), "
+                 f"a frame every {v['frame_period_s']:.2f} s"))
+    rows.append(("verification throughput",
+                 f"{v['on']['verifications_per_s']:.2f} /s ({v['on']['verified']} verdicts, "
+                 f"busy {v['on']['busy_fraction']:.0%}, {v['on']['budget']})"))
     rows.append(("peak RSS", f"{report['peak_memory']['rss_mb']:.0f} MB"))
     if "cuda_allocated_mb" in report["peak_memory"]:
         rows.append(("peak CUDA memory", f"{report['peak_memory']['cuda_allocated_mb']:.0f} MB"))

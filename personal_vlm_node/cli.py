@@ -20,7 +20,7 @@ from pathlib import Path
 from . import evaluation
 from .errors import PersonalVLMError
 from .images import IMAGE_SUFFIXES
-from .options import BACKENDS, DEFAULT_MODEL, DTYPES, EXPORT_OPSET, PRECISIONS, RANDOM_MODEL_SIZES, AssistantOptions
+from .options import BACKENDS, DEFAULT_MODEL, DTYPES, ENCODER_CHOICES, EXPORT_OPSET, PRECISIONS, RANDOM_MODEL_SIZES, AssistantOptions
 from .output import stderr_progress
 
 
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     detect = sub.add_parser("detect", help="named detections on an image, a folder of frames or a video")
     detect.add_argument("source", help="image file, folder of images (natural order: 2 before 10) or video file")
-    detect.add_argument("--backend", default="torch", choices=BACKENDS,
+    detect.add_argument("--backend", default="torch", choices=ENCODER_CHOICES,
                         help="vision encoder backend")
     detect.add_argument("--engine-cache", default=None, help="cache for exported encoders / engines")
     detect.add_argument("--verify", action="store_true", help="settle uncertain scores with the model")

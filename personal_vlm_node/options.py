@@ -13,6 +13,7 @@ from .errors import PersonalVLMError
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
 BACKENDS = ("torch", "onnxruntime", "tensorrt")          # vision encoder on the frame path
+ENCODER_CHOICES = BACKENDS + ("auto",)                   # auto: the fastest here, measured once
 PRECISIONS = ("fp16", "fp32")                            # TensorRT engine precision
 DTYPES = ("auto", "float32", "bfloat16", "float16")      # weight precision of the model
 EXPORT_OPSET = 20              # ONNX opset of exported encoders: dynamo needs ≥ 18, TensorRT 10 parses ≤ 22
@@ -33,13 +34,14 @@ class AssistantOptions:
     ``None`` thresholds and ``max_concepts_in_context`` keep the model profile's values.
     """
 
-    backend: str = "torch"                    # frame-path vision encoder: one of BACKENDS
+    backend: str = "torch"                    # frame-path vision encoder: one of ENCODER_CHOICES
     engine_cache: str | None = None           # exported ONNX files / TensorRT engines; None = default
     accept_threshold: float | None = None     # match score that detects without verification
     reject_threshold: float | None = None     # match score that rejects without verification
     max_concepts_in_context: int | None = None   # M: memories in one /ask prompt
     verification: bool = True                 # settle uncertain matches with the model
     verifications_per_second: float = 2.0
+    verification_busy_fraction: float = 0.5   # most of the time the verifier may compute (see verifier.py)
     verifier_model: str | None = None         # CLIP/SigLIP id or folder for R2P; None = the VLM's yes/no
     r2p_margin: float | None = None           # Ego p(yes) this close to its threshold goes to R2P; None = profile's
     r2p_top_k: int = 3
@@ -49,11 +51,15 @@ class AssistantOptions:
 
     def check(self) -> None:
         """Refuse settings that cannot work, with what to change."""
-        if self.backend not in BACKENDS:
-            raise PersonalVLMError(f"unknown encoder backend {self.backend!r}; use one of {', '.join(BACKENDS)}")
+        if self.backend not in ENCODER_CHOICES:
+            raise PersonalVLMError(f"unknown encoder backend {self.backend!r}; "
+                                   f"use one of {', '.join(ENCODER_CHOICES)}")
         if self.accept_threshold is not None and self.reject_threshold is not None:
             problem = check_thresholds(self.accept_threshold, self.reject_threshold)
             if problem:
                 raise PersonalVLMError(problem)
+        if not 0.0 < self.verification_busy_fraction <= 1.0:
+            raise PersonalVLMError("verification_busy_fraction must lie in (0, 1], got "
+                                   f"{self.verification_busy_fraction!r}")
         if self.r2p_margin is not None and not 0.0 <= self.r2p_margin <= 0.5:
             raise PersonalVLMError(f"r2p_margin must lie in [0, 0.5], got {self.r2p_margin!r}")

@@ -6,9 +6,20 @@ one exists, else the request is queued and `None` comes back (the detection stay
 this frame). One worker thread runs the slow `verify` function (Ego's in-context check, then R2P)
 on the queued requests.
 
-Budget: a token bucket of capacity 1 refilled at `max_per_second` tokens per second; each
-verification spends one token, so on average at most `max_per_second` run per second, and never
-two back to back faster than 1 / max_per_second after the first.
+Budget, in rate and in time. A token bucket of capacity 1 refilled at `max_per_second` tokens per
+second; each verification spends one token, so on average at most `max_per_second` run per
+second. A rate is not a time budget (one verification can take seconds on a CPU), so the busy
+fraction is capped too: after a verification that kept the worker busy for d seconds, the next
+one starts no earlier than d·(1−f)/f later, f = `max_busy_fraction`; over any stretch the worker
+computes at most about f of the time.
+
+Frames first. The frame path wraps each frame in `with queue.frame():`. The worker starts no
+verification while a frame is in flight, and a running one pauses at its next `yield_point()`
+(the caller wires that into the model, e.g. before every linear layer) until no frame is in
+flight; time spent paused does not count as busy. Verification thus runs in the frame path's idle
+time. So that verdicts still arrive when frames come back to back, one verification is held back
+by frames (before it starts and while paused) for at most `max_defer_seconds` in all; after that
+it runs through, still under the busy-fraction cap.
 
 Queue: at most `max_pending` requests, oldest first. A key that is already pending keeps its
 place and takes the newest payload (the latest frame is the one worth checking); when the queue
@@ -26,7 +37,8 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,24 +70,37 @@ class VerificationQueue:
         cache_seconds: float = 5.0,
         max_pending: int = 4,
         clock: Callable[[], float] = time.monotonic,
+        max_busy_fraction: float = 0.5,
+        max_defer_seconds: float = 10.0,
     ) -> None:
         if not max_per_second > 0:
             raise PersonalVLMError(f"max_per_second must be > 0, got {max_per_second!r}")
         if not cache_seconds >= 0:
             raise PersonalVLMError(f"cache_seconds must be >= 0, got {cache_seconds!r}")
+        if not 0.0 < max_busy_fraction <= 1.0:
+            raise PersonalVLMError(f"max_busy_fraction must lie in (0, 1], got {max_busy_fraction!r}")
+        if not max_defer_seconds >= 0:
+            raise PersonalVLMError(f"max_defer_seconds must be >= 0, got {max_defer_seconds!r}")
         if not isinstance(max_pending, int) or max_pending < 1:
             raise PersonalVLMError(f"max_pending must be an integer >= 1, got {max_pending!r}")
         self._verify = verify
         self.max_per_second = float(max_per_second)
         self.cache_seconds = float(cache_seconds)
         self.max_pending = max_pending
+        self.max_busy_fraction = float(max_busy_fraction)
+        self.max_defer_seconds = float(max_defer_seconds)
+        self._held_since: float | None = None  # when frames first held back the next start
         self._clock = clock
+        self._not_before = -float("inf")  # busy-fraction cap: no verification starts before this
+        self._frames_in_flight = 0
+        self._worker_local = threading.local()  # .verifying: this thread runs `verify` now
         self._cond = threading.Condition()
         self._pending: OrderedDict[Hashable, Request] = OrderedDict()
         self._cache: dict[Hashable, tuple[Result, float]] = {}  # key -> (result, finished at)
         self._inflight: Hashable | None = None
         self._inflight_cancelled = False
         self._has_inflight = False
+        self._deferred_before_start = 0.0
         self._tokens = 1.0  # token bucket level, capacity 1 (burst 1)
         self._refilled_at = clock()
         self._waiting_for_budget = False
@@ -88,6 +113,9 @@ class VerificationQueue:
             "dropped": 0,  # pending requests evicted by newer ones
             "cache_hits": 0,  # submit() calls answered from the cache
             "budget_waits": 0,  # verifications that had to wait for the budget
+            "busy_seconds": 0.0,  # time spent in verify(), pauses excluded
+            "yields": 0,  # pauses of a running verification for a frame
+            "yield_seconds": 0.0,  # time running verifications spent paused
         }
 
     # ------------------------------------------------------------ frame path
@@ -145,6 +173,44 @@ class VerificationQueue:
         with self._cond:
             return list(self._pending)
 
+    @contextmanager
+    def frame(self) -> Iterator[None]:
+        """Mark a frame in flight: verification does not start and pauses at its yield points."""
+        with self._cond:
+            self._frames_in_flight += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._frames_in_flight -= 1
+                if self._frames_in_flight == 0:
+                    self._cond.notify_all()
+
+    def yield_point(self) -> None:
+        """Pause the running verification while a frame is in flight; a no-op on other threads.
+
+        Cheap enough to call before every layer of the model (one attribute read when idle).
+        """
+        local = self._worker_local
+        if (not getattr(local, "verifying", False) or not self._frames_in_flight
+                or local.deferred >= self.max_defer_seconds):
+            return
+        with self._cond:
+            if not self._frames_in_flight:
+                return
+            self.stats["yields"] += 1
+            local = self._worker_local
+            paused_at = self._clock()
+            while self._frames_in_flight and not self._stopping:
+                left = self.max_defer_seconds - local.deferred - (self._clock() - paused_at)
+                if left <= 0:
+                    break                   # held back long enough: run through
+                self._cond.wait(timeout=left)
+            paused = self._clock() - paused_at
+            self.stats["yield_seconds"] += paused
+            local.paused += paused
+            local.deferred += paused
+
     # ---------------------------------------------------------------- worker
     def start(self) -> None:
         """Start the worker thread (no-op if it runs)."""
@@ -173,6 +239,7 @@ class VerificationQueue:
             return False
         with self._cond:
             self._thread = None
+            self._stopping = False   # verify_next() may still drive the queue by hand
         return True
 
     def verify_next(self) -> bool:
@@ -197,19 +264,29 @@ class VerificationQueue:
                     return
                 request, wait = self._take(self._clock())
                 if request is None:
-                    # Sleep until a token is due; a stop or a new submit wakes us earlier,
-                    # which is harmless: the loop re-checks.
+                    # Sleep until a token or the busy cap is due; a stop, a new submit or a
+                    # frame's end wakes us earlier, which is harmless: the loop re-checks.
                     self._cond.wait(timeout=wait)
                     continue
             self._execute(request)
 
     def _take(self, now: float) -> tuple[Request | None, float]:
-        """Pop the oldest request and spend a token, or say how long until a token is due.
+        """Pop the oldest request and spend a token, or say how long until one may start.
 
-        Called with the lock held.
+        Nothing starts while a frame is in flight, unless frames have held this start back for
+        `max_defer_seconds` (a frame's end wakes the worker earlier). Called with the lock held.
         """
         if not self._pending:
+            self._held_since = None
             return None, 0.0
+        if now < self._not_before:
+            return None, self._not_before - now
+        if self._frames_in_flight:
+            if self._held_since is None:
+                self._held_since = now
+            left = self.max_defer_seconds - (now - self._held_since)
+            if left > 0:
+                return None, left
         self._tokens = min(1.0, self._tokens + (now - self._refilled_at) * self.max_per_second)
         self._refilled_at = now
         if self._tokens < 1.0:
@@ -219,6 +296,8 @@ class VerificationQueue:
             return None, (1.0 - self._tokens) / self.max_per_second
         self._tokens -= 1.0
         self._waiting_for_budget = False
+        self._deferred_before_start = 0.0 if self._held_since is None else now - self._held_since
+        self._held_since = None
         key, request = self._pending.popitem(last=False)
         self._inflight = key
         self._has_inflight = True
@@ -226,24 +305,40 @@ class VerificationQueue:
         return request, 0.0
 
     def _execute(self, request: Request) -> None:
-        """Run `verify` outside the lock and store its result."""
+        """Run `verify` outside the lock, store its result and set the busy-fraction pause."""
+        local = self._worker_local
+        local.verifying, local.paused = True, 0.0
+        local.deferred = self._deferred_before_start
+        started = self._clock()
         try:
             result = self._verify(request)
         except Exception:  # a failing verifier must not take the worker down
             log.exception("verification of %r failed", request.key)
             with self._cond:
+                self._spent(started, local.paused)
                 self.stats["errors"] += 1
                 self._has_inflight = False
                 self._inflight = None
             return
+        finally:
+            local.verifying = False
         with self._cond:
+            now = self._spent(started, local.paused)
             self.stats["verified"] += 1
-            now = self._clock()
             if not self._inflight_cancelled:
                 self._prune(now)
                 self._cache[request.key] = (result, now)
             self._has_inflight = False
             self._inflight = None
+
+    def _spent(self, started: float, paused: float) -> float:
+        """Account one verification's busy time and push the next start back; return now."""
+        now = self._clock()
+        busy = max(0.0, now - started - paused)
+        self.stats["busy_seconds"] += busy
+        f = self.max_busy_fraction
+        self._not_before = now + busy * (1.0 - f) / f
+        return now
 
     # --------------------------------------------------------------- helpers
     def _fresh(self, key: Hashable, now: float) -> tuple[Result, float] | None:

@@ -27,9 +27,15 @@ def test_bench_writes_every_figure_and_prints_a_table(tmp_path, monkeypatch, cap
     assert {int(c): e["concepts_in_context"] for c, e in report["ask"].items()} == {0: 0, 1: 1, 5: 5, 20: 5}
     assert report["tokens"]["per_concept_mean"] <= report["tokens"]["per_image_448"]
     assert report["verification"]["p95_ratio"] > 0 and report["verification"]["on"]["p95_s"] > 0
+    assert report["verification"]["frame_period_s"] >= bench.NODE_PERIOD_S
+    assert report["verification"]["on"]["verifications_per_s"] >= 0
+    assert report["introduction"]["ego_vs_fingerprint"] > 0
+    assert report["fastest_encoder_448"] in ("torch", "torch_bfloat16")
+    assert report["machine"]["cpu"]["capability"] and "warm-up" in report["method"]
     assert report["peak_memory"]["rss_mb"] > 0
     table = capsys.readouterr().out
     assert "matcher 10,000 concepts" in table and "frame p95, verification off / on" in table
+    assert "teaching: Ego usable vs R2P fingerprint" in table and "verification throughput" in table
 
 
 def test_bench_runs_unchanged_on_a_given_checkpoint_of_other_families(tiny_checkpoints, tmp_path):

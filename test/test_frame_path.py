@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -124,7 +125,7 @@ def test_settings_change_while_running_and_bad_ones_are_refused(make):
     a = make()
     a.set_thresholds(accept=0.9, reject=0.2)
     assert a.thresholds() == (0.9, 0.2)
-    with pytest.raises(PersonalVLMError, match=r"reject threshold \(0.95\) must be below accept threshold \(0.9\)"):
+    with pytest.raises(PersonalVLMError, match=r"reject_threshold \(0.95\) must be below accept_threshold \(0.9\)"):
         a.set_thresholds(reject=0.95)
     assert a.thresholds() == (0.9, 0.2)
     a.set_max_concepts_in_context(3)
@@ -133,10 +134,11 @@ def test_settings_change_while_running_and_bad_ones_are_refused(make):
     assert a.r2p_margin == 0.3
     with pytest.raises(PersonalVLMError, match="r2p margin"):
         a.set_r2p_margin(0.9)
+    linears = [m for m in a.vlm.language_model.modules() if isinstance(m, torch.nn.Linear)]
     a.set_verification(True)
-    assert a.verification is True
+    assert a.verification is True and all(m._forward_pre_hooks for m in linears)
     a.set_verification(False)
-    assert a.verification is False
+    assert a.verification is False and not any(m._forward_pre_hooks for m in linears)
 
 
 def test_when_ego_is_unsure_r2p_settles_and_keeps_every_stage(adapters, tmp_path):
@@ -254,3 +256,35 @@ def test_a_concept_whose_rebuild_fails_is_not_matched(adapters, tmp_path):
         assert intern.unmatched == {"mug"}
     finally:
         intern.close()
+
+
+def test_a_verification_pauses_inside_the_language_model_while_a_frame_is_processed(make):
+    a = make("qwen2_5_vl", verification=True)
+    a.verifier.stop()                                 # drive the queue by hand
+    linears = [m for m in a.vlm.language_model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(m._forward_pre_hooks for m in linears)
+    reached, release = threading.Event(), threading.Event()
+    calls = []
+
+    def verify(request):                              # one LM pass, as a verification does
+        reached.set()
+        release.wait(5.0)
+        a.vlm.yes_probability(["Is this a mug?"])
+        calls.append(request.key)
+        return {"present": False, "p_yes": 0.0, "source": "ego"}
+
+    a.verifier._verify = verify
+    a.verifier.submit("mug", None)
+    worker = threading.Thread(target=a.verifier.verify_next)
+    worker.start()
+    assert reached.wait(5.0)
+    with a.verifier.frame():
+        release.set()
+        deadline = time.monotonic() + 5.0
+        while a.verifier.stats["yields"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert a.verifier.stats["yields"] == 1 and calls == []     # paused at a linear layer
+    worker.join(5.0)
+    assert calls == ["mug"]
+    a.close()
+    assert not any(m._forward_pre_hooks for m in linears)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from personal_vlm_node.errors import PersonalVLMError
-from personal_vlm_node.options import BACKENDS, DTYPES, AssistantOptions, check_thresholds
+from personal_vlm_node.options import BACKENDS, DTYPES, ENCODER_CHOICES, AssistantOptions, check_thresholds
 from personal_vlm_node.profiles import ModelProfile
 
 
@@ -15,11 +15,15 @@ def test_the_backend_and_dtype_lists_are_the_ones_every_front_end_offers():
     from personal_vlm_node.runtime.backends import BACKENDS as RUNTIME_BACKENDS
     from personal_vlm_node.vlm import DTYPES as VLM_DTYPES
 
-    assert BACKENDS == RUNTIME_BACKENDS == PARAMETERS["encoder_backend"].choices == ("torch", "onnxruntime", "tensorrt")
+    assert BACKENDS == RUNTIME_BACKENDS == ("torch", "onnxruntime", "tensorrt")
+    assert ENCODER_CHOICES == PARAMETERS["encoder_backend"].choices == BACKENDS + ("auto",)
     assert DTYPES == VLM_DTYPES == PARAMETERS["dtype"].choices
     parser = build_parser()
     dtype = next(a for a in parser._actions if a.dest == "dtype")
     assert tuple(dtype.choices) == DTYPES
+    detect = parser._subparsers._group_actions[0].choices["detect"]
+    backend = next(a for a in detect._actions if a.dest == "backend")
+    assert tuple(backend.choices) == ENCODER_CHOICES
 
 
 def test_options_refuse_an_unknown_backend_and_a_crossed_band():
@@ -28,6 +32,9 @@ def test_options_refuse_an_unknown_backend_and_a_crossed_band():
     with pytest.raises(PersonalVLMError, match=r"reject_threshold \(0.7\) must be below accept_threshold \(0.5\)"):
         AssistantOptions(accept_threshold=0.5, reject_threshold=0.7).check()
     assert check_thresholds(0.8, 0.55) is None
+    with pytest.raises(PersonalVLMError, match="verification_busy_fraction"):
+        AssistantOptions(verification_busy_fraction=0.0).check()
+    AssistantOptions(backend="auto", verification_busy_fraction=1.0).check()
 
 
 def test_threshold_overrides_merge_with_the_profile_and_are_checked_together():

@@ -392,3 +392,19 @@ def test_export_command_parses_a_fixed_image_size():
     args = build_parser().parse_args(["export-encoder", "--out", "x", "--image-size", "448"])
     assert args.image_size == 448 and args.backend_check is False and args.out == "x"
     assert args.opset == export.DEFAULT_OPSET
+
+
+def test_onnxruntime_feeds_come_to_the_host_as_float32_whatever_the_model_dtype():
+    from personal_vlm_node.runtime.backends import _host_array
+
+    pixels = _host_array(torch.ones(2, 3, dtype=torch.bfloat16))
+    grid = _host_array(torch.tensor([[1, 4, 4]]))
+    assert pixels.dtype.name == "float32" and pixels.sum() == 6.0
+    assert grid.dtype.name == "int64"
+
+
+def test_to_device_on_the_cpu_only_casts():
+    from personal_vlm_node.vlm.base import to_device
+
+    moved = to_device(torch.ones(3), torch.device("cpu"), torch.bfloat16)
+    assert moved.dtype == torch.bfloat16 and moved.device.type == "cpu"

@@ -253,8 +253,175 @@ def test_result_of_verification_invalidated_while_running_is_not_cached():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"max_per_second": 0.0}, {"cache_seconds": -1.0}, {"max_pending": 0}],
+    [{"max_per_second": 0.0}, {"cache_seconds": -1.0}, {"max_pending": 0}, {"max_busy_fraction": 0.0}, {"max_busy_fraction": 1.5}, {"max_defer_seconds": -1.0}],
 )
 def test_invalid_parameters_are_refused(kwargs):
     with pytest.raises(PersonalVLMError):
         VerificationQueue(RecordingVerify(), **kwargs)
+
+
+class TimedVerify(RecordingVerify):
+    """Takes `seconds` of the fake clock per verification."""
+
+    def __init__(self, clock, seconds):
+        super().__init__()
+        self.clock, self.seconds = clock, seconds
+
+    def __call__(self, request):
+        self.clock.now += self.seconds
+        return super().__call__(request)
+
+
+def test_busy_fraction_caps_verification_time_not_just_rate():
+    clock = FakeClock()
+    verify = TimedVerify(clock, seconds=1.0)
+    queue = VerificationQueue(verify, max_per_second=1000.0, max_pending=10, clock=clock, max_busy_fraction=0.25)
+    for i in range(3):
+        queue.submit(("mug", i), i)
+    assert queue.verify_next()                # runs 0 -> 1.0 s
+    # busy 1 s at f = 0.25: idle for 1 * 0.75 / 0.25 = 3 s before the next one.
+    clock.now = 3.99
+    assert not queue.verify_next()
+    clock.now = 4.0
+    assert queue.verify_next()                # runs 4.0 -> 5.0 s
+    clock.now = 7.99
+    assert not queue.verify_next()
+    clock.now = 8.0
+    assert queue.verify_next()
+    assert queue.stats["busy_seconds"] == 3.0
+    assert len(verify.requests) == 3
+
+
+def test_full_busy_fraction_lets_verifications_run_back_to_back():
+    clock = FakeClock()
+    verify = TimedVerify(clock, seconds=1.0)
+    queue = VerificationQueue(verify, max_per_second=1000.0, max_pending=10, clock=clock, max_busy_fraction=1.0)
+    for i in range(3):
+        queue.submit(("mug", i), i)
+    drain(queue)
+    assert len(verify.requests) == 3 and clock.now == 3.0
+
+
+def test_no_verification_starts_while_a_frame_is_in_flight():
+    clock = FakeClock()
+    verify = RecordingVerify()
+    queue = VerificationQueue(verify, max_per_second=1000.0, clock=clock)
+    queue.submit("mug", 1)
+    with queue.frame():
+        assert not queue.verify_next()
+        assert queue.pending == ["mug"]
+    assert queue.verify_next()
+    assert queue.result("mug") == "verdict:1"
+
+
+def test_running_verification_pauses_at_yield_point_until_frame_ends_and_pause_is_not_busy_time():
+    clock = FakeClock()
+    started, go, done = threading.Event(), threading.Event(), threading.Event()
+    queue = None
+
+    def verify(request):
+        clock.now += 1.0                      # 1 s of work before the yield point
+        started.set()
+        go.wait(5.0)
+        queue.yield_point()
+        done.set()
+        return "ok"
+
+    queue = VerificationQueue(verify, max_per_second=1000.0, clock=clock, max_busy_fraction=0.5)
+    queue.submit("mug", None)
+    worker = threading.Thread(target=queue.verify_next)
+    worker.start()
+    assert started.wait(5.0)
+    with queue.frame():
+        go.set()
+        assert wait_until(lambda: queue.stats["yields"] == 1)
+        assert not done.is_set()
+        clock.now += 2.0                      # the frame takes 2 s; verification waits
+    worker.join(5.0)
+    assert done.is_set() and queue.result("mug") == "ok"
+    assert queue.stats["yield_seconds"] == 2.0
+    assert queue.stats["busy_seconds"] == 1.0
+    # Next start: 1 s busy at f = 0.5 -> 1 s after the end (t = 3).
+    queue.submit("cup", None)
+    clock.now = 3.99
+    assert not queue.verify_next()
+    clock.now = 4.0
+    assert queue.verify_next()
+
+
+def test_yield_point_is_a_no_op_outside_a_verification():
+    queue = VerificationQueue(RecordingVerify(), max_per_second=1000.0, clock=FakeClock())
+    with queue.frame():
+        queue.yield_point()                   # the frame thread itself must never block
+    assert queue.stats["yields"] == 0
+
+
+def test_worker_thread_delivers_verdicts_between_frames():
+    queue = VerificationQueue(RecordingVerify(), max_per_second=1000.0, max_busy_fraction=1.0)
+    queue.start()
+    try:
+        with queue.frame():
+            queue.submit("mug", 7)
+            time.sleep(0.05)
+            assert queue.result("mug") is None    # waits for the frame to end
+        assert wait_until(lambda: queue.result("mug") == "verdict:7")
+    finally:
+        assert queue.stop(timeout=5.0)
+
+
+def test_frames_back_to_back_hold_a_verification_back_at_most_max_defer_seconds():
+    clock = FakeClock()
+    started, go = threading.Event(), threading.Event()
+    queue = None
+    yielded_at = []
+
+    def verify(request):
+        queue.yield_point()                   # held 2 s already: must not pause again
+        yielded_at.append(clock.now)
+        return "ok"
+
+    queue = VerificationQueue(verify, max_per_second=1000.0, clock=clock, max_defer_seconds=2.0)
+    queue.submit("mug", None)
+    with queue.frame():
+        assert not queue.verify_next()
+        clock.now = 1.99
+        assert not queue.verify_next()
+    with queue.frame():                       # the next frame follows at once
+        clock.now = 2.0
+        assert queue.verify_next()            # starved long enough: runs despite the frame
+    assert yielded_at == [2.0] and queue.stats["yields"] == 0
+    assert queue.result("mug") == "ok"
+
+
+def test_a_paused_verification_resumes_after_max_defer_seconds_even_if_frames_continue():
+    reached, go, done = threading.Event(), threading.Event(), threading.Event()
+    queue = None
+
+    def verify(request):
+        reached.set()
+        go.wait(5.0)
+        queue.yield_point()
+        done.set()
+        return "ok"
+
+    queue = VerificationQueue(verify, max_per_second=1000.0, max_defer_seconds=0.05)
+    queue.submit("mug", None)
+    worker = threading.Thread(target=queue.verify_next)
+    worker.start()
+    assert reached.wait(5.0)
+    with queue.frame():                       # a frame that never ends, for the verifier
+        go.set()
+        assert done.wait(5.0)
+        assert queue.stats["yields"] == 1
+    worker.join(5.0)
+
+
+def test_worker_starts_a_verification_held_back_by_endless_frames_after_max_defer_seconds():
+    queue = VerificationQueue(RecordingVerify(), max_per_second=1000.0, max_defer_seconds=0.05)
+    queue.start()
+    try:
+        with queue.frame():
+            queue.submit("mug", 3)
+            assert wait_until(lambda: queue.result("mug") == "verdict:3")
+    finally:
+        assert queue.stop(timeout=5.0)

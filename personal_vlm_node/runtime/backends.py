@@ -35,6 +35,7 @@ from ..errors import PersonalVLMError
 from ..output import write_atomic
 from .export import (FORMAT_VERSION, ONNX_NAME, Progress, _write_json_atomic, export_encoder, read_metadata,
                      say_to_stderr)
+from ..vlm.base import to_device
 from ..vlm.graph import VisionGraph, graph_for
 
 from ..options import BACKENDS, PRECISIONS
@@ -161,9 +162,20 @@ class OnnxRuntimeEncoder(_Encoder):
         self._output = session.get_outputs()[0].name
 
     def __call__(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        feeds = {name: value.numpy() for name, value in self._feeds(tensors).items()}
+        feeds = {name: _host_array(value) for name, value in self._feeds(tensors).items()}
         (tokens,) = self.session.run([self._output], feeds)                        # (N, D) float32
-        return torch.from_numpy(tokens).to(self.device, self.dtype)
+        return to_device(torch.from_numpy(tokens), self.device, self.dtype)
+
+
+def _host_array(value: torch.Tensor):
+    """A graph input as numpy: on the CPU, float32 for floating tensors (the graph is float32;
+    numpy has no bfloat16). Tensors of a GPU model come back to the host here, and onnxruntime's
+    GPU providers copy them again (binding device memory directly is not done yet)."""
+    value = value.detach()
+    if value.is_floating_point() and value.dtype != torch.float32:
+        value = value.float()
+    return value.cpu().numpy()
+
 
 
 def _import_onnxruntime():

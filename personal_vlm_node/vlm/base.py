@@ -178,6 +178,14 @@ class PreparedImage:
         return out
 
 
+def to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Move a host tensor to ``device``: through pinned memory without blocking on CUDA (the copy
+    is ordered on the current stream before any kernel that reads it), plainly elsewhere."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        tensor = tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device, dtype) if dtype is not None else tensor.to(device)
+
+
 def prepare_image(source, max_pixels: int = 0) -> PreparedImage:
     """Load, downscale huge images (and any above ``max_pixels``), and pad extreme aspect ratios
     (keeping the mapping back)."""

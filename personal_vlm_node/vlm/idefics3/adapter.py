@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from ..base import EncoderInputs, ImageTokens, PreparedImage, VLMAdapter, grid_boxes
+from ..base import EncoderInputs, ImageTokens, PreparedImage, VLMAdapter, grid_boxes, to_device
 from .graph import Idefics3VisionGraph
 
 
@@ -57,7 +57,7 @@ class Idefics3Adapter(VLMAdapter):
     def preprocess(self, prepared: PreparedImage) -> EncoderInputs:
         inputs = self.image_processor(images=[[prepared.image]], return_row_col_info=True,
                                       return_tensors="pt")
-        tensors = {"pixel_values": inputs["pixel_values"].to(self.device, self.dtype)}  # (1, P, 3, S, S)
+        tensors = {"pixel_values": to_device(inputs["pixel_values"], self.device, self.dtype)}  # (1, P, 3, S, S)
         if inputs.get("pixel_attention_mask") is not None:
             tensors["pixel_attention_mask"] = inputs["pixel_attention_mask"].to(self.device)
         return EncoderInputs(tensors, {"rows": int(inputs["rows"][0][0]), "cols": int(inputs["cols"][0][0])})

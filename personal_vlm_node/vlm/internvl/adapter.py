@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from ..base import EncoderInputs, ImageTokens, PreparedImage, VLMAdapter, grid_boxes
+from ..base import EncoderInputs, ImageTokens, PreparedImage, VLMAdapter, grid_boxes, to_device
 from .graph import InternVLVisionGraph
 
 
@@ -49,7 +49,7 @@ class InternVLAdapter(VLMAdapter):
     def preprocess(self, prepared: PreparedImage) -> EncoderInputs:
         inputs = self.image_processor(images=[prepared.image], crop_to_patches=self.tiling,
                                       return_tensors="pt")
-        return EncoderInputs({"pixel_values": inputs["pixel_values"].to(self.device, self.dtype)})  # (P, 3, S, S)
+        return EncoderInputs({"pixel_values": to_device(inputs["pixel_values"], self.device, self.dtype)})  # (P, 3, S, S)
 
     def vision_forward(self, tensors):
         out = self.model.model.get_image_features(

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ..base import EncoderInputs, ImageTokens, PreparedImage, VLMAdapter, grid_boxes
+from ..base import EncoderInputs, ImageTokens, PreparedImage, VLMAdapter, grid_boxes, to_device
 from .graph import QwenVisionGraph
 
 
@@ -31,7 +31,7 @@ class Qwen25VLAdapter(VLMAdapter):
     def preprocess(self, prepared: PreparedImage) -> EncoderInputs:
         inputs = self.image_processor(images=[prepared.image], return_tensors="pt")
         return EncoderInputs({
-            "pixel_values": inputs["pixel_values"].to(self.device, self.dtype),   # (P, C·T·p·p)
+            "pixel_values": to_device(inputs["pixel_values"], self.device, self.dtype),   # (P, C·T·p·p)
             "image_grid_thw": inputs["image_grid_thw"].to(self.device),           # (1, 3)
         })
 
