@@ -14,7 +14,6 @@ image (many images share "a photo of red", so softmax contrast would be wrong). 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -27,7 +26,7 @@ import numpy as np
 
 from .. import prompts
 from . import toy_world as tw
-from .toy_vlm import cache_root
+from .toy_vlm import cache_root, recipe_key
 
 _CODE_FILES = ("testing/toy_clip.py", "testing/toy_world.py", "prompts.py")
 _KEYS = ("shape", "color", "pattern", "distinct_features", "description")
@@ -49,11 +48,7 @@ class ClipRecipe:
     lr: float = 2e-3
 
     def key(self) -> str:
-        root = Path(__file__).resolve().parent.parent
-        h = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode())
-        for rel in _CODE_FILES:
-            h.update((root / rel).read_bytes())
-        return h.hexdigest()[:16]
+        return recipe_key(asdict(self), _CODE_FILES)
 
 
 CLIP_RECIPE = ClipRecipe()

@@ -41,6 +41,7 @@ import numpy as np
 
 from .. import prompts
 from ..profiles import PROFILE_HINT
+from ..vlm.tiny import CHATML_TEMPLATE
 from . import toy_world as tw
 
 CACHE_ENV = "PERSONAL_VLM_TOY_CACHE"
@@ -80,14 +81,19 @@ class Recipe:
                     ("attribute", 3, 1.0, 2), ("scene", 1, 0.5, 0), ("cot", 1, 0.5, 0))
 
     def key(self) -> str:
-        root = Path(__file__).resolve().parent.parent
-        h = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode())
-        for rel in _CODE_FILES:
-            h.update((root / rel).read_bytes())
-        return h.hexdigest()[:16]
+        return recipe_key(asdict(self), _CODE_FILES)
 
 
 RECIPE = Recipe()
+
+
+def recipe_key(recipe: dict, code_files) -> str:
+    """A cache key of a training recipe and the source files that shape what it trains."""
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode())
+    for rel in code_files:
+        h.update((root / rel).read_bytes())
+    return h.hexdigest()[:16]
 
 
 def cache_root() -> Path:
@@ -102,21 +108,7 @@ def _say(message: str) -> None:
 # ---- tokenizer and chat template ---------------------------------------------------------------
 _SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
              "<|image_pad|>", "<|video_pad|>"]
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if loop.first and message['role'] != 'system' -%}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-    "{%- endif -%}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{%- if message['content'] is string -%}{{ message['content'] }}"
-    "{%- else -%}{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'image' -%}<|vision_start|><|image_pad|><|vision_end|>"
-    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
-    "<|im_end|>\n"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}<|im_start|>assistant\n{%- endif -%}"
-)
+CHAT_TEMPLATE = CHATML_TEMPLATE.replace("{{ image_placeholder }}", "<|vision_start|><|image_pad|><|vision_end|>")
 _LOCATIONS = ("top left", "top", "top right", "left", "centre", "right", "bottom left", "bottom", "bottom right")
 
 
@@ -725,7 +717,6 @@ def evaluate_tasks(folder, seed: int = 12345, per_task: int = 60, progress=None)
     the project's adapter (``load_vlm``), exactly as the methods call it."""
     from .. import ego
     from ..vlm import load_vlm
-    from ..vlm.base import ImageTokens
 
     vlm = load_vlm(str(folder), device="cpu", dtype="float32")
     size = vlm.image_processor.size.get("longest_edge", 168 * 168)
