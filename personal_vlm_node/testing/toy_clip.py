@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
@@ -26,7 +25,7 @@ import numpy as np
 
 from .. import prompts
 from . import toy_world as tw
-from .toy_vlm import cache_root, recipe_key
+from .toy_vlm import build_once, cache_root, recipe_key
 
 _CODE_FILES = ("testing/toy_clip.py", "testing/toy_world.py", "prompts.py")
 _KEYS = ("shape", "color", "pattern", "distinct_features", "description")
@@ -188,25 +187,13 @@ def evaluate_clip(folder, seed: int = 54321, count: int = 80) -> dict:
 
 
 def ensure_toy_clip(recipe: ClipRecipe = CLIP_RECIPE, progress=_say, evaluate_count: int = 80) -> Path:
-    import fcntl
-
-    root = cache_root()
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"clip-toy-{recipe.key()}"
-    if (final / "toy_clip.json").is_file():
-        return final
-    with open(root / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (final / "toy_clip.json").is_file():
-            return final
-        tmp = root / f".{final.name}.tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
+    def build(tmp: Path) -> None:
         figures = train_clip(recipe, tmp, progress)
         meta = {"recipe": asdict(recipe), "training": figures,
                 "held_out_pairwise_accuracy": evaluate_clip(tmp, count=evaluate_count)}
         (tmp / "toy_clip.json").write_text(json.dumps(meta, indent=1) + "\n")
-        os.replace(tmp, final)
-    return final
+
+    return build_once(cache_root() / f"clip-toy-{recipe.key()}", "toy_clip.json", build)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -784,21 +784,28 @@ def evaluate_tasks(folder, seed: int = 12345, per_task: int = 60, progress=None)
 
 
 # ---- the cache --------------------------------------------------------------------------------
-def ensure_toy_vlm(recipe: Recipe = RECIPE, progress=_say, evaluate: bool = True) -> Path:
-    """The cached trained toy for ``recipe`` (trained now, once per machine, when missing)."""
+def build_once(final: Path, marker: str, build) -> Path:
+    """``final`` once ``final/marker`` exists; otherwise ``build(folder)`` fills a fresh temporary
+    folder, under one machine-wide lock (one training at a time), and it is renamed to ``final``."""
     import fcntl
 
-    root = cache_root()
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"qwen2_5_vl-toy-{recipe.key()}"
-    if (final / "toy_vlm.json").is_file():
+    if (final / marker).is_file():
         return final
-    with open(root / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)          # one training per machine at a time
-        if (final / "toy_vlm.json").is_file():
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with open(final.parent / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (final / marker).is_file():
             return final
-        tmp = root / f".{final.name}.tmp{os.getpid()}"
+        tmp = final.parent / f".{final.name}.tmp{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
+        build(tmp)
+        os.replace(tmp, final)
+    return final
+
+
+def ensure_toy_vlm(recipe: Recipe = RECIPE, progress=_say, evaluate: bool = True) -> Path:
+    """The cached trained toy for ``recipe`` (trained now, once per machine, when missing)."""
+    def build(tmp: Path) -> None:
         figures = train(recipe, tmp, progress)
         meta = {"recipe": asdict(recipe), "key": recipe.key(), "training": figures,
                 "trained_on": "personal_vlm_node.testing.toy_world scenes; no concept memories, no spliced tokens"}
@@ -808,8 +815,8 @@ def ensure_toy_vlm(recipe: Recipe = RECIPE, progress=_say, evaluate: bool = True
             meta["held_out_accuracy"] = evaluate_tasks(tmp, progress=progress)
             (tmp / "toy_accuracy.json").write_text(json.dumps(meta["held_out_accuracy"], indent=1) + "\n")
         (tmp / "toy_vlm.json").write_text(json.dumps(meta, indent=1) + "\n")
-        os.replace(tmp, final)
-    return final
+
+    return build_once(cache_root() / f"qwen2_5_vl-toy-{recipe.key()}", "toy_vlm.json", build)
 
 
 def main(argv: list[str] | None = None) -> int:
