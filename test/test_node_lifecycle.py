@@ -27,6 +27,7 @@ from sensor_msgs.msg import Image  # noqa: E402
 
 NAMESPACE = f"/vlm_lifecycle_{os.getpid()}"
 WAIT_S = 120.0
+ANSWER_RETRY_S = 10.0
 
 
 def _frame() -> Image:
@@ -52,7 +53,9 @@ class LifecycleClient:
         self.thread = threading.Thread(target=self.executor.spin, daemon=True)
         self.thread.start()
 
-    def call(self, srv_type, name, timeout=WAIT_S, **fields):
+    def call(self, srv_type, name, timeout=WAIT_S, answer_s=WAIT_S, **fields):
+        """One request; None when the service does not appear within ``timeout`` or no answer
+        comes within ``answer_s``."""
         client = self.node.create_client(srv_type, name)
         try:
             if not client.wait_for_service(timeout_sec=timeout):
@@ -60,17 +63,38 @@ class LifecycleClient:
             done = threading.Event()
             future = client.call_async(srv_type.Request(**fields))
             future.add_done_callback(lambda _: done.set())
-            assert done.wait(WAIT_S), f"no answer from {name}"
-            return future.result()
+            return future.result() if done.wait(answer_s) else None
         finally:
             self.node.destroy_client(client)
 
     def state(self) -> int:
-        return self.call(GetState, "personal_vlm/get_state").current_state.id
+        """The node's lifecycle state. Asking is idempotent, so a request whose answer is lost
+        (the first request of a new participant can race DDS discovery on a loaded machine) is
+        simply asked again."""
+        deadline = time.monotonic() + WAIT_S
+        while time.monotonic() < deadline:
+            answer = self.call(GetState, "personal_vlm/get_state", answer_s=ANSWER_RETRY_S)
+            if answer is not None:
+                return answer.current_state.id
+        raise AssertionError(f"no answer from personal_vlm/get_state within {WAIT_S:g} s")
 
-    def transition(self, transition_id) -> bool:
-        return self.call(ChangeState, "personal_vlm/change_state",
-                         transition=Transition(id=transition_id)).success
+    def transition(self, transition_id, goal_state) -> bool:
+        """Request a transition; if its answer does not come, the node's state says whether it
+        happened (a transition must not be requested twice)."""
+        client = self.node.create_client(ChangeState, "personal_vlm/change_state")
+        try:
+            assert client.wait_for_service(timeout_sec=WAIT_S), "no personal_vlm/change_state"
+            done = threading.Event()
+            future = client.call_async(ChangeState.Request(transition=Transition(id=transition_id)))
+            future.add_done_callback(lambda _: done.set())
+            deadline = time.monotonic() + WAIT_S
+            while not done.wait(ANSWER_RETRY_S):
+                if self.state() == goal_state:
+                    return True
+                assert time.monotonic() < deadline, f"transition {transition_id}: no answer within {WAIT_S:g} s"
+            return future.result().success
+        finally:
+            self.node.destroy_client(client)
 
     def frames_processed_in(self, seconds: float) -> int:
         start = len(self.detections)
@@ -108,6 +132,7 @@ def lifecycle_node(tiny_checkpoints, tmp_path):
     if proc.poll() is None:
         proc.kill()
         proc.wait()
+    print(f"---- node log ----\n{log.read_text()}")      # shown by pytest when the test failed
 
 
 def test_lifecycle_transitions_load_serve_stop_and_free(lifecycle_node):
@@ -116,33 +141,33 @@ def test_lifecycle_transitions_load_serve_stop_and_free(lifecycle_node):
         assert ros.state() == State.PRIMARY_STATE_UNCONFIGURED
         assert ros.call(ListConcepts, "list_concepts", timeout=1.0) is None     # not serving yet
 
-        assert ros.transition(Transition.TRANSITION_CONFIGURE)
+        assert ros.transition(Transition.TRANSITION_CONFIGURE, State.PRIMARY_STATE_INACTIVE)
         assert ros.state() == State.PRIMARY_STATE_INACTIVE
         assert "configured:" in lifecycle_node.log.read_text()
         assert ros.frames_processed_in(1.5) == 0
 
-        assert ros.transition(Transition.TRANSITION_ACTIVATE)
+        assert ros.transition(Transition.TRANSITION_ACTIVATE, State.PRIMARY_STATE_ACTIVE)
         assert ros.state() == State.PRIMARY_STATE_ACTIVE
         listed = ros.call(ListConcepts, "list_concepts")
         assert listed.success and listed.message == "0 concepts"
         assert ros.frames_processed_in(3.0) > 0
 
-        assert ros.transition(Transition.TRANSITION_DEACTIVATE)
+        assert ros.transition(Transition.TRANSITION_DEACTIVATE, State.PRIMARY_STATE_INACTIVE)
         assert ros.state() == State.PRIMARY_STATE_INACTIVE
         time.sleep(0.5)
         assert ros.frames_processed_in(1.5) == 0
         assert ros.call(ListConcepts, "list_concepts", timeout=1.0) is None
 
-        assert ros.transition(Transition.TRANSITION_CLEANUP)
+        assert ros.transition(Transition.TRANSITION_CLEANUP, State.PRIMARY_STATE_UNCONFIGURED)
         assert ros.state() == State.PRIMARY_STATE_UNCONFIGURED
         assert "the model is unloaded" in lifecycle_node.log.read_text()
 
         # Configure again: the model loads a second time, and activate serves again.
-        assert ros.transition(Transition.TRANSITION_CONFIGURE)
-        assert ros.transition(Transition.TRANSITION_ACTIVATE)
+        assert ros.transition(Transition.TRANSITION_CONFIGURE, State.PRIMARY_STATE_INACTIVE)
+        assert ros.transition(Transition.TRANSITION_ACTIVATE, State.PRIMARY_STATE_ACTIVE)
         assert ros.call(ListConcepts, "list_concepts").success
 
-        assert ros.transition(Transition.TRANSITION_ACTIVE_SHUTDOWN)
+        assert ros.transition(Transition.TRANSITION_ACTIVE_SHUTDOWN, State.PRIMARY_STATE_FINALIZED)
         assert ros.state() == State.PRIMARY_STATE_FINALIZED
     finally:
         ros.close()
