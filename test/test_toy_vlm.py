@@ -62,6 +62,56 @@ def test_training_writes_a_checkpoint_that_loads_and_a_second_call_reuses_it(qui
     assert set(figures) >= {"describe", "recognize", "attribute", "scene", "cot"}
 
 
+def test_training_inputs_are_what_the_adapter_sends_at_inference(quick_cache):
+    """Token ids, answer labels, pixels and M-RoPE positions of a training chat equal what the
+    adapter builds for the same prompt and answer from the saved checkpoint (processor included)."""
+    import torch
+
+    from personal_vlm_node.vlm import load_vlm
+
+    folder = toy_vlm_mod.ensure_toy_vlm(QUICK, progress=None, evaluate=False)
+    vlm = load_vlm(str(folder), device="cpu", dtype="float32")
+    enc = toy_vlm_mod.Encoder(vlm.tokenizer, vlm.image_processor, vlm.config)
+    tokens = (QUICK.image_size // 28) ** 2
+    rng = np.random.default_rng(1)
+    for task in ("describe", "fingerprint", "recognize", "attribute", "scene", "cot"):
+        sample = toy_vlm_mod.make_sample(task, rng, QUICK.world_size)
+        ids, labels, images, _ = enc.encode(sample, tokens)
+        prompt = vlm.build([vlm.encode_image(p.image) if isinstance(p, toy_vlm_mod._Img) else p for p in sample.parts],
+                           answer=sample.answer)
+        assert prompt.input_ids[0].tolist() + [vlm.tokenizer.convert_tokens_to_ids("<|im_end|>")] == ids, task
+        assert labels.index(next(l for l in labels if l != -100)) == prompt.answer_start
+        assert vlm.tokenizer.decode([l for l in labels if l != -100]) == sample.answer + "<|im_end|>"
+        grids = []
+        for image in images:
+            pixels, grid = toy_vlm_mod.patchify(toy_vlm_mod.model_image(image, enc.side), vlm.image_processor)
+            reference = vlm.image_processor(images=[image], return_tensors="pt")
+            assert torch.allclose(pixels, reference["pixel_values"], atol=1e-5)
+            assert grid.tolist() == reference["image_grid_thw"][0].tolist() == [1, 10, 10]
+            grids.append(grid)
+        t = torch.tensor([ids])
+        vlm.model.model.rope_deltas = None
+        positions, _ = vlm.model.model.get_rope_index(
+            t, mm_token_type_ids=(t == vlm.config.image_token_id).int(), image_grid_thw=torch.stack(grids),
+            attention_mask=torch.ones_like(t))
+        assert torch.equal(positions[..., :-1], prompt.position_ids), task
+
+
+def test_the_toy_tokenizer_writes_each_fixed_prompt_stretch_as_one_token_and_decodes_prompts_unchanged():
+    from personal_vlm_node import prompts
+
+    tok = toy_vlm_mod.build_tokenizer(toy_vlm_mod.RECIPE.vocab_size)
+    assert len(tok) <= toy_vlm_mod.RECIPE.vocab_size
+    for phrase in toy_vlm_mod.prompt_phrases():
+        assert len(tok(phrase, add_special_tokens=False)["input_ids"]) == 1
+    for text in ("\n" + prompts.INTRODUCE.format(subject="miju (a bottle)"),
+                 "\n" + prompts.RECOGNIZE.format(name="ruga"),
+                 '{"keywords": ["red", "striped", "mug", "star"], "area": 15}', "Yes", "No"):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.decode(ids) == text
+    assert len(tok("\n" + prompts.INTRODUCE.format(subject="miju (a bottle)"), add_special_tokens=False)["input_ids"]) < 16
+
+
 def test_the_toy_clip_trains_saves_and_loads_as_a_verifier(quick_cache):
     from personal_vlm_node.r2p import ImageTextSimilarity
 

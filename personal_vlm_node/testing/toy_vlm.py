@@ -1,9 +1,15 @@
 """A toy Qwen2.5-VL that has actually learned to see the toy world, trained on the CPU.
 
-The real ``Qwen2_5_VLForConditionalGeneration`` classes at a small size (about 2 M parameters,
-168 px images → 36 visual tokens), trained from scratch on :mod:`.toy_world` scenes through the
-project's own prompts (:mod:`personal_vlm_node.prompts`, rendered with the checkpoint's chat
-template exactly as the adapters render them). It learns what real VLMs can do and the methods rely on:
+The real ``Qwen2_5_VLForConditionalGeneration`` classes at a small size (about 1.2 M parameters,
+140 px images → 25 visual tokens; scenes are drawn at the world's 168 px and resized exactly as
+the checkpoint's image processor resizes them), trained from scratch on :mod:`.toy_world` scenes
+through the project's own prompts (:mod:`personal_vlm_node.prompts`, rendered with the
+checkpoint's chat template exactly as the adapters render them). What keeps a step cheap on a
+CPU: a chat template with no system turn, a tokenizer that writes each fixed stretch of a prompt
+template as one token (:func:`prompt_phrases`; the text is unchanged), many samples per step and
+the output layer run only on answer rows. The one-image tasks train alone for the first
+``first_share`` of the steps, then every task together. It learns what real VLMs can do and the
+methods rely on:
 
 - describe the subject with keywords and the share of the image it covers (``INTRODUCE``);
 - the fingerprint attributes (``FINGERPRINT``);
@@ -41,7 +47,6 @@ import numpy as np
 
 from .. import prompts
 from ..profiles import PROFILE_HINT
-from ..vlm.tiny import CHATML_TEMPLATE
 from . import toy_world as tw
 
 CACHE_ENV = "PERSONAL_VLM_TOY_CACHE"
@@ -54,31 +59,38 @@ class Recipe:
     """Everything that decides the trained weights; its hash names the cache entry."""
 
     seed: int = 0
-    image_size: int = 168
+    image_size: int = 140            # model input: 140 px → 5×5 = 25 visual tokens
+    world_size: int = tw.IMAGE_SIZE  # scenes are drawn as the world draws them, then resized like the processor
     vocab_size: int = 1024
     text_hidden: int = 128
     text_layers: int = 4
     text_heads: int = 4
     text_kv_heads: int = 2
-    text_intermediate: int = 384
-    vision_hidden: int = 96
-    vision_depth: int = 4
-    vision_heads: int = 3
-    vision_intermediate: int = 256
-    steps: int = 300
-    lr: float = 3e-3
-    warmup: int = 30
-    decay_from: float = 0.8          # flat learning rate, then linear decay over the last 20 %
+    text_intermediate: int = 256
+    vision_hidden: int = 64
+    vision_depth: int = 3
+    vision_heads: int = 2
+    vision_intermediate: int = 192
+    steps: int = 1500
+    lr: float = 1.5e-3
+    warmup: int = 45
+    decay_from: float = 0.6          # flat learning rate, then linear decay over the last 40 %
     weight_decay: float = 0.01
-    curriculum: float = 0.5          # hard negatives ramp up over this share of the steps
-    vision_steps: int = 300          # stage 1: the vision tower alone, per-token attribute labels
+    curriculum: float = 0.3          # hard negatives ramp up over this share of the steps
+    vision_steps: int = 200          # stage 1: the vision tower alone, per-token attribute labels
     vision_batch: int = 24
     feature_norm: float = 1.0        # mean norm of visual tokens after stage 1 (0: leave as trained)
     match_weight: float = 1.0        # dense auxiliary: query-image tokens predict "shows the reference object"
     # samples per step and loss weight of each task
     # (task, chats per step, loss weight, follow-up questions per chat)
-    tasks: tuple = (("describe", 6, 1.0, 0), ("fingerprint", 1, 0.5, 0), ("recognize", 12, 2.0, 3),
-                    ("attribute", 3, 1.0, 2), ("scene", 1, 0.5, 0), ("cot", 1, 0.5, 0))
+    tasks: tuple = (("describe", 16, 1.0, 0), ("fingerprint", 1, 0.5, 0), ("recognize", 12, 2.0, 1),
+                    ("attribute", 3, 1.0, 1), ("scene", 2, 0.5, 0), ("cot", 1, 0.5, 0))
+    # The first share of the steps trains the one-image tasks only: reading the image is learned
+    # first, without the noisy gradient of two-image yes/no at chance (in a mix from step 0 the
+    # describe loss stayed on its prior plateau for 600+ steps; alone it leaves it by step ~250).
+    first_share: float = 0.3
+    first_tasks: tuple = (("describe", 24, 1.0, 0), ("fingerprint", 2, 0.5, 0), ("attribute", 4, 1.0, 1),
+                          ("scene", 4, 0.5, 0))
 
     def key(self) -> str:
         return recipe_key(asdict(self), _CODE_FILES)
@@ -108,7 +120,20 @@ def _say(message: str) -> None:
 # ---- tokenizer and chat template ---------------------------------------------------------------
 _SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
              "<|image_pad|>", "<|video_pad|>"]
-CHAT_TEMPLATE = CHATML_TEMPLATE.replace("{{ image_placeholder }}", "<|vision_start|><|image_pad|><|vision_end|>")
+# The toy checkpoint's own template: ChatML with no system turn (every token of a prompt costs
+# training time on the CPU); the adapter renders whatever a checkpoint's template says.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{ '<|im_end|>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
 _LOCATIONS = ("top left", "top", "top right", "left", "centre", "right", "bottom left", "bottom", "bottom right")
 
 
@@ -129,12 +154,39 @@ def _corpus() -> str:
     return "\n".join(words * 3)
 
 
+_PROMPT_TEMPLATES = ("INTRODUCE", "FINGERPRINT", "RECOGNIZE", "RECOGNIZE_JOINT_INTRO", "ASK_INTRO", "ASK_RULE",
+                     "COT_PROMPT", "PAIRWISE_PROMPT", "ATTRIBUTE_QUESTION", "DESCRIPTION_QUESTION")
+
+
+def prompt_phrases(min_chars: int = 12) -> list[str]:
+    """The fixed stretches of the project's prompt templates (the text between their ``{slots}``).
+
+    The toy's tokenizer writes each as one token. The prompts stay exactly the project's: the
+    rendered text is unchanged and the adapter tokenizes it with the checkpoint's own tokenizer;
+    only fewer tokens carry it, which is what makes training affordable on a CPU (the long
+    fixed instructions are 3/4 of a describe sequence otherwise). A changed prompt changes the
+    recipe key (prompts.py is hashed) and the toy is trained again with the new phrases."""
+    phrases = []
+    for name in _PROMPT_TEMPLATES:
+        text = getattr(prompts, name)
+        for piece in re.split(r"(?<!\{)\{[a-z_]+\}(?!\})", text):
+            piece = piece.replace("{{", "{").replace("}}", "}")
+            if len(piece) >= min_chars and piece not in phrases:
+                phrases.append(piece)
+    return phrases
+
+
 def build_tokenizer(vocab_size: int):
+    from tokenizers import AddedToken
     from transformers import PreTrainedTokenizerFast
 
     from .tiny_model import train_byte_level_bpe
 
-    tok = train_byte_level_bpe(_corpus(), vocab_size, _SPECIALS)
+    phrases = prompt_phrases()
+    tok = train_byte_level_bpe(_corpus(), vocab_size - len(phrases), _SPECIALS)
+    tok.add_tokens([AddedToken(p, normalized=False, special=False) for p in phrases])
+    if tok.get_vocab_size() > vocab_size:
+        raise RuntimeError(f"the toy tokenizer has {tok.get_vocab_size()} ids, more than {vocab_size}")
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|im_end|>", pad_token="<|endoftext|>",
         unk_token="<|endoftext|>", additional_special_tokens=_SPECIALS[1:])
@@ -185,15 +237,33 @@ class _Img:
         self.image, self.name, self.token_labels = image, name, token_labels
 
 
-def token_cover(rendered: tw.Rendered, which: list[bool], cell: int = 28, share: float = 0.2) -> np.ndarray:
+def model_image(image, side: int) -> np.ndarray:
+    """(side, side, 3) uint8: ``image`` resized as the toy's image processor resizes it (bicubic)."""
+    from PIL import Image
+
+    image = image.convert("RGB")
+    if image.size != (side, side):
+        image = image.resize((side, side), Image.BICUBIC)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def mask_cover(mask: np.ndarray, side: int, cell: int = 28) -> np.ndarray:
+    """(g, g) share of each merged token's cell that ``mask`` covers, on the model's ``side`` px grid."""
+    from PIL import Image
+
+    m = np.asarray(Image.fromarray(mask.astype(np.float32)).resize((side, side), Image.BOX))
+    g = side // cell
+    return m.reshape(g, cell, g, cell).mean(axis=(1, 3))
+
+
+def token_cover(rendered: tw.Rendered, which: list[bool], side: int, share: float = 0.2) -> np.ndarray:
     """(g·g,) 1 for merged tokens whose cell is covered ≥ ``share`` by the objects flagged in ``which``."""
-    size = rendered.masks[0].shape[0] if rendered.masks else cell
-    g = size // cell
+    size = rendered.masks[0].shape[0] if rendered.masks else side
     m = np.zeros((size, size), bool)
     for flag, mask in zip(which, rendered.masks):
         if flag:
             m |= mask
-    return (m.reshape(g, cell, g, cell).mean(axis=(1, 3)) >= share).astype(np.int64).reshape(-1)
+    return (mask_cover(m, side) >= share).astype(np.int64).reshape(-1)
 
 
 @dataclass
@@ -288,7 +358,8 @@ def make_sample(task: str, rng: np.random.Generator, size: int, follow_ups: int 
             shown, kind = (look, "positive") if positive else _negative_look(rng, look, difficulty)
             spec = _query_scene(rng, shown, [look, shown], size)
             rendered = tw.render(spec)
-            query = _Img(rendered.image, token_labels=token_cover(rendered, [p.look == look for p in spec.objects]))
+            query = _Img(rendered.image, token_labels=lambda side, r=rendered, w=[p.look == look for p in spec.objects]:
+                         token_cover(r, w, side))
             question = (prompts.PAIRWISE_PROMPT if pairwise else prompts.RECOGNIZE).format(name=name)
             if t == 0 and not pairwise:
                 parts = prompts.recognize(_Img(ref, name), query)
@@ -378,6 +449,7 @@ class Encoder:
 
     def __init__(self, tokenizer, processor, model_config):
         self.tok, self.processor = tokenizer, processor
+        self.side = int(round(math.sqrt(processor.size["longest_edge"])))     # square images of this side
         self.image_id = model_config.image_token_id
         self.start_id, self.end_id = model_config.vision_start_token_id, model_config.vision_end_token_id
         self.im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -424,6 +496,7 @@ class Encoder:
                 ids += [self.start_id] + [self.image_id] * tokens_per_image + [self.end_id]
                 labels += [-100] * (tokens_per_image + 2)
                 target = image_parts[int(piece)].token_labels
+                target = target(self.side) if callable(target) else target
                 aux += [-100] + (list(map(int, target)) if target is not None else [-100] * tokens_per_image) + [-100]
             elif kind:
                 answer = self._ids(turns[int(piece)][1])
@@ -449,7 +522,7 @@ class Encoder:
     def batch_lists(self, samples: list[Sample], tokens_per_image: int):
         """Plain lists and uint8 arrays (cheap to send between processes)."""
         rows = [self.encode(s, tokens_per_image) for s in samples]
-        images = [np.asarray(im.convert("RGB"), dtype=np.uint8) for r in rows for im in r[2]]
+        images = [model_image(im, self.side) for r in rows for im in r[2]]
         return [r[0] for r in rows], [r[1] for r in rows], images, [r[3] for r in rows]
 
     def tensors(self, ids_list, labels_list, images, aux_list=None, patch: int = 14, merge: int = 2):
@@ -506,9 +579,10 @@ def forward_loss(model, ids, labels, mask, pixel_values, grid_thw, aux=None, aux
     positions, _ = inner.get_rope_index(ids, mm_token_type_ids=image_rows.int(), image_grid_thw=grid_thw,
                                         attention_mask=mask)
     out = inner.language_model(inputs_embeds=embeds, position_ids=positions, attention_mask=mask, use_cache=False)
-    logits = model.lm_head(out.last_hidden_state[:, :-1])
     target = labels[:, 1:]
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1), ignore_index=-100)
+    answer = target != -100                      # only the rows that predict an answer token
+    logits = model.lm_head(out.last_hidden_state[:, :-1][answer])
+    loss = F.cross_entropy(logits.float(), target[answer])
     if aux_head is None or aux is None or not (aux >= 0).any():
         return loss, None
     where = aux >= 0
@@ -530,10 +604,11 @@ def _step_batches(recipe: Recipe, enc: Encoder, step: int):
     rng = np.random.default_rng([recipe.seed, 11, step])
     tokens_per_image = (recipe.image_size // 28) ** 2
     out = []
-    difficulty = min(1.0, step / max(1.0, recipe.curriculum * recipe.steps))
-    for task, count, weight, follow_ups in recipe.tasks:
+    first = int(recipe.first_share * recipe.steps)
+    difficulty = min(1.0, max(0, step - first) / max(1.0, recipe.curriculum * recipe.steps))
+    for task, count, weight, follow_ups in (recipe.first_tasks if step < first else recipe.tasks):
         if count:
-            samples = [make_sample(task, rng, recipe.image_size, follow_ups, difficulty) for _ in range(count)]
+            samples = [make_sample(task, rng, recipe.world_size, follow_ups, difficulty) for _ in range(count)]
             out.append((task, weight, enc.batch_lists(samples, tokens_per_image)))
     return out
 
@@ -550,16 +625,16 @@ def _vision_batch(recipe: Recipe, step: int):
     images, labels = [], []
     for _ in range(recipe.vision_batch):
         looks = [tw.random_look(rng) for _ in range(int(rng.integers(1, 4)))]
-        r = tw.render(tw.scene(rng, looks, size_range=(52, 124), image_size=recipe.image_size))
+        r = tw.render(tw.scene(rng, looks, size_range=(52, 124), image_size=recipe.world_size))
         g = recipe.image_size // cell
-        cover = np.stack([m.reshape(g, cell, g, cell).mean(axis=(1, 3)) for m in r.masks])   # (O, g, g)
+        cover = np.stack([mask_cover(m, recipe.image_size, cell) for m in r.masks])   # (O, g, g)
         best = cover.argmax(0)
         on = cover.max(0) >= 0.25
         lab = np.zeros((g * g, len(_HEADS)), dtype=np.int64)
         for k, (attr, values) in enumerate(_HEADS):
             per_object = np.array([values.index(getattr(l, attr)) + 1 for l in looks])
             lab[:, k] = np.where(on, per_object[best], 0).reshape(-1)
-        images.append(np.asarray(r.image, dtype=np.uint8))
+        images.append(model_image(r.image, recipe.image_size))
         labels.append(lab)
     return images, np.concatenate(labels)
 
@@ -719,8 +794,7 @@ def evaluate_tasks(folder, seed: int = 12345, per_task: int = 60, progress=None)
     from ..vlm import load_vlm
 
     vlm = load_vlm(str(folder), device="cpu", dtype="float32")
-    size = vlm.image_processor.size.get("longest_edge", 168 * 168)
-    size = int(round(math.sqrt(size)))
+    size = tw.IMAGE_SIZE        # scenes as the world draws them; the adapter's processor resizes them
 
     def realise(parts):
         return [vlm.encode_image(p.image) if isinstance(p, _Img) else p for p in parts]
