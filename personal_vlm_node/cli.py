@@ -492,6 +492,8 @@ def _add_node_parser(sub) -> None:
     teach.add_argument("--category", default="")
     teach.add_argument("--roi", default=None, help="x,y,w,h of the subject in pixels, for every picture")
     teach.add_argument("--overwrite", action="store_true")
+    teach.add_argument("--add", action="store_true",
+                       help="further views of an existing concept (e.g. the latest frame, once per side)")
 
     ask = verbs.add_parser("ask", help="ask a question about a picture or the latest camera frame")
     ask.add_argument("question")

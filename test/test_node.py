@@ -349,6 +349,20 @@ def test_teaching_an_existing_name_needs_overwrite(ros):
     ros.observe_until(picture(4), lambda r: "house keys" in names(r))
 
 
+def test_views_are_added_one_camera_frame_at_a_time(ros):
+    ros.observe(picture(5))
+    first = ros.teach("backpack", [], add=True)                  # a new name: taught from the frame
+    assert first.success and first.message.startswith("taught 'backpack' from the latest camera frame")
+    ros.observe(picture(6))
+    second = ros.teach("backpack", [], add=True)                 # a second side of it
+    assert second.success and second.message.startswith("added a view to 'backpack'"), second.message
+    assert second.memory_tokens > first.memory_tokens
+    listed = ros.list()
+    assert listed.memory_tokens[list(listed.names).index("backpack")] == second.memory_tokens
+    both = ros.teach("backpack", [], add=True, overwrite=True)
+    assert both.success is False and "not both" in both.message
+
+
 def test_ask_answers_about_a_given_image_and_about_the_latest_frame(ros):
     for name, seed in [("red cup", 5), ("blue cup", 6), ("green cup", 7)]:
         assert ros.teach(name, [image_msg(picture(seed))]).success
@@ -762,6 +776,11 @@ def test_the_node_client_teaches_lists_asks_and_forgets(ros, tmp_path):
     assert listed.returncode == 0, listed.stderr
     row = next(r for r in json.loads(listed.stdout)["concepts"] if r["name"] == "kettle")
     assert row["category"] == "kettle" and row["memory_tokens"] > 0
+
+    added = _node_cli(*ns, "teach", "kettle", str(path), "--add", "--json")
+    assert added.returncode == 0, added.stderr
+    assert json.loads(added.stdout)["memory_tokens"] > row["memory_tokens"]
+    assert json.loads(added.stdout)["message"].startswith("added a view to 'kettle'")
 
     asked = _node_cli(*ns, "ask", "Where is the kettle?", "--image", str(path), "--json")
     assert asked.returncode == 0, asked.stderr

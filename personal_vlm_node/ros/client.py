@@ -142,7 +142,8 @@ def _teach(client: NodeClient, args) -> None:
     from personal_vlm_interfaces.srv import TeachConcept
 
     request = TeachConcept.Request(name=args.name, category=args.category, roi=_roi(args.roi),
-                                   images=[_image_msg(p) for p in args.images], overwrite=args.overwrite)
+                                   images=[_image_msg(p) for p in args.images], overwrite=args.overwrite,
+                                   add=args.add)
     response = _check(client.call(TeachConcept, "teach_concept", request), "teach")
     _emit(args, {"name": args.name, "memory_tokens": response.memory_tokens, "keywords": list(response.keywords),
                  "seconds": round(response.seconds, 3), "message": response.message}, response.message)
