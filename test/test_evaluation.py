@@ -271,6 +271,12 @@ def test_the_cascade_runs_on_the_newer_families(adapters, tmp_path, family):
                    verification=False) as a:
         options = EvalOptions(method="cascade", accept=1.5, reject=-1.5, margin=0.5, top_k=2, max_queries=2)
         results = evaluation.evaluate(a, data, tmp_path / "out", options, progress=None)
+        stored = a.stored_memory(data.concepts[0])
+    if family == "qwen3_vl":      # the memory keeps its tokens' DeepStack features, one per stacked layer
+        stacked = len(a.vlm.model.config.vision_config.deepstack_visual_indexes)
+        assert stored["layer_features"].shape == (stored["memory"].shape[0], stacked, stored["memory"].shape[1])
+    else:
+        assert "layer_features" not in stored
     assert results["decided_by"] == {"r2p": 4}
     assert results["overall"]["positives"] + results["overall"]["negatives"] == 4
     assert all(0.0 < p["p_yes"] < 1.0 for r in evaluation.read_lines(tmp_path / "out" / "progress.jsonl")
