@@ -825,6 +825,46 @@ def test_the_node_client_says_when_no_node_answers():
     assert "Traceback" not in done.stderr
 
 
+class _LossyService:
+    """A service client whose first ``lose`` answers never come (a reply lost to discovery)."""
+
+    def __init__(self, log, lose):
+        self.log, self.lose = log, lose
+
+    def wait_for_service(self, timeout_sec):
+        return True
+
+    def call_async(self, request):
+        from concurrent.futures import Future
+
+        self.log.append(type(request).__name__)
+        future = Future()
+        if self.lose > 0:
+            self.lose -= 1
+        else:
+            future.set_result(f"answer to {type(request).__name__}")
+        return future
+
+
+def test_the_node_client_resends_idempotent_requests_and_sends_the_others_once(monkeypatch):
+    from types import SimpleNamespace
+
+    from personal_vlm_node.ros import client as node_client
+
+    monkeypatch.setattr(node_client, "RESEND_S", 0.05)
+    sent = []
+    services = {"list_concepts": _LossyService(sent, lose=2), "teach_concept": _LossyService(sent, lose=0)}
+    fake = node_client.NodeClient.__new__(node_client.NodeClient)
+    fake.namespace, fake.timeout, fake._known = "", 5.0, False
+    fake.node = SimpleNamespace(create_client=lambda _type, name: services[name.lstrip("/")],
+                                destroy_client=lambda _client: None)
+    # A teach is preceded by a list, re-sent until answered (two answers lost), then sent once.
+    assert fake.call(TeachConcept, "teach_concept", TeachConcept.Request(name="x")) == "answer to TeachConcept_Request"
+    assert sent == ["ListConcepts_Request"] * 3 + ["TeachConcept_Request"]
+    fake.call(TeachConcept, "teach_concept", TeachConcept.Request(name="y"))       # known now: no handshake
+    assert sent[4:] == ["TeachConcept_Request"]
+
+
 # ---- shutdown (last: it stops the module's node) ---------------------------------------------
 
 def test_ctrl_c_stops_the_node_within_5_s_and_ends_requests_in_flight(ros, node_process):
