@@ -160,6 +160,9 @@ class World:
         self.env.pop("_ROS_WHEELS_BOOTSTRAP_COMPLETE", None)
         self.env.update(PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
         self.env.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+        # The node and the CLIs run the same code as this process (a checkout's, or the installed one).
+        code = str(Path(__file__).resolve().parents[2])
+        self.env["PYTHONPATH"] = os.pathsep.join(p for p in (code, os.environ.get("PYTHONPATH", "")) if p)
         self.namespace = f"/field_test_{os.getpid()}"
         self._cli_count = 0
 
@@ -773,19 +776,28 @@ def cross_models(report: Report, world: World, node: NodeRun, client: Client, ca
     report.check(response is not None and response.success, "the node could not teach 'cross a'")
     # The camera already shows B's picture while model B's CLI teaches it: the node then sees a
     # concept with no memory for its model; it must build its own, never match B's.
+    fp_a = store.get("cross a").model_fingerprint
+    built = {}                     # when a model-A memory of 'cross b' first shows in the store
+    stop_polling = threading.Event()
+
+    def poll_for_the_node_memory():
+        while not stop_polling.wait(0.01):
+            with contextlib.suppress(Exception):
+                if store.has_memory("cross b", fp_a):
+                    built.setdefault("at", time.monotonic())
+                    return
+
+    polling = threading.Thread(target=poll_for_the_node_memory, daemon=True)
+    polling.start()
     t0 = time.monotonic()
     camera.show(pb)
     teach_b = world.run_cli(store_dir, world.model_b, "teach", "cross b", str(world.picture_file(8002)), "--no-wait")
     report.check(teach_b.proc.returncode == 0, f"CLI teach on model B failed: {teach_b.stderr[-300:]}")
-    fp_a = store.get("cross a").model_fingerprint
     fp_b = store.get("cross b").model_fingerprint
     report.check(model_key(fp_a) != model_key(fp_b), "models A and B have the same fingerprint")
-    rebuilt_a = None
-    while time.monotonic() - t0 < 60.0:
-        if store.has_memory("cross b", fp_a):
-            rebuilt_a = time.monotonic()
-            break
-        time.sleep(0.02)
+    polling.join(60.0)
+    stop_polling.set()
+    rebuilt_a = built.get("at")
     report.check(rebuilt_a is not None, "the node on model A never built its own memory of 'cross b'")
     time.sleep(2.0)
     seen_b = [d[0] for d in client.since(t0) if "cross b" in d[3]]
