@@ -368,6 +368,8 @@ class Assistant:
         """
         t0 = time.perf_counter()
         name = validate_name(name)
+        if add and overwrite:
+            raise PersonalVLMError("pass add (more views) or overwrite (replace), not both")
         category = validate_category(category or "")
         if len(category) > 64:
             raise PersonalVLMError("category is over 64 characters")

@@ -20,7 +20,8 @@ from pathlib import Path
 from . import evaluation
 from .errors import PersonalVLMError
 from .images import IMAGE_SUFFIXES
-from .options import BACKENDS, DEFAULT_MODEL, DTYPES, ENCODER_CHOICES, EXPORT_OPSET, PRECISIONS, RANDOM_MODEL_SIZES, AssistantOptions
+from .options import (BACKENDS, DEFAULT_MODEL, DTYPES, ENCODER_CHOICES, EXPORT_OPSET, PAIRWISE_REFERENCES, PRECISIONS,
+                      RANDOM_MODEL_SIZES, AssistantOptions)
 from .output import stderr_progress
 
 
@@ -325,6 +326,8 @@ def _add_eval_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=int, default=3, help="R2P: candidates kept by retrieval")
     parser.add_argument("--r2p-pool", type=int, default=10, help="R2P: the matcher's top concepts it retrieves from")
     parser.add_argument("--pairwise-threshold", type=float, default=0.5, help="R2P: p_i needed to decide")
+    parser.add_argument("--pairwise-reference", default="image", choices=PAIRWISE_REFERENCES,
+                        help="R2P's pairwise step shows the candidate's reference picture (as R2P does) or its memory")
     parser.add_argument("--verifier-model", default=None,
                         help="R2P: CLIP/SigLIP id or folder for image-text similarity (default: the VLM answers)")
     parser.add_argument("--restart", action="store_true", help="discard the results already in --out")
@@ -342,6 +345,7 @@ def _cmd_eval(args) -> None:
     dataset = load_dataset(args.dataset, args.layout, args.shots, args.test_list, args.test_last)
     options = EvalOptions(method=args.method, accept=args.accept, reject=args.reject, threshold=args.threshold,
                           margin=args.margin, top_k=args.top_k, pairwise_threshold=args.pairwise_threshold,
+                          pairwise_reference=args.pairwise_reference,
                           verifier_model=args.verifier_model, r2p_pool=args.r2p_pool,
                           max_queries=args.max_queries).check()
     out = Path(args.out).expanduser()
@@ -488,6 +492,8 @@ def _add_node_parser(sub) -> None:
     teach.add_argument("--category", default="")
     teach.add_argument("--roi", default=None, help="x,y,w,h of the subject in pixels, for every picture")
     teach.add_argument("--overwrite", action="store_true")
+    teach.add_argument("--add", action="store_true",
+                       help="further views of an existing concept (e.g. the latest frame, once per side)")
 
     ask = verbs.add_parser("ask", help="ask a question about a picture or the latest camera frame")
     ask.add_argument("question")

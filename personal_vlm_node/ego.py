@@ -372,8 +372,16 @@ def build_memory(images: list[ImageTokens], intros: list[ImageIntroduction]) -> 
     grids = torch.tensor([list(img.grid) for img in images], dtype=torch.long)                      # (R, 2)
     num_tokens = torch.tensor([img.num_tokens for img in images], dtype=torch.long)                 # (R,)
     boxes = torch.cat([img.token_boxes[i.indices].float().cpu() for img, i in zip(images, intros)]) # (K_c, 4)
-    return {"memory": memory, "positions": positions, "image_index": image_index,
-            "importance": importance, "grids": grids, "num_tokens": num_tokens, "boxes": boxes}
+    out = {"memory": memory, "positions": positions, "image_index": image_index,
+           "importance": importance, "grids": grids, "num_tokens": num_tokens, "boxes": boxes}
+    if all(img.layer_features is not None for img in images):         # e.g. Qwen3-VL's DeepStack
+        out["layer_features"] = torch.cat([img.layer_features[i.indices].float().cpu()
+                                           for img, i in zip(images, intros)])                       # (K_c, S, D)
+    return out
+
+
+# Memory entries a family may lack: views are joined with them only when both sides have them.
+_OPTIONAL_MEMORY_KEYS = ("layer_features",)
 
 
 def append_views(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -383,6 +391,8 @@ def append_views(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> 
     views = int(old["grids"].shape[0]) if "grids" in old else int(old.get("image_index", torch.zeros(1)).max()) + 1
     out = {}
     for key, value in new.items():
+        if key in _OPTIONAL_MEMORY_KEYS and key not in old:
+            continue
         if key not in old:
             raise PersonalVLMError("the stored memory predates multi-view teaching; re-teach the concept")
         out[key] = torch.cat([old[key], value + views if key == "image_index" else value])

@@ -17,6 +17,8 @@ ENCODER_CHOICES = BACKENDS + ("auto",)                   # auto: the fastest her
 PRECISIONS = ("fp16", "fp32")                            # TensorRT engine precision
 DTYPES = ("auto", "float32", "bfloat16", "float16")      # weight precision of the model
 EXPORT_OPSET = 20              # ONNX opset of exported encoders: dynamo needs ≥ 18, TensorRT 10 parses ≤ 22
+# What R2P's pairwise step shows beside the query: the candidate's reference picture (R2P) or its memory.
+PAIRWISE_REFERENCES = ("image", "memory")
 RANDOM_MODEL_SIZES = ("tiny", "realistic")                # random-weight models `bench` builds by itself
 
 

@@ -52,6 +52,7 @@ from . import prompts
 from .ego import json_objects
 from .prompts import ATTRIBUTE_QUESTION, ATTRIBUTE_TEXT, COT_PROMPT, DESCRIPTION_QUESTION, PAIRWISE_PROMPT
 from .errors import PersonalVLMError
+from .options import PAIRWISE_REFERENCES
 from .vlm.base import ImageTokens, Memory, Part, VLMAdapter
 
 # ---- the fingerprint: what R2P knows of a concept beyond its memory ----------------------------
@@ -452,8 +453,9 @@ class R2PVerifier:
         self.top_k = top_k
         self.pairwise_threshold = pairwise_threshold
         self.cot_max_new_tokens = cot_max_new_tokens
-        if pairwise_reference not in ("image", "memory"):
-            raise PersonalVLMError(f"R2P pairwise_reference must be image or memory, got {pairwise_reference!r}")
+        if pairwise_reference not in PAIRWISE_REFERENCES:
+            raise PersonalVLMError(f"R2P pairwise_reference must be {' or '.join(PAIRWISE_REFERENCES)}, "
+                                   f"got {pairwise_reference!r}")
         self.pairwise_reference = pairwise_reference
 
     def verify(self, image_tokens: ImageTokens, image, candidates: list[Candidate]) -> R2PResult:

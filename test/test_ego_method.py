@@ -3,6 +3,8 @@ rows, attention-sink baseline, single-pass attention, the memory budget."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -119,9 +121,10 @@ def test_yes_no_ids_are_the_first_tokens_the_template_produces(adapters, family,
 
 # ---- memory positions -------------------------------------------------------------------------
 def _whole_image_memory(tokens, name="it"):
+    """The memory Ego stores when it keeps every token of one picture (through ``build_memory``)."""
     n = tokens.num_tokens
-    return Memory(tokens.features.clone(), name, torch.arange(n), torch.zeros(n, dtype=torch.long),
-                  torch.tensor([list(tokens.grid)]))
+    chosen = SimpleNamespace(indices=torch.arange(n), importance=torch.ones(n))
+    return Memory.from_stored(ego.build_memory([tokens], [chosen]), name)
 
 
 def test_qwen_positions_equal_the_models_own_rope_index(adapters):
@@ -163,9 +166,12 @@ def test_a_memory_of_every_token_reads_exactly_like_the_image(adapters, family):
     as_memory = adapter.yes_probability(["Look: ", _whole_image_memory(tokens), question])
     if family in ("idefics3", "smolvlm") and len(tokens.segment_ids) != tokens.num_tokens + 3:
         pytest.skip("tiled image: its segment has per-tile markers a memory does not repeat")
-    if family == "qwen3_vl":
-        pytest.skip("an image brings DeepStack features a memory does not have")
     assert as_memory == pytest.approx(as_image, abs=1e-6)
+    if family == "qwen3_vl":
+        # The memory carries the tokens' DeepStack features; without them it reads differently.
+        bare = _whole_image_memory(tokens)
+        bare.layer_features = None
+        assert adapter.yes_probability(["Look: ", bare, question]) != pytest.approx(as_image, abs=1e-6)
 
 
 def test_memories_of_several_views_get_one_marked_block_each(adapters, family):
@@ -260,6 +266,18 @@ def test_append_views_offsets_the_image_index():
     assert both["positions"].tolist() == [4, 5, 2]
     assert both["grids"].tolist() == [[3, 3], [2, 2]]
     assert Memory.from_stored(both).has_layout
+
+
+def test_views_keep_layer_features_only_when_every_view_has_them():
+    old = {"memory": torch.ones(2, 3), "positions": torch.tensor([4, 5]), "image_index": torch.tensor([0, 0]),
+           "grids": torch.tensor([[3, 3]]), "layer_features": torch.ones(2, 2, 3)}
+    new = {"memory": torch.zeros(1, 3), "positions": torch.tensor([2]), "image_index": torch.tensor([0]),
+           "grids": torch.tensor([[2, 2]]), "layer_features": torch.zeros(1, 2, 3)}
+    both = ego.append_views(old, new)
+    assert both["layer_features"].shape == (3, 2, 3) and Memory.from_stored(both).has_layer_features
+    older = {k: v for k, v in old.items() if k != "layer_features"}        # stored before they were kept
+    mixed = ego.append_views(older, new)
+    assert "layer_features" not in mixed and not Memory.from_stored(mixed).has_layer_features
 
 
 def test_one_resolution_policy_gives_reference_and_frame_the_same_token_scale(adapters):

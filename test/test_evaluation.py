@@ -173,6 +173,8 @@ def test_unknown_layouts_and_bad_settings_are_refused(tmp_path):
         load_dataset(_yollava(tmp_path / "y"), shots=0)
     with pytest.raises(PersonalVLMError, match="method"):
         EvalOptions(method="magic").check()
+    with pytest.raises(PersonalVLMError, match="--pairwise-reference must be one of image, memory"):
+        EvalOptions(method="r2p", pairwise_reference="both").check()
 
 
 # ---- a run on a tiny model ----------------------------------------------------------------
@@ -239,8 +241,25 @@ def test_cascade_hands_what_ego_is_unsure_of_to_r2p(assistant, tmp_path, clip):
                                    EvalOptions(method="cascade", accept=1.5, reject=-1.5, margin=0.0, max_queries=1),
                                    progress=None)
     assert ego_only["decided_by"] == {"ego": 2}
+    # Without a contrastive model R2P's scores are the VLM's own answers: the results say so.
+    assert "model judging itself" in (tmp_path / "out2" / "results.md").read_text()
+    assert "model judging itself" not in (tmp_path / "out" / "results.md").read_text()
+    assert "beside the candidate's reference picture" in (tmp_path / "out" / "results.md").read_text()
     record = evaluation.read_lines(tmp_path / "out2" / "progress.jsonl")[0]
     assert "r2p" not in record and all(p["predicted"] == (p["p_yes"] >= 0.5) for p in record["pairs"])
+
+    # R2P's pairwise step beside the candidate's memory instead of its picture: recorded, and a
+    # rerun into the same folder with the other choice is refused rather than mixed.
+    memory = EvalOptions(method="cascade", accept=1.5, reject=-1.5, margin=0.5, top_k=2, max_queries=1,
+                         pairwise_reference="memory")
+    results = evaluation.evaluate(assistant, data, tmp_path / "out3", memory, progress=None, text_similarity=clip)
+    assert results["r2p"]["pairwise_reference"] == "memory" and results["decided_by"] == {"r2p": 2}
+    for record in evaluation.read_lines(tmp_path / "out3" / "progress.jsonl"):
+        assert record["r2p"]["stages"].get("pairwise", {"reference": "memory"})["reference"] == "memory"
+    with pytest.raises(PersonalVLMError, match="pairwise_reference"):
+        evaluation.evaluate(assistant, data, tmp_path / "out3",
+                            EvalOptions(method="cascade", accept=1.5, reject=-1.5, margin=0.5, top_k=2, max_queries=1),
+                            progress=None, text_similarity=clip)
 
 
 @pytest.mark.parametrize("family", ["qwen3_vl", "smolvlm"])
@@ -252,6 +271,12 @@ def test_the_cascade_runs_on_the_newer_families(adapters, tmp_path, family):
                    verification=False) as a:
         options = EvalOptions(method="cascade", accept=1.5, reject=-1.5, margin=0.5, top_k=2, max_queries=2)
         results = evaluation.evaluate(a, data, tmp_path / "out", options, progress=None)
+        stored = a.stored_memory(data.concepts[0])
+    if family == "qwen3_vl":      # the memory keeps its tokens' DeepStack features, one per stacked layer
+        stacked = len(a.vlm.model.config.vision_config.deepstack_visual_indexes)
+        assert stored["layer_features"].shape == (stored["memory"].shape[0], stacked, stored["memory"].shape[1])
+    else:
+        assert "layer_features" not in stored
     assert results["decided_by"] == {"r2p": 4}
     assert results["overall"]["positives"] + results["overall"]["negatives"] == 4
     assert all(0.0 < p["p_yes"] < 1.0 for r in evaluation.read_lines(tmp_path / "out" / "progress.jsonl")

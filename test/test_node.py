@@ -349,6 +349,20 @@ def test_teaching_an_existing_name_needs_overwrite(ros):
     ros.observe_until(picture(4), lambda r: "house keys" in names(r))
 
 
+def test_views_are_added_one_camera_frame_at_a_time(ros):
+    ros.observe(picture(5))
+    first = ros.teach("backpack", [], add=True)                  # a new name: taught from the frame
+    assert first.success and first.message.startswith("taught 'backpack' from the latest camera frame")
+    ros.observe(picture(6))
+    second = ros.teach("backpack", [], add=True)                 # a second side of it
+    assert second.success and second.message.startswith("added a view to 'backpack'"), second.message
+    assert second.memory_tokens > first.memory_tokens
+    listed = ros.list()
+    assert listed.memory_tokens[list(listed.names).index("backpack")] == second.memory_tokens
+    both = ros.teach("backpack", [], add=True, overwrite=True)
+    assert both.success is False and "not both" in both.message
+
+
 def test_ask_answers_about_a_given_image_and_about_the_latest_frame(ros):
     for name, seed in [("red cup", 5), ("blue cup", 6), ("green cup", 7)]:
         assert ros.teach(name, [image_msg(picture(seed))]).success
@@ -763,6 +777,11 @@ def test_the_node_client_teaches_lists_asks_and_forgets(ros, tmp_path):
     row = next(r for r in json.loads(listed.stdout)["concepts"] if r["name"] == "kettle")
     assert row["category"] == "kettle" and row["memory_tokens"] > 0
 
+    added = _node_cli(*ns, "teach", "kettle", str(path), "--add", "--json")
+    assert added.returncode == 0, added.stderr
+    assert json.loads(added.stdout)["memory_tokens"] > row["memory_tokens"]
+    assert json.loads(added.stdout)["message"].startswith("added a view to 'kettle'")
+
     asked = _node_cli(*ns, "ask", "Where is the kettle?", "--image", str(path), "--json")
     assert asked.returncode == 0, asked.stderr
     assert json.loads(asked.stdout)["concepts"][0] == "kettle"
@@ -804,6 +823,46 @@ def test_the_node_client_says_when_no_node_answers():
     assert done.returncode == 2
     assert "no node answers on /nobody_here/list_concepts within 1 s" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+class _LossyService:
+    """A service client whose first ``lose`` answers never come (a reply lost to discovery)."""
+
+    def __init__(self, log, lose):
+        self.log, self.lose = log, lose
+
+    def wait_for_service(self, timeout_sec):
+        return True
+
+    def call_async(self, request):
+        from concurrent.futures import Future
+
+        self.log.append(type(request).__name__)
+        future = Future()
+        if self.lose > 0:
+            self.lose -= 1
+        else:
+            future.set_result(f"answer to {type(request).__name__}")
+        return future
+
+
+def test_the_node_client_resends_idempotent_requests_and_sends_the_others_once(monkeypatch):
+    from types import SimpleNamespace
+
+    from personal_vlm_node.ros import client as node_client
+
+    monkeypatch.setattr(node_client, "RESEND_S", 0.05)
+    sent = []
+    services = {"list_concepts": _LossyService(sent, lose=2), "teach_concept": _LossyService(sent, lose=0)}
+    fake = node_client.NodeClient.__new__(node_client.NodeClient)
+    fake.namespace, fake.timeout, fake._known = "", 5.0, False
+    fake.node = SimpleNamespace(create_client=lambda _type, name: services[name.lstrip("/")],
+                                destroy_client=lambda _client: None)
+    # A teach is preceded by a list, re-sent until answered (two answers lost), then sent once.
+    assert fake.call(TeachConcept, "teach_concept", TeachConcept.Request(name="x")) == "answer to TeachConcept_Request"
+    assert sent == ["ListConcepts_Request"] * 3 + ["TeachConcept_Request"]
+    fake.call(TeachConcept, "teach_concept", TeachConcept.Request(name="y"))       # known now: no handshake
+    assert sent[4:] == ["TeachConcept_Request"]
 
 
 # ---- shutdown (last: it stops the module's node) ---------------------------------------------

@@ -58,7 +58,7 @@ PACKAGE = "personal_vlm_node"
                 "category": "string",
                 "images": "sequence<sensor_msgs/Image>",
                 "roi": "sensor_msgs/RegionOfInterest",
-                "overwrite": "boolean",
+                "overwrite": "boolean", "add": "boolean",
             },
         ),
         (

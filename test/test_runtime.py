@@ -104,6 +104,21 @@ def test_one_qwen_graph_serves_two_image_sizes(adapters, exported):
     assert counts[0] != counts[1]                                                # really two grids
 
 
+def test_qwen_windows_are_a_padded_batch_of_whole_windows(adapters):
+    # A 6×6 patch grid: 3×3 merged tokens of 4 patches; windows of 2×2 tokens: whole, cut on the
+    # right, cut at the bottom, and the corner (4, 2, 2 and 1 tokens).
+    graph = graph_for(adapters("qwen2_5_vl"))
+    assert (graph.unit, graph.window_side) == (4, 2)
+    meta = graph.grid_metadata(torch.tensor([[1, 6, 6]]))
+    assert meta["window_index"].tolist() == [0, 1, 3, 4, 2, 5, 6, 7, 8]
+    pad = [-1]
+    assert meta["window_slots"].tolist() == [list(range(0, 16)), list(range(16, 24)) + pad * 8,
+                                             list(range(24, 32)) + pad * 8, list(range(32, 36)) + pad * 12]
+    # Each patch's row in the (4 windows × 16) batch.
+    assert meta["window_unpad"].tolist() == list(range(24)) + list(range(32, 40)) + list(range(48, 52))
+    assert meta["reverse_index"][meta["window_index"].long()].tolist() == list(range(9))
+
+
 def _tiny_qwen2_vl(qwen2_5_folder, out):
     """A Qwen2-VL checkpoint (no window attention) sharing the tiny Qwen2.5-VL tokenizer and processor."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration

@@ -9,6 +9,13 @@ WTD_PLOT = "wtd_per_concept.png"
 HISTOGRAM_PLOT = "score_histogram.png"
 
 
+# R2P without a contrastive image-text model: its scores come from the VLM being checked.
+SELF_JUDGED_NAME = "vlm_yes_no"
+SELF_JUDGED = ("no contrastive model configured: R2P's image-text (s_VT) and attribute (s_VA) scores are "
+               "the same VLM's yes/no answers, so its verification is the model judging itself; pass "
+               "--verifier-model (a CLIP/SigLIP) for an independent check")
+
+
 def format_value(value, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
@@ -36,7 +43,10 @@ def results_markdown(results: dict) -> str:
         f"{', ' + str(data['failed']) + ' failed' if data.get('failed') else ''}, {data['shots']} shot(s))",
         "- thresholds: " + ", ".join(f"{k} {format_value(v)}" for k, v in results["thresholds"].items()),
         f"- R2P: top-{results['r2p']['top_k']} of the matcher's top {results['r2p']['pool']}, "
-        f"text similarity {results['r2p']['text_similarity']}",
+        f"text similarity {results['r2p']['text_similarity']}, pairwise step beside the candidate's "
+        f"{'reference picture' if results['r2p'].get('pairwise_reference', 'image') == 'image' else 'memory'}"
+        + (f"\n  - {SELF_JUDGED}" if results['method'] in ('r2p', 'cascade')
+           and results['r2p']['text_similarity'] == SELF_JUDGED_NAME else ""),
         "- decided by: " + (", ".join(f"{k} {v}" for k, v in sorted(results["decided_by"].items())) or "–"),
         f"- seconds per query {format_value(timing['seconds_per_query'])}, per concept introduction "
         f"{format_value(timing['seconds_per_concept_introduction'])} (fingerprint complete after "

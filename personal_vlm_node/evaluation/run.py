@@ -12,11 +12,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import PersonalVLMError
-from ..options import check_thresholds
+from ..options import PAIRWISE_REFERENCES, check_thresholds
 from ..output import stderr_progress, write_atomic
 from .datasets import Dataset, Query, _relative
 from .metrics import summarize
-from .report import HISTOGRAM_PLOT, WTD_PLOT, bar_chart_png, histogram_png, results_markdown
+from .report import HISTOGRAM_PLOT, SELF_JUDGED, SELF_JUDGED_NAME, WTD_PLOT, bar_chart_png, histogram_png, results_markdown
 
 METHODS = ("match", "ego", "r2p", "cascade")
 
@@ -39,6 +39,7 @@ class EvalOptions:
     margin: float | None = None            # cascade: R2P when |p_yes − threshold| < margin; None: the profile's
     top_k: int = 3
     pairwise_threshold: float = 0.5
+    pairwise_reference: str = "image"      # R2P's pairwise step shows the reference picture, or "memory"
     verifier_model: str | None = None      # CLIP / SigLIP for R2P; None: the VLM checks attributes
     r2p_pool: int = 10                     # R2P's candidates: the matcher's top concepts
     max_queries: int | None = None         # evaluate only the first N queries (a rerun can extend)
@@ -50,6 +51,9 @@ class EvalOptions:
             raise PersonalVLMError("--r2p-pool and --top-k must be at least 1")
         if self.max_queries is not None and self.max_queries < 1:
             raise PersonalVLMError("--max-queries must be at least 1")
+        if self.pairwise_reference not in PAIRWISE_REFERENCES:
+            raise PersonalVLMError(f"--pairwise-reference must be one of {', '.join(PAIRWISE_REFERENCES)}, "
+                                   f"got {self.pairwise_reference!r}")
         return self
 
 
@@ -72,7 +76,8 @@ class _Methods:
         self.memories = {c: Memory.from_stored(assistant.stored_memory(c), c) for c in dataset.concepts}
         self.fingerprints = {c: assistant.store.get(c).fingerprint for c in dataset.concepts}
         self.r2p = r2p.R2PVerifier(assistant.vlm, text_similarity, top_k=options.top_k,
-                                   pairwise_threshold=options.pairwise_threshold)
+                                   pairwise_threshold=options.pairwise_threshold,
+                                   pairwise_reference=options.pairwise_reference)
 
     def evaluate(self, query: Query) -> dict:
         from ..images import load_image
@@ -243,6 +248,8 @@ def evaluate(assistant, dataset: Dataset, out, options: EvalOptions | None = Non
 
         progress(f"loading the R2P verifier model {options.verifier_model}…")
         text_similarity = ImageTextSimilarity(options.verifier_model, device=str(assistant.vlm.device))
+    if text_similarity is None and options.method in ("r2p", "cascade"):
+        progress(SELF_JUDGED)
 
     introductions = _teach(assistant, dataset, out, progress)
     methods = _Methods(assistant, dataset, options, text_similarity)
@@ -287,8 +294,8 @@ def evaluate(assistant, dataset: Dataset, out, options: EvalOptions | None = Non
                     "failed": len(failed), "of_queries": len(dataset.queries)},
         "thresholds": {"accept": methods.accept, "reject": methods.reject, "recognize": methods.threshold,
                        "margin": methods.margin, "pairwise": options.pairwise_threshold},
-        "r2p": {"top_k": options.top_k, "pool": options.r2p_pool,
-                "text_similarity": text_similarity.name if text_similarity is not None else "vlm_yes_no"},
+        "r2p": {"top_k": options.top_k, "pool": options.r2p_pool, "pairwise_reference": options.pairwise_reference,
+                "text_similarity": text_similarity.name if text_similarity is not None else SELF_JUDGED_NAME},
         **summary,
         "timing": {
             "seconds_per_query": sum(timed) / len(timed) if timed else None,

@@ -17,6 +17,10 @@ import time
 from ..errors import PersonalVLMError
 
 REQUEST_TIMEOUT_S = 600.0     # a teach on a big model on a CPU takes minutes
+# The first request of a brand-new process can race DDS discovery on a loaded machine: the node
+# answers before it has matched this process's reply reader, and the answer is lost. An idempotent
+# request is therefore re-sent this often until one answer arrives.
+RESEND_S = 2.0
 
 
 def run(args) -> None:
@@ -51,6 +55,7 @@ class NodeClient:
         self.namespace = "/" + namespace.strip("/") if namespace.strip("/") else ""
         self.node_name = node_name
         self.timeout = timeout
+        self._known = False           # the node has answered this process once
         self.context = Context()
         rclpy.init(args=[], context=self.context)
         self.node = rclpy.create_node(f"personal_vlm_cli_{os.getpid()}", context=self.context,
@@ -87,14 +92,39 @@ class NodeClient:
             f"ros2 launch personal_vlm_node assistant.launch.py), or check the namespace (--namespace) "
             f"and that both use ROS_DOMAIN_ID={domain}")
 
-    def call(self, srv_type, relative: str, request):
+    def call(self, srv_type, relative: str, request, idempotent: bool = False):
+        """One request. An ``idempotent`` one is re-sent every RESEND_S until it is answered (within
+        ``timeout``); any other is preceded by :meth:`handshake`, so it is sent once and not lost."""
+        if not idempotent:
+            self.handshake()
         client = self.node.create_client(srv_type, self.name(relative))
         try:
             if not client.wait_for_service(timeout_sec=self.timeout):
                 raise self._absent(self.name(relative))
-            return self._wait(client.call_async(request), relative)
+            if not idempotent:
+                return self._wait(client.call_async(request), relative)
+            answered = threading.Event()
+            deadline = time.monotonic() + self.timeout
+            futures = []
+            while not answered.is_set():
+                if futures and time.monotonic() >= deadline:
+                    raise self._absent(self.name(relative))
+                futures.append(client.call_async(request))
+                futures[-1].add_done_callback(lambda _f: answered.set())
+                answered.wait(RESEND_S)
+            return next(f for f in futures if f.done()).result()
         finally:
             self.node.destroy_client(client)
+
+    def handshake(self) -> None:
+        """Ask the node for its concept list until it answers: from then on it knows this process,
+        and a request that must not be sent twice (teach, forget, ask) reaches it and is answered."""
+        if self._known:
+            return
+        from personal_vlm_interfaces.srv import ListConcepts
+
+        self.call(ListConcepts, "list_concepts", ListConcepts.Request(), idempotent=True)
+        self._known = True
 
     @staticmethod
     def _wait(future, what: str):
@@ -142,7 +172,8 @@ def _teach(client: NodeClient, args) -> None:
     from personal_vlm_interfaces.srv import TeachConcept
 
     request = TeachConcept.Request(name=args.name, category=args.category, roi=_roi(args.roi),
-                                   images=[_image_msg(p) for p in args.images], overwrite=args.overwrite)
+                                   images=[_image_msg(p) for p in args.images], overwrite=args.overwrite,
+                                   add=args.add)
     response = _check(client.call(TeachConcept, "teach_concept", request), "teach")
     _emit(args, {"name": args.name, "memory_tokens": response.memory_tokens, "keywords": list(response.keywords),
                  "seconds": round(response.seconds, 3), "message": response.message}, response.message)
@@ -182,6 +213,7 @@ def _ask_streaming(client: NodeClient, args, image):
             shown[0] = text
 
     try:
+        client.handshake()
         if not action.wait_for_server(timeout_sec=client.timeout):
             raise client._absent(f"the action {client.name('ask')}")
         goal = client._wait(action.send_goal_async(Ask.Goal(question=args.question, image=image),
@@ -207,7 +239,7 @@ def _ask_streaming(client: NodeClient, args, image):
 def _list(client: NodeClient, args) -> None:
     from personal_vlm_interfaces.srv import ListConcepts
 
-    response = _check(client.call(ListConcepts, "list_concepts", ListConcepts.Request()), "list")
+    response = _check(client.call(ListConcepts, "list_concepts", ListConcepts.Request(), idempotent=True), "list")
     rows = [{"name": n, "category": c, "memory_tokens": int(t), "keywords": json.loads(k or "[]")}
             for n, c, t, k in zip(response.names, response.categories, response.memory_tokens,
                                   response.keywords_json)]

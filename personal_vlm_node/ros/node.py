@@ -595,13 +595,16 @@ class AssistantNode:
             else:
                 arrays = [self._latest_frame_array()]
             rois = [roi_to_xywh(request.roi, a.shape[1], a.shape[0]) for a in arrays]
+            known = request.add and name in self.assistant.store
             result = self.assistant.teach(name, arrays, category=request.category,
-                                          rois=None if rois[0] is None else rois, overwrite=request.overwrite)
+                                          rois=None if rois[0] is None else rois, overwrite=request.overwrite,
+                                          add=request.add)
             out.memory_tokens = int(result.memory_tokens)
             out.keywords = list(result.keywords)
             out.seconds = float(result.seconds)
             source = f"{len(arrays)} image(s)" if request.images else "the latest camera frame"
-            out.message = (f"taught {result.name!r} from {source}: {result.memory_tokens} memory tokens "
+            verb = "added a view to" if known else "taught"
+            out.message = (f"{verb} {result.name!r} from {source}: {result.memory_tokens} memory tokens "
                            f"in {result.seconds:.1f} s")
             self.log.info(out.message)
 

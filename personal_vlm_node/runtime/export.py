@@ -32,7 +32,7 @@ from ..options import EXPORT_OPSET
 from ..output import stderr_progress, write_atomic
 from ..vlm.graph import VisionGraph, graph_for
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2      # 2: Qwen windows as a padded batch (window_slots, window_unpad)
 DEFAULT_OPSET = EXPORT_OPSET
 EXTERNAL_DATA_BYTES = int(1.5e9)  # protobuf files stop at 2 GB; leave room for the graph itself
 DEFAULT_TOLERANCE = 1e-3         # max |onnx − torch| allowed, relative to max(1, max |torch|)

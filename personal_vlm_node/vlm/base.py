@@ -46,6 +46,9 @@ class ImageTokens:
     grid: tuple[int, int]         # (rows, cols) of the main token grid
     source_size: tuple[int, int]  # (width, height) of the image the user gave
     rope: dict = field(default_factory=dict)   # family data for positions and the LM (Qwen's grid_thw, …)
+    # (N, S, D) per-token features the family's language model adds to these tokens' rows inside
+    # its layers (Qwen3-VL's DeepStack: one per stacked layer); None for families without.
+    layer_features: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -75,12 +78,17 @@ class Memory:
     positions: torch.Tensor | None = None     # (K,) index of each token in its image's token list
     image_index: torch.Tensor | None = None   # (K,) which reference image each token came from
     grids: torch.Tensor | None = None         # (R, 2) rows, cols of each reference image's grid
+    layer_features: torch.Tensor | None = None   # (K, S, D) the tokens' ImageTokens.layer_features
 
     @classmethod
     def from_stored(cls, stored: dict, name: str = "") -> Memory:
         """From a stored memory dict (``ego.build_memory``); records without a layout still load."""
         return cls(stored["memory"], name, stored.get("positions"), stored.get("image_index"),
-                   stored.get("grids"))
+                   stored.get("grids"), stored.get("layer_features"))
+
+    @property
+    def has_layer_features(self) -> bool:
+        return self.layer_features is not None and self.layer_features.shape[0] == self.tokens.shape[0]
 
     @property
     def has_layout(self) -> bool:
@@ -269,8 +277,10 @@ class VLMAdapter(ABC):
     def _step_position(self, position: int) -> torch.Tensor:
         return torch.tensor([[position]], device=self.device)
 
-    def _lm_inputs(self, length: int, images: list[ImageTokens], image_positions: list[torch.Tensor]) -> dict:
-        """Extra keyword inputs of the language model for the prompt (e.g. Qwen3-VL's DeepStack)."""
+    def _lm_inputs(self, length: int, images: list[ImageTokens], image_positions: list[torch.Tensor],
+                   memories: list[Memory], memory_positions: list[torch.Tensor]) -> dict:
+        """Extra keyword inputs of the language model for the prompt (e.g. Qwen3-VL's DeepStack,
+        for the images' rows and for the rows of memories that kept their tokens' layer features)."""
         return {}
 
     # ---- description ---------------------------------------------------------------------
@@ -411,7 +421,7 @@ class VLMAdapter(ABC):
         position_ids, next_position = self._positions(input_ids, blocks)
         return Prompt(input_ids, embeds, position_ids, next_position, image_positions,
                       memory_positions, answer_start, answer_offsets,
-                      self._lm_inputs(len(ids), images, image_positions))
+                      self._lm_inputs(len(ids), images, image_positions, memories, memory_positions))
 
     # ---- running the language model ------------------------------------------------------
     def _run(self, embeds: torch.Tensor, position_ids: torch.Tensor, cache=None, **lm_inputs):

@@ -4,9 +4,10 @@ DeepStack: besides the visual tokens that replace the image slots of the prompt,
 gives one more (N, D) feature map per DeepStack layer; the language model adds map *i* to the
 image rows of its hidden state after decoder layer *i*. The vision forward (torch or an exported
 graph) returns all of them side by side, (N, (1+S)·D); :meth:`assemble` keeps the first block as
-the visual tokens (what the matcher and the memories use) and the rest with the image, and every
-prompt that holds the image passes them to the language model. Memories (spliced like Qwen2.5-VL's,
-inside vision markers at their grid positions) get no DeepStack features.
+the visual tokens (what the matcher and the memories use) and the rest as the image's
+``layer_features`` (N, S, D), and every prompt that holds the image passes them to the language
+model. A memory keeps its tokens' layer features (``ego.build_memory``), so a memory spliced into
+a prompt is seen as the model saw those tokens in their picture, DeepStack included.
 """
 
 from __future__ import annotations
@@ -30,18 +31,24 @@ class Qwen3VLAdapter(Qwen25VLAdapter):
         width = self.hidden_size
         tokens = super().assemble(features[:, :width], inputs, prepared)
         extra = features[:, width:]                                                # (N, S·D)
-        tokens.rope["deepstack"] = extra.reshape(extra.shape[0], -1, width).transpose(0, 1).detach()   # (S, N, D)
+        tokens.layer_features = extra.reshape(extra.shape[0], -1, width).detach()   # (N, S, D)
         return tokens
 
-    def _lm_inputs(self, length, images, image_positions):
-        if not images:
+    def _lm_inputs(self, length, images, image_positions, memories, memory_positions):
+        rows, stacks = [], []
+        for image, positions in zip(images, image_positions):
+            rows.append(positions)
+            stacks.append(image.layer_features)
+        for memory, positions in zip(memories, memory_positions):
+            if memory.has_layer_features:
+                rows.append(positions)
+                stacks.append(memory.layer_features)
+        if not rows:
             return {}
+        rows = torch.cat(rows)                                                     # (ΣN,)
         mask = torch.zeros(1, length, dtype=torch.bool, device=self.device)
-        for rows in image_positions:
-            mask[0, rows.to(self.device)] = True
-        # The mask selects rows in sequence order; images never overlap, so sorting by row is enough.
-        rows = torch.cat(image_positions)
+        mask[0, rows.to(self.device)] = True
+        # The model takes the features in row order; the blocks never overlap, so sorting is enough.
         order = torch.argsort(rows)
-        stacks = torch.cat([img.rope["deepstack"] for img in images], dim=1)[:, order]   # (S, ΣN, D)
-        return {"visual_pos_masks": mask,
-                "deepstack_visual_embeds": [layer.to(self.device, self.dtype) for layer in stacks]}
+        stacks = torch.cat(stacks)[order].to(self.device, self.dtype).transpose(0, 1)   # (S, ΣN, D)
+        return {"visual_pos_masks": mask, "deepstack_visual_embeds": list(stacks)}
