@@ -102,6 +102,10 @@ def test_threshold_parameters_override_the_profile_only_when_not_negative():
     options = assistant_options(values)
     assert (options.accept_threshold, options.reject_threshold, options.max_concepts_in_context) == (0.9, None, 3)
     assert options.backend == "onnxruntime" and options.engine_cache is None
+    assert (options.verifications_per_second, options.verification_busy_fraction) == (2.0, 0.5)
+    values.update(verifications_per_second=1, verification_busy_fraction=0.25)     # integers welcome
+    options = assistant_options(values)
+    assert (options.verifications_per_second, options.verification_busy_fraction) == (1.0, 0.25)
 
 
 # ---- the node process -------------------------------------------------------------------------

@@ -61,6 +61,7 @@ def test_node_loads_the_model_reports_ready_and_stops_on_ctrl_c(tiny_checkpoints
 @pytest.mark.parametrize("values, message", [
     ({"dtype": "float64"}, "dtype must be one of"),
     ({"process_rate_hz": 0.0}, "process_rate_hz"),
+    ({"verification_busy_fraction": 0.0}, "verification_busy_fraction"),
     ({"model": "/nonexistent/checkpoint"}, "model folder not found"),
     ({"accept_threshold": 0.5, "reject_threshold": 0.7}, "reject_threshold (0.7) must be below accept_threshold (0.5)"),
 ])

@@ -68,6 +68,9 @@ PARAMETERS: dict[str, Param] = {
     "reject_threshold": Param(-1.0, "match score that rejects without verification; <0 = profile", low=-1.0, high=1.0, live=True),
     "max_concepts_in_context": Param(5, "most memories in one /ask prompt", low=0, high=64, live=True),
     "verification": Param(True, "settle uncertain matches with the model", live=True),
+    "verifications_per_second": Param(2.0, "most verifications started per second", low=0.01, high=100.0),
+    "verification_busy_fraction": Param(0.5, "most of the time verification may compute, beside the frames",
+                                        low=0.01, high=1.0),
     "overlay": Param(True, "publish ~/overlay while someone subscribes", live=True),
     "compressed": Param(False, "subscribe to sensor_msgs/CompressedImage instead of Image"),
     "verifier_model": Param("", "CLIP/SigLIP id or folder for R2P's image-text scores; empty = the VLM's yes/no"),
@@ -173,8 +176,9 @@ def assistant_options(values: dict) -> AssistantOptions:
         backend=values["encoder_backend"], engine_cache=values["engine_cache_dir"] or None,
         accept_threshold=threshold("accept_threshold"), reject_threshold=threshold("reject_threshold"),
         max_concepts_in_context=int(values["max_concepts_in_context"]),
-        verification=values["verification"], verifier_model=values["verifier_model"] or None,
-        r2p_margin=values["r2p_margin"])
+        verification=values["verification"], verifications_per_second=float(values["verifications_per_second"]),
+        verification_busy_fraction=float(values["verification_busy_fraction"]),
+        verifier_model=values["verifier_model"] or None, r2p_margin=values["r2p_margin"])
 
 
 class NodeParameters:
