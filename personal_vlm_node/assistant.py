@@ -195,6 +195,7 @@ class Assistant:
         self._rebuild = rebuild
         self._watch_stop = threading.Event()
         self._watch_thread: threading.Thread | None = None
+        self.bank_listeners: list = []            # called (no arguments) when the store watcher changed the bank
         self._watcher = store.watch()
         if rebuild:
             self.rebuild_stale_memories()
@@ -326,13 +327,17 @@ class Assistant:
         self._bank_versions.pop(name, None)
 
     def watch_store(self, period: float = 0.2) -> None:
-        """Check the store for other processes' changes every ``period`` s on a thread of its own."""
+        """Check the store for other processes' changes every ``period`` s on a thread of its own;
+        each callable in :attr:`bank_listeners` is called after a check that changed the bank."""
         def run():
             while not self._watch_stop.wait(period):
                 try:
-                    self.refresh()
+                    changed = self.refresh()
                 except Exception:             # a damaged row must not end the watching
                     log.exception("checking the concept store for changes failed")
+                    continue
+                for listener in list(self.bank_listeners) if changed else ():
+                    listener()
 
         if self._watch_thread is None:
             self._watch_thread = threading.Thread(target=run, name="store-watcher", daemon=True)

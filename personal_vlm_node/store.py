@@ -105,7 +105,7 @@ def validate_name(name: str) -> str:
     bad = _refused_char(name)
     if bad is not None:
         raise PersonalVLMError(
-            f"concept name {name!r} contains the control or invisible character "
+            f"concept name {_excerpt(name)} contains the control or invisible character "
             f"U+{ord(bad):04X}; use only letters, digits, spaces and punctuation"
         )
     name = unicodedata.normalize("NFC", name.strip())
@@ -113,7 +113,7 @@ def validate_name(name: str) -> str:
         raise PersonalVLMError("a concept name must not be empty; give the object a name such as 'my mug'")
     if all(ch in _ALLOWED_FORMAT_CHARS or ch.isspace() for ch in name):
         raise PersonalVLMError(
-            f"concept name {name!r} has only invisible characters; give the object a name such as 'my mug'"
+            f"concept name {_excerpt(name)} has only invisible characters; give the object a name such as 'my mug'"
         )
     if len(name) > MAX_NAME_CHARS:
         raise PersonalVLMError(
@@ -125,6 +125,13 @@ def validate_name(name: str) -> str:
     if name in (".", ".."):
         raise PersonalVLMError(f"{name!r} is not a valid concept name; choose a name with letters")
     return name
+
+
+def _excerpt(text: str, limit: int = 40) -> str:
+    """``text`` as quoted in a message: its start only, so a hostile name is never echoed whole."""
+    while limit > 1 and len(repr(text[:limit])) > 60:     # escaped characters take up to 10 each
+        limit //= 2
+    return repr(text[:limit]) + (f"... ({len(text)} characters)" if len(text) > limit else "")
 
 
 def _refused_char(text: str) -> str | None:

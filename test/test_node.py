@@ -447,6 +447,27 @@ def test_a_concept_taught_and_forgotten_by_another_process_is_followed_within_a_
     assert "desk lamp" not in asked.concepts
 
 
+def test_after_a_teach_the_next_frame_is_processed_at_once_whatever_the_rate(ros):
+    # One frame every 5 s; after a teach the worker takes the next frame as soon as it arrives, so a
+    # new concept is looked for without waiting for the rate's next turn.
+    [result] = _set(ros, process_rate_hz=0.2)
+    assert result.successful, result.reason
+    try:
+        ros.observe(picture(40))                               # processed: the next turn is 5 s away
+        taught = ros.teach("tea tin", [image_msg(picture(41))])
+        assert taught.success, taught.message
+        start = time.monotonic()
+        stamp = ros.publish(image_msg(picture(41)))
+        assert ros.detections_for(stamp, timeout=2.0) is not None, "the frame after the teach waited for its turn"
+        assert time.monotonic() - start < 2.0
+        later = ros.publish(image_msg(picture(41)))            # the rate applies again
+        assert ros.detections_for(later, timeout=1.0) is None
+    finally:
+        [result] = _set(ros, process_rate_hz=20.0)
+        assert result.successful, result.reason
+        ros.forget("tea tin")
+
+
 def test_repeated_bad_requests_log_a_throttled_short_warning(ros, node_process):
     before = node_process.output().count("teach_concept:")
     long_encoding = "x" * 5000

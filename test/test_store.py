@@ -783,3 +783,12 @@ def test_an_encoded_photo_is_kept_byte_for_byte_and_read_back_upright(tmp_path):
     store.replace_memory("mug", _memory(2.0), "tiny-vlm@r1/float32/layers=2", 4)
     assert (_concept_dir(store, "mug") / "ref_0.jpg").read_bytes() == original
     assert ImageOps.exif_transpose(first).size == (20, 40)
+
+
+@pytest.mark.parametrize("bad", ["y" * 5000 + "\x07", "\x07" + "y" * 5000, "\u200d" * 5000])
+def test_a_refused_long_name_is_not_echoed_whole(bad):
+    # A client sending a 5,000-character name must not get it back in the reply, the log or a terminal.
+    with pytest.raises(PersonalVLMError) as refused:
+        validate_name(bad)
+    assert len(str(refused.value)) < 300
+    assert "U+0007" in str(refused.value) or "invisible" in str(refused.value)

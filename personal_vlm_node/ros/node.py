@@ -78,7 +78,7 @@ PARAMETERS: dict[str, Param] = {
 }
 
 DIAGNOSTICS_PERIOD_S = 1.0
-STORE_CHECK_PERIOD_S = 0.2     # how often the store is checked for other processes' teach/forget
+STORE_CHECK_PERIOD_S = 0.1     # how often the store is checked for other processes' teach/forget (one cheap query)
 WARNING_THROTTLE_S = 2.0       # a failing client must not flood the log
 MAX_LOGGED_CHARS = 300
 NO_FRAMES_WARNING_S = 5.0      # diagnostics warn when the camera has been silent this long
@@ -415,6 +415,10 @@ class AssistantNode:
         self.stats = FrameStats()
         self._period = 1.0 / float(values["process_rate_hz"])
         self._stop = threading.Event()
+        # Set when the concepts changed (taught or forgotten here or by another process): the worker
+        # then takes the next camera frame as soon as it arrives instead of at its next turn, so a
+        # new concept's first detection is not a whole frame period late.
+        self._concepts_changed = threading.Event()
         # Requests being worked on, so that shutdown can let them answer before destroying the node.
         self._requests = 0
         self._requests_done = threading.Condition()
@@ -453,7 +457,13 @@ class AssistantNode:
         self.worker = threading.Thread(target=self._run, name="frame-worker", daemon=True)
 
     def start(self) -> None:
+        self.assistant.bank_listeners.append(self.concepts_changed)
         self.worker.start()
+
+    def concepts_changed(self) -> None:
+        """Process the next camera frame as soon as it comes: the concepts it is matched against changed."""
+        self._concepts_changed.set()
+        self.frames.wake()
 
     def set_rate(self, hz: float) -> None:
         """Process at most ``hz`` frames a second from the next frame on."""
@@ -465,6 +475,8 @@ class AssistantNode:
 
         New requests are refused from here on."""
         self._closing = True
+        if self.concepts_changed in self.assistant.bank_listeners:
+            self.assistant.bank_listeners.remove(self.concepts_changed)
         self._stop.set()
         self.frames.wake()
         if self.worker.is_alive():
@@ -521,12 +533,16 @@ class AssistantNode:
     def _run(self) -> None:
         next_start = 0.0
         while not self._stop.is_set():
+            rush = self._concepts_changed.is_set()
             wait = next_start - time.monotonic()
-            if wait > 0:
-                self._stop.wait(wait)
+            if wait > 0 and not rush:
+                self._concepts_changed.wait(min(wait, 0.25))
                 continue
-            frame = self.frames.take(timeout=0.25)
+            self._concepts_changed.clear()
+            frame = self.frames.take(timeout=0.25)   # a new frame: one frame must not count twice
             if frame is None or self._stop.is_set():
+                if rush:
+                    self._concepts_changed.set()     # still owed: take the next frame as soon as it comes
                 continue
             next_start = time.monotonic() + self._period
             try:
@@ -607,6 +623,7 @@ class AssistantNode:
             out.keywords = list(result.keywords)
             out.seconds = float(result.seconds)
             source = f"{len(arrays)} image(s)" if request.images else "the latest camera frame"
+            self.concepts_changed()
             verb = "added a view to" if known else "taught"
             out.message = (f"{verb} {result.name!r} from {source}: {result.memory_tokens} memory tokens "
                            f"in {result.seconds:.1f} s")
@@ -683,6 +700,7 @@ class AssistantNode:
     def _forget(self, request, response):
         def work(out):
             self.assistant.forget(request.name)
+            self.concepts_changed()
             out.message = f"forgot {request.name.strip()!r}"
             self.log.info(out.message)
 
