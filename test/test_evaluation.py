@@ -262,6 +262,31 @@ def test_cascade_hands_what_ego_is_unsure_of_to_r2p(assistant, tmp_path, clip):
                             progress=None, text_similarity=clip)
 
 
+def test_r2p_in_eval_gets_the_reference_pictures_and_their_contrastive_embeddings(assistant, tmp_path, clip):
+    # As on the frame path: the pairwise step can show a candidate's reference picture, and s_VV
+    # compares contrastive embeddings of the references (not the matcher's score).
+    from personal_vlm_node.evaluation.run import _Methods
+    from personal_vlm_node.images import load_image
+    from personal_vlm_node.vlm import ImageTokens
+
+    data = load_dataset(_yollava(tmp_path / "data", train=1))
+    evaluation.evaluate(assistant, data, tmp_path / "out", EvalOptions(method="match", max_queries=1), progress=None)
+    methods = _Methods(assistant, data, EvalOptions(method="r2p", r2p_pool=2), text_similarity=clip)
+    seen = []
+    methods.r2p.verify = lambda tokens, image, candidates: seen.extend(candidates)
+    image = load_image(data.queries[0].image)
+    tokens = assistant.vlm.encode_image(image)
+    methods._run_r2p(tokens, image, {c: 0.5 for c in data.concepts})
+    assert {c.name for c in seen} == set(data.concepts)
+    for candidate in seen:
+        assert isinstance(candidate.reference_tokens(), ImageTokens)
+        assert candidate.reference_embeddings.shape[0] == 1             # one reference picture each
+    methods.text_similarity = None
+    seen.clear()
+    methods._run_r2p(tokens, image, {c: 0.5 for c in data.concepts})
+    assert all(c.reference_embeddings is None for c in seen)
+
+
 @pytest.mark.parametrize("family", ["qwen3_vl", "smolvlm"])
 def test_the_cascade_runs_on_the_newer_families(adapters, tmp_path, family):
     # Ego and R2P through the whole eval on Qwen3-VL (DeepStack) and SmolVLM2 checkpoints.

@@ -78,6 +78,20 @@ class _Methods:
         self.r2p = r2p.R2PVerifier(assistant.vlm, text_similarity, top_k=options.top_k,
                                    pairwise_threshold=options.pairwise_threshold,
                                    pairwise_reference=options.pairwise_reference)
+        self.text_similarity = text_similarity
+        self._embeddings: dict = {}
+
+    def _embeddings_of(self, name: str):
+        """R2P's s_VV: the contrastive embeddings (R, E) of the concept's reference pictures, once
+        per concept; None without a contrastive model (the matcher's score stands in)."""
+        if self.text_similarity is None:
+            return None
+        if name not in self._embeddings:
+            import torch
+
+            pictures = self.assistant.store.load_images(name)
+            self._embeddings[name] = torch.stack([self.text_similarity.embed_image(p) for p in pictures]).cpu()
+        return self._embeddings[name]
 
     def evaluate(self, query: Query) -> dict:
         from ..images import load_image
@@ -108,7 +122,9 @@ class _Methods:
         from ..r2p import candidates_from_scores
 
         candidates = candidates_from_scores(scores, self.options.r2p_pool, self.fingerprints.__getitem__,
-                                            self.memories.__getitem__, must_include)
+                                            self.memories.__getitem__, must_include,
+                                            embeddings_of=self._embeddings_of,
+                                            reference_of=self.assistant.reference_tokens)
         return self.r2p.verify(tokens, image, candidates)
 
     def _match(self, tokens, image, scores):
@@ -139,7 +155,8 @@ class _Methods:
             self.assistant.vlm, tokens, [c for c, stage in stages.items() if stage == "uncertain"],
             self.memories.__getitem__, threshold=self.threshold, margin=self.margin,
             verifier=self.r2p, scores=scores, fingerprint_of=self.fingerprints.__getitem__,
-            pool=self.options.r2p_pool, image=lambda: image)
+            pool=self.options.r2p_pool, image=lambda: image, embeddings_of=self._embeddings_of,
+            reference_of=self.assistant.reference_tokens)
         out = {}
         for c, stage in stages.items():
             verdict = verdicts.get(c)
