@@ -644,18 +644,21 @@ class Assistant:
             self._reference_cache[key] = compute()
         return self._reference_cache[key]
 
-    def reference_embeddings(self, name: str):
-        """(R, E) contrastive embeddings of the concept's reference pictures; None without a model.
-        Stored at teaching; computed (and kept in memory) for concepts taught without this model."""
-        if self.text_similarity is None:
+    def reference_embeddings(self, name: str, model=None):
+        """(R, E) contrastive embeddings of the concept's reference pictures, by ``model`` (default:
+        the assistant's own contrastive model); None without one. Stored at teaching; computed (and
+        kept in memory) for concepts taught without this model."""
+        model = model or self.text_similarity
+        if model is None:
             return None
         import torch
 
         stored = self.store.get(name).extra.get("reference_embeddings") or {}
-        if stored.get("model") == self.text_similarity.name and stored.get("vectors"):
-            return self._cached(name, "embeddings", lambda: torch.tensor(stored["vectors"]))
-        return self._cached(name, "embeddings", lambda: torch.stack(
-            [self.text_similarity.embed_image(p) for p in self.store.load_images(name)]).cpu())
+        what = f"embeddings:{model.name}"
+        if stored.get("model") == model.name and stored.get("vectors"):
+            return self._cached(name, what, lambda: torch.tensor(stored["vectors"]))
+        return self._cached(name, what, lambda: torch.stack(
+            [model.embed_image(p) for p in self.store.load_images(name)]).cpu())
 
     def reference_tokens(self, name: str):
         """The concept's first reference picture, encoded (R2P's pairwise step shows it)."""

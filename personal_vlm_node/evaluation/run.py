@@ -79,19 +79,10 @@ class _Methods:
                                    pairwise_threshold=options.pairwise_threshold,
                                    pairwise_reference=options.pairwise_reference)
         self.text_similarity = text_similarity
-        self._embeddings: dict = {}
 
     def _embeddings_of(self, name: str):
-        """R2P's s_VV: the contrastive embeddings (R, E) of the concept's reference pictures, once
-        per concept; None without a contrastive model (the matcher's score stands in)."""
-        if self.text_similarity is None:
-            return None
-        if name not in self._embeddings:
-            import torch
-
-            pictures = self.assistant.store.load_images(name)
-            self._embeddings[name] = torch.stack([self.text_similarity.embed_image(p) for p in pictures]).cpu()
-        return self._embeddings[name]
+        """R2P's s_VV: the references' contrastive embeddings; None without a contrastive model."""
+        return None if self.text_similarity is None else self.assistant.reference_embeddings(name, self.text_similarity)
 
     def evaluate(self, query: Query) -> dict:
         from ..images import load_image
