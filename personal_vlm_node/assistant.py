@@ -195,7 +195,7 @@ class Assistant:
         self._rebuild = rebuild
         self._watch_stop = threading.Event()
         self._watch_thread: threading.Thread | None = None
-        self.bank_listeners: list = []            # called (no arguments) when the store watcher changed the bank
+        self.bank_listeners: list = []            # called (no arguments) whenever the bank of concepts changed
         self._watcher = store.watch()
         if rebuild:
             self.rebuild_stale_memories()
@@ -317,6 +317,8 @@ class Assistant:
             self._report_unmatched(missing)
         if newly_missing and self._rebuild:
             self._background.submit(self.rebuild_stale_memories)
+        if changed:
+            self._bank_changed()
         return changed
 
     def _drop(self, name: str) -> None:
@@ -326,18 +328,20 @@ class Assistant:
         self.verifier.invalidate(name)
         self._bank_versions.pop(name, None)
 
+    def _bank_changed(self) -> None:
+        """Tell :attr:`bank_listeners` that the concepts matched against changed (teach, forget, or
+        another process's change seen by :meth:`refresh`)."""
+        for listener in list(self.bank_listeners):
+            listener()
+
     def watch_store(self, period: float = 0.2) -> None:
-        """Check the store for other processes' changes every ``period`` s on a thread of its own;
-        each callable in :attr:`bank_listeners` is called after a check that changed the bank."""
+        """Check the store for other processes' changes every ``period`` s on a thread of its own."""
         def run():
             while not self._watch_stop.wait(period):
                 try:
-                    changed = self.refresh()
+                    self.refresh()
                 except Exception:             # a damaged row must not end the watching
                     log.exception("checking the concept store for changes failed")
-                    continue
-                for listener in list(self.bank_listeners) if changed else ():
-                    listener()
 
         if self._watch_thread is None:
             self._watch_thread = threading.Thread(target=run, name="store-watcher", daemon=True)
@@ -449,6 +453,7 @@ class Assistant:
             self._categories[record.name] = record.category
             self.verifier.invalidate(record.name)
             self._bank_versions[record.name] = self.store.memory_versions(self.vlm.fingerprint).get(record.name, "")
+        self._bank_changed()
 
     def _complete_fingerprint(self, name, tokens, category, created, t0, timings) -> dict:
         t = time.perf_counter()
@@ -527,6 +532,7 @@ class Assistant:
             self._drop(name)
             self._categories.pop(name, None)
             self.unmatched.discard(name)
+        self._bank_changed()
 
     def concepts(self) -> list[ConceptRecord]:
         return self.store.list()

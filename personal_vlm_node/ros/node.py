@@ -623,7 +623,6 @@ class AssistantNode:
             out.keywords = list(result.keywords)
             out.seconds = float(result.seconds)
             source = f"{len(arrays)} image(s)" if request.images else "the latest camera frame"
-            self.concepts_changed()
             verb = "added a view to" if known else "taught"
             out.message = (f"{verb} {result.name!r} from {source}: {result.memory_tokens} memory tokens "
                            f"in {result.seconds:.1f} s")
@@ -700,7 +699,6 @@ class AssistantNode:
     def _forget(self, request, response):
         def work(out):
             self.assistant.forget(request.name)
-            self.concepts_changed()
             out.message = f"forgot {request.name.strip()!r}"
             self.log.info(out.message)
 
