@@ -495,13 +495,10 @@ class Assistant:
             names = [validate_name(n) for n in names]
             for n in names:
                 self.store.get(n)
-        if self.profile.recognition == "joint":
-            context = self.candidates(tokens, max(1, self.profile.max_concepts_in_context))
-            context = context[: max(0, self.profile.max_concepts_in_context - len(names))]
-            memories = self._memories(list(dict.fromkeys(names + context)))
-            scores = ego.recognize_joint(self.vlm, tokens, memories, names)
-        else:
-            scores = ego.recognize(self.vlm, tokens, self._memories(names))
+        matched = {}
+        if self.joint_size() is not None and len(self.matcher):
+            matched = {m.name: m.score for m in self.matcher.score(tokens.features, tokens.token_boxes)}
+        scores = ego.p_yes(self.vlm, tokens, names, lambda n: self._memories([n])[0], self.joint_size(), matched)
         threshold = self.profile.recognize_threshold
         results = [Recognition(n, p, p >= threshold) for n, p in scores.items()]
         return sorted(results, key=lambda r: -r.p_yes)
@@ -551,6 +548,12 @@ class Assistant:
         if problem:
             raise PersonalVLMError(problem)
         self.profile.accept_threshold, self.profile.reject_threshold = accept, reject
+
+    def joint_size(self) -> int | None:
+        """Memories in one joint Ego prompt (``recognition: joint``: the top-M), None per concept."""
+        if self.profile.recognition != "joint":
+            return None
+        return max(1, self.profile.max_concepts_in_context)
 
     def set_max_concepts_in_context(self, count: int) -> None:
         """At most ``count`` memories enter one ask / recognize prompt (the similarity filter's M)."""
@@ -687,7 +690,8 @@ class Assistant:
             threshold=self.profile.recognize_threshold, margin=self.r2p_margin, verifier=self.r2p,
             scores=scores, fingerprint_of=lambda n: self.store.get(n).fingerprint, pool=self.r2p_pool,
             image=(lambda: load_image(frame)) if self.text_similarity is not None else None,
-            embeddings_of=self.reference_embeddings, reference_of=self.reference_tokens)
+            embeddings_of=self.reference_embeddings, reference_of=self.reference_tokens,
+            joint=self.joint_size())
         verdict = verdicts[name]
         if result is None:
             return {"present": verdict.present, "p_yes": verdict.p_yes, "source": "ego"}

@@ -21,7 +21,7 @@ from . import evaluation
 from .errors import PersonalVLMError
 from .images import IMAGE_SUFFIXES
 from .options import (BACKENDS, DEFAULT_MODEL, DTYPES, ENCODER_CHOICES, EXPORT_OPSET, PAIRWISE_REFERENCES, PRECISIONS,
-                      RANDOM_MODEL_SIZES, AssistantOptions)
+                      RANDOM_MODEL_SIZES, RECOGNITIONS, AssistantOptions)
 from .output import stderr_progress
 
 
@@ -328,6 +328,10 @@ def _add_eval_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--pairwise-threshold", type=float, default=0.5, help="R2P: p_i needed to decide")
     parser.add_argument("--pairwise-reference", default="image", choices=PAIRWISE_REFERENCES,
                         help="R2P's pairwise step shows the candidate's reference picture (as R2P does) or its memory")
+    parser.add_argument("--recognition", default=None, choices=RECOGNITIONS,
+                        help="Ego, ego and cascade methods: one prompt per concept, or joint: the concept and the "
+                             "best-matching others (max_concepts_in_context memories) in one prompt "
+                             "(default: the model profile's)")
     parser.add_argument("--verifier-model", default=None,
                         help="R2P: CLIP/SigLIP id or folder for image-text similarity (default: the VLM answers)")
     parser.add_argument("--restart", action="store_true", help="discard the results already in --out")
@@ -345,7 +349,7 @@ def _cmd_eval(args) -> None:
     dataset = load_dataset(args.dataset, args.layout, args.shots, args.test_list, args.test_last)
     options = EvalOptions(method=args.method, accept=args.accept, reject=args.reject, threshold=args.threshold,
                           margin=args.margin, top_k=args.top_k, pairwise_threshold=args.pairwise_threshold,
-                          pairwise_reference=args.pairwise_reference,
+                          pairwise_reference=args.pairwise_reference, recognition=args.recognition,
                           verifier_model=args.verifier_model, r2p_pool=args.r2p_pool,
                           max_queries=args.max_queries).check()
     out = Path(args.out).expanduser()

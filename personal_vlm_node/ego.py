@@ -425,6 +425,25 @@ def recognize(vlm: VLMAdapter, image: ImageTokens, memories: list[Memory]) -> di
     return {m.name: vlm.yes_probability(prompts.recognize(m, image, vlm.family)) for m in memories}
 
 
+def joint_context(names: list[str], scores: dict[str, float], size: int) -> list[str]:
+    """The concepts asked about in a joint prompt (``names``) followed by the best-scoring others,
+    ``size`` memories in all (never fewer than ``names``)."""
+    asked = list(dict.fromkeys(names))
+    others = sorted((n for n in scores if n not in asked), key=lambda n: -scores[n])
+    return asked + others[:max(0, size - len(asked))]
+
+
+def p_yes(vlm: VLMAdapter, image: ImageTokens, names: list[str], memory_of, joint: int | None = None,
+          scores: dict[str, float] | None = None) -> dict[str, float]:
+    """Ego's p(yes) for ``names``: one prompt per concept (``joint=None``), or one prompt holding
+    the memories of ``names`` and of the best-matching others by ``scores`` (``joint`` memories in
+    all), a yes-probability per name. ``memory_of(name)`` gives a :class:`Memory`."""
+    if joint is None:
+        return {n: recognize(vlm, image, [memory_of(n)])[n] for n in names}
+    together = joint_context(names, scores or {}, joint)
+    return recognize_joint(vlm, image, [memory_of(n) for n in together], list(dict.fromkeys(names)))
+
+
 def recognize_joint(vlm: VLMAdapter, image: ImageTokens, memories: list[Memory],
                     names: list[str] | None = None) -> dict[str, float]:
     """Ego recognition with every memory in one prompt, so concepts compete: p(yes) per name

@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from .errors import PersonalVLMError
-from .options import check_thresholds
+from .options import RECOGNITIONS, check_thresholds
 
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "models"   # in a source checkout
 USER_PROFILE_DIR = Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "personal_vlm" / "models"
@@ -78,7 +78,7 @@ class ModelProfile:
             raise PersonalVLMError("profile: memory_budget is a share of the image's tokens in [0, 1]")
         choices = {"memory_layout": ("image", "text"), "attention_rows": ("predict", "own"),
                    "attention_baseline": ("answer", "none"), "introduction_passes": (1, 2),
-                   "recognition": ("per_concept", "joint")}
+                   "recognition": RECOGNITIONS}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise PersonalVLMError(f"profile: {key} must be one of {', '.join(map(str, allowed))}, "

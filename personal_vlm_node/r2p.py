@@ -628,23 +628,26 @@ class Verdict:
 def settle_uncertain(vlm: VLMAdapter, tokens: ImageTokens, names: list[str], memory_of, *,
                      threshold: float, margin: float, verifier: R2PVerifier, scores: dict[str, float],
                      fingerprint_of, pool: int, image=None, embeddings_of=None,
-                     reference_of=None) -> tuple[dict[str, Verdict], R2PResult | None]:
+                     reference_of=None, joint: int | None = None) -> tuple[dict[str, Verdict], R2PResult | None]:
     """The decision cascade for ``names``, the concepts in the matcher's uncertain band on one image.
 
     Ego's in-context p_yes decides each one; those Ego is itself unsure of (:func:`cascade_decision`)
     are settled together by one R2P run over the ``pool`` best-matching concepts. ``scores`` are the
     matcher's scores on this image (not computed again here); ``memory_of(name)`` and
     ``fingerprint_of(name)`` give a concept's (K, D) memory and fingerprint; ``image()`` gives the
-    picture for the image-text scores, asked for only when R2P runs. The frame path and the
-    evaluation both decide through this function.
+    picture for the image-text scores, asked for only when R2P runs. ``joint``: Ego asks about
+    ``names`` in one prompt that also holds the best-matching other concepts' memories (``joint``
+    memories in all; the profile's ``recognition: joint``), else one prompt per concept. The frame
+    path and the evaluation both decide through this function.
     """
     from . import ego
 
+    def memory(name: str) -> Memory:
+        found = memory_of(name)
+        return found if isinstance(found, Memory) else Memory(found, name)
+
     verdicts, unsure = {}, []
-    for name in names:
-        memory = memory_of(name)
-        memory = memory if isinstance(memory, Memory) else Memory(memory, name)
-        p_yes = ego.recognize(vlm, tokens, [memory])[name]
+    for name, p_yes in ego.p_yes(vlm, tokens, names, memory, joint, scores).items():
         decision = cascade_decision("uncertain", p_yes, margin, threshold)
         verdicts[name] = Verdict(decision == "accept", p_yes, "r2p" if decision == "r2p" else "ego")
         if decision == "r2p":

@@ -256,6 +256,38 @@ def test_shared_prefix_yes_probabilities_equal_separate_passes(adapters, family)
     assert ego.recognize_joint(adapter, tokens, memories) == pytest.approx(joint, abs=1e-6)
 
 
+def test_a_joint_prompt_holds_the_asked_concepts_then_the_best_matching_others():
+    scores = {"cane": 0.9, "Fluffy": 0.1, "my mug": 0.5, "keys": 0.7}
+    assert ego.joint_context(["Fluffy"], scores, 3) == ["Fluffy", "cane", "keys"]
+    assert ego.joint_context(["my mug", "Fluffy"], scores, 3) == ["my mug", "Fluffy", "cane"]
+    assert ego.joint_context(["Fluffy", "Fluffy"], scores, 1) == ["Fluffy"]
+    assert ego.joint_context(["Fluffy", "cane"], scores, 1) == ["Fluffy", "cane"]     # never drops an asked one
+    assert ego.joint_context(["Fluffy"], scores, 9) == ["Fluffy", "cane", "keys", "my mug"]
+
+
+def test_joint_p_yes_is_the_joint_prompts_and_the_cascade_uses_it(adapters):
+    from personal_vlm_node import prompts
+    from personal_vlm_node.r2p import R2PVerifier, settle_uncertain
+
+    adapter = adapters("qwen2_5_vl")
+    tokens = adapter.encode_image(_photo(8))
+    memories = {n: Memory(tokens.features[i:i + 2].clone(), n) for i, n in enumerate(("my mug", "Fluffy", "cane"))}
+    scores = {"my mug": 0.3, "Fluffy": 0.1, "cane": 0.9}
+    joint = ego.p_yes(adapter, tokens, ["Fluffy"], memories.__getitem__, joint=2, scores=scores)
+    expected = adapter.yes_probability(prompts.recognize_joint([memories["Fluffy"], memories["cane"]], tokens,
+                                                               "Fluffy", adapter.family))
+    assert joint == {"Fluffy": pytest.approx(expected, abs=1e-5)}
+    alone = ego.p_yes(adapter, tokens, ["Fluffy"], memories.__getitem__)
+    assert alone == {"Fluffy": pytest.approx(adapter.yes_probability(
+        prompts.recognize(memories["Fluffy"], tokens, adapter.family)), abs=1e-5)}
+    # The frame path's and eval's cascade: Ego's verdict comes from the same joint prompt.
+    for size, p in ((2, joint["Fluffy"]), (None, alone["Fluffy"])):
+        verdicts, result = settle_uncertain(adapter, tokens, ["Fluffy"], memories.__getitem__, threshold=0.5,
+                                            margin=0.0, verifier=R2PVerifier(adapter), scores=scores,
+                                            fingerprint_of=lambda n: None, pool=3, joint=size)
+        assert result is None and verdicts["Fluffy"].p_yes == pytest.approx(p, abs=1e-6)
+
+
 def test_append_views_offsets_the_image_index():
     old = {"memory": torch.ones(2, 3), "positions": torch.tensor([4, 5]), "image_index": torch.tensor([0, 0]),
            "grids": torch.tensor([[3, 3]]), "num_tokens": torch.tensor([9])}

@@ -17,6 +17,7 @@ from personal_vlm_node.profiles import ModelProfile
 from personal_vlm_node.r2p import ImageTextSimilarity
 from personal_vlm_node.store import ConceptStore
 from personal_vlm_node.testing.tiny_clip import build_tiny_clip
+from personal_vlm_node.vlm import Memory
 
 
 def _photo(seed, width=96, height=64):
@@ -175,6 +176,8 @@ def test_unknown_layouts_and_bad_settings_are_refused(tmp_path):
         EvalOptions(method="magic").check()
     with pytest.raises(PersonalVLMError, match="--pairwise-reference must be one of image, memory"):
         EvalOptions(method="r2p", pairwise_reference="both").check()
+    with pytest.raises(PersonalVLMError, match="--recognition must be one of per_concept, joint"):
+        EvalOptions(method="ego", recognition="together").check()
 
 
 # ---- a run on a tiny model ----------------------------------------------------------------
@@ -306,6 +309,32 @@ def test_the_cascade_runs_on_the_newer_families(adapters, tmp_path, family):
     assert results["overall"]["positives"] + results["overall"]["negatives"] == 4
     assert all(0.0 < p["p_yes"] < 1.0 for r in evaluation.read_lines(tmp_path / "out" / "progress.jsonl")
                for p in r["pairs"])
+
+
+def test_joint_recognition_asks_each_concept_beside_the_best_matching_others(assistant, tmp_path):
+    from personal_vlm_node import ego
+    from personal_vlm_node.images import load_image
+
+    data = load_dataset(_yollava(tmp_path / "data", concepts=("bo", "mam", "ki"), train=1, test=1))
+    assistant.profile.max_concepts_in_context = 2
+    results = evaluation.evaluate(assistant, data, tmp_path / "out", EvalOptions(method="ego", recognition="joint"),
+                                  progress=None)
+    assert results["ego"] == {"recognition": "joint", "memories_per_prompt": 2}
+    assert "joint recognition: each concept asked in one prompt with the best-matching others (2 memories" in \
+        (tmp_path / "out" / "results.md").read_text()
+    record = evaluation.read_lines(tmp_path / "out" / "progress.jsonl")[0]
+    tokens = assistant.vlm.encode_image(load_image(tmp_path / "data" / record["query"]))
+    scores = {m.name: m.score for m in assistant.matcher.score(tokens.features, tokens.token_boxes)}
+    memory = lambda n: Memory.from_stored(assistant.stored_memory(n), n)
+    for pair in record["pairs"]:        # the concept, then the best-matching other one
+        others = sorted((n for n in scores if n != pair["concept"]), key=lambda n: -scores[n])
+        expected = ego.recognize_joint(assistant.vlm, tokens, [memory(pair["concept"]), memory(others[0])],
+                                       [pair["concept"]])[pair["concept"]]
+        assert pair["score"] == pytest.approx(expected, abs=1e-5)
+    # The profile's choice by default: one prompt per concept.
+    per_concept = evaluation.evaluate(assistant, data, tmp_path / "out2", EvalOptions(method="ego", max_queries=1),
+                                      progress=None)
+    assert per_concept["ego"] == {"recognition": "per_concept", "memories_per_prompt": 1}
 
 
 def test_a_rerun_skips_the_queries_already_done(assistant, tmp_path, monkeypatch):

@@ -22,6 +22,13 @@ def format_value(value, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def _ego_prompts(ego: dict) -> str:
+    if ego["recognition"] == "joint":
+        return (f"joint recognition: each concept asked in one prompt with the best-matching others "
+                f"({ego['memories_per_prompt']} memories per prompt)")
+    return "one prompt per concept"
+
+
 def results_markdown(results: dict) -> str:
     """The results as markdown tables."""
     columns = ("positives", "negatives", "positive_accuracy", "negative_accuracy", "weighted_accuracy",
@@ -47,6 +54,7 @@ def results_markdown(results: dict) -> str:
         f"{'reference picture' if results['r2p'].get('pairwise_reference', 'image') == 'image' else 'memory'}"
         + (f"\n  - {SELF_JUDGED}" if results['method'] in ('r2p', 'cascade')
            and results['r2p']['text_similarity'] == SELF_JUDGED_NAME else ""),
+        *([f"- Ego: {_ego_prompts(results['ego'])}"] if results.get("ego") and results["method"] != "match" else []),
         "- decided by: " + (", ".join(f"{k} {v}" for k, v in sorted(results["decided_by"].items())) or "–"),
         f"- seconds per query {format_value(timing['seconds_per_query'])}, per concept introduction "
         f"{format_value(timing['seconds_per_concept_introduction'])} (fingerprint complete after "

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import PersonalVLMError
-from ..options import PAIRWISE_REFERENCES, check_thresholds
+from ..options import PAIRWISE_REFERENCES, RECOGNITIONS, check_thresholds
 from ..output import stderr_progress, write_atomic
 from .datasets import Dataset, Query, _relative
 from .metrics import summarize
@@ -40,6 +40,7 @@ class EvalOptions:
     top_k: int = 3
     pairwise_threshold: float = 0.5
     pairwise_reference: str = "image"      # R2P's pairwise step shows the reference picture, or "memory"
+    recognition: str | None = None         # Ego: "per_concept" or "joint"; None: the model profile's
     verifier_model: str | None = None      # CLIP / SigLIP for R2P; None: the VLM checks attributes
     r2p_pool: int = 10                     # R2P's candidates: the matcher's top concepts
     max_queries: int | None = None         # evaluate only the first N queries (a rerun can extend)
@@ -51,6 +52,8 @@ class EvalOptions:
             raise PersonalVLMError("--r2p-pool and --top-k must be at least 1")
         if self.max_queries is not None and self.max_queries < 1:
             raise PersonalVLMError("--max-queries must be at least 1")
+        if self.recognition not in (None, *RECOGNITIONS):
+            raise PersonalVLMError(f"--recognition must be one of {', '.join(RECOGNITIONS)}, got {self.recognition!r}")
         if self.pairwise_reference not in PAIRWISE_REFERENCES:
             raise PersonalVLMError(f"--pairwise-reference must be one of {', '.join(PAIRWISE_REFERENCES)}, "
                                    f"got {self.pairwise_reference!r}")
@@ -70,6 +73,9 @@ class _Methods:
         self.reject = profile_reject if options.reject is None else options.reject
         self.threshold = assistant.profile.recognize_threshold if options.threshold is None else options.threshold
         self.margin = assistant.profile.r2p_margin if options.margin is None else options.margin
+        self.recognition = options.recognition or assistant.profile.recognition
+        # A joint Ego prompt holds the asked concept and the best-matching others: M memories.
+        self.joint = max(1, assistant.profile.max_concepts_in_context) if self.recognition == "joint" else None
         problem = check_thresholds(self.accept, self.reject)
         if problem:
             raise PersonalVLMError(problem)
@@ -104,10 +110,10 @@ class _Methods:
         return {m.name: m.score for m in self.assistant.matcher.score(tokens.features, tokens.token_boxes)
                 if m.name in concepts}
 
-    def _ego_p_yes(self, tokens, concept: str) -> float:
+    def _ego_p_yes(self, tokens, concept: str, scores: dict[str, float]) -> float:
         from .. import ego
 
-        return ego.recognize(self.assistant.vlm, tokens, [self.memories[concept]])[concept]
+        return ego.p_yes(self.assistant.vlm, tokens, [concept], self.memories.__getitem__, self.joint, scores)[concept]
 
     def _run_r2p(self, tokens, image, scores: dict[str, float], must_include=()):
         from ..r2p import candidates_from_scores
@@ -125,7 +131,7 @@ class _Methods:
     def _ego(self, tokens, image, scores):
         out = {}
         for c in self.dataset.concepts:
-            p = self._ego_p_yes(tokens, c)
+            p = self._ego_p_yes(tokens, c, scores)
             out[c] = {"predicted": p >= self.threshold, "score": p, "source": "ego"}
         return out, None
 
@@ -147,7 +153,7 @@ class _Methods:
             self.memories.__getitem__, threshold=self.threshold, margin=self.margin,
             verifier=self.r2p, scores=scores, fingerprint_of=self.fingerprints.__getitem__,
             pool=self.options.r2p_pool, image=lambda: image, embeddings_of=self._embeddings_of,
-            reference_of=self.assistant.reference_tokens)
+            reference_of=self.assistant.reference_tokens, joint=self.joint)
         out = {}
         for c, stage in stages.items():
             verdict = verdicts.get(c)
@@ -302,6 +308,7 @@ def evaluate(assistant, dataset: Dataset, out, options: EvalOptions | None = Non
                     "failed": len(failed), "of_queries": len(dataset.queries)},
         "thresholds": {"accept": methods.accept, "reject": methods.reject, "recognize": methods.threshold,
                        "margin": methods.margin, "pairwise": options.pairwise_threshold},
+        "ego": {"recognition": methods.recognition, "memories_per_prompt": methods.joint or 1},
         "r2p": {"top_k": options.top_k, "pool": options.r2p_pool, "pairwise_reference": options.pairwise_reference,
                 "text_similarity": text_similarity.name if text_similarity is not None else SELF_JUDGED_NAME},
         **summary,
