@@ -40,17 +40,72 @@ def family(request):
     return request.param
 
 
+# ---- the trained toys -----------------------------------------------------------------------
+# Tests that need the trained toy VLM or toy CLIP run last. When a toy is not cached yet, it starts
+# training in a background process as soon as the tests are collected, so it trains while the rest
+# of the suite runs (which leaves much of the CPU idle), once per machine.
+TOY_FIXTURES = ("toy_vlm", "toy_clip")
+_background = {}
+
+
+def _uses_toy(item) -> bool:
+    return any(name in getattr(item, "fixturenames", ()) for name in TOY_FIXTURES)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(session, config, items):
+    items.sort(key=_uses_toy)                  # stable: only the toy tests move, to the end
+
+
+def pytest_collection_finish(session):
+    config = session.config
+    if config.option.collectonly or not any(_uses_toy(item) for item in session.items):
+        return
+    from personal_vlm_node.testing import toy_background
+
+    started = toy_background.start()
+    if started is not None:
+        _background["process"], _background["log"] = started
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"toys not cached yet: training them in the background while the other tests "
+                                f"run (once per machine; log: {started[1]})")
+
+
+def pytest_unconfigure(config):
+    process = _background.pop("process", None)
+    if process is not None:
+        from personal_vlm_node.testing import toy_background
+
+        toy_background.stop(process)           # a run cut short (-x, Ctrl-C) leaves no trainer behind
+
+
+def _toy(request, name: str):
+    """Toy ``name`` once the background training (if any) has cached it; the test fails with the
+    log's tail when that training failed, rather than training again in this process."""
+    from personal_vlm_node.testing import toy_background
+
+    process = _background.get("process")
+    if process is not None and process.poll() is None and not toy_background.ready(name):
+        capture = request.config.pluginmanager.get_plugin("capturemanager")
+        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None and capture is not None:
+            with capture.global_and_fixture_disabled():
+                reporter.write_line(f"\nwaiting for the background training of {name} (log: {_background['log']})")
+    problem = toy_background.wait(process, name, _background.get("log"))
+    if problem:
+        pytest.fail(problem, pytrace=False)
+    return toy_background.ensure(name)
+
+
 @pytest.fixture(scope="session")
-def toy_vlm():
+def toy_vlm(request):
     """The trained toy Qwen2.5-VL: trained once per machine (≈15 min on 2 cores), then cached
     under ~/.cache/personal_vlm/toy (or $PERSONAL_VLM_TOY_CACHE) and reused by every run."""
-    from personal_vlm_node.testing.toy_vlm import ensure_toy_vlm
-
-    return ensure_toy_vlm()
+    return _toy(request, "toy_vlm")
 
 
 @pytest.fixture(scope="session")
-def toy_clip():
-    from personal_vlm_node.testing.toy_clip import ensure_toy_clip
-
-    return ensure_toy_clip()
+def toy_clip(request):
+    """The trained toy CLIP (R2P's image-text scores), cached like the toy VLM."""
+    return _toy(request, "toy_clip")

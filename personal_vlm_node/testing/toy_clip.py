@@ -186,6 +186,11 @@ def evaluate_clip(folder, seed: int = 54321, count: int = 80) -> dict:
     return {k: round(c / n, 3) if n else None for k, (n, c) in wins.items()}
 
 
+def toy_clip_folder(recipe: ClipRecipe = CLIP_RECIPE) -> Path:
+    """Where the toy CLIP of ``recipe`` is cached (complete once ``toy_clip.json`` is in it)."""
+    return cache_root() / f"clip-toy-{recipe.key()}"
+
+
 def ensure_toy_clip(recipe: ClipRecipe = CLIP_RECIPE, progress=_say, evaluate_count: int = 80) -> Path:
     def build(tmp: Path) -> None:
         figures = train_clip(recipe, tmp, progress)
@@ -193,7 +198,7 @@ def ensure_toy_clip(recipe: ClipRecipe = CLIP_RECIPE, progress=_say, evaluate_co
                 "held_out_pairwise_accuracy": evaluate_clip(tmp, count=evaluate_count)}
         (tmp / "toy_clip.json").write_text(json.dumps(meta, indent=1) + "\n")
 
-    return build_once(cache_root() / f"clip-toy-{recipe.key()}", "toy_clip.json", build)
+    return build_once(toy_clip_folder(recipe), "toy_clip.json", build)
 
 
 def main(argv: list[str] | None = None) -> int:

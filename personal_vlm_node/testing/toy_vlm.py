@@ -870,11 +870,18 @@ def build_once(final: Path, marker: str, build) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (final / marker).is_file():
             return final
+        # Under the lock no one else is building: what a killed build left behind goes.
+        for stale in final.parent.glob(f".{final.name}.tmp*"):
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = final.parent / f".{final.name}.tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
         build(tmp)
         os.replace(tmp, final)
     return final
+
+
+def toy_vlm_folder(recipe: Recipe = RECIPE) -> Path:
+    """Where the toy of ``recipe`` is cached (complete once ``toy_vlm.json`` is in it)."""
+    return cache_root() / f"qwen2_5_vl-toy-{recipe.key()}"
 
 
 def ensure_toy_vlm(recipe: Recipe = RECIPE, progress=_say, evaluate: bool = True) -> Path:
@@ -890,7 +897,7 @@ def ensure_toy_vlm(recipe: Recipe = RECIPE, progress=_say, evaluate: bool = True
             (tmp / "toy_accuracy.json").write_text(json.dumps(meta["held_out_accuracy"], indent=1) + "\n")
         (tmp / "toy_vlm.json").write_text(json.dumps(meta, indent=1) + "\n")
 
-    return build_once(cache_root() / f"qwen2_5_vl-toy-{recipe.key()}", "toy_vlm.json", build)
+    return build_once(toy_vlm_folder(recipe), "toy_vlm.json", build)
 
 
 def main(argv: list[str] | None = None) -> int:
