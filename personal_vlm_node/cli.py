@@ -329,7 +329,7 @@ def _add_eval_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--pairwise-reference", default="image", choices=PAIRWISE_REFERENCES,
                         help="R2P's pairwise step shows the candidate's reference picture (as R2P does) or its memory")
     parser.add_argument("--recognition", default=None, choices=RECOGNITIONS,
-                        help="Ego, ego and cascade methods: one prompt per concept, or joint: the concept and the "
+                        help="ego and cascade: Ego checks each concept in a prompt of its own, or joint: beside the "
                              "best-matching others (max_concepts_in_context memories) in one prompt "
                              "(default: the model profile's)")
     parser.add_argument("--verifier-model", default=None,
