@@ -2,8 +2,8 @@
 
 Fast tests train a two-step recipe into a temporary cache: training, saving, loading through
 ``load_vlm`` / ``ImageTextSimilarity``, the cache key and its reuse. The accuracy floors need the
-full recipe (≈15 min on 2 cores, then cached): when it is not cached, conftest starts training it in
-the background as soon as the tests are collected and runs these tests last.
+full recipe (≈15 min on 2 cores, then cached): they run with ``PERSONAL_VLM_TOY_TESTS=1``; a toy not
+cached yet then trains in the background while the other tests run (see conftest).
 """
 
 from __future__ import annotations
