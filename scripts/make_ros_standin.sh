@@ -35,30 +35,19 @@ grep -E '^ros-' "$REPO/requirements-ros.txt" >"$TOOLS/ros.txt"
 
 SITE="lib/python$PYVER/site-packages"
 mkdir -p "$PREFIX/system/hook"
-cat >"$PREFIX/system/hook/sitecustomize.py" <<EOF
-# Adds the stand-in's system packages at the end of sys.path, like /usr/lib/python3/dist-packages:
-# always for the system Python, in a venv only when it was made with --system-site-packages.
-import os, site, sys
-
-def _sees_system_site():
-    if sys.prefix == sys.base_prefix:
-        return True
-    try:
-        with open(os.path.join(sys.prefix, "pyvenv.cfg"), encoding="utf-8") as cfg:
-            lines = [line.replace(" ", "").lower() for line in cfg]
-    except OSError:
-        return False
-    return "include-system-site-packages=true\n" in lines
-
-if _sees_system_site():
-    site.addsitedir("$PREFIX/system/$SITE")
+# usercustomize, not sitecustomize: colcon puts a sitecustomize of its own first on PYTHONPATH.
+# Python runs it where the user site is enabled: the system Python, and a venv only when made with
+# --system-site-packages, which is when a venv sees /usr/lib/python3/dist-packages too.
+cat >"$PREFIX/system/hook/usercustomize.py" <<EOF
+import site
+site.addsitedir("$PREFIX/system/$SITE")
 EOF
 
 # The wheels' .pth hook (re-execute Python with LD_LIBRARY_PATH set) runs only from a site
 # directory and computes its paths from sys.prefix; from PYTHONPATH it never runs. Set the library
 # path here instead, as the real setup.bash does, plus the wheels' vendored-library folders.
 libs=$(find "$PREFIX/$SITE" -maxdepth 1 -type d -name 'ros_*.libs' | sort | paste -sd:)
-cat >"$PREFIX/setup.bash" <<EOF
+cat >"$PREFIX/local_setup.bash" <<EOF
 # Stand-in for /opt/ros/<distro>/setup.bash (made by personal_vlm_node's scripts/make_ros_standin.sh).
 export ROS_DISTRO=kilted ROS_VERSION=2 ROS_PYTHON_VERSION=3
 export AMENT_PREFIX_PATH="$PREFIX\${AMENT_PREFIX_PATH:+:\$AMENT_PREFIX_PATH}"
@@ -66,4 +55,5 @@ export PATH="$PREFIX/bin:\$PATH"
 export PYTHONPATH="$PREFIX/$SITE:$PREFIX/system/hook\${PYTHONPATH:+:\$PYTHONPATH}"
 export LD_LIBRARY_PATH="$PREFIX/lib:$libs\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}"
 EOF
+echo 'source "$(dirname "${BASH_SOURCE[0]}")/local_setup.bash"' >"$PREFIX/setup.bash"
 echo "ROS stand-in ready: source $PREFIX/setup.bash"
