@@ -89,9 +89,9 @@ python3 -m venv --system-site-packages venv >"$WS/venv.log" 2>&1 || { show_log "
 touch venv/COLCON_IGNORE
 # shellcheck disable=SC2086  # PIP_ARGS is a list of options
 venv/bin/pip install --disable-pip-version-check ${PIP_ARGS:-} \
-    -r src/personal_vlm_node/requirements.txt >"$WS/pip.log" 2>&1 ||
+    -r src/personal_vlm_node/requirements.txt "setuptools<80" >"$WS/pip.log" 2>&1 ||
     { show_log "$WS/pip.log"; fail "pip install -r requirements.txt"; }
-grep -A3 "dependency conflicts" "$WS/pip.log" | sed 's/^/[check]   pip: /'
+grep -E " requires .*, but you have " "$WS/pip.log" | sed 's/^/[check]   pip reports a conflict: /'
 pass "requirements installed ($(venv/bin/python -c 'import torch; print("torch", torch.__version__)' 2>&1 | tail -1))"
 
 step "activate the venv, colcon build"
