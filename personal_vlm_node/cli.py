@@ -479,15 +479,24 @@ def _cmd_export(args) -> None:
     print("\n".join(lines))
 
 
+def _node_options(parser, defaults: bool) -> None:
+    """The options every ``node`` verb shares. Given before the verb they carry defaults; after it
+    they default to SUPPRESS, so ``node --timeout 60 list`` and ``node list --timeout 60`` agree."""
+    def default(value):
+        return value if defaults else argparse.SUPPRESS
+
+    parser.add_argument("--namespace", "-n", default=default(""), help="the node's namespace (default: none)")
+    parser.add_argument("--node-name", default=default("personal_vlm"), help="the node's name (default: personal_vlm)")
+    parser.add_argument("--timeout", type=float, default=default(NODE_TIMEOUT_S),
+                        help=f"seconds to wait for the node to appear (default: {NODE_TIMEOUT_S:g})")
+    # Always SUPPRESS: `personal-vlm --json node list` sets it too.
+    parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print results as JSON")
+
+
 def _add_node_parser(sub) -> None:
     """``node VERB``: a ROS client of a running node; parsing needs no ROS import."""
     node = sub.add_parser("node", help="talk to a running ROS node (needs rclpy, not the ros2 command)")
-    node.add_argument("--namespace", "-n", default="", help="the node's namespace (default: none)")
-    node.add_argument("--node-name", default="personal_vlm", help="the node's name (default: personal_vlm)")
-    node.add_argument("--timeout", type=float, default=NODE_TIMEOUT_S,
-                      help=f"seconds to wait for the node to appear (default: {NODE_TIMEOUT_S:g})")
-    # SUPPRESS: `personal-vlm --json node list`, `… node --json list` and `… node list --json` all work.
-    node.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print results as JSON")
+    _node_options(node, defaults=True)
     verbs = node.add_subparsers(dest="verb", required=True, parser_class=_Parser)
 
     teach = verbs.add_parser("teach", help="teach a concept from pictures, or from the latest camera frame")
@@ -511,7 +520,7 @@ def _add_node_parser(sub) -> None:
     watch.add_argument("--count", type=int, default=0, help="stop after this many frames (default: never)")
     watch.add_argument("--seconds", type=float, default=0.0, help="stop after this many seconds (default: never)")
     for verb in (teach, ask, verbs.choices["list"], forget, watch):
-        verb.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print results as JSON")
+        _node_options(verb, defaults=False)
 
 
 def _cmd_node(args) -> None:

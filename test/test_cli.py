@@ -271,3 +271,18 @@ def test_detect_on_one_picture_with_verify_waits_for_the_verdicts(cli, tmp_path)
              cli("--profile", str(profile), "--json", "detect", other, "--verify").stdout.splitlines()]
     assert row["unverified"] == []
     assert all(d["source"] in ("ego", "r2p") for d in row["detections"])
+
+
+def test_node_options_are_accepted_before_and_after_the_verb():
+    from personal_vlm_node.cli import NODE_TIMEOUT_S, build_parser
+
+    parse = build_parser().parse_args
+    for argv in (["node", "--timeout", "60", "-n", "robot1", "list"], ["node", "list", "--timeout", "60", "-n", "robot1"],
+                 ["node", "--namespace", "robot1", "ask", "where?", "--timeout", "60"]):
+        args = parse(argv)
+        assert (args.timeout, args.namespace, args.node_name) == (60.0, "robot1", "personal_vlm"), argv
+    args = parse(["node", "--timeout", "5", "forget", "mug", "--node-name", "vlm"])
+    assert (args.timeout, args.namespace, args.node_name) == (5.0, "", "vlm")
+    args = parse(["node", "watch"])
+    assert (args.timeout, args.namespace, getattr(args, "json", False)) == (NODE_TIMEOUT_S, "", False)
+    assert parse(["node", "list", "--json"]).json and parse(["--json", "node", "list"]).json
