@@ -60,6 +60,12 @@ def json_objects(text: str):
                     break
 
 
+def introduction_complete(text: str) -> bool:
+    """Whether ``text`` already holds a whole answer object with keywords: generation can stop
+    there (a model may go on with a closing code fence, a comment or another object)."""
+    return "}" in text and any("keywords" in obj or "keyword" in obj for obj in json_objects(text))
+
+
 def parse_introduction(text: str) -> tuple[list[str], float | None]:
     """Keywords and area (percent) from the introduction answer; never raises."""
     keywords: list[str] = []
@@ -310,8 +316,10 @@ def attend(vlm: VLMAdapter, tokens: ImageTokens, name: str, category: str,
     layers = options.layers
     parts = prompts.introduce(tokens, name, category, vlm.family)
     t0 = time.perf_counter()
+    # Stops as soon as the answer object closes: what follows it is never read.
     generation = vlm.generate(parts, max_new_tokens=options.max_new_tokens,
-                              attention_layers=layers if options.passes == 1 else None)
+                              attention_layers=layers if options.passes == 1 else None,
+                              on_text=lambda text: not introduction_complete(text))
     timings["describe"] = time.perf_counter() - t0
     keywords, area = parse_introduction(generation.text)
     answer_ids = list(generation.token_ids)

@@ -238,6 +238,30 @@ def test_introduction_reads_attention_in_one_pass_unless_asked_for_two(adapters,
     torch.testing.assert_close(one.importance, two.importance, atol=1e-5, rtol=1e-4)
 
 
+def test_the_description_stops_as_soon_as_its_answer_object_closes(adapters, monkeypatch):
+    assert ego.introduction_complete('```json\n{"keywords": ["red", "mug"], "area": 30}')
+    assert ego.introduction_complete('{"keyword": "red"}')
+    assert not ego.introduction_complete('{"keywords": ["red", "mug"], "area": 30')
+    assert not ego.introduction_complete('{"area": 30}') and not ego.introduction_complete("red mug")
+    adapter = adapters("qwen2_5_vl")
+    tokens = adapter.encode_image(_photo(5))
+    options = ego.IntroductionOptions([0, 1], max_tokens=8, min_tokens=2)
+    generations = []
+    original = adapter.generate
+    monkeypatch.setattr(adapter, "generate", lambda *a, **k: generations.append(original(*a, **k)) or generations[-1])
+    full = ego.attend(adapter, tokens, "my mug", "", options)
+    # A random model never closes the object; planted: "complete" after the third token.
+    seen = []
+    monkeypatch.setattr(ego, "introduction_complete", lambda text: seen.append(text) or len(seen) >= 3)
+    short = ego.attend(adapter, tokens, "my mug", "", options)
+    assert len(generations[0].token_ids) == options.max_new_tokens
+    assert len(seen) == 3 and len(generations[1].token_ids) == 3 and generations[1].stopped
+    assert generations[1].token_ids == generations[0].token_ids[:3]       # greedy: the same start
+    for layer in (0, 1):
+        assert short.importance[layer].shape == full.importance[layer].shape
+        assert bool(torch.isfinite(short.importance[layer]).all())
+
+
 # ---- several prompts sharing a prefix, joint recognition, more views ---------------------------
 def test_shared_prefix_yes_probabilities_equal_separate_passes(adapters, family):
     adapter = adapters(family)
