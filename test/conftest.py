@@ -44,8 +44,9 @@ def family(request):
 # Tests that need the trained toy VLM or toy CLIP run with PERSONAL_VLM_TOY_TESTS=1, and last. When
 # a toy is not cached yet, it starts training in a background process as soon as the tests are
 # collected, so it trains while the rest of the suite runs (which leaves much of the CPU idle),
-# once per machine. Not by default: the toy's two-image yes/no, which its recognition floors need,
-# is learned by the recipe on some CPUs and not on others (see README, "The toy world").
+# once per machine. Not by default: the first run trains for about 30 min on 2 cores, and whether
+# the toy learns its two-image yes/no, which the recognition floors need, has been seen to depend
+# on the CPU (see README, "The toy world").
 TOY_FIXTURES = ("toy_vlm", "toy_clip")
 TOY_TESTS_ENV = "PERSONAL_VLM_TOY_TESTS"
 _background = {}
@@ -59,7 +60,7 @@ def _uses_toy(item) -> bool:
 def pytest_collection_modifyitems(session, config, items):
     items.sort(key=_uses_toy)                  # stable: only the toy tests move, to the end
     if os.environ.get(TOY_TESTS_ENV) != "1":
-        skip = pytest.mark.skip(reason=f"needs the trained toys (~25 min on 2 cores the first time); "
+        skip = pytest.mark.skip(reason=f"needs the trained toys (~30 min on 2 cores the first time); "
                                        f"set {TOY_TESTS_ENV}=1")
         for item in items:
             if _uses_toy(item):

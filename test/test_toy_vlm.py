@@ -138,13 +138,15 @@ def test_the_toy_reaches_its_accuracy_floors_on_held_out_scenes(toy_vlm):
     acc = json.loads((toy_vlm / "toy_accuracy.json").read_text())
     # Measured on scenes from a seed never used in training (see toy_vlm.evaluate_tasks).
     # Floors well above chance (colour 1/7, category 1/6, pattern 1/4, yes/no 1/2) and below what
-    # the recipe measured (0.83, 0.52, 0.43, 0.74, 0.89, 0.60): they fail when learning breaks.
+    # the recipe measured (0.93, 0.47, 0.60, 0.78, 0.94): they fail when learning breaks. Attribute
+    # yes/no (0.55-0.63 over three trainings, 60 samples) is too close to chance to be a floor.
     assert acc["describe"]["color"] >= 0.7
     assert acc["describe"]["category"] >= 0.4
     assert acc["describe"]["pattern"] >= 0.35
-    assert acc["recognize"]["all"] >= 0.65
+    assert acc["recognize"]["all"] >= toy_vlm_mod.YES_NO_FLOOR
     assert acc["recognize"]["positive"] >= 0.7
-    assert acc["attribute"]["all"] >= 0.55
+    assert toy_vlm_mod.weak_yes_no(acc) is None
+    assert "near chance" in toy_vlm_mod.weak_yes_no({"recognize": {"all": 0.57, "positive": 0.32}})
 
 
 def test_ego_recognises_concepts_on_a_held_out_toy_split(toy_vlm, tmp_path):
