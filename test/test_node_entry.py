@@ -132,3 +132,32 @@ def test_ctrl_c_while_the_model_loads_ends_the_node_cleanly(tiny_checkpoints, tm
     assert seconds < 5.0, out
     assert _ended_by_ctrl_c(proc.returncode), out
     assert "Traceback" not in out and "context is invalid" not in out and "ready:" not in out
+
+
+def test_stop_ros_waits_for_the_spinning_thread_before_the_node_goes():
+    """A daemon thread still inside rclpy's C++ wait when the interpreter finalizes aborts the
+    process (SIGABRT after "shutting down"); stop_ros joins it first."""
+    import threading
+
+    from personal_vlm_node.ros import node as node_mod
+
+    events, release = [], threading.Event()
+
+    def spin():
+        release.wait(5)
+        events.append("spinner returned")
+
+    spinner = threading.Thread(target=spin, daemon=True)
+    spinner.start()
+
+    class Executor:
+        def shutdown(self, timeout_sec, wait_for_threads):
+            events.append("shutdown")
+            threading.Timer(0.2, release.set).start()     # the wait wakes a little later
+
+    class Node:
+        def destroy_node(self):
+            events.append("destroy")
+
+    node_mod.stop_ros(Node(), Executor(), True, spinner)
+    assert events == ["shutdown", "spinner returned", "destroy"] and not spinner.is_alive()

@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     node = _lifecycle_node_class()()
     log = node.get_logger()
     code = 0
+    spinner = None
     # One thread more than the plain node: the lifecycle services.
     executor = MultiThreadedExecutor(num_threads=AssistantNode.EXECUTOR_THREADS + 1)
     executor.add_node(node)
@@ -122,14 +123,14 @@ def main(argv: list[str] | None = None) -> int:
         node.declare()
         log.info(f"unconfigured: `ros2 lifecycle set {node.get_fully_qualified_name()} configure` loads "
                  f"{node.parameters.values['model']}, then `… activate` starts serving")
-        spin_until_signal(executor)
+        spinner = spin_until_signal(executor)
     except PersonalVLMError as exc:
         log.error(str(exc))
         code = 2
     except KeyboardInterrupt:
         print(f"[{NODE_NAME}] shutting down", file=sys.stderr, flush=True)
     finally:
-        stop_ros(node, executor, node.release())
+        stop_ros(node, executor, node.release(), spinner)
     return code
 
 

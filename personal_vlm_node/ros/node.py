@@ -84,6 +84,7 @@ MAX_LOGGED_CHARS = 300
 NO_FRAMES_WARNING_S = 5.0      # diagnostics warn when the camera has been silent this long
 WORKER_JOIN_TIMEOUT_S = 3.0
 REQUESTS_DRAIN_TIMEOUT_S = 3.0   # shutdown waits this long for interrupted requests to answer
+SPINNER_JOIN_TIMEOUT_S = 5.0     # and this long for the spinning thread to leave rclpy's wait
 
 
 def plural(count: int, noun: str) -> str:
@@ -789,9 +790,10 @@ def _spin(executor) -> None:
         pass
 
 
-def spin_until_signal(executor) -> None:
+def spin_until_signal(executor) -> threading.Thread:
     """Spin ``executor`` on a thread until SIGINT or SIGTERM; the caller then ends the requests in
-    flight while the executor still runs and the context is still valid, so they are answered."""
+    flight while the executor still runs and the context is still valid, so they are answered.
+    Returns the spinning thread, for :func:`stop_ros` to join."""
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     spinner = threading.Thread(target=_spin, args=(executor,), name="executor", daemon=True)
@@ -804,14 +806,20 @@ def spin_until_signal(executor) -> None:
             signal.signal(sig, handler)
     if stop.is_set():
         print(f"[{NODE_NAME}] shutting down", file=sys.stderr, flush=True)
+    return spinner
 
 
-def stop_ros(node, executor, drained: bool) -> None:
+def stop_ros(node, executor, drained: bool, spinner: threading.Thread | None = None) -> None:
     """Stop the executor (waiting for the answers being sent unless a request did not end in
-    time), then destroy the node and shut rclpy down."""
+    time), wait for the spinning thread to return, then destroy the node and shut rclpy down."""
     import rclpy
 
     executor.shutdown(timeout_sec=REQUESTS_DRAIN_TIMEOUT_S if drained else 0, wait_for_threads=drained)
+    if spinner is not None:
+        # The spinning thread may still be inside rclpy's C++ wait. Were the interpreter to
+        # finalize first, that daemon thread would be ended while re-taking the GIL, unwinding
+        # through C++ frames: std::terminate, and the process aborts (SIGABRT) after a clean stop.
+        spinner.join(SPINNER_JOIN_TIMEOUT_S)
     node.destroy_node()
     if rclpy.ok():
         rclpy.shutdown()
@@ -835,6 +843,7 @@ def _main(argv: list[str] | None) -> int:
     assistant = None
     frontend = None
     code = 0
+    spinner = None
     # Built before "ready" is logged: a Ctrl-C that lands while an executor is being constructed
     # leaves a half-made object whose destructor raises.
     executor = MultiThreadedExecutor(num_threads=AssistantNode.EXECUTOR_THREADS)
@@ -850,14 +859,14 @@ def _main(argv: list[str] | None) -> int:
         assistant.watch_store(STORE_CHECK_PERIOD_S)
         log.info(frontend.describe())
         log.info(ready_line(values, assistant))
-        spin_until_signal(executor)
+        spinner = spin_until_signal(executor)
     except PersonalVLMError as exc:
         log.error(str(exc))
         code = 2
     except KeyboardInterrupt:
         print(f"[{NODE_NAME}] shutting down", file=sys.stderr, flush=True)
     finally:
-        stop_ros(node, executor, shut_down(frontend, assistant))
+        stop_ros(node, executor, shut_down(frontend, assistant), spinner)
     return code
 
 
