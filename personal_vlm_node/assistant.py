@@ -495,10 +495,10 @@ class Assistant:
             names = [validate_name(n) for n in names]
             for n in names:
                 self.store.get(n)
-        matched = {}
-        if self.joint_size() is not None and len(self.matcher):
+        joint, matched = self.joint_size(), {}
+        if joint is not None and len(self.matcher):
             matched = {m.name: m.score for m in self.matcher.score(tokens.features, tokens.token_boxes)}
-        scores = ego.p_yes(self.vlm, tokens, names, lambda n: self._memories([n])[0], self.joint_size(), matched)
+        scores = ego.p_yes(self.vlm, tokens, names, lambda n: self._memories([n])[0], joint, matched)
         threshold = self.profile.recognize_threshold
         results = [Recognition(n, p, p >= threshold) for n, p in scores.items()]
         return sorted(results, key=lambda r: -r.p_yes)
@@ -549,9 +549,10 @@ class Assistant:
             raise PersonalVLMError(problem)
         self.profile.accept_threshold, self.profile.reject_threshold = accept, reject
 
-    def joint_size(self) -> int | None:
-        """Memories in one joint Ego prompt (``recognition: joint``: the top-M), None per concept."""
-        if self.profile.recognition != "joint":
+    def joint_size(self, recognition: str | None = None) -> int | None:
+        """Memories in one joint Ego prompt (``recognition: joint``: the top-M), None per concept.
+        ``recognition``: that choice instead of the profile's (eval compares the two)."""
+        if (recognition or self.profile.recognition) != "joint":
             return None
         return max(1, self.profile.max_concepts_in_context)
 

@@ -52,6 +52,10 @@ TOY_TESTS_ENV = "PERSONAL_VLM_TOY_TESTS"
 _background = {}
 
 
+def _toy_tests_on() -> bool:
+    return os.environ.get(TOY_TESTS_ENV) == "1"
+
+
 def _uses_toy(item) -> bool:
     return any(name in getattr(item, "fixturenames", ()) for name in TOY_FIXTURES)
 
@@ -59,7 +63,7 @@ def _uses_toy(item) -> bool:
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(session, config, items):
     items.sort(key=_uses_toy)                  # stable: only the toy tests move, to the end
-    if os.environ.get(TOY_TESTS_ENV) != "1":
+    if not _toy_tests_on():
         skip = pytest.mark.skip(reason=f"needs the trained toys (~30 min on 2 cores the first time); "
                                        f"set {TOY_TESTS_ENV}=1")
         for item in items:
@@ -69,8 +73,7 @@ def pytest_collection_modifyitems(session, config, items):
 
 def pytest_collection_finish(session):
     config = session.config
-    if (config.option.collectonly or os.environ.get(TOY_TESTS_ENV) != "1"
-            or not any(_uses_toy(item) for item in session.items)):
+    if config.option.collectonly or not _toy_tests_on() or not any(_uses_toy(i) for i in session.items):
         return
     from personal_vlm_node.testing import toy_background
 
@@ -111,7 +114,7 @@ def _toy(request, name: str):
 
 @pytest.fixture(scope="session")
 def toy_vlm(request):
-    """The trained toy Qwen2.5-VL: trained once per machine (≈15 min on 2 cores), then cached
+    """The trained toy Qwen2.5-VL: trained once per machine (≈20 min on 2 cores), then cached
     under ~/.cache/personal_vlm/toy (or $PERSONAL_VLM_TOY_CACHE) and reused by every run."""
     return _toy(request, "toy_vlm")
 

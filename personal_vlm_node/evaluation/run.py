@@ -74,8 +74,7 @@ class _Methods:
         self.threshold = assistant.profile.recognize_threshold if options.threshold is None else options.threshold
         self.margin = assistant.profile.r2p_margin if options.margin is None else options.margin
         self.recognition = options.recognition or assistant.profile.recognition
-        # A joint Ego prompt holds the asked concept and the best-matching others: M memories.
-        self.joint = max(1, assistant.profile.max_concepts_in_context) if self.recognition == "joint" else None
+        self.joint = assistant.joint_size(self.recognition)
         problem = check_thresholds(self.accept, self.reject)
         if problem:
             raise PersonalVLMError(problem)

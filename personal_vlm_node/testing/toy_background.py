@@ -20,8 +20,8 @@ from . import toy_clip, toy_vlm
 
 # name -> (cached folder, the file that marks it complete, the function that trains it when missing)
 TOYS = {
-    "toy_vlm": (toy_vlm.toy_vlm_folder, "toy_vlm.json", toy_vlm.ensure_toy_vlm),
-    "toy_clip": (toy_clip.toy_clip_folder, "toy_clip.json", toy_clip.ensure_toy_clip),
+    "toy_vlm": (toy_vlm.toy_vlm_folder, toy_vlm.MARKER, toy_vlm.ensure_toy_vlm),
+    "toy_clip": (toy_clip.toy_clip_folder, toy_clip.MARKER, toy_clip.ensure_toy_clip),
 }
 LOG_NAME = "background-training.log"
 

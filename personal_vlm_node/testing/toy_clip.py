@@ -186,8 +186,11 @@ def evaluate_clip(folder, seed: int = 54321, count: int = 80) -> dict:
     return {k: round(c / n, 3) if n else None for k, (n, c) in wins.items()}
 
 
+MARKER = "toy_clip.json"   # written last: a cached toy CLIP is complete once it is there
+
+
 def toy_clip_folder(recipe: ClipRecipe = CLIP_RECIPE) -> Path:
-    """Where the toy CLIP of ``recipe`` is cached (complete once ``toy_clip.json`` is in it)."""
+    """Where the toy CLIP of ``recipe`` is cached (complete once :data:`MARKER` is in it)."""
     return cache_root() / f"clip-toy-{recipe.key()}"
 
 
@@ -196,9 +199,9 @@ def ensure_toy_clip(recipe: ClipRecipe = CLIP_RECIPE, progress=_say, evaluate_co
         figures = train_clip(recipe, tmp, progress)
         meta = {"recipe": asdict(recipe), "training": figures,
                 "held_out_pairwise_accuracy": evaluate_clip(tmp, count=evaluate_count)}
-        (tmp / "toy_clip.json").write_text(json.dumps(meta, indent=1) + "\n")
+        (tmp / MARKER).write_text(json.dumps(meta, indent=1) + "\n")
 
-    return build_once(toy_clip_folder(recipe), "toy_clip.json", build)
+    return build_once(toy_clip_folder(recipe), MARKER, build)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     if out.resolve() != cached.resolve():
         shutil.copytree(cached, out, dirs_exist_ok=True)
-    print(json.dumps({"model": str(out), **json.loads((out / "toy_clip.json").read_text())}, indent=1))
+    print(json.dumps({"model": str(out), **json.loads((out / MARKER).read_text())}, indent=1))
     return 0
 
 

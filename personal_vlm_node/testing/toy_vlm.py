@@ -895,8 +895,11 @@ def weak_yes_no(accuracy: dict) -> str | None:
             f"on it means little; train longer (--steps)")
 
 
+MARKER = "toy_vlm.json"    # written last: a cached toy is complete once it is there
+
+
 def toy_vlm_folder(recipe: Recipe = RECIPE) -> Path:
-    """Where the toy of ``recipe`` is cached (complete once ``toy_vlm.json`` is in it)."""
+    """Where the toy of ``recipe`` is cached (complete once :data:`MARKER` is in it)."""
     return cache_root() / f"qwen2_5_vl-toy-{recipe.key()}"
 
 
@@ -911,12 +914,9 @@ def ensure_toy_vlm(recipe: Recipe = RECIPE, progress=_say, evaluate: bool = True
                 progress("measuring held-out accuracy on its own tasks")
             meta["held_out_accuracy"] = evaluate_tasks(tmp, progress=progress)
             (tmp / "toy_accuracy.json").write_text(json.dumps(meta["held_out_accuracy"], indent=1) + "\n")
-            weak = weak_yes_no(meta["held_out_accuracy"])
-            if weak and progress:
-                progress(f"warning: {weak}")
-        (tmp / "toy_vlm.json").write_text(json.dumps(meta, indent=1) + "\n")
+        (tmp / MARKER).write_text(json.dumps(meta, indent=1) + "\n")
 
-    return build_once(toy_vlm_folder(recipe), "toy_vlm.json", build)
+    return build_once(toy_vlm_folder(recipe), MARKER, build)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -930,7 +930,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     if out.resolve() != cached.resolve():
         shutil.copytree(cached, out, dirs_exist_ok=True)
-    meta = json.loads((out / "toy_vlm.json").read_text())
+    meta = json.loads((out / MARKER).read_text())
     print(json.dumps({"model": str(out), "cached": str(cached), "training": meta["training"],
                       "held_out_accuracy": meta.get("held_out_accuracy")}, indent=1))
     weak = weak_yes_no(meta["held_out_accuracy"]) if meta.get("held_out_accuracy") else None
