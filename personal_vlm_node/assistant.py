@@ -358,7 +358,7 @@ class Assistant:
             self.progress(f"rebuilding the memory of {record.name!r} for this model ({i + 1}/{len(stale)})")
             try:
                 images = self.store.load_images(record.name)
-                tokens = [self.vlm.encode_image(image) for image in images]
+                tokens = [self.encode_reference(image) for image in images]
                 intro = ego.introduce(self.vlm, tokens, record.name, record.category, self.introduction,
                                       rois=record.extra.get("rois"))
                 self.store.replace_memory(record.name, intro.memory, self.vlm.fingerprint,
@@ -368,6 +368,17 @@ class Assistant:
         return [r.name for r in stale]
 
     # ---- teaching -------------------------------------------------------------------------
+    def encode_reference(self, picture):
+        """A reference picture's visual tokens, through the frame path's encoder when it takes the
+        picture's size (memories and frames then come from the same tower and precision, and
+        teaching gets the faster encoder); the model's torch tower otherwise."""
+        if self.encoder is not None:
+            try:
+                return self.vlm.encode_image(picture, encoder=self.encoder)
+            except PersonalVLMError as exc:     # e.g. an encoder exported for one image size only
+                log.info("reference encoded with the torch tower: %s", exc)
+        return self.vlm.encode_image(picture)
+
     def teach(self, name: str, images: list, category: str = "", rois=None,
               overwrite: bool = False, add: bool = False) -> TeachResult:
         """Ego concept introduction; the concept is usable when this returns.
@@ -399,7 +410,7 @@ class Assistant:
         rois = expand_rois(rois, pictures)
         with self._teach_lock:
             t1 = time.perf_counter()
-            tokens = [self.vlm.encode_image(picture) for picture in pictures]
+            tokens = [self.encode_reference(picture) for picture in pictures]
             t_encode = time.perf_counter() - t1
             intro = ego.introduce(self.vlm, tokens, name, category, self.introduction,
                                   rois=rois, progress=self.progress if len(pictures) > 1 else None)

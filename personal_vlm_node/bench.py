@@ -125,13 +125,24 @@ def bench_introduction(assistant, repeats: int) -> dict:
             "ego_vs_fingerprint": _median(ratios)}
 
 
-def bench_encoders(vlm, backends: list[str], repeats: int, cache_dir: Path) -> dict:
+def bench_encoders(vlm, backends: list[str], repeats: int, cache_dir: Path) -> tuple[dict, dict]:
+    """Each backend at every frame size, and torch bfloat16 when the model is float32 (the vision
+    tower under autocast, as ``encoder_backend: auto`` runs it). Also returns the encoders built
+    (name → callable, None for the model's own tower), so later series can reuse them."""
+    from .runtime.auto import TorchEncoder
+
     out: dict[str, dict] = {}
-    for backend in backends:
+    built: dict[str, object] = {}
+    series = list(backends)
+    if vlm.dtype == torch.float32 and "torch" in backends:
+        series.append("torch_bfloat16")
+    for backend in series:
         entry: dict = {}
         try:
             encoder = None
-            if backend != "torch":
+            if backend == "torch_bfloat16":
+                encoder = TorchEncoder(vlm, torch.bfloat16)
+            elif backend != "torch":
                 from .runtime.backends import make_encoder
 
                 encoder = make_encoder(vlm, backend, cache_dir=cache_dir / "encoders", progress=_say)
@@ -142,11 +153,12 @@ def bench_encoders(vlm, backends: list[str], repeats: int, cache_dir: Path) -> d
                 entry[str(size)] = {"median_s": _median(times), "p95_s": _p95(times),
                                     "visual_tokens": vlm.encode_image(picture, encoder=encoder).num_tokens}
                 _say(f"encoder {backend} {size}px: {_median(times):.3f}s")
+            built[backend] = encoder
         except (PersonalVLMError, ImportError) as exc:
             entry = {"unavailable": str(exc)}
             _say(f"encoder {backend}: unavailable ({exc})")
         out[backend] = entry
-    return out
+    return out, built
 
 
 def bench_matcher(dim: int, frame_tokens: torch.Tensor, repeats: int, k: int = 32) -> dict:
@@ -280,7 +292,18 @@ def run_bench(model: str | None, size: str = "tiny", device: str = "auto", dtype
             _say("concept introduction…")
             report["introduction"] = bench_introduction(assistant, repeats)
             _say("encoders…")
-            report["encoder"] = bench_encoders(vlm, list(backends), repeats, cache_dir)
+            report["encoder"], encoders = bench_encoders(vlm, list(backends), repeats, cache_dir)
+            at_448 = {name: e["448"]["median_s"] for name, e in report["encoder"].items() if "448" in e}
+            if at_448:
+                report["fastest_encoder_448"] = min(at_448, key=at_448.get)   # what encoder_backend auto picks
+            fastest = encoders.get(report.get("fastest_encoder_448"))
+            if fastest is not None:
+                # Teaching goes through the frame path's encoder: the same series with the fastest one.
+                _say(f"concept introduction through the {report['fastest_encoder_448']} encoder…")
+                with Assistant(vlm, ConceptStore(Path(store_dir) / "fastest"), progress=None, encoder=fastest,
+                               options=AssistantOptions(verification=False)) as through:
+                    report["introduction_fastest_encoder"] = {
+                        "encoder": report["fastest_encoder_448"], **bench_introduction(through, repeats)}
             frame = vlm.encode_image(_picture(448, 448))
             report["tokens"] = {
                 "per_image_448": frame.num_tokens,
@@ -299,16 +322,6 @@ def run_bench(model: str | None, size: str = "tiny", device: str = "auto", dtype
             report["verification"] = bench_verification(vlm, store, frames)
         finally:
             assistant.close()
-    if vlm.dtype == torch.float32 and "torch" in backends:
-        _say("torch bfloat16 encoder…")
-        vlm.model.to(torch.bfloat16)
-        vlm.dtype = torch.bfloat16
-        report["encoder"]["torch_bfloat16"] = {
-            str(s): {"median_s": _median(_timed(lambda: vlm.encode_image(_picture(s, s)), repeats))}
-            for s in FRAME_SIZES}
-    at_448 = {name: e["448"]["median_s"] for name, e in report["encoder"].items() if "448" in e}
-    if at_448:
-        report["fastest_encoder_448"] = min(at_448, key=at_448.get)    # what encoder_backend auto measures
     torch_448 = report["encoder"].get("torch", {}).get("448", {}).get("median_s")
     ort_448 = report["encoder"].get("onnxruntime", {}).get("448", {}).get("median_s")
     if torch_448 and ort_448:
@@ -328,6 +341,11 @@ def format_table(report: dict) -> str:
         rows.append((f"teach: {step}", f"{seconds:.3f} s"))
     intro = report["introduction"]
     rows.append(("teaching: Ego usable vs R2P fingerprint", f"{intro['ego_vs_fingerprint']:.2f}"))
+    fast = report.get("introduction_fastest_encoder")
+    if fast:
+        usable, base = fast["median_seconds"]["usable"], intro["median_seconds"]["usable"]
+        rows.append((f"teach through {fast['encoder']}: encode / usable",
+                     f"{fast['median_seconds']['encode']:.3f} s / {usable:.3f} s ({usable / base:.2f}× of torch)"))
     for backend, entry in report["encoder"].items():
         if "unavailable" in entry:
             rows.append((f"encoder {backend}", "unavailable"))

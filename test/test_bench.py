@@ -31,6 +31,12 @@ def test_bench_writes_every_figure_and_prints_a_table(tmp_path, monkeypatch, cap
     assert report["verification"]["on"]["verifications_per_s"] >= 0
     assert report["introduction"]["ego_vs_fingerprint"] > 0
     assert report["fastest_encoder_448"] in ("torch", "torch_bfloat16")
+    fast = report.get("introduction_fastest_encoder")
+    if report["fastest_encoder_448"] == "torch":                   # the series is the first one
+        assert fast is None
+    else:                                                         # teaching repeated through it
+        assert fast["encoder"] == "torch_bfloat16" and fast["median_seconds"]["usable"] > 0
+        assert fast["median_seconds"]["encode"] > 0 and len(fast["memory_tokens"]) == 1
     assert report["machine"]["cpu"]["capability"] and "warm-up" in report["method"]
     assert report["peak_memory"]["rss_mb"] > 0
     table = capsys.readouterr().out

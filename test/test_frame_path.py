@@ -288,3 +288,36 @@ def test_a_verification_pauses_inside_the_language_model_while_a_frame_is_proces
     assert calls == ["mug"]
     a.close()
     assert not any(m._forward_pre_hooks for m in linears)
+
+
+def test_teaching_encodes_through_the_frame_encoder_and_falls_back_where_it_cannot(adapters, tmp_path):
+    """Memories come from the frame path's own encoder (same tower and precision as the frames);
+    a picture that encoder refuses (e.g. an export for one size only) goes through the torch tower."""
+    from personal_vlm_node.errors import PersonalVLMError
+
+    adapter = adapters("qwen2_5_vl")
+    calls = []
+
+    def encoder(tensors):
+        calls.append(True)
+        if len(calls) == 2:
+            raise PersonalVLMError("exported for 448 px images only")
+        with torch.inference_mode():
+            return adapter.vision_forward(tensors) * 2.0        # tell its tokens apart from the tower's
+
+    a = Assistant(adapter, ConceptStore(tmp_path / "store"), ModelProfile(max_memory_tokens=8, min_memory_tokens=2),
+                  progress=None, encoder=encoder, verification=False)
+    try:
+        picture = _photo(7)
+        through_encoder = a.encode_reference(picture)
+        fallback = a.encode_reference(picture)
+        tower = adapter.encode_image(picture)
+        assert torch.allclose(through_encoder.features, 2.0 * tower.features, atol=1e-5)
+        assert torch.equal(fallback.features, tower.features)
+        calls.clear()
+        a.teach("my mug", [picture]).wait_fingerprint()
+        assert len(calls) == 1                             # the teaching picture went through the encoder
+        memory = a.stored_memory("my mug")["memory"]
+        assert all((2.0 * tower.features.float() - row.float()).abs().sum(-1).min() < 1e-3 for row in memory)
+    finally:
+        a.close()
