@@ -11,7 +11,10 @@ Two measurements, both written to the profile (``models/<model>.yaml``):
    is scored by the matcher and by Ego's in-context check):
 
    - ``recognize_threshold``: Ego's p(yes) threshold maximising the weighted accuracy
-     Wtd = ½(TP/(TP+FN) + TN/(TN+FP)) of Ego alone on the split;
+     Wtd = ½(TP/(TP+FN) + TN/(TN+FP)) of Ego alone on the split, averaged over thresholds within
+     ``EGO_THRESHOLD_WINDOW`` of it: a split's best single threshold often sits on the edge of the
+     positives' cluster of scores, where the Wtd falls steeply, and another scene set whose
+     positives score a little lower then loses much of its recall there;
    - ``accept_threshold`` / ``reject_threshold``: the matcher's band. Accept is the lowest score
      above which at most ``max_error`` of the split's negatives lie (and never below the matcher's
      own Wtd-optimal threshold); reject the highest score below which at most ``max_error`` of the
@@ -44,15 +47,38 @@ def weighted_accuracy(positives: list[float], negatives: list[float], threshold:
     return 0.5 * (tp + tn)
 
 
-def best_threshold(positives: list[float], negatives: list[float]) -> tuple[float, float]:
-    """The threshold maximising Wtd (midpoint between neighbouring scores) and that Wtd."""
+EGO_THRESHOLD_WINDOW = 0.1     # p(yes) units: Ego's threshold maximises the mean Wtd within ± this
+_WINDOW_POINTS = 41
+
+
+def best_threshold(positives: list[float], negatives: list[float], window: float = 0.0) -> tuple[float, float]:
+    """The threshold maximising Wtd (a midpoint between neighbouring scores) and the Wtd there.
+
+    ``window`` > 0: the threshold maximising the Wtd averaged over [t − window, t + window], so a
+    small shift of the scores costs little (ties: the one nearest 0.5)."""
     if not positives or not negatives:
         raise PersonalVLMError("calibration needs both positive and negative pairs; the split has "
                                f"{len(positives)} positives and {len(negatives)} negatives")
+    pos = torch.tensor(sorted(positives), dtype=torch.float64)
+    neg = torch.tensor(sorted(negatives), dtype=torch.float64)
+
+    def wtd(t: torch.Tensor) -> torch.Tensor:
+        tp = (len(pos) - torch.searchsorted(pos, t, side="left")) / len(pos)     # positives ≥ t
+        tn = torch.searchsorted(neg, t, side="left") / len(neg)                  # negatives < t
+        return 0.5 * (tp + tn)
+
     values = sorted(set(positives) | set(negatives))
-    candidates = [values[0] - 1e-6] + [(a + b) / 2 for a, b in zip(values, values[1:])] + [values[-1] + 1e-6]
-    best = max(candidates, key=lambda t: (weighted_accuracy(positives, negatives, t), -abs(t - 0.5)))
-    return float(best), weighted_accuracy(positives, negatives, best)
+    candidates = torch.tensor([values[0] - 1e-6] + [(a + b) / 2 for a, b in zip(values, values[1:])]
+                              + [values[-1] + 1e-6], dtype=torch.float64)
+    if window > 0:
+        offsets = torch.linspace(-window, window, _WINDOW_POINTS, dtype=torch.float64)
+        score = wtd((candidates[:, None] + offsets[None, :]).contiguous()).mean(dim=1)
+    else:
+        score = wtd(candidates)
+    # The best score; among equal ones, the candidate nearest 0.5.
+    order = sorted(range(len(candidates)), key=lambda i: (-round(float(score[i]), 12), abs(float(candidates[i]) - 0.5)))
+    best = float(candidates[order[0]])
+    return best, weighted_accuracy(positives, negatives, best)
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -68,7 +94,7 @@ def fit_thresholds(match_pos: list[float], match_neg: list[float], ego_pos: list
     if reject >= accept:
         reject = accept - 0.02
     accept, reject = min(1.0, accept), max(-1.0, reject)
-    tau, e_wtd = best_threshold(ego_pos, ego_neg)
+    tau, e_wtd = best_threshold(ego_pos, ego_neg, window=EGO_THRESHOLD_WINDOW)
     tau = min(0.99, max(0.01, tau))
     scored = [(abs(p - tau), p >= tau) for p in ego_pos] + [(abs(p - tau), p < tau) for p in ego_neg]
     margin = 0.5
@@ -85,7 +111,7 @@ def fit_thresholds(match_pos: list[float], match_neg: list[float], ego_pos: list
             "max_error": max_error, "pairs": {"positive": len(match_pos), "negative": len(match_neg)},
             "match_wtd_at_best": round(m_wtd, 4), "match_best_threshold": round(m_best, 4),
             "match_uncertain_share": round(uncertain, 4),
-            "ego_wtd_at_threshold": round(e_wtd, 4),
+            "ego_wtd_at_threshold": round(e_wtd, 4), "ego_threshold_window": EGO_THRESHOLD_WINDOW,
         },
     }
 
