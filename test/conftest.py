@@ -41,49 +41,58 @@ def family(request):
 
 
 # ---- the trained toys -----------------------------------------------------------------------
-# Tests that need the trained toy VLM or toy CLIP run with PERSONAL_VLM_TOY_TESTS=1, and last. When
-# a toy is not cached yet, it starts training in a background process as soon as the tests are
-# collected, so it trains while the rest of the suite runs (which leaves much of the CPU idle),
-# once per machine. Not by default: the first run trains for about 30 min on 2 cores, and whether
-# the toy learns its two-image yes/no, which the recognition floors need, has been seen to depend
-# on the CPU (see README, "The toy world").
+# Tests that need a trained toy run last. When a toy they need is not cached yet, it starts training
+# in a background process as soon as the tests are collected, so it trains while the rest of the
+# suite runs, once per machine. $PERSONAL_VLM_TOY_TESTS says which run: unset or "vlm" (default) the
+# toy VLM's (about 12 min of training the first time), "all" the toy CLIP's too (8 more), "0" none.
 TOY_FIXTURES = ("toy_vlm", "toy_clip")
 TOY_TESTS_ENV = "PERSONAL_VLM_TOY_TESTS"
 _background = {}
 
 
-def _toy_tests_on() -> bool:
-    return os.environ.get(TOY_TESTS_ENV) == "1"
+def toys_on(value: str | None) -> set[str]:
+    """The toys whose tests run for a value of $PERSONAL_VLM_TOY_TESTS."""
+    value = (value or "vlm").strip().lower()
+    if value in ("0", "no", "off", "none"):
+        return set()
+    if value in ("1", "all"):
+        return set(TOY_FIXTURES)
+    if value == "vlm":
+        return {"toy_vlm"}
+    raise pytest.UsageError(f"{TOY_TESTS_ENV}={value!r}: use vlm (default), all or 0")
 
 
-def _uses_toy(item) -> bool:
-    return any(name in getattr(item, "fixturenames", ()) for name in TOY_FIXTURES)
+def _toys_of(item) -> set[str]:
+    return {name for name in TOY_FIXTURES if name in getattr(item, "fixturenames", ())}
 
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(session, config, items):
-    items.sort(key=_uses_toy)                  # stable: only the toy tests move, to the end
-    if not _toy_tests_on():
-        skip = pytest.mark.skip(reason=f"needs the trained toys (~30 min on 2 cores the first time); "
-                                       f"set {TOY_TESTS_ENV}=1")
-        for item in items:
-            if _uses_toy(item):
-                item.add_marker(skip)
+    items.sort(key=lambda item: bool(_toys_of(item)))     # stable: only the toy tests move, to the end
+    on = toys_on(os.environ.get(TOY_TESTS_ENV))
+    for item in items:
+        off = _toys_of(item) - on
+        if off:
+            item.add_marker(pytest.mark.skip(
+                reason=f"needs the trained {' and '.join(sorted(off))}; set {TOY_TESTS_ENV}=all"
+                       if on else f"toy tests are off ({TOY_TESTS_ENV}=0)"))
 
 
 def pytest_collection_finish(session):
     config = session.config
-    if config.option.collectonly or not _toy_tests_on() or not any(_uses_toy(i) for i in session.items):
+    on = toys_on(os.environ.get(TOY_TESTS_ENV))
+    needed = sorted(set().union(*(_toys_of(i) for i in session.items)) & on) if session.items else []
+    if config.option.collectonly or not needed:
         return
     from personal_vlm_node.testing import toy_background
 
-    started = toy_background.start()
+    started = toy_background.start(needed)
     if started is not None:
         _background["process"], _background["log"] = started
         reporter = config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
-            reporter.write_line(f"toys not cached yet: training them in the background while the other tests "
-                                f"run (once per machine; log: {started[1]})")
+            reporter.write_line(f"toys not cached yet: training {', '.join(needed)} in the background while the "
+                                f"other tests run (once per machine; log: {started[1]})")
 
 
 def pytest_unconfigure(config):
@@ -114,7 +123,7 @@ def _toy(request, name: str):
 
 @pytest.fixture(scope="session")
 def toy_vlm(request):
-    """The trained toy Qwen2.5-VL: trained once per machine (≈20 min on 2 cores), then cached
+    """The trained toy Qwen2.5-VL: trained once per machine (≈12 min on 2 cores), then cached
     under ~/.cache/personal_vlm/toy (or $PERSONAL_VLM_TOY_CACHE) and reused by every run."""
     return _toy(request, "toy_vlm")
 

@@ -2,8 +2,9 @@
 
 Fast tests train a two-step recipe into a temporary cache: training, saving, loading through
 ``load_vlm`` / ``ImageTextSimilarity``, the cache key and its reuse. The accuracy floors need the
-full recipe (≈15 min on 2 cores, then cached): they run with ``PERSONAL_VLM_TOY_TESTS=1``; a toy not
-cached yet then trains in the background while the other tests run (see conftest).
+full recipe (≈17 min on 2 cores, then cached): the toy VLM's run by default, the toy CLIP's with
+``PERSONAL_VLM_TOY_TESTS=all``; a toy not cached yet trains in the background while the other tests
+run (see conftest).
 """
 
 from __future__ import annotations
@@ -138,9 +139,9 @@ def test_the_toy_reaches_its_accuracy_floors_on_held_out_scenes(toy_vlm):
     acc = json.loads((toy_vlm / "toy_accuracy.json").read_text())
     # Measured on scenes from a seed never used in training (see toy_vlm.evaluate_tasks).
     # Floors well above chance (colour 1/7, category 1/6, pattern 1/4, yes/no 1/2) and below what
-    # the recipe measured (0.93, 0.47, 0.60, 0.78, 0.94): they fail when learning breaks. Attribute
-    # yes/no (0.55-0.63 over three trainings, 60 samples) is too close to chance to be a floor.
-    assert acc["describe"]["color"] >= 0.7
+    # the recipe measured (0.75, 0.47, 0.43, 0.74, 0.91): they fail when learning breaks. Attribute
+    # yes/no (0.55-0.63 over four trainings, 60 samples) is too close to chance to be a floor.
+    assert acc["describe"]["color"] >= 0.55
     assert acc["describe"]["category"] >= 0.4
     assert acc["describe"]["pattern"] >= 0.35
     assert acc["recognize"]["all"] >= toy_vlm_mod.YES_NO_FLOOR
@@ -208,3 +209,20 @@ def test_background_training_reports_a_failure_with_its_log_and_stops_its_proces
 
 def test_toy_clip_recipe_key_changes_with_the_recipe():
     assert dataclasses.replace(toy_clip_mod.CLIP_RECIPE, steps=1).key() != toy_clip_mod.CLIP_RECIPE.key()
+
+
+def test_which_toy_tests_run_is_set_by_one_variable():
+    import conftest
+
+    assert conftest.toys_on(None) == conftest.toys_on("vlm") == {"toy_vlm"}      # the default: the VLM's
+    assert conftest.toys_on("all") == conftest.toys_on("1") == {"toy_vlm", "toy_clip"}
+    assert conftest.toys_on("0") == set()
+    with pytest.raises(pytest.UsageError, match="use vlm"):
+        conftest.toys_on("clip please")
+
+
+def test_the_background_trainer_trains_only_the_toys_named_and_refuses_unknown_ones(capsys):
+    from personal_vlm_node.testing import toy_background
+
+    assert toy_background.main(["toy_vlm_typo"]) == 2
+    assert "unknown toy" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Train the toys (VLM, then CLIP) in a background process while other work goes on.
+"""Train the toys (VLM, then CLIP; or those named) in a background process while other work goes on.
 
 The test suite starts it as soon as it has collected a test that needs a toy that is not cached
 yet, and runs those tests last; ``python -m personal_vlm_node.testing.toy_background`` is that
@@ -31,14 +31,16 @@ def ready(name: str) -> bool:
     return (folder() / marker).is_file()
 
 
-def start() -> tuple[subprocess.Popen, Path] | None:
-    """Start training the toys that are not cached; None when all are. The process and its log."""
-    if all(ready(name) for name in TOYS):
+def start(names=tuple(TOYS)) -> tuple[subprocess.Popen, Path] | None:
+    """Start training those of the toys ``names`` that are not cached; None when all are. The
+    process and its log."""
+    missing = [name for name in names if not ready(name)]
+    if not missing:
         return None
     log = toy_vlm.cache_root() / LOG_NAME
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, "-m", __name__], stdout=out, stderr=subprocess.STDOUT,
+        process = subprocess.Popen([sys.executable, "-m", __name__, *missing], stdout=out, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True)
     return process, log
 
@@ -78,8 +80,13 @@ def stop(process: subprocess.Popen, grace_s: float = 10.0) -> None:
             continue
 
 
-def main() -> int:
-    for name in TOYS:
+def main(argv: list[str] | None = None) -> int:
+    names = list(sys.argv[1:] if argv is None else argv) or list(TOYS)
+    unknown = [name for name in names if name not in TOYS]
+    if unknown:
+        print(f"[toy_background] unknown toy(s) {unknown}; known: {sorted(TOYS)}", file=sys.stderr)
+        return 2
+    for name in names:
         print(f"[toy_background] {name}: {ensure(name)}", flush=True)
     return 0
 
