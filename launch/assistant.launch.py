@@ -29,7 +29,7 @@ PARAMETER_ARGUMENTS = {
     "dtype": (str, "weight precision: auto, float32, bfloat16 or float16"),
     "store_dir": (str, "concept store folder"),
     "profile": (str, "model profile YAML"),
-    "encoder_backend": (str, "vision encoder on the frame path: torch, onnxruntime, tensorrt or auto"),
+    "encoder_backend": (str, "vision encoder on the frame path and for teaching: torch, onnxruntime, tensorrt or auto"),
     "engine_cache_dir": (str, "cache for exported ONNX files and TensorRT engines"),
     "process_rate_hz": (float, "most camera frames processed per second"),
     "accept_threshold": (float, "match score that detects without verification; <0 = model profile"),

@@ -61,7 +61,7 @@ PARAMETERS: dict[str, Param] = {
     "dtype": Param("auto", "weight precision", DTYPES),
     "store_dir": Param("", "concept store folder; empty = $XDG_DATA_HOME/personal_vlm"),
     "profile": Param("", "model profile YAML; empty = models/<model>.yaml or the defaults"),
-    "encoder_backend": Param("torch", "vision encoder on the frame path", ENCODER_CHOICES),
+    "encoder_backend": Param("torch", "vision encoder on the frame path and for teaching", ENCODER_CHOICES),
     "engine_cache_dir": Param("", "cache for exported ONNX files and TensorRT engines"),
     "process_rate_hz": Param(2.0, "most camera frames processed per second", low=0.01, high=120.0, live=True),
     "accept_threshold": Param(-1.0, "match score that detects without verification; <0 = profile", low=-1.0, high=1.0, live=True),
