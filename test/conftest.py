@@ -43,7 +43,7 @@ def family(request):
 # ---- the trained toys -----------------------------------------------------------------------
 # Tests that need a trained toy run last. When a toy they need is not cached yet, it starts training
 # in a background process as soon as the tests are collected, so it trains while the rest of the
-# suite runs, once per machine. $PERSONAL_VLM_TOY_TESTS says which run: unset or "vlm" (default) the
+# suite runs (at the lowest CPU priority: it takes what the other tests leave idle), once per machine. $PERSONAL_VLM_TOY_TESTS says which run: unset or "vlm" (default) the
 # toy VLM's (about 12 min of training the first time), "all" the toy CLIP's too (8 more), "0" none.
 TOY_FIXTURES = ("toy_vlm", "toy_clip")
 TOY_TESTS_ENV = "PERSONAL_VLM_TOY_TESTS"

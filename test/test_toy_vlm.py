@@ -226,3 +226,14 @@ def test_the_background_trainer_trains_only_the_toys_named_and_refuses_unknown_o
 
     assert toy_background.main(["toy_vlm_typo"]) == 2
     assert "unknown toy" in capsys.readouterr().err
+
+
+def test_the_background_trainer_runs_at_the_lowest_priority():
+    import subprocess
+    import sys
+
+    code = ("import os, sys; from personal_vlm_node.testing import toy_background as tb; "
+            "tb.TOYS['probe'] = (None, None, lambda: os.nice(0)); sys.exit(tb.main(['probe']))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "[toy_background] probe: 19" in done.stdout     # the renderer it forks inherits it
