@@ -231,9 +231,15 @@ def test_the_background_trainer_trains_only_the_toys_named_and_refuses_unknown_o
 def test_the_background_trainer_runs_at_the_lowest_priority():
     import subprocess
     import sys
+    from pathlib import Path
 
-    code = ("import os, sys; from personal_vlm_node.testing import toy_background as tb; "
-            "tb.TOYS['probe'] = (None, None, lambda: os.nice(0)); sys.exit(tb.main(['probe']))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    code = ("import os, sys; from pathlib import Path; from personal_vlm_node.testing import toy_background as tb; "
+            "group = Path('/proc/self/autogroup'); "
+            "tb.TOYS['probe'] = (None, None, lambda: (os.nice(0), group.read_text().strip() if group.exists() else '')); "
+            "sys.exit(tb.main(['probe']))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          start_new_session=True)        # as toy_background.start runs it
     assert done.returncode == 0, done.stderr
-    assert "[toy_background] probe: 19" in done.stdout     # the renderer it forks inherits it
+    assert "[toy_background] probe: (19, " in done.stdout     # the renderer it forks inherits it
+    if Path("/proc/self/autogroup").exists():               # the session's scheduling group too
+        assert "nice 19" in done.stdout, done.stdout
