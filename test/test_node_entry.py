@@ -27,6 +27,14 @@ def _params(tmp_path, **values) -> Path:
     return path
 
 
+def _terminal_sigint() -> None:
+    """In the child before it runs: SIGINT's default action, as a process started from a terminal
+    has it. A test run started in the background by a shell without job control (``cmd &`` in a
+    script, as some CI runners do) ignores SIGINT, and children inherit that: the node would then
+    never see the Ctrl-C these tests send before it installs its own handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _env():
     env = dict(os.environ)
     env.pop("_ROS_WHEELS_BOOTSTRAP_COMPLETE", None)
@@ -38,7 +46,7 @@ def test_node_loads_the_model_reports_ready_and_stops_on_ctrl_c(tiny_checkpoints
     params = _params(tmp_path, model=str(tiny_checkpoints["internvl"]), device="cpu", dtype="float32",
                      store_dir=str(tmp_path / "store"))
     proc = subprocess.Popen(_command(params), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=_env(), cwd=Path(__file__).resolve().parent.parent)
+                            env=_env(), cwd=Path(__file__).resolve().parent.parent, preexec_fn=_terminal_sigint)
     lines = []
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -88,7 +96,7 @@ def _start(tiny_checkpoints, tmp_path):
     params = _params(tmp_path, model=str(tiny_checkpoints["internvl"]), device="cpu", dtype="float32",
                      store_dir=str(tmp_path / "store"))
     return subprocess.Popen(_command(params), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=_env(), cwd=Path(__file__).resolve().parent.parent)
+                            env=_env(), cwd=Path(__file__).resolve().parent.parent, preexec_fn=_terminal_sigint)
 
 
 def _interrupted(proc) -> tuple[float, str]:
