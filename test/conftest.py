@@ -43,8 +43,9 @@ def family(request):
 # ---- the trained toys -----------------------------------------------------------------------
 # Tests that need a trained toy run last. When a toy they need is not cached yet, it starts training
 # in a background process as soon as the tests are collected, so it trains while the rest of the
-# suite runs (at the lowest CPU priority: it takes what the other tests leave idle), once per machine. $PERSONAL_VLM_TOY_TESTS says which run: unset or "vlm" (default) the
-# toy VLM's (about 12 min of training the first time), "all" the toy CLIP's too (8 more), "0" none.
+# suite runs (at the lowest CPU priority: it takes what the other tests leave idle), once per
+# machine. $PERSONAL_VLM_TOY_TESTS says which run: unset or "vlm" (default) the toy VLM's (about
+# 17 min of training on 2 idle cores the first time), "all" the toy CLIP's too (8 more), "0" none.
 TOY_FIXTURES = ("toy_vlm", "toy_clip")
 TOY_TESTS_ENV = "PERSONAL_VLM_TOY_TESTS"
 _background = {}
@@ -123,7 +124,7 @@ def _toy(request, name: str):
 
 @pytest.fixture(scope="session")
 def toy_vlm(request):
-    """The trained toy Qwen2.5-VL: trained once per machine (≈12 min on 2 cores), then cached
+    """The trained toy Qwen2.5-VL: trained once per machine (≈17 min on 2 cores), then cached
     under ~/.cache/personal_vlm/toy (or $PERSONAL_VLM_TOY_CACHE) and reused by every run."""
     return _toy(request, "toy_vlm")
 
