@@ -76,8 +76,7 @@ def best_threshold(positives: list[float], negatives: list[float], window: float
     else:
         score = wtd(candidates)
     # The best score; among equal ones, the candidate nearest 0.5.
-    order = sorted(range(len(candidates)), key=lambda i: (-round(float(score[i]), 12), abs(float(candidates[i]) - 0.5)))
-    best = float(candidates[order[0]])
+    best = float(max(zip(score.tolist(), candidates.tolist()), key=lambda sc: (round(sc[0], 12), -abs(sc[1] - 0.5)))[1])
     return best, weighted_accuracy(positives, negatives, best)
 
 

@@ -43,7 +43,7 @@ def family(request):
 # ---- the trained toys -----------------------------------------------------------------------
 # Tests that need a trained toy run last. When a toy they need is not cached yet, it starts training
 # in a background process as soon as the tests are collected, so it trains while the rest of the
-# suite runs (at the lowest CPU priority: it takes what the other tests leave idle), once per
+# suite runs (at the lowest CPU priority, so the other tests come first), once per
 # machine. $PERSONAL_VLM_TOY_TESTS says which run: unset or "vlm" (default) the toy VLM's (about
 # 17 min of training on 2 idle cores the first time), "all" the toy CLIP's too (8 more), "0" none.
 TOY_FIXTURES = ("toy_vlm", "toy_clip")

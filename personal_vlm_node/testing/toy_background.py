@@ -24,9 +24,8 @@ TOYS = {
     "toy_clip": (toy_clip.toy_clip_folder, toy_clip.MARKER, toy_clip.ensure_toy_clip),
 }
 LOG_NAME = "background-training.log"
-# The trainer (and the renderer it forks) runs at this niceness: it takes the CPU the other tests
-# leave idle and never slows them, so their timing limits (a node stopping within 5 s of Ctrl-C)
-# hold while it trains. It runs in a session of its own, and where the kernel groups sessions for
+# The trainer (and the renderer it forks) runs at this niceness, so the other tests come first for
+# the CPU while it trains (they still run about 1.6x slower beside it). It runs in a session of its own, and where the kernel groups sessions for
 # scheduling (autogroup), niceness counts only within the group: the group's niceness is set too.
 NICENESS = 19
 AUTOGROUP = Path("/proc/self/autogroup")
