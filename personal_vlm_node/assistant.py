@@ -24,7 +24,7 @@ from .output import stderr_progress
 from .tracker import Observation, Tracker
 from .verifier import Request, VerificationQueue
 from .profiles import ModelProfile, load_profile
-from .store import ConceptRecord, ConceptStore, validate_category, validate_name
+from .store import ConceptRecord, ConceptStore, ForgetResult, MemoryMissing, validate_category, validate_name
 from .vlm import Memory, VLMAdapter, load_vlm
 
 log = logging.getLogger(__name__)
@@ -192,6 +192,7 @@ class Assistant:
         self._bank_lock = threading.Lock()       # the bank's versions: the store watcher vs. teach/forget
         self._bank_versions: dict[str, str] = {}  # name → id of the memory in the matcher
         self.unmatched: set[str] = set()          # concepts with no memory for this model
+        self.damaged: dict[str, str] = {}         # concepts left out because their files are damaged → why
         self._rebuild = rebuild
         self._watch_stop = threading.Event()
         self._watch_thread: threading.Thread | None = None
@@ -251,13 +252,15 @@ class Assistant:
                 if record.name not in versions:
                     continue
                 try:
-                    bank[record.name] = self.memory(record.name)
+                    bank[record.name] = self._checked_memory(record.name)
+                except MemoryMissing:
+                    versions.pop(record.name)
                 except PersonalVLMError as exc:
-                    log.warning("%s", exc)
+                    self._set_damaged(record.name, exc)
                     versions.pop(record.name)
             self.matcher.set_concepts(bank)
             self._bank_versions = versions
-            self._report_unmatched(set(self._categories) - set(bank))
+            self._report_unmatched(set(self._categories) - set(bank) - set(self.damaged))
 
     def reload(self) -> None:
         """Load the bank again from the store (after memories were rebuilt)."""
@@ -271,6 +274,30 @@ class Assistant:
     def memory(self, name: str):
         """This model's memory of ``name`` (K_c, D); MemoryMissing when it has none."""
         return self.stored_memory(name)["memory"]
+
+    def _checked_memory(self, name: str):
+        """:meth:`memory`, refused as damage unless it is a (K_c, D) tensor of this model's size.
+
+        The store already refuses unreadable files and non-finite values; this catches a memory
+        file that reads but cannot be matched, so one bad concept never stops the others.
+        """
+        try:
+            memory = self.memory(name)
+        except KeyError as exc:
+            raise PersonalVLMError(f"concept {name!r} is damaged: its memory file has no {exc} tensor; "
+                                   "forget it and teach it again") from exc
+        if memory.ndim != 2 or memory.shape[0] == 0 or memory.shape[1] != self.vlm.hidden_size:
+            raise PersonalVLMError(
+                f"concept {name!r} is damaged: its memory has shape {tuple(memory.shape)}, not (K, "
+                f"{self.vlm.hidden_size}) as this model's; forget it and teach it again")
+        return memory
+
+    def _set_damaged(self, name: str, exc: PersonalVLMError) -> None:
+        """Leave ``name`` out of recognition, saying so once per distinct reason."""
+        reason = str(exc)
+        if self.damaged.get(name) != reason:
+            log.warning("%s (it is not recognised until then; the other concepts are)", reason)
+        self.damaged[name] = reason
 
     def _report_unmatched(self, names: set[str]) -> None:
         for name in sorted(names - self.unmatched):
@@ -295,14 +322,24 @@ class Assistant:
                 if name not in versions:
                     self._drop(name)
                     changed = True
+            for name in list(self.damaged):
+                if name not in versions:
+                    self.damaged.pop(name)
             for name, version in versions.items():
                 if self._bank_versions.get(name) == version:
                     continue
                 try:
-                    memory = self.memory(name)
-                except PersonalVLMError as exc:       # changed again meanwhile: the next check sees it
+                    memory = self._checked_memory(name)
+                except MemoryMissing as exc:          # changed again meanwhile: the next check sees it
                     log.info("%s", exc)
                     continue
+                except PersonalVLMError as exc:
+                    if name in self._bank_versions:   # a damaged new version replaces the old one
+                        self._drop(name)
+                        changed = True
+                    self._set_damaged(name, exc)
+                    continue
+                self.damaged.pop(name, None)
                 self.matcher.add(name, memory)
                 self.verifier.invalidate(name)
                 self._bank_versions[name] = version
@@ -533,14 +570,19 @@ class Assistant:
         generation = self.vlm.generate(parts, max_new_tokens=128, on_text=on_partial)
         return AskResult(generation.text, [m.name for m in memories], time.perf_counter() - t0, generation.stopped)
 
-    def forget(self, name: str) -> None:
+    def forget(self, name: str) -> ForgetResult:
+        """Forget ``name`` everywhere; the result names any folder that could not be removed."""
         name = validate_name(name)
         with self._bank_lock:
-            self.store.forget(name)
+            result = self.store.forget(name)
             self._drop(name)
             self._categories.pop(name, None)
             self.unmatched.discard(name)
+            self.damaged.pop(name, None)
+        if result.left_behind:
+            log.warning("%s", result.message)
         self._bank_changed()
+        return result
 
     def concepts(self) -> list[ConceptRecord]:
         return self.store.list()

@@ -103,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="list taught concepts")
     forget = sub.add_parser("forget", help="forget a concept and all its files")
     forget.add_argument("name")
+    store = sub.add_parser("store", help="look after the concept store itself")
+    store_verbs = store.add_subparsers(dest="store_command", required=True, parser_class=_Parser)
+    repair = store_verbs.add_parser(
+        "repair", help="rebuild a lost or damaged index from the concept folders (stop the nodes using it first)")
+    repair.add_argument("--force", action="store_true", help="rebuild even when the index looks healthy")
 
     calibrate = sub.add_parser("calibrate", help="measure the attention layers and decision thresholds for this model")
     calibrate.add_argument("--images", default=None, help="folder of single-subject images (layer ranking)")
@@ -277,19 +282,35 @@ def _store(args):
 
 
 def _cmd_list(args) -> None:
-    records = _store(args).list()
+    store = _store(args)
+    records = store.list()
+    damaged = store.problems()
     rows = [{"name": r.name, "category": r.category, "memory_tokens": r.memory_tokens,
-             "keywords": r.keywords, "created": r.created} for r in records]
-    text = "\n".join(f"{_shown(r.name)}\t{_shown(r.category) or '-'}\t{r.memory_tokens} tokens\t"
-                     f"{_shown(', '.join(r.keywords))}" for r in records)
-    _emit(args, {"concepts": rows}, text or "no concepts taught yet")
+             "keywords": r.keywords, "created": r.created, "damaged": damaged.get(r.name)} for r in records]
+    # A row whose index entry itself cannot be read has no record: listed by name, as damaged.
+    rows += [{"name": n, "damaged": reason} for n, reason in sorted(damaged.items())
+             if n not in {r.name for r in records}]
+    lines = [f"{_shown(row['name'])}\t{_shown(row.get('category', '')) or '-'}\t{row.get('memory_tokens', 0)} tokens\t"
+             f"{_shown(', '.join(row.get('keywords', [])))}"
+             + (f"\tDAMAGED: {_shown(row['damaged'])} (forget it and teach it again)" if row["damaged"] else "")
+             for row in sorted(rows, key=lambda row: row["name"])]
+    _emit(args, {"concepts": sorted(rows, key=lambda row: row["name"])}, "\n".join(lines) or "no concepts taught yet")
 
 
 def _cmd_forget(args) -> None:
     from .store import validate_name
 
-    _store(args).forget(validate_name(args.name))
-    _emit(args, {"forgotten": args.name}, f"forgot {args.name!r}")
+    result = _store(args).forget(validate_name(args.name))
+    if result.left_behind:
+        print(f"personal-vlm: warning: {result.message}", file=sys.stderr)
+    _emit(args, {"forgotten": result.name, "left_behind": result.left_behind}, f"forgot {result.name!r}")
+
+
+def _cmd_store(args) -> None:
+    from .repair import repair_store
+
+    report = repair_store(args.store, force=args.force, progress=stderr_progress())
+    _emit(args, report.as_dict(), "\n".join(report.lines()))
 
 
 def _pairs(images_dir: Path, masks_dir: Path) -> list[tuple[Path, Path]]:
@@ -532,7 +553,7 @@ def _cmd_node(args) -> None:
 COMMANDS = {"teach": _cmd_teach, "ask": _cmd_ask, "recognize": _cmd_recognize, "list": _cmd_list,
             "forget": _cmd_forget, "calibrate": _cmd_calibrate, "bench": _cmd_bench,
             "detect": _cmd_detect, "eval": _cmd_eval, "export-encoder": _cmd_export,
-            "node": _cmd_node}
+            "node": _cmd_node, "store": _cmd_store}
 
 
 def main(argv: list[str] | None = None) -> int:

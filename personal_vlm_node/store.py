@@ -2,12 +2,16 @@
 
 Layout under ``root`` (default ``$XDG_DATA_HOME/personal_vlm``)::
 
+    personal_vlm_store.json    marker: this folder is a concept store (written first, never removed)
     concepts.db                SQLite index (WAL), one row per concept
     concepts/<uuid hex>/       one directory per concept *version*
         memory.safetensors     the concept memory, tensors stored verbatim
         ref_0.jpg, ref_1.png   the reference pictures, kept to rebuild the memory: the photo's own
                                file when it came encoded (JPEG/PNG/WebP), else a PNG
-    concepts/<uuid hex>/       or a memory of the concept for another model: memory.safetensors only
+        record.json            the concept's row as of its latest change: with the files beside
+                               it, everything ``repair`` needs to rebuild a lost index
+    concepts/<uuid hex>/       or a memory of the concept for another model: memory.safetensors
+                               and a record.json naming the concept and the model
     tmp/<uuid hex>/            a version being written
     store.lock                 serialises writers across processes
 
@@ -17,16 +21,24 @@ each in a directory of its own: a node on one model and a command on another nev
 other's memories, and each uses only its own model's. Precision is not part of that key: a memory
 built in float32 is cast for a model loaded in bfloat16 instead of being rebuilt.
 
-Every file is private to the user (0600 in 0700 folders, whatever the umask), and SQLite's
-``secure_delete`` overwrites what a forget removes from the index.
+Every file is private to the user (0600 in 0700 folders, whatever the umask), SQLite's
+``secure_delete`` overwrites what a forget removes from the index, and a forget checkpoints the
+write-ahead log so the forgotten text does not wait there for the last connection to close.
 
-A version directory is never modified after it is published: ``add`` and ``replace_memory``
-write a fresh one under ``tmp/``, fsync it, rename it into ``concepts/`` and only then point the
-row at it in one SQLite transaction. The row is the commit point, so after a crash at any instant
-a concept is either wholly present (row + all its files) or wholly absent. Directories left
-behind by a crash (a ``tmp/`` entry, or a published directory whose transaction never committed,
-or an old version whose removal was interrupted) are referenced by no row and are removed the
-next time a store is opened.
+The store only ever deletes what it wrote. A folder is a store when it holds the marker (or, for
+stores written before markers, an index of this format); any other non-empty folder is refused,
+and so is a store whose ``concepts/``, ``tmp/`` or index is a symbolic link. A store whose index is
+missing or empty while concept folders exist is refused too, with a pointer to ``personal-vlm
+store repair`` (:mod:`personal_vlm_node.repair`), which rebuilds the index from the folders.
+
+A version's memory and pictures are never modified after it is published: ``add`` and
+``replace_memory`` first record the new directory's name in the index's ``pending`` table, write it
+under ``tmp/``, fsync it, rename it into ``concepts/`` and only then point the row at it in one
+SQLite transaction, which also records the replaced directories as pending deletion. The row is
+the commit point, so after a crash at any instant a concept is either wholly present (row + all
+its files) or wholly absent. Garbage collection, when a store is opened, removes exactly the
+``pending`` entries no row references, and in them only the files the store writes: a folder the
+index does not know is never touched, whatever its name.
 
 Names are user text and are never used in paths; directories are named by random uuids.
 """
@@ -34,12 +46,15 @@ Names are user text and are never used in paths; directories are named by random
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import logging
 import os
+import re
 import shutil
 import sqlite3
+import stat
 import threading
 import time
 import unicodedata
@@ -63,12 +78,27 @@ except ImportError:  # not POSIX: writers in one process are still serialised by
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MAX_NAME_CHARS = 64
 
 _DB_FILE = "concepts.db"
 _LOCK_FILE = "store.lock"
 _MEMORY_FILE = "memory.safetensors"
+_RECORD_FILE = "record.json"
+_MARKER_FILE = "personal_vlm_store.json"
+_MARKER_FORMAT = "personal_vlm_node concept store"
+_STORE_DIRS = {"concepts", "tmp"}
+# Everything a store keeps at its top level; a folder holding anything else is not a store.
+_STORE_ENTRIES = _STORE_DIRS | {_DB_FILE, _DB_FILE + "-wal", _DB_FILE + "-shm", _DB_FILE + "-journal",
+                                _LOCK_FILE, _MARKER_FILE}
+_VERSION_NAME = re.compile(r"^[0-9a-f]{32}$")
+# The only files the store writes in a version directory, and so the only ones it removes.
+_OWN_FILE = re.compile(r"^(memory\.safetensors|record\.json(\.tmp)?|ref_[0-9]+\.(png|jpg|webp))$")
+
+# SQLite's primary result codes (the low byte of sqlite3.Error.sqlite_errorcode).
+_SQLITE_PERM, _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_READONLY = 3, 5, 6, 8
+_SQLITE_IOERR, _SQLITE_CORRUPT, _SQLITE_FULL, _SQLITE_CANTOPEN = 10, 11, 13, 14
+_SQLITE_AUTH, _SQLITE_NOTADB = 23, 26
 
 # Zero-width (non-)joiners are format characters (category Cf) but are part of ordinary
 # writing: emoji sequences such as 👩‍🔬 and several scripts need them.
@@ -92,6 +122,8 @@ _COLUMNS = (
     "name, category, keywords, fingerprint, fingerprint_complete, memory_tokens, "
     "model_fingerprint, created, updated, extra, dir, n_images"
 )
+_COLUMN_NAMES = tuple(c.strip() for c in _COLUMNS.split(","))
+_JSON_COLUMNS = {"keywords", "fingerprint", "extra"}
 
 
 def validate_name(name: str) -> str:
@@ -168,7 +200,6 @@ def model_key(fingerprint: str) -> str:
 
 _DTYPE_NAMES = {"float32", "float16", "bfloat16", "float64"}
 
-
 class MemoryMissing(PersonalVLMError):
     """The concept exists but has no memory built for the asked model (rebuild it or report it)."""
 
@@ -195,8 +226,27 @@ class ConceptRecord:
     extra: dict = field(default_factory=dict)  # method-specific JSON (ROIs, timings, ...)
 
 
+@dataclass
+class ForgetResult:
+    """What a forget removed: the concept is gone from the index whatever ``left_behind`` says."""
+
+    name: str
+    left_behind: list[str] = field(default_factory=list)  # "path (reason)" for each folder not removed
+
+    @property
+    def message(self) -> str:
+        if not self.left_behind:
+            return f"forgot {self.name!r}"
+        return (f"forgot {self.name!r}, but could not remove {'; '.join(self.left_behind)}: remove it by hand "
+                "(the store retries each time it is opened)")
+
+
 class ConceptStore:
-    """SQLite index + one immutable directory per concept version. Safe to share across threads."""
+    """SQLite index + one directory per concept version. Safe to share across threads.
+
+    ``read_only`` is True when the folder cannot be written (permissions, an immutable folder, a
+    read-only file system): every read works, and a write raises one line saying why.
+    """
 
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root).expanduser() if root is not None else default_store_dir()
@@ -204,20 +254,118 @@ class ConceptStore:
         self._concepts_dir = self.root / "concepts"
         self._tmp_dir = self.root / "tmp"
         self._lock = threading.Lock()
-        try:
-            for directory in (self.root, self._concepts_dir, self._tmp_dir):
-                directory.mkdir(parents=True, exist_ok=True)
-                _make_private(directory, _DIR_MODE)
-            # Created before SQLite opens it: SQLite gives its -wal and -shm files the same mode.
-            os.close(os.open(self._db_path, os.O_RDWR | os.O_CREAT, _FILE_MODE))
-            _make_private(self._db_path, _FILE_MODE)
-        except OSError as e:
+        self.read_only = False
+        self._checkpoint_due = False
+        self._open()
+
+    # ------------------------------------------------------------------ opening
+
+    def _open(self) -> None:
+        kind = identify_folder(self.root)
+        if kind == "new":
+            self._create()
+            return
+        self.read_only = not _can_write(self.root)
+        version = self._index_version()
+        if version <= 0 and self._has_versions():
+            raise _lost_index_error(self.root, "missing" if version < 0 else "empty")
+        if version > SCHEMA_VERSION:
             raise PersonalVLMError(
-                f"cannot create the concept store in {self.root} ({e}); set store_dir to a writable folder"
-            ) from e
+                f"the concept store in {self.root} was written by a newer personal_vlm_node "
+                f"(store format {version}, this version reads up to {SCHEMA_VERSION}); "
+                "upgrade personal_vlm_node or set store_dir to another folder"
+            )
+        if self.read_only:
+            if version < 2:
+                raise PersonalVLMError(
+                    f"the concept store in {self.root} is read-only and in an older format ({version}) that "
+                    "must be upgraded once: open it once with write access"
+                )
+            logger.info("the concept store in %s is read-only: concepts can be used, not taught or forgotten",
+                        self.root)
+            return
         with self._mutating():
-            self._init_schema()
+            for directory in (self._concepts_dir, self._tmp_dir):
+                if not directory.is_dir():
+                    self._make_dir(directory)
+            if version < SCHEMA_VERSION:
+                self._migrate(max(version, 0))
+            if kind == "unmarked":
+                _write_marker(self.root)
             self._collect_garbage()
+
+    def _create(self) -> None:
+        """A new store in a missing or empty folder: the marker first, so a crash midway still
+        leaves a folder recognisable as this store's."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            _make_private(self.root, _DIR_MODE)
+            _write_marker(self.root)
+            for directory in (self._concepts_dir, self._tmp_dir):
+                directory.mkdir(exist_ok=True)
+                _make_private(directory, _DIR_MODE)
+        except OSError as e:
+            raise _os_error(e, f"cannot create the concept store in {self.root}") from e
+        with self._mutating():
+            self._migrate(0)
+
+    def _make_dir(self, directory: Path) -> None:
+        try:
+            directory.mkdir(mode=_DIR_MODE, exist_ok=True)
+            _make_private(directory, _DIR_MODE)
+        except OSError as e:
+            raise _os_error(e, f"cannot create {directory}") from e
+
+    def _index_version(self) -> int:
+        """The index's format: -1 missing or zero bytes, 0 holding no concept table, else its version."""
+        if _file_size(self._db_path) == 0 and _file_size(self._db_path.with_name(_DB_FILE + "-wal")) == 0:
+            return -1
+        with self._connect() as conn:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        return version if "concepts" in tables else 0
+
+    def _has_versions(self) -> bool:
+        return _has_version_dirs(self._concepts_dir)
+
+    def _migrate(self, version: int) -> None:
+        """Bring the index from format ``version`` to :data:`SCHEMA_VERSION` in one transaction."""
+        if version == 0:
+            # Created before SQLite opens it: SQLite gives its -wal and -shm files the same mode.
+            try:
+                os.close(os.open(self._db_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, _FILE_MODE))
+            except OSError as e:
+                raise _os_error(e, f"cannot create the concept index {self._db_path}") from e
+            _make_private(self._db_path, _FILE_MODE)
+        with self._connect() as conn:
+            if version == 0:
+                conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("BEGIN IMMEDIATE")
+            _create_tables(conn, version)
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        if 0 < version < 3:
+            self._backfill_records()
+
+    def _backfill_records(self) -> None:
+        """Give every version of a store written before format 3 its record.json, so that a lost
+        index can be rebuilt from the folders from now on."""
+        with self._connect() as conn:
+            rows = conn.execute(f"SELECT {_COLUMNS} FROM concepts").fetchall()
+            others = conn.execute("SELECT name, model, model_fingerprint, memory_tokens, dir, updated "
+                                  "FROM memories").fetchall()
+        concept_dirs = {}
+        for row in rows:
+            concept_dirs[row["name"]] = row["dir"]
+            directory = self._concepts_dir / row["dir"]
+            if directory.is_dir() and not (directory / _RECORD_FILE).exists():
+                _write_record_file(directory, _row_record(row))
+        for row in others:
+            directory = self._concepts_dir / row["dir"]
+            if directory.is_dir() and not (directory / _RECORD_FILE).exists():
+                _write_record_file(directory, _memory_record(
+                    row["name"], row["model"], row["model_fingerprint"], row["memory_tokens"], row["updated"],
+                    concept_dirs.get(row["name"], "")))
 
     # ------------------------------------------------------------------ writes
 
@@ -249,13 +397,14 @@ class ConceptStore:
             with self._connect() as conn:
                 if not overwrite and _dir_of(conn, name) is not None:
                     raise _exists_error(name)
-            version = self._publish_version(name, memory, images=images)
             now = time.time()
             values = (
                 record.category, keywords, fingerprint, record.fingerprint_complete,
                 int(record.memory_tokens), record.model_fingerprint, float(record.created), now,
-                extra, version, len(images),
+                extra, len(images),
             )
+            stored_record = _row_record(dict(zip(_COLUMN_NAMES, (name, *values[:-1], "", len(images)))))
+            version = self._publish_version(name, memory, stored_record, images=images)
             try:
                 with self._connect() as conn:
                     conn.execute("BEGIN IMMEDIATE")
@@ -265,27 +414,27 @@ class ConceptStore:
                     if old is not None and not overwrite:
                         conn.execute("ROLLBACK")
                         raise _exists_error(name)
-                    others = _other_memory_dirs(conn, name)
+                    replaced = ([old] if old is not None else []) + _other_memory_dirs(conn, name)
                     conn.execute("DELETE FROM memories WHERE name=?", (name,))
                     if old is None:
                         conn.execute(
                             f"INSERT INTO concepts ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                            (name, *values),
+                            (name, *values[:-1], version, values[-1]),
                         )
                     else:
                         conn.execute(
                             "UPDATE concepts SET category=?, keywords=?, fingerprint=?, "
                             "fingerprint_complete=?, memory_tokens=?, model_fingerprint=?, created=?, "
-                            "updated=?, extra=?, dir=?, n_images=? WHERE name=?",
-                            (*values, name),
+                            "updated=?, extra=?, n_images=?, dir=? WHERE name=?",
+                            (*values, version, name),
                         )
+                    _settle_pending(conn, version, replaced)
                     conn.execute("COMMIT")
                     stored = _fetch(conn, name)
             except BaseException:
                 self._discard_unless_referenced(version)
                 raise
-            for directory in ([old] if old is not None else []) + others:
-                _remove(self._concepts_dir / directory)
+            self._remove_pending(replaced)
         return stored
 
     def update_fingerprint(
@@ -301,21 +450,29 @@ class ConceptStore:
         name = validate_name(name)
         fingerprint_json = _encode_json(_check_dict(fingerprint, "fingerprint"), "fingerprint")
         keywords_json = None if keywords is None else _encode_json(_check_keywords(keywords), "keywords")
-        with self._mutating(), self._connect() as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            now = time.time()
-            cursor = conn.execute(
-                "UPDATE concepts SET fingerprint=?, fingerprint_complete=?, updated=?, "
-                "keywords=COALESCE(?, keywords) WHERE name=? AND (? IS NULL OR created=?)",
-                (fingerprint_json, now, now, keywords_json, name, expected_created, expected_created),
-            )
-            if cursor.rowcount == 0:
-                conn.execute("ROLLBACK")
-                if expected_created is not None and _fetch_row(conn, name) is not None:
-                    raise PersonalVLMError(f"concept {name!r} was replaced while its fingerprint was computed")
-                raise self._missing_error(conn, name)
-            conn.execute("COMMIT")
-            return _fetch(conn, name)
+        with self._mutating():
+            with self._connect() as conn:
+                conn.execute("BEGIN IMMEDIATE")
+                now = time.time()
+                cursor = conn.execute(
+                    "UPDATE concepts SET fingerprint=?, fingerprint_complete=?, updated=?, "
+                    "keywords=COALESCE(?, keywords) WHERE name=? AND (? IS NULL OR created=?)",
+                    (fingerprint_json, now, now, keywords_json, name, expected_created, expected_created),
+                )
+                if cursor.rowcount == 0:
+                    conn.execute("ROLLBACK")
+                    if expected_created is not None and _fetch_row(conn, name) is not None:
+                        raise PersonalVLMError(f"concept {name!r} was replaced while its fingerprint was computed")
+                    raise self._missing_error(conn, name)
+                conn.execute("COMMIT")
+                row = _fetch_row(conn, name)
+            # The index is the truth; the folder's copy only has to be good enough for a repair.
+            try:
+                _write_record_file(self._concepts_dir / row["dir"], _row_record(row))
+            except OSError as e:
+                logger.warning("could not update the record file of %r (%s); a repair of the index would "
+                               "restore it without its fingerprint", name, e)
+            return _record_from_row(row)
 
     def replace_memory(
         self,
@@ -348,14 +505,17 @@ class ConceptStore:
             for source in sources:
                 if not source.is_file():
                     raise _damaged_error(name, f"its reference picture {source.name} is missing")
-            version = self._publish_version(name, memory, image_files=sources)
+            now = time.time()
+            stored_record = {**_row_record(row), "model_fingerprint": model_fingerprint,
+                             "memory_tokens": int(memory_tokens), "extra": merged, "updated": now}
+            version = self._publish_version(name, memory, stored_record, image_files=sources)
             try:
                 with self._connect() as conn:
                     conn.execute("BEGIN IMMEDIATE")
                     cursor = conn.execute(
                         "UPDATE concepts SET dir=?, model_fingerprint=?, memory_tokens=?, extra=?, "
                         "updated=? WHERE name=? AND dir=?",
-                        (version, model_fingerprint, int(memory_tokens), extra_json, time.time(), name, old),
+                        (version, model_fingerprint, int(memory_tokens), extra_json, now, name, old),
                     )
                     if cursor.rowcount == 0:
                         conn.execute("ROLLBACK")
@@ -363,17 +523,20 @@ class ConceptStore:
                             f"concept {name!r} was changed by another program while its memory was "
                             "rebuilt; try again"
                         )
+                    _settle_pending(conn, version, [old])
                     conn.execute("COMMIT")
                     stored = _fetch(conn, name)
             except BaseException:
                 self._discard_unless_referenced(version)
                 raise
-            _remove(self._concepts_dir / old)
+            self._remove_pending([old])
         return stored
 
     def _put_other_memory(self, row, memory, model_fingerprint: str, memory_tokens: int) -> ConceptRecord:
         name, key = row["name"], model_key(model_fingerprint)
-        version = self._publish_version(name, memory)
+        now = time.time()
+        version = self._publish_version(
+            name, memory, _memory_record(name, key, model_fingerprint, int(memory_tokens), now, row["dir"]))
         try:
             with self._connect() as conn:
                 conn.execute("BEGIN IMMEDIATE")
@@ -387,19 +550,25 @@ class ConceptStore:
                 conn.execute(
                     "INSERT OR REPLACE INTO memories (name, model, model_fingerprint, memory_tokens, dir, updated) "
                     "VALUES (?,?,?,?,?,?)",
-                    (name, key, model_fingerprint, int(memory_tokens), version, time.time()),
+                    (name, key, model_fingerprint, int(memory_tokens), version, now),
                 )
+                replaced = [] if previous is None else [previous[0]]
+                _settle_pending(conn, version, replaced)
                 conn.execute("COMMIT")
                 stored = _fetch(conn, name)
         except BaseException:
             self._discard_unless_referenced(version)
             raise
-        if previous is not None:
-            _remove(self._concepts_dir / previous[0])
+        self._remove_pending(replaced)
         return stored
 
-    def forget(self, name: str) -> None:
-        """Delete the concept: its row, its memories and its reference pictures."""
+    def forget(self, name: str) -> ForgetResult:
+        """Delete the concept: its row, its memories and its reference pictures.
+
+        The index forgets at once (and its write-ahead log is checkpointed so the name does not
+        linger there); a folder that cannot be removed is named in the result, stays recorded as
+        pending deletion and is retried whenever the store is opened.
+        """
         name = validate_name(name)
         with self._mutating():
             with self._connect() as conn:
@@ -408,13 +577,16 @@ class ConceptStore:
                 if old is None:
                     conn.execute("ROLLBACK")
                     raise self._missing_error(conn, name)
-                others = _other_memory_dirs(conn, name)
+                directories = [old, *_other_memory_dirs(conn, name)]
                 conn.execute("DELETE FROM memories WHERE name=?", (name,))
                 conn.execute("DELETE FROM concepts WHERE name=?", (name,))
+                _settle_pending(conn, None, directories)
                 conn.execute("COMMIT")
-            # A crash before this completes leaves unreferenced directories, removed on next open.
-            for directory in [old, *others]:
-                _remove(self._concepts_dir / directory)
+            # A crash before this completes leaves the folders recorded as pending: the next open removes them.
+            left = self._remove_pending(directories)
+            self._checkpoint_due = True
+            self._checkpoint()
+        return ForgetResult(name, left)
 
     # ------------------------------------------------------------------ reads
 
@@ -439,7 +611,7 @@ class ConceptStore:
             return sorted(row[0] for row in conn.execute("SELECT name FROM concepts"))
 
     def list(self) -> list[ConceptRecord]:
-        """All readable records, sorted by name. A damaged row is logged and left out."""
+        """All readable records, sorted by name. A damaged row is logged and left out (see :meth:`problems`)."""
         with self._connect() as conn:
             rows = conn.execute(f"SELECT {_COLUMNS} FROM concepts").fetchall()
         records = []
@@ -450,6 +622,22 @@ class ConceptStore:
                 logger.warning("%s", e)
         return records
 
+    def problems(self) -> dict[str, str]:
+        """Concept name → why it is damaged, for every concept whose row or files cannot be used.
+
+        Reads every memory and checks every picture's presence: a full check, for ``list`` and
+        ``repair``, not for the frame path.
+        """
+        found = {}
+        for name in self.names():
+            try:
+                self.get(name)
+                self.load_memory(name)
+                self._read_version(name, _check_pictures_present)
+            except PersonalVLMError as e:
+                found[name] = _reason_of(e)
+        return found
+
     def __len__(self) -> int:
         with self._connect() as conn:
             return conn.execute("SELECT COUNT(*) FROM concepts").fetchone()[0]
@@ -459,6 +647,7 @@ class ConceptStore:
 
         ``model`` (a model fingerprint) asks for the memory built for that model, in any precision;
         MemoryMissing when there is none. Without it: the memory of the model it was taught with.
+        A memory holding NaN or infinite values is damage, reported like a truncated file.
         """
         name = validate_name(name)
         read = lambda directory, n_images: _read_memory(directory / _MEMORY_FILE)  # noqa: E731
@@ -487,7 +676,7 @@ class ConceptStore:
 
     def watch(self) -> StoreWatcher:
         """A cheap check for commits by any other connection: this process's or another's."""
-        return StoreWatcher(self._db_path)
+        return StoreWatcher(self._db_path, read_only=self.read_only)
 
     def load_images(self, name: str) -> list[Image.Image]:
         """The reference pictures as stored (PNG-compatible modes), fully loaded in memory."""
@@ -501,11 +690,12 @@ class ConceptStore:
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
         # One short-lived connection per call: threads never share a connection, and WAL lets
-        # readers proceed while a writer holds the lock.
+        # readers proceed while a writer holds the lock. Every SQLite error, raised while
+        # connecting or by the caller's statements, leaves as a PersonalVLMError naming its cause.
         try:
-            conn = sqlite3.connect(self._db_path, timeout=30.0, isolation_level=None, check_same_thread=False)
+            conn = _open_index(self._db_path, self.read_only)
         except sqlite3.Error as e:
-            raise PersonalVLMError(f"cannot open the concept index {self._db_path} ({e})") from e
+            raise _index_error(e, self.root) from e
         try:
             conn.row_factory = sqlite3.Row
             # FULL: a commit must be durable before the previous version's files are deleted.
@@ -513,97 +703,112 @@ class ConceptStore:
             # A forgotten concept's name and description must not linger in free pages.
             conn.execute("PRAGMA secure_delete=ON")
             yield conn
+        except sqlite3.Error as e:
+            raise _index_error(e, self.root) from e
         finally:
             conn.close()
 
     @contextlib.contextmanager
     def _mutating(self) -> Iterator[None]:
         """Exclusive access for writers: threads of this process and other processes on this root."""
+        if self.read_only:
+            raise PersonalVLMError(
+                f"the concept store in {self.root} is read-only (this user cannot write to it); concepts can "
+                "be listed and recognised but not taught or forgotten: check the folder's permissions, or "
+                "set store_dir to a writable folder"
+            )
         with self._lock:
             if fcntl is None:
                 yield
                 return
-            fd = os.open(self.root / _LOCK_FILE, os.O_RDWR | os.O_CREAT, _FILE_MODE)
+            try:
+                fd = os.open(self.root / _LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, _FILE_MODE)
+            except OSError as e:
+                raise _os_error(e, f"cannot lock the concept store in {self.root}") from e
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 yield
             finally:
                 os.close(fd)  # also releases the flock
 
-    def _init_schema(self) -> None:
+    def _collect_garbage(self) -> None:
+        """Finish what interrupted writes and deletes left: remove the pending directories no row
+        references (and only those: a folder the index does not know is never removed)."""
+        with self._connect() as conn:
+            pending = [row[0] for row in conn.execute(
+                "SELECT dir FROM pending WHERE dir NOT IN (SELECT dir FROM concepts UNION SELECT dir FROM memories)")]
+            stale = conn.execute(
+                "SELECT COUNT(*) FROM pending WHERE dir IN (SELECT dir FROM concepts UNION SELECT dir FROM memories)"
+            ).fetchone()[0]
+            if stale:     # a referenced directory is no garbage, whatever a pending row says
+                conn.execute("DELETE FROM pending WHERE dir IN (SELECT dir FROM concepts UNION SELECT dir FROM memories)")
+        if pending:
+            logger.info("removing %d folder(s) left by an interrupted write or delete", len(pending))
+            for problem in self._remove_pending(pending):
+                logger.warning("could not remove %s; it is retried the next time the store is opened", problem)
+            self._checkpoint()
+
+    def _remove_pending(self, directories: list[str]) -> list[str]:
+        """Remove pending directories (their staging copy in tmp/ too); forget those removed.
+
+        Returns "path (reason)" for each one that could not be removed completely.
+        """
+        problems, done = [], []
+        for directory in directories:
+            left = [p for p in (_remove_version(self._tmp_dir / directory), _remove_version(self._concepts_dir / directory))
+                    if p]
+            if left:
+                problems.extend(left)
+            else:
+                done.append(directory)
+        if done:
+            try:
+                with self._connect() as conn:
+                    conn.execute("BEGIN IMMEDIATE")
+                    conn.executemany("DELETE FROM pending WHERE dir=?", [(d,) for d in done])
+                    conn.execute("COMMIT")
+            except PersonalVLMError as e:   # the files are gone; the rows are cleared at the next open
+                logger.warning("%s", e)
+        return problems
+
+    def _checkpoint(self) -> None:
+        """Copy the write-ahead log into the index and empty it, so a forgotten concept's text is
+        only in the index file, where secure_delete has overwritten it."""
+        if not self._checkpoint_due:
+            return
         try:
             with self._connect() as conn:
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("BEGIN IMMEDIATE")
-                version = conn.execute("PRAGMA user_version").fetchone()[0]
-                if version > SCHEMA_VERSION:
-                    conn.execute("ROLLBACK")
-                    raise PersonalVLMError(
-                        f"the concept store in {self.root} was written by a newer personal_vlm_node "
-                        f"(store format {version}, this version reads up to {SCHEMA_VERSION}); "
-                        "upgrade personal_vlm_node or set store_dir to another folder"
-                    )
-                if version == 0:
-                    conn.execute(
-                        """CREATE TABLE IF NOT EXISTS concepts (
-                            name TEXT PRIMARY KEY NOT NULL,
-                            category TEXT NOT NULL,
-                            keywords TEXT NOT NULL,
-                            fingerprint TEXT NOT NULL,
-                            fingerprint_complete REAL,
-                            memory_tokens INTEGER NOT NULL,
-                            model_fingerprint TEXT NOT NULL,
-                            created REAL NOT NULL,
-                            updated REAL NOT NULL,
-                            extra TEXT NOT NULL,
-                            dir TEXT NOT NULL UNIQUE,
-                            n_images INTEGER NOT NULL
-                        )"""
-                    )
-                if version < 2:
-                    # Format 2: memories for other models than the one a concept was taught with.
-                    conn.execute(
-                        """CREATE TABLE IF NOT EXISTS memories (
-                            name TEXT NOT NULL,
-                            model TEXT NOT NULL,
-                            model_fingerprint TEXT NOT NULL,
-                            memory_tokens INTEGER NOT NULL,
-                            dir TEXT NOT NULL UNIQUE,
-                            updated REAL NOT NULL,
-                            PRIMARY KEY (name, model)
-                        )"""
-                    )
-                    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-                conn.execute("COMMIT")
-        except sqlite3.DatabaseError as e:
-            raise PersonalVLMError(
-                f"the concept index {self._db_path} is unreadable ({e}); move the folder "
-                f"{self.root} aside and teach your concepts again"
-            ) from e
-
-    def _collect_garbage(self) -> None:
-        """Remove directories no row references: interrupted writes and interrupted deletes."""
-        for entry in self._tmp_dir.iterdir():
-            _remove(entry)
-        with self._connect() as conn:
-            referenced = {row[0] for row in conn.execute("SELECT dir FROM concepts UNION SELECT dir FROM memories")}
-        for entry in self._concepts_dir.iterdir():
-            if entry.name not in referenced:
-                logger.info("removing %s, left by an interrupted write or delete", entry)
-                _remove(entry)
+                for _ in range(20):
+                    busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+                    if not busy:
+                        self._checkpoint_due = False
+                        return
+                    time.sleep(0.05)
+        except PersonalVLMError as e:
+            logger.warning("could not checkpoint the concept index (%s)", e)
+            return
+        # A reader in the middle of a long read holds the log; the next write tries again.
+        logger.warning("the concept index's write-ahead log could not be emptied (a reader holds it); "
+                       "forgotten text stays there until the next write or until every program closes the store")
 
     def _publish_version(
         self,
         name: str,
         memory: dict[str, torch.Tensor],
+        record: dict,
         images: list[Image.Image] | None = None,
         image_files: list[Path] | None = None,
     ) -> str:
         """Write a complete, durable version directory into ``concepts/``; return its name.
 
-        No row references it yet, so until the caller commits, a crash leaves only garbage.
+        Its name is recorded as pending first, so that whatever a crash leaves of it is known to
+        be the store's; no row references it yet, so until the caller commits it is garbage.
         """
         version = uuid.uuid4().hex
+        with self._connect() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT INTO pending (dir, since) VALUES (?, ?)", (version, time.time()))
+            conn.execute("COMMIT")
         staging = self._tmp_dir / version
         try:
             staging.mkdir(mode=_DIR_MODE)
@@ -617,18 +822,15 @@ class ConceptStore:
                     _write_png(staging / f"ref_{i}.png", image)
             for i, source in enumerate(image_files or []):
                 _copy_file(source, staging / f"ref_{i}{source.suffix}")
+            _write_bytes(staging / _RECORD_FILE, _record_bytes(record))
             _fsync_dir(staging)
             os.rename(staging, self._concepts_dir / version)
             _fsync_dir(self._concepts_dir)
             _fsync_dir(self._tmp_dir)
         except BaseException as e:
-            _remove(staging)
-            _remove(self._concepts_dir / version)
+            self._discard_unless_referenced(version)
             if isinstance(e, OSError):
-                raise PersonalVLMError(
-                    f"could not save concept {name!r} in {self.root} ({e}); free some disk space "
-                    "or set store_dir to a writable folder"
-                ) from e
+                raise _os_error(e, f"could not save concept {name!r} in {self.root}") from e
             raise
         return version
 
@@ -639,10 +841,10 @@ class ConceptStore:
                 row = conn.execute(
                     "SELECT 1 FROM concepts WHERE dir=? UNION SELECT 1 FROM memories WHERE dir=?",
                     (version, version)).fetchone()
-        except (sqlite3.Error, PersonalVLMError):
-            return  # unknown: leave it; the next open removes it if no row references it
+        except PersonalVLMError:
+            return  # unknown: leave it; it is pending, and the next open removes it if no row references it
         if row is None:
-            _remove(self._concepts_dir / version)
+            self._remove_pending([version])
 
     def _read_version(self, name: str, read, model: str | None = None):
         # A concurrent overwrite, rebuild or forget may delete the directory between reading the
@@ -670,6 +872,8 @@ class ConceptStore:
             reason = f"its folder {directory} is missing"
         elif isinstance(error, FileNotFoundError):
             reason = f"one of its files is missing ({error})"
+        elif isinstance(error, _NonFinite):
+            reason = str(error)
         else:
             reason = f"its files cannot be read ({error})"
         raise _damaged_error(name, reason) from error
@@ -698,6 +902,208 @@ class ConceptStore:
         return PersonalVLMError(f"no concept named {name!r}; teach it first ({hint})")
 
 
+# ---------------------------------------------------------------------- what a folder is
+
+
+def identify_folder(root: Path) -> str:
+    """What ``root`` is: "new" (missing or empty), "store" (marked) or "unmarked" (a store written
+    before markers). Raises PersonalVLMError, changing nothing, for anything else."""
+    try:
+        info = os.stat(root)     # a symlinked root is the user's choice of where the store lives
+    except FileNotFoundError:
+        return "new"
+    except OSError as e:
+        raise _os_error(e, f"cannot open the concept store folder {root}") from e
+    if not stat.S_ISDIR(info.st_mode):
+        raise PersonalVLMError(f"the concept store {root} is a file, not a folder; set store_dir to a folder")
+    try:
+        entries = set(os.listdir(root))
+    except OSError as e:
+        raise _os_error(e, f"cannot read the concept store folder {root}") from e
+    for entry in sorted(entries & _STORE_ENTRIES):
+        path = root / entry
+        if path.is_symlink():
+            raise PersonalVLMError(
+                f"{path} is a symbolic link; a concept store never follows links inside its folder (they "
+                "would let it change files elsewhere): put the folder or file itself there"
+            )
+        is_dir = path.is_dir()
+        if (entry in _STORE_DIRS) != is_dir:
+            raise PersonalVLMError(
+                f"{path} is a {'folder' if is_dir else 'file'} where a concept store keeps a "
+                f"{'file' if is_dir else 'folder'}; {root} is not a concept store: set store_dir to an empty "
+                "or new folder"
+            )
+    if _MARKER_FILE in entries:
+        _check_marker(root)
+        return "store"
+    if not entries:
+        return "new"
+    foreign = sorted(entries - _STORE_ENTRIES)
+    if foreign:
+        shown = ", ".join(repr(e) for e in foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise PersonalVLMError(
+            f"{root} is not a concept store: it holds files personal_vlm_node did not write ({shown}); "
+            "nothing was changed: set store_dir (--store) to an empty or new folder"
+        )
+    if _has_version_dirs(root / "concepts") and not _is_index(root / _DB_FILE):
+        raise _lost_index_error(root, "missing or empty")
+    if _is_index(root / _DB_FILE):
+        return "unmarked"
+    if all(_is_empty(root / entry) for entry in entries):
+        return "new"         # a creation interrupted before anything was stored
+    raise PersonalVLMError(
+        f"{root} is not a concept store: its {', '.join(sorted(entries))} were not written by personal_vlm_node; "
+        "nothing was changed: set store_dir (--store) to an empty or new folder"
+    )
+
+
+def _is_index(path: Path) -> bool:
+    """Whether ``path`` is an SQLite file holding this store's concept table (read without writing)."""
+    if _file_size(path) == 0:
+        return False
+    try:
+        with open(path, "rb") as f:
+            if f.read(16) != b"SQLite format 3\x00":
+                return False
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            return conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type='table' AND name='concepts'").fetchone() is not None
+        finally:
+            conn.close()
+    except (OSError, sqlite3.Error):
+        return False
+
+
+def _is_empty(path: Path) -> bool:
+    try:
+        return not any(os.scandir(path)) if path.is_dir() else path.stat().st_size == 0
+    except OSError:
+        return False
+
+
+def _has_version_dirs(concepts_dir: Path) -> bool:
+    try:
+        with os.scandir(concepts_dir) as entries:
+            return any(_VERSION_NAME.match(e.name) and e.is_dir(follow_symlinks=False) for e in entries)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as e:
+        raise _os_error(e, f"cannot read {concepts_dir}") from e
+
+
+def _write_marker(root: Path) -> None:
+    _write_bytes(root / _MARKER_FILE, (json.dumps(
+        {"format": _MARKER_FORMAT, "version": SCHEMA_VERSION, "created": time.time()}) + "\n").encode())
+    _fsync_dir(root)
+
+
+def _check_marker(root: Path) -> None:
+    path = root / _MARKER_FILE
+    try:
+        with open(path, "rb") as f:
+            content = json.loads(f.read(4096) or b"null")
+    except OSError as e:
+        raise _os_error(e, f"cannot read {path}") from e
+    except ValueError:
+        content = None
+    if not isinstance(content, dict) or content.get("format") != _MARKER_FORMAT:
+        raise PersonalVLMError(
+            f"{path} is not a concept store's marker (its content is not the one personal_vlm_node writes); "
+            f"nothing was changed: set store_dir to an empty or new folder"
+        )
+
+
+def _lost_index_error(root: Path, how: str) -> PersonalVLMError:
+    return PersonalVLMError(
+        f"the concept index {root / _DB_FILE} is {how} but {root / 'concepts'} holds concepts; nothing was "
+        f"changed: run 'personal-vlm --store {root} store repair' to rebuild the index from the concept folders"
+    )
+
+
+def _can_write(root: Path) -> bool:
+    """Whether this process can write in ``root``: tried, since permission bits do not tell about
+    an immutable folder, a read-only mount or a root user."""
+    probe = root / _LOCK_FILE
+    try:
+        fd = os.open(probe, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, _FILE_MODE)
+    except OSError as e:
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return False
+        raise _os_error(e, f"cannot open the concept store in {root}") from e
+    os.close(fd)
+    return True
+
+
+# ---------------------------------------------------------------------- errors, by cause
+
+
+def _index_error(error: sqlite3.Error, root: Path) -> PersonalVLMError:
+    """One line for an SQLite error, naming its real cause and what to do about it."""
+    code = (getattr(error, "sqlite_errorcode", None) or 0) & 0xFF
+    index = root / _DB_FILE
+    if code == _SQLITE_FULL or (code == _SQLITE_IOERR and _disk_nearly_full(root)):
+        return PersonalVLMError(
+            f"the disk holding the concept store {root} is full ({error}); nothing was changed: free some "
+            "space and try again"
+        )
+    if code in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
+        return PersonalVLMError(
+            f"the concept index {index} is damaged ({error}); the concepts' folders are intact: run "
+            f"'personal-vlm --store {root} store repair' to rebuild the index from them"
+        )
+    if code in (_SQLITE_READONLY, _SQLITE_PERM, _SQLITE_AUTH) or (code == _SQLITE_CANTOPEN and root.is_dir()):
+        return PersonalVLMError(
+            f"cannot use the concept index {index} ({error}): this user may not write there (permissions, an "
+            "immutable folder or a read-only disk); check them, or set store_dir to a writable folder"
+        )
+    if code in (_SQLITE_BUSY, _SQLITE_LOCKED):
+        return PersonalVLMError(
+            f"the concept index {index} stayed locked by another program for 30 s ({error}); try again"
+        )
+    if code == _SQLITE_IOERR:
+        return PersonalVLMError(
+            f"the disk reported an error on the concept index {index} ({error}); check the disk (dmesg) and try again"
+        )
+    return PersonalVLMError(f"the concept index {index} cannot be used ({error})")
+
+
+def _os_error(error: OSError, doing: str) -> PersonalVLMError:
+    """One line for a failed file operation: ``doing``, then the real cause and the right advice."""
+    number = error.errno
+    if number in (errno.ENOSPC, errno.EDQUOT):
+        advice = "the disk is full (or the user's quota used up): free some space and try again"
+    elif number in (errno.EACCES, errno.EPERM):
+        advice = ("permission denied: the folder is read-only, immutable or another user's; check its permissions, "
+                  "or set store_dir to a writable folder")
+    elif number == errno.EROFS:
+        advice = "the file system is mounted read-only; set store_dir to a writable folder"
+    elif number == errno.EIO:
+        advice = "the disk reported an I/O error; check the disk (dmesg)"
+    else:
+        advice = "set store_dir to a writable folder if this persists"
+    where = f" ({error.filename})" if error.filename else ""
+    return PersonalVLMError(f"{doing}: {error.strerror or error}{where}; {advice}")
+
+
+def _disk_nearly_full(root: Path) -> bool:
+    try:
+        return shutil.disk_usage(root).free < 1 << 20
+    except OSError:
+        return False
+
+
+def _reason_of(error: PersonalVLMError) -> str:
+    """A damage message's reason part: what follows "is damaged: " when there is one."""
+    text = str(error)
+    marker = " is damaged: "
+    if marker in text:
+        text = text.split(marker, 1)[1]
+        text = text.rsplit("; forget it and teach it again", 1)[0]
+    return text
+
+
 # ---------------------------------------------------------------------- helpers (pure or file I/O)
 
 
@@ -719,9 +1125,12 @@ class StoreWatcher:
     Use it from one thread at a time.
     """
 
-    def __init__(self, db_path: Path):
-        self._conn = sqlite3.connect(db_path, timeout=30.0, isolation_level=None, check_same_thread=False)
-        self._version = self._read()
+    def __init__(self, db_path: Path, read_only: bool = False):
+        try:
+            self._conn = _open_index(db_path, read_only)
+            self._version = self._read()
+        except sqlite3.Error as e:
+            raise _index_error(e, db_path.parent) from e
 
     def _read(self) -> int:
         return self._conn.execute("PRAGMA data_version").fetchone()[0]
@@ -733,6 +1142,144 @@ class StoreWatcher:
 
     def close(self) -> None:
         self._conn.close()
+
+
+def _open_index(path: Path, read_only: bool) -> sqlite3.Connection:
+    if not read_only:
+        return sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
+    # A folder this user cannot write: SQLite cannot create the log's shared-memory file there, so
+    # when it is not there already the index is read as it is on disk (immutable), which is what a
+    # folder nobody can write holds.
+    uri = path.resolve().as_uri()
+    try:
+        conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=30.0, isolation_level=None,
+                               check_same_thread=False)
+        conn.execute("PRAGMA user_version").fetchone()
+        return conn
+    except sqlite3.OperationalError:
+        return sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, timeout=30.0, isolation_level=None,
+                               check_same_thread=False)
+
+
+def _create_tables(conn: sqlite3.Connection, version: int) -> None:
+    """The tables of every format after ``version``, in the caller's transaction."""
+    if version < 1:
+        conn.execute(
+            """CREATE TABLE IF NOT EXISTS concepts (
+                name TEXT PRIMARY KEY NOT NULL,
+                category TEXT NOT NULL,
+                keywords TEXT NOT NULL,
+                fingerprint TEXT NOT NULL,
+                fingerprint_complete REAL,
+                memory_tokens INTEGER NOT NULL,
+                model_fingerprint TEXT NOT NULL,
+                created REAL NOT NULL,
+                updated REAL NOT NULL,
+                extra TEXT NOT NULL,
+                dir TEXT NOT NULL UNIQUE,
+                n_images INTEGER NOT NULL
+            )"""
+        )
+    if version < 2:
+        # Format 2: memories for other models than the one a concept was taught with.
+        conn.execute(
+            """CREATE TABLE IF NOT EXISTS memories (
+                name TEXT NOT NULL,
+                model TEXT NOT NULL,
+                model_fingerprint TEXT NOT NULL,
+                memory_tokens INTEGER NOT NULL,
+                dir TEXT NOT NULL UNIQUE,
+                updated REAL NOT NULL,
+                PRIMARY KEY (name, model)
+            )"""
+        )
+    if version < 3:
+        # Format 3: the directories the store is writing or deleting, so that garbage collection
+        # removes exactly those and nothing it did not write.
+        conn.execute("CREATE TABLE IF NOT EXISTS pending (dir TEXT PRIMARY KEY NOT NULL, since REAL NOT NULL)")
+
+
+def _settle_pending(conn: sqlite3.Connection, published: str | None, replaced: list[str]) -> None:
+    """In the commit's transaction: the published directory is no longer pending, the replaced ones are."""
+    if published is not None:
+        conn.execute("DELETE FROM pending WHERE dir=?", (published,))
+    now = time.time()
+    conn.executemany("INSERT OR REPLACE INTO pending (dir, since) VALUES (?, ?)", [(d, now) for d in replaced])
+
+
+def _remove_version(path: Path) -> str | None:
+    """Remove a version directory the store wrote: only the files it writes there, never through a
+    link. Returns "path (reason)" when something is left, None when the directory is gone."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        return f"{path} ({e.strerror})"
+    if not stat.S_ISDIR(info.st_mode):
+        return f"{path} (not a folder the store wrote; left as it is)"
+    strangers = []
+    try:
+        with os.scandir(path) as entries:
+            for entry in entries:
+                if _OWN_FILE.match(entry.name) and entry.is_file(follow_symlinks=False):
+                    os.unlink(entry.path)
+                else:
+                    strangers.append(entry.name)
+        if strangers:
+            return f"{path} (it holds files the store did not write: {', '.join(sorted(strangers)[:3])})"
+        os.rmdir(path)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        return f"{path} ({e.strerror})"
+    return None
+
+
+def _record_bytes(record: dict) -> bytes:
+    return (json.dumps(record, ensure_ascii=False, allow_nan=False, indent=1) + "\n").encode("utf-8")
+
+
+def _write_record_file(directory: Path, record: dict) -> None:
+    """Replace ``directory``'s record.json atomically (a crash leaves the old one or the new one)."""
+    target = directory / _RECORD_FILE
+    staging = directory / (_RECORD_FILE + ".tmp")
+    _write_bytes(staging, _record_bytes(record))
+    os.rename(staging, target)
+    _fsync_dir(directory)
+
+
+def _row_record(row) -> dict:
+    """A concept row as record.json keeps it (JSON columns decoded, the directory left out)."""
+    record = {"kind": "concept", "format": SCHEMA_VERSION}
+    for column in _COLUMN_NAMES:
+        if column == "dir":
+            continue
+        value = row[column]
+        if column in _JSON_COLUMNS and isinstance(value, str):
+            value = json.loads(value)
+        record[column] = value
+    return record
+
+
+def _memory_record(name: str, model: str, model_fingerprint: str, memory_tokens: int, updated: float,
+                   concept_dir: str) -> dict:
+    return {"kind": "memory", "format": SCHEMA_VERSION, "name": name, "model": model,
+            "model_fingerprint": model_fingerprint, "memory_tokens": int(memory_tokens), "updated": updated,
+            "concept_dir": concept_dir}
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _check_pictures_present(directory: Path, n_images: int) -> None:
+    for i in range(n_images):
+        if not _reference_file(directory, i).is_file():
+            raise FileNotFoundError(errno.ENOENT, "reference picture missing", str(directory / f"ref_{i}"))
 
 
 def _other_memory_dirs(conn: sqlite3.Connection, name: str) -> list[str]:
@@ -840,16 +1387,25 @@ def _write_memory(path: Path, memory: dict[str, torch.Tensor]) -> None:
     _write_bytes(path, save(tensors))
 
 
+class _NonFinite(ValueError):
+    """A memory file that reads but holds NaN or infinite values: damage, not a memory."""
+
+
 def _read_memory(path: Path) -> dict[str, torch.Tensor]:
     # Read whole through one open file: loading by path would reopen the file after a concurrent
     # forget removed it, and fail with a raw RuntimeError instead of a retry.
     with open(path, "rb") as f:
         data = f.read()
-    return load(data)
+    tensors = load(data)
+    for key, value in tensors.items():
+        # A flipped bit can make a NaN that would spread through every score it enters.
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise _NonFinite(f"its memory holds NaN or infinite values (tensor {key!r} in {path.name})")
+    return tensors
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _FILE_MODE)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, _FILE_MODE)
     with open(fd, "wb") as f:
         f.write(data)
         f.flush()
@@ -896,14 +1452,3 @@ def _read_picture(path: Path) -> Image.Image:
 
 def _copy_file(source: Path, target: Path) -> None:
     _write_bytes(target, source.read_bytes())
-
-
-def _remove(path: Path) -> None:
-    """Best-effort removal; anything left is unreferenced and removed on the next open."""
-    try:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-    except OSError as e:
-        logger.warning("could not remove %s (%s)", path, e)

@@ -49,7 +49,8 @@ def test_teach_list_ask_recognize_forget_with_json(cli, tmp_path):
 
     listed = json.loads(cli("--json", "list").stdout)["concepts"]
     assert [c["name"] for c in listed] == ["Fluffy", "my mug"]
-    assert set(listed[0]) == {"name", "category", "memory_tokens", "keywords", "created"}
+    assert set(listed[0]) == {"name", "category", "memory_tokens", "keywords", "created", "damaged"}
+    assert listed[0]["damaged"] is None
     assert listed[1]["category"] == "mug"
 
     asked = json.loads(cli("--json", "ask", "Where is my mug?", "--image", mug).stdout)
@@ -59,7 +60,7 @@ def test_teach_list_ask_recognize_forget_with_json(cli, tmp_path):
     assert {r["name"] for r in recognized} == {"Fluffy", "my mug"}
     assert all(0 <= r["p_yes"] <= 1 and isinstance(r["present"], bool) for r in recognized)
 
-    assert json.loads(cli("--json", "forget", "my mug").stdout) == {"forgotten": "my mug"}
+    assert json.loads(cli("--json", "forget", "my mug").stdout) == {"forgotten": "my mug", "left_behind": []}
     assert [c["name"] for c in json.loads(cli("--json", "list").stdout)["concepts"]] == ["Fluffy"]
 
 

@@ -20,7 +20,7 @@ from PIL import Image
 
 from personal_vlm_node import store as store_module
 from personal_vlm_node.errors import PersonalVLMError
-from personal_vlm_node.store import MAX_NAME_CHARS, ConceptRecord, ConceptStore, validate_name
+from personal_vlm_node.store import MAX_NAME_CHARS, SCHEMA_VERSION, ConceptRecord, ConceptStore, validate_name
 
 
 def _record(name: str, **fields) -> ConceptRecord:
@@ -266,7 +266,7 @@ def test_disk_full_during_add_raises_project_error_and_keeps_old_version(tmp_pat
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(store_module, "_write_png", disk_full)
-    with pytest.raises(PersonalVLMError, match="could not save concept 'mug'.*free some disk space"):
+    with pytest.raises(PersonalVLMError, match="could not save concept 'mug'.*disk is full.*free some space"):
         store.add(_record("mug", category="cup"), _memory(2.0), [_picture(20)], overwrite=True)
 
     assert store.get("mug").category == "mug"
@@ -378,21 +378,29 @@ def test_default_root_is_under_xdg_data_home(tmp_path, monkeypatch):
     assert ConceptStore().root == tmp_path / "home" / ".local" / "share" / "personal_vlm"
 
 
-def test_open_removes_tmp_and_unreferenced_dirs(tmp_path):
+def test_open_removes_what_an_interrupted_write_left_and_nothing_else(tmp_path):
     store = ConceptStore(tmp_path)
     store.add(_record("mug"), _memory(), [_picture()])
     kept = _version_dirs(store)
-    orphan = store.root / "concepts" / "0123456789abcdef0123456789abcdef"
-    orphan.mkdir()
-    (orphan / "memory.safetensors").write_bytes(b"half written")
-    half = store.root / "tmp" / "fedcba9876543210fedcba9876543210"
-    half.mkdir()
-    (half / "ref_0.png").write_bytes(b"\x89PNG")
+    # A write killed after its staging folder was recorded as pending: the store's own garbage.
+    half = "fedcba9876543210fedcba9876543210"
+    with contextlib.closing(sqlite3.connect(tmp_path / "concepts.db")) as db:
+        db.execute("INSERT INTO pending (dir, since) VALUES (?, 0)", (half,))
+        db.commit()
+    (store.root / "tmp" / half).mkdir()
+    (store.root / "tmp" / half / "ref_0.png").write_bytes(b"\x89PNG")
+    # A folder named like a version that the index never recorded: not the store's to remove.
+    stranger = store.root / "concepts" / "0123456789abcdef0123456789abcdef"
+    stranger.mkdir()
+    (stranger / "memory.safetensors").write_bytes(b"somebody else's")
 
     reopened = ConceptStore(tmp_path)
 
-    assert _version_dirs(reopened) == kept
+    assert _version_dirs(reopened) == sorted(kept + [stranger.name])
+    assert (stranger / "memory.safetensors").read_bytes() == b"somebody else's"
     assert os.listdir(reopened.root / "tmp") == []
+    with contextlib.closing(sqlite3.connect(tmp_path / "concepts.db")) as db:
+        assert db.execute("SELECT COUNT(*) FROM pending").fetchone()[0] == 0
     assert torch.equal(reopened.load_memory("mug")["tokens"], _memory()["tokens"])
 
 
@@ -400,7 +408,7 @@ def test_uses_wal_and_refuses_store_from_newer_version(tmp_path):
     ConceptStore(tmp_path)
     with contextlib.closing(sqlite3.connect(tmp_path / "concepts.db")) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         db.execute("PRAGMA user_version=99")
         db.commit()
     with pytest.raises(PersonalVLMError, match="newer personal_vlm_node"):
@@ -776,7 +784,7 @@ def test_an_encoded_photo_is_kept_byte_for_byte_and_read_back_upright(tmp_path):
     store = ConceptStore(tmp_path)
     store.add(_record("mug"), _memory(), [load_image(original), _picture()])
     directory = _concept_dir(store, "mug")
-    assert sorted(p.name for p in directory.iterdir()) == ["memory.safetensors", "ref_0.jpg", "ref_1.png"]
+    assert sorted(p.name for p in directory.iterdir()) == ["memory.safetensors", "record.json", "ref_0.jpg", "ref_1.png"]
     assert (directory / "ref_0.jpg").read_bytes() == original
     first, second = store.load_images("mug")
     assert first.size == (20, 40) and second.size == (6, 5)
