@@ -312,7 +312,9 @@ def _move_aside(index: Path) -> Path | None:
 
 def _remove_own_file(path: Path) -> None:
     """Remove a file only this module names (a half-written rebuild); never through a link."""
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_symlink() or not path.is_file():
+        raise PersonalVLMError(f"{path} is not a file the repair wrote; move it away and repair again")
     with contextlib.suppress(FileNotFoundError):
-        if path.is_symlink() or not path.is_file():
-            raise PersonalVLMError(f"{path} is not a file the repair wrote; move it away and repair again")
         os.unlink(path)

@@ -318,7 +318,9 @@ class ConceptStore:
 
     def _index_version(self) -> int:
         """The index's format: -1 missing or zero bytes, 0 holding no concept table, else its version."""
-        if _file_size(self._db_path) == 0 and _file_size(self._db_path.with_name(_DB_FILE + "-wal")) == 0:
+        # An index is never empty once created (switching it to WAL writes its header), so an
+        # empty file is a lost index, whatever log file lies beside it.
+        if _file_size(self._db_path) == 0:
             return -1
         with self._connect() as conn:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -694,6 +696,13 @@ class ConceptStore:
         # connecting or by the caller's statements, leaves as a PersonalVLMError naming its cause.
         try:
             conn = _open_index(self._db_path, self.read_only)
+            try:
+                conn.execute("PRAGMA user_version").fetchone()
+            except sqlite3.OperationalError as e:
+                if not self._may_read_as_is(e):
+                    raise
+                conn.close()
+                conn = _open_index(self._db_path, read_only=True, as_is=True)
         except sqlite3.Error as e:
             raise _index_error(e, self.root) from e
         try:
@@ -707,6 +716,18 @@ class ConceptStore:
             raise _index_error(e, self.root) from e
         finally:
             conn.close()
+
+    def _may_read_as_is(self, error: sqlite3.OperationalError) -> bool:
+        """Whether a connection that failed to start may read the index file as it is on disk.
+
+        Reading a WAL index needs its shared-memory file (32 KiB), which a full disk cannot hold.
+        When no log is waiting to be copied in, the index file alone holds every commit, and
+        nobody can commit while the disk is full: reading it as it is gives what is stored.
+        """
+        code = (getattr(error, "sqlite_errorcode", None) or 0) & 0xFF
+        log = self._db_path.with_name(_DB_FILE + "-wal")
+        return code in (_SQLITE_IOERR, _SQLITE_FULL, _SQLITE_CANTOPEN) and _disk_nearly_full(self.root) \
+            and _file_size(log) == 0
 
     @contextlib.contextmanager
     def _mutating(self) -> Iterator[None]:
@@ -950,7 +971,7 @@ def identify_folder(root: Path) -> str:
         raise _lost_index_error(root, "missing or empty")
     if _is_index(root / _DB_FILE):
         return "unmarked"
-    if all(_is_empty(root / entry) for entry in entries):
+    if _DB_FILE not in entries and all(_is_empty(root / entry) for entry in entries):
         return "new"         # a creation interrupted before anything was stored
     raise PersonalVLMError(
         f"{root} is not a concept store: its {', '.join(sorted(entries))} were not written by personal_vlm_node; "
@@ -1043,7 +1064,8 @@ def _index_error(error: sqlite3.Error, root: Path) -> PersonalVLMError:
     """One line for an SQLite error, naming its real cause and what to do about it."""
     code = (getattr(error, "sqlite_errorcode", None) or 0) & 0xFF
     index = root / _DB_FILE
-    if code == _SQLITE_FULL or (code == _SQLITE_IOERR and _disk_nearly_full(root)):
+    if code == _SQLITE_FULL or (code in (_SQLITE_IOERR, _SQLITE_READONLY, _SQLITE_CANTOPEN)
+                                and _disk_nearly_full(root)):
         return PersonalVLMError(
             f"the disk holding the concept store {root} is full ({error}); nothing was changed: free some "
             "space and try again"
@@ -1144,7 +1166,10 @@ class StoreWatcher:
         self._conn.close()
 
 
-def _open_index(path: Path, read_only: bool) -> sqlite3.Connection:
+def _open_index(path: Path, read_only: bool, as_is: bool = False) -> sqlite3.Connection:
+    if as_is:
+        return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro&immutable=1", uri=True, timeout=30.0,
+                               isolation_level=None, check_same_thread=False)
     if not read_only:
         return sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
     # A folder this user cannot write: SQLite cannot create the log's shared-memory file there, so
