@@ -268,7 +268,7 @@ class ConceptStore:
         self.read_only = not _can_write(self.root)
         version = self._index_version()
         if version <= 0 and self._has_versions():
-            raise _lost_index_error(self.root, "missing" if version < 0 else "empty")
+            raise _lost_index_error(self.root, "empty" if self._db_path.exists() else "missing")
         if version > SCHEMA_VERSION:
             raise PersonalVLMError(
                 f"the concept store in {self.root} was written by a newer personal_vlm_node "
@@ -1046,6 +1046,11 @@ def _lost_index_error(root: Path, how: str) -> PersonalVLMError:
 def _can_write(root: Path) -> bool:
     """Whether this process can write in ``root``: tried, since permission bits do not tell about
     an immutable folder, a read-only mount or a root user."""
+    # access() sees an immutable folder and a read-only mount (not a root user's mode bits: root
+    # may write there, and does); SQLite must be able to create its log files beside the index.
+    for path in (root, root / "concepts", root / "tmp", root / _DB_FILE):
+        if path.exists() and not os.access(path, os.W_OK):
+            return False
     probe = root / _LOCK_FILE
     try:
         fd = os.open(probe, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, _FILE_MODE)
@@ -1066,9 +1071,11 @@ def _index_error(error: sqlite3.Error, root: Path) -> PersonalVLMError:
     index = root / _DB_FILE
     if code == _SQLITE_FULL or (code in (_SQLITE_IOERR, _SQLITE_READONLY, _SQLITE_CANTOPEN)
                                 and _disk_nearly_full(root)):
+        # On a full disk SQLite's own words vary ("disk I/O error", "readonly database" when the
+        # index could only be read as it is): the cause is the free space, said as such.
         return PersonalVLMError(
-            f"the disk holding the concept store {root} is full ({error}); nothing was changed: free some "
-            "space and try again"
+            f"the disk holding the concept store {root} is full ({shutil.disk_usage(root).free // 1024} KiB "
+            "free); nothing was changed: free some space and try again"
         )
     if code in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
         return PersonalVLMError(
