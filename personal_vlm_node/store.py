@@ -1074,8 +1074,8 @@ def _index_error(error: sqlite3.Error, root: Path) -> PersonalVLMError:
         # On a full disk SQLite's own words vary ("disk I/O error", "readonly database" when the
         # index could only be read as it is): the cause is the free space, said as such.
         return PersonalVLMError(
-            f"the disk holding the concept store {root} is full ({shutil.disk_usage(root).free // 1024} KiB "
-            "free); nothing was changed: free some space and try again"
+            f"the disk holding the concept store {root} is full ({_free_space(root)} free); nothing was "
+            "changed: free some space and try again"
         )
     if code in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
         return PersonalVLMError(
@@ -1114,6 +1114,13 @@ def _os_error(error: OSError, doing: str) -> PersonalVLMError:
         advice = "set store_dir to a writable folder if this persists"
     where = f" ({error.filename})" if error.filename else ""
     return PersonalVLMError(f"{doing}: {error.strerror or error}{where}; {advice}")
+
+
+def _free_space(root: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(root).free // 1024} KiB"
+    except OSError:
+        return "unknown space"
 
 
 def _disk_nearly_full(root: Path) -> bool:
