@@ -143,7 +143,7 @@ def _pictures(paths) -> list:
 
 def _cmd_teach(args) -> None:
     from .assistant import expand_rois
-    from .store import validate_category, validate_name
+    from .names import validate_category, validate_name
 
     # Everything a user can get wrong is checked before the model loads (that takes a while).
     name, category = validate_name(args.name), validate_category(args.category)
@@ -173,7 +173,7 @@ def _cmd_ask(args) -> None:
 
 
 def _cmd_recognize(args) -> None:
-    from .store import validate_name
+    from .names import validate_name
 
     _pictures([args.image])
     if args.concept:
@@ -286,7 +286,7 @@ def _cmd_list(args) -> None:
 
 
 def _cmd_forget(args) -> None:
-    from .store import validate_name
+    from .names import validate_name
 
     _store(args).forget(validate_name(args.name))
     _emit(args, {"forgotten": args.name}, f"forgot {args.name!r}")
