@@ -1,4 +1,4 @@
-"""Concept names: what a name may be.
+"""Concept names: what a name may be, and when two names look alike.
 
 A name is user text; it is never used in a path. ``validate_name`` returns it stripped of
 surrounding whitespace and in NFC form (é typed as one code point or as e + accent is one
@@ -11,11 +11,32 @@ concept), and refuses a name that:
   variation selectors) and combining marks;
 - starts with a combining mark or variation selector, which has no character to sit on;
 - contains '/' or '\\', or is '.' or '..'.
+
+Look-alikes. Two different names can look the same on screen: ``mug``, ``mug`` + VS16, ``мug``
+with a Cyrillic м, fullwidth ``ｍｕｇ``. As separate concepts the user could not tell them apart in
+``list``, and ``forget mug`` would find a different concept than the one that shows as ``mug``.
+
+Names keep the form the user typed (NFC only), so a name is shown back as it was typed. Whether two
+names look alike is decided on their *skeletons* (``name_skeleton``): NFKC (fullwidth and other
+compatibility forms become plain letters), case folded (``Mug`` and ``mug`` are told apart by
+neither a listener nor most readers), invisible characters dropped, runs of spaces made one, and
+Cyrillic, Greek and other letters that are drawn like Latin ones replaced by that Latin letter. Comparing skeletons instead of folding names when they are stored leaves every
+name as typed and keeps the decision in one function that can be applied to names already stored.
+
+A new name that looks like an existing concept's is refused (``lookalike_error``), not merged into
+that concept: merging would silently change what the user typed, and teaching ``мug`` would add
+views to, or overwrite, ``mug`` without the user having asked for that. The refusal names the
+existing concept, so the user can use that name or choose one that looks different.
+
+The look-alike table is small and hand-written: the letters a keyboard layout switch or a spoofer
+puts into a Latin name, not all of Unicode's confusables.txt, which also maps sequences such as
+"rn" to "m" and would refuse ordinary pairs of names.
 """
 
 from __future__ import annotations
 
 import unicodedata
+from typing import Iterable
 
 from personal_vlm_node.errors import PersonalVLMError
 
@@ -41,6 +62,21 @@ _BLANK_CHARS = {
     "\u17b4", "\u17b5",                            # Khmer inherent vowels
     "\u180b", "\u180c", "\u180d", "\u180f",        # Mongolian free variation selectors
 }
+
+# Letters drawn like a Latin letter, each mapped to that letter. Capitals are listed where the
+# capital looks Latin but its lower case does not (Н is H, н is not h), since the skeleton maps
+# before it folds case.
+_LATIN_LOOKALIKES = str.maketrans(
+    # Cyrillic
+    "аеорсухіјѕԁһԛԝӏмп" "АВЕКМНОРСТХУІЈЅԚԜӀ"
+    # Greek
+    "αορνικτυχγηω" "ΑΒΕΖΗΙΚΜΝΟΡΤΥΧ"
+    # Latin letters of the phonetic alphabet, Armenian
+    "ɡɑ" "ոսօհ",
+    "aeopcyxijsdhqwlmn" "ABEKMHOPCTXYIJSQWI"
+    "aopviktuxynw" "ABEZHIKMNOPTYX"
+    "ga" "nuoh",
+)
 
 
 def validate_name(name: str) -> str:
@@ -94,6 +130,48 @@ def validate_category(category: str) -> str:
             "use only letters, digits, spaces and punctuation"
         )
     return unicodedata.normalize("NFC", category.strip())
+
+
+def name_skeleton(name: str) -> str:
+    """What ``name`` looks like, as a string: two names with the same skeleton look alike.
+
+    NFKC-style compatibility folding (ｍ → m), Latin look-alikes mapped (Cyrillic м → m), case
+    folded, invisible characters dropped, whitespace runs made one space. Accents are kept: café and
+    cafe look different.
+    """
+    # NFKD first, so an accented look-alike (Cyrillic ё) splits into a mapped base and its accent.
+    text = unicodedata.normalize("NFKD", name)
+    # Spaces are kept to be made one below; "my mug" and "mymug" look different.
+    text = "".join(ch for ch in text if ch.isspace() or not _draws_nothing(ch))
+    text = text.translate(_LATIN_LOOKALIKES).casefold()
+    return " ".join(unicodedata.normalize("NFC", text).split())
+
+
+def find_lookalike(name: str, existing_names: Iterable[str]) -> str | None:
+    """The first of ``existing_names`` that is a different name but looks like ``name``, else None.
+
+    Names are compared in NFC, as ``validate_name`` stores them: the same name typed with a
+    decomposed accent is the same concept, not a look-alike.
+    """
+    name = unicodedata.normalize("NFC", name)
+    skeleton = name_skeleton(name)
+    for other in existing_names:
+        if unicodedata.normalize("NFC", other) != name and name_skeleton(other) == skeleton:
+            return other
+    return None
+
+
+def lookalike_error(name: str, existing: str) -> PersonalVLMError:
+    """The refusal of a new ``name`` that looks like the ``existing`` concept's name."""
+    # The characters to point at are the new name's own; when it has none (it lacks a variation
+    # selector the existing name has), the existing name's.
+    differing = ([ch for ch in dict.fromkeys(name) if ch not in existing]
+                 or [ch for ch in dict.fromkeys(existing) if ch not in name])
+    detail = ", ".join(_described(ch) for ch in differing[:2]) + (", ..." if len(differing) > 2 else "")
+    return PersonalVLMError(
+        f"{_excerpt(name)} looks like the existing concept {_excerpt(existing)} (they differ only in "
+        f"{detail}); use {_excerpt(existing)} for that concept, or choose a name that looks different"
+    )
 
 
 def _excerpt(text: str, limit: int = 40) -> str:

@@ -1,11 +1,20 @@
-"""Concept names: which are refused."""
+"""Concept names: which are refused and which look alike."""
 
 from __future__ import annotations
+
+import unicodedata
 
 import pytest
 
 from personal_vlm_node.errors import PersonalVLMError
-from personal_vlm_node.names import validate_name
+from personal_vlm_node.names import find_lookalike, lookalike_error, name_skeleton, validate_category, validate_name
+
+MUG_VARIANTS = [
+    "mug",
+    "mug\ufe0f",                          # emoji presentation selector after the g
+    "\u043cug",                           # Cyrillic м
+    "\uff4d\uff55\uff47",                 # fullwidth ｍｕｇ
+]
 
 
 @pytest.mark.parametrize("blank", [
@@ -47,3 +56,59 @@ def test_ordinary_names_are_accepted_in_nfc(name, stored):
 
 def test_nfc_and_nfd_spellings_are_one_name():
     assert validate_name("caf\u00e9") == validate_name("cafe\u0301")
+    assert find_lookalike("cafe\u0301", ["caf\u00e9"]) is None    # the same concept, not a look-alike
+
+
+@pytest.mark.parametrize("variant", MUG_VARIANTS)
+def test_mug_variants_have_the_same_skeleton(variant):
+    assert validate_name(variant) == unicodedata.normalize("NFC", variant)   # each is a valid name
+    assert name_skeleton(variant) == "mug"
+
+
+@pytest.mark.parametrize("a, b", [
+    ("mug", "mugs"),
+    ("Anna", "Anja"),
+    ("caf\u00e9", "cafe"),
+    ("my mug", "mymug"),
+    ("\u043c\u0443\u0433", "myr"),       # Cyrillic "муг": г is not mapped, it does not look like r
+    ("\u041fen", "Nen"),                 # Cyrillic capital П: its lower case п looks like n, П does not
+])
+def test_different_names_have_different_skeletons(a, b):
+    assert name_skeleton(a) != name_skeleton(b)
+
+
+@pytest.mark.parametrize("a, b", [
+    ("Mug", "mug"),
+    ("my\u00a0mug", "my  mug"),                   # no-break space, two spaces
+    ("\u0391nna", "Anna"),                        # Greek capital alpha
+    ("\u0440\u0435\u043f", "pen"),                # Cyrillic р е and п
+    ("\u0456\u0458\u0455\u0501", "ijsd"),
+    ("\u03bf\u03c1\u03bd\u03b9\u03ba\u03c4", "opvikt"),
+    ("\u0261\u0578", "gn"),
+    ("\u0451\u0436", "\u00eb\u0436"),             # Cyrillic ё: mapped under its accent
+])
+def test_lookalike_letters_and_spacing_have_the_same_skeleton(a, b):
+    assert name_skeleton(a) == name_skeleton(b)
+
+
+def test_find_lookalike_returns_the_existing_name_that_looks_the_same():
+    existing = ["mugs", "Anna", "mug"]
+    assert find_lookalike("\u043cug", existing) == "mug"
+    assert find_lookalike("\uff4d\uff55\uff47", existing) == "mug"
+    assert find_lookalike("mug", existing) is None                 # the name itself is no look-alike
+    assert find_lookalike("Anja", existing) is None
+    assert find_lookalike("mug", ["mug\ufe0f"]) == "mug\ufe0f"
+
+
+def test_lookalike_error_names_both_names_and_the_differing_character():
+    message = str(lookalike_error("\u043cug", "mug"))
+    assert message.startswith("'\u043cug' looks like the existing concept 'mug'")
+    assert "U+043C CYRILLIC SMALL LETTER EM" in message
+    # A name without the variation selector: the existing name's extra character is the difference.
+    assert "U+FE0F VARIATION SELECTOR-16" in str(lookalike_error("mug", "mug\ufe0f"))
+
+
+def test_categories_keep_their_rules():
+    assert validate_category("  caf\u0065\u0301 ") == "caf\u00e9"
+    with pytest.raises(PersonalVLMError, match="category 'mug\\\\x1b"):
+        validate_category("mug\x1b[31m")
