@@ -20,6 +20,7 @@ from pathlib import Path
 from . import evaluation
 from .errors import PersonalVLMError
 from .images import IMAGE_SUFFIXES
+from .names import MAX_NAME_CHARS, quoted, shown, validate_category, validate_name
 from .options import (BACKENDS, DEFAULT_MODEL, DTYPES, ENCODER_CHOICES, EXPORT_OPSET, PAIRWISE_REFERENCES, PRECISIONS,
                       RANDOM_MODEL_SIZES, RECOGNITIONS, AssistantOptions)
 from .output import stderr_progress
@@ -51,12 +52,6 @@ def _parse_roi(text: str) -> tuple[float, float, float, float]:
 def _natural_key(path: Path):
     """frame2 before frame10, as eval orders its images."""
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", path.name)]
-
-
-def _shown(text: str) -> str:
-    """User text as printed on a terminal: control characters escaped, never interpreted."""
-    return "".join(ch if ch.isprintable() or ch == " " else ch.encode("unicode_escape").decode("ascii")
-                   for ch in text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,7 +138,6 @@ def _pictures(paths) -> list:
 
 def _cmd_teach(args) -> None:
     from .assistant import expand_rois
-    from .names import validate_category, validate_name
 
     # Everything a user can get wrong is checked before the model loads (that takes a while).
     name, category = validate_name(args.name), validate_category(args.category)
@@ -160,8 +154,8 @@ def _cmd_teach(args) -> None:
     _emit(args, {"name": result.name, "memory_tokens": result.memory_tokens, "keywords": result.keywords,
                  "attributes": fingerprint.get("attributes", {}), "seconds": round(result.seconds, 3),
                  "timings": {k: round(v, 3) for k, v in result.timings.items()}},
-          f"taught {result.name!r}: {result.memory_tokens} memory tokens, keywords "
-          f"{', '.join(result.keywords) or '-'} ({steps})")
+          f"taught {quoted(result.name, MAX_NAME_CHARS)}: {result.memory_tokens} memory tokens, keywords "
+          f"{shown(', '.join(result.keywords)) or '-'} ({steps})")
 
 
 def _cmd_ask(args) -> None:
@@ -173,8 +167,6 @@ def _cmd_ask(args) -> None:
 
 
 def _cmd_recognize(args) -> None:
-    from .names import validate_name
-
     _pictures([args.image])
     if args.concept:
         store = _store(args)
@@ -280,16 +272,16 @@ def _cmd_list(args) -> None:
     records = _store(args).list()
     rows = [{"name": r.name, "category": r.category, "memory_tokens": r.memory_tokens,
              "keywords": r.keywords, "created": r.created} for r in records]
-    text = "\n".join(f"{_shown(r.name)}\t{_shown(r.category) or '-'}\t{r.memory_tokens} tokens\t"
-                     f"{_shown(', '.join(r.keywords))}" for r in records)
+    # Names as typed, so one can be copied into forget; only what a terminal would act on is escaped.
+    text = "\n".join(f"{shown(r.name)}\t{shown(r.category) or '-'}\t{r.memory_tokens} tokens\t"
+                     f"{shown(', '.join(r.keywords))}" for r in records)
     _emit(args, {"concepts": rows}, text or "no concepts taught yet")
 
 
 def _cmd_forget(args) -> None:
-    from .names import validate_name
-
-    _store(args).forget(validate_name(args.name))
-    _emit(args, {"forgotten": args.name}, f"forgot {args.name!r}")
+    name = validate_name(args.name)
+    _store(args).forget(name)
+    _emit(args, {"forgotten": name}, f"forgot {quoted(name, MAX_NAME_CHARS)}")
 
 
 def _pairs(images_dir: Path, masks_dir: Path) -> list[tuple[Path, Path]]:

@@ -1,4 +1,4 @@
-"""Concept names: what a name may be, and when two names look alike.
+"""Concept names: what a name may be, how it is printed, and when two names look alike.
 
 A name is user text; it is never used in a path. ``validate_name`` returns it stripped of
 surrounding whitespace and in NFC form (é typed as one code point or as e + accent is one
@@ -63,6 +63,12 @@ _BLANK_CHARS = {
     "\u180b", "\u180c", "\u180d", "\u180f",        # Mongolian free variation selectors
 }
 
+# Categories of code points printed as escapes: they would act on a terminal (controls), hide or
+# reorder the text around them (format characters), break the line (line and paragraph separators)
+# or cannot be encoded at all (lone surrogates). The joiners are printed as they are: escaped, a name
+# such as 👩‍🔬 could not be copied back into a command.
+_ESCAPED_CATEGORIES = {"Cc", "Cf", "Cs", "Zl", "Zp"}
+
 # Letters drawn like a Latin letter, each mapped to that letter. Capitals are listed where the
 # capital looks Latin but its lower case does not (Н is H, н is not h), since the skeleton maps
 # before it folds case.
@@ -90,7 +96,7 @@ def validate_name(name: str) -> str:
     bad = _refused_char(name)
     if bad is not None:
         raise PersonalVLMError(
-            f"concept name {_excerpt(name)} contains the control or invisible character "
+            f"concept name {quoted(name)} contains the control or invisible character "
             f"U+{ord(bad):04X}; use only letters, digits, spaces and punctuation"
         )
     name = unicodedata.normalize("NFC", name.strip())
@@ -105,17 +111,17 @@ def validate_name(name: str) -> str:
         )
     if _is_mark(name[0]):
         raise PersonalVLMError(
-            f"concept name {_excerpt(name)} starts with {_described(name[0])}, which belongs after the "
+            f"concept name {quoted(name)} starts with {_described(name[0])}, which belongs after the "
             "character it modifies; remove it or put it after its letter"
         )
     if len(name) > MAX_NAME_CHARS:
         raise PersonalVLMError(
-            f"concept name {_excerpt(name[:20])}... is {len(name)} characters long; use at most {MAX_NAME_CHARS}"
+            f"concept name {quoted(name[:20])}... is {len(name)} characters long; use at most {MAX_NAME_CHARS}"
         )
     if "/" in name or "\\" in name:
-        raise PersonalVLMError(f"concept name {_excerpt(name)} must not contain '/' or '\\'; choose another name")
+        raise PersonalVLMError(f"concept name {quoted(name)} must not contain '/' or '\\'; choose another name")
     if name in (".", ".."):
-        raise PersonalVLMError(f"{_excerpt(name)} is not a valid concept name; choose a name with letters")
+        raise PersonalVLMError(f"{quoted(name)} is not a valid concept name; choose a name with letters")
     return name
 
 
@@ -126,7 +132,7 @@ def validate_category(category: str) -> str:
     bad = _refused_char(category)
     if bad is not None:
         raise PersonalVLMError(
-            f"category {_excerpt(category)} contains the control or invisible character U+{ord(bad):04X}; "
+            f"category {quoted(category)} contains the control or invisible character U+{ord(bad):04X}; "
             "use only letters, digits, spaces and punctuation"
         )
     return unicodedata.normalize("NFC", category.strip())
@@ -168,17 +174,37 @@ def lookalike_error(name: str, existing: str) -> PersonalVLMError:
     differing = ([ch for ch in dict.fromkeys(name) if ch not in existing]
                  or [ch for ch in dict.fromkeys(existing) if ch not in name])
     detail = ", ".join(_described(ch) for ch in differing[:2]) + (", ..." if len(differing) > 2 else "")
+    # Same characters, different counts: "my  mug" and "my mug".
+    detail = detail or "how often a space or an invisible character repeats"
     return PersonalVLMError(
-        f"{_excerpt(name)} looks like the existing concept {_excerpt(existing)} (they differ only in "
-        f"{detail}); use {_excerpt(existing)} for that concept, or choose a name that looks different"
+        f"{quoted(name, MAX_NAME_CHARS)} looks like the existing concept {quoted(existing, MAX_NAME_CHARS)} "
+        f"(they differ only in {detail}); use {quoted(existing, MAX_NAME_CHARS)} for that concept, or choose a "
+        "name that looks different"
     )
 
 
-def _excerpt(text: str, limit: int = 40) -> str:
-    """``text`` as quoted in a message: its start only, so a hostile name is never echoed whole."""
-    while limit > 1 and len(repr(text[:limit])) > 60:     # escaped characters take up to 10 each
+def shown(text: str) -> str:
+    """``text`` as printed for a user to read and to copy into a command: as typed, except control,
+    format (other than the joiners), line-separator and surrogate code points, which appear as
+    escapes such as ``\\x1b`` or ``\\u202e`` and so are never interpreted by a terminal."""
+    return "".join(
+        ch.encode("unicode_escape").decode("ascii")
+        if unicodedata.category(ch) in _ESCAPED_CATEGORIES and ch not in _ALLOWED_FORMAT_CHARS
+        else ch
+        for ch in text
+    )
+
+
+def quoted(text: str, limit: int = 40) -> str:
+    """``text`` quoted in a message, printed as ``shown`` prints it: its start only, so a hostile name
+    is never echoed whole."""
+    longest = limit * 3 // 2                # escaped characters take up to 10 each
+    head = shown(text[:limit])
+    while limit > 1 and len(head) > longest:
         limit //= 2
-    return repr(text[:limit]) + (f"... ({len(text)} characters)" if len(text) > limit else "")
+        head = shown(text[:limit])
+    quote = '"' if "'" in head and '"' not in head else "'"
+    return quote + head + quote + (f"... ({len(text)} characters)" if len(text) > limit else "")
 
 
 def _refused_char(text: str) -> str | None:

@@ -1,4 +1,4 @@
-"""Concept names: which are refused and which look alike."""
+"""Concept names: which are refused, how they are printed, and which look alike."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import unicodedata
 import pytest
 
 from personal_vlm_node.errors import PersonalVLMError
-from personal_vlm_node.names import find_lookalike, lookalike_error, name_skeleton, validate_category, validate_name
+from personal_vlm_node.names import (find_lookalike, lookalike_error, name_skeleton, quoted, shown,
+                                     validate_category, validate_name)
 
 MUG_VARIANTS = [
     "mug",
@@ -106,6 +107,30 @@ def test_lookalike_error_names_both_names_and_the_differing_character():
     assert "U+043C CYRILLIC SMALL LETTER EM" in message
     # A name without the variation selector: the existing name's extra character is the difference.
     assert "U+FE0F VARIATION SELECTOR-16" in str(lookalike_error("mug", "mug\ufe0f"))
+    assert "differ only in how often a space" in str(lookalike_error("my  mug", "my mug"))
+
+
+def test_shown_keeps_joiners_and_escapes_what_a_terminal_would_act_on():
+    assert shown("\U0001F469\u200d\U0001F52C kit") == "\U0001F469\u200d\U0001F52C kit"
+    assert shown("caf\u00e9 \u2764\ufe0f") == "caf\u00e9 \u2764\ufe0f"
+    assert shown("cup\x1b[2J") == "cup\\x1b[2J"
+    assert shown("a\u202eb") == "a\\u202eb"                         # right-to-left override
+    assert shown("a\u2028b") == "a\\u2028b"                         # line separator
+    assert shown("\ud800") == "\\ud800"                             # a lone surrogate cannot be printed
+
+
+def test_quoted_prints_a_joined_emoji_as_typed_and_cuts_a_long_text():
+    assert quoted("\U0001F469\u200d\U0001F52C kit") == "'\U0001F469\u200d\U0001F52C kit'"
+    assert quoted("Grandpa's cane") == '"Grandpa\'s cane"'
+    long = quoted("y" * 5000)
+    assert long.startswith("'" + "y" * 40 + "'...") and "5000 characters" in long
+
+
+def test_a_refused_name_is_quoted_without_repr_escapes_for_joiners():
+    with pytest.raises(PersonalVLMError) as refused:
+        validate_name("\U0001F469\u200d\U0001F52C/kit")
+    assert "'\U0001F469\u200d\U0001F52C/kit'" in str(refused.value)
+    assert "\\u200d" not in str(refused.value)
 
 
 def test_categories_keep_their_rules():
