@@ -20,13 +20,15 @@ Names keep the form the user typed (NFC only), so a name is shown back as it was
 names look alike is decided on their *skeletons* (``name_skeleton``): NFKC (fullwidth and other
 compatibility forms become plain letters), case folded (``Mug`` and ``mug`` are told apart by
 neither a listener nor most readers), invisible characters dropped, runs of spaces made one, and
-Cyrillic, Greek and other letters that are drawn like Latin ones replaced by that Latin letter. Comparing skeletons instead of folding names when they are stored leaves every
-name as typed and keeps the decision in one function that can be applied to names already stored.
+Cyrillic, Greek and other letters that are drawn like Latin ones replaced by that Latin letter.
+Comparing skeletons instead of folding names when they are stored leaves every name as typed, and
+the comparison applies as well to names stored before it existed.
 
-A new name that looks like an existing concept's is refused (``lookalike_error``), not merged into
-that concept: merging would silently change what the user typed, and teaching ``мug`` would add
-views to, or overwrite, ``mug`` without the user having asked for that. The refusal names the
-existing concept, so the user can use that name or choose one that looks different.
+A new name that looks like an existing concept's is to be refused (``find_lookalike`` finds the
+existing name, ``lookalike_error`` words the refusal), not merged into that concept: merging would
+silently change what the user typed, and teaching ``мug`` would add views to, or overwrite, ``mug``
+without the user having asked for that. The refusal names the existing concept, so the user can
+use that name or choose one that looks different.
 
 The look-alike table is small and hand-written: the letters a keyboard layout switch or a spoofer
 puts into a Latin name, not all of Unicode's confusables.txt, which also maps sequences such as
@@ -69,9 +71,8 @@ _BLANK_CHARS = {
 # such as 👩‍🔬 could not be copied back into a command.
 _ESCAPED_CATEGORIES = {"Cc", "Cf", "Cs", "Zl", "Zp"}
 
-# Letters drawn like a Latin letter, each mapped to that letter. Capitals are listed where the
-# capital looks Latin but its lower case does not (Н is H, н is not h), since the skeleton maps
-# before it folds case.
+# Letters drawn like a Latin letter, each mapped to that letter. The table is applied before case
+# folding, so each case is listed by its own shape: Н is H but н is not h, п is n but П is not N.
 _LATIN_LOOKALIKES = str.maketrans(
     # Cyrillic
     "аеорсухіјѕԁһԛԝӏмп" "АВЕКМНОРСТХУІЈЅԚԜӀ"
