@@ -443,7 +443,7 @@ class Assistant:
         if len(images) + len(old_pictures) > MAX_REFERENCE_IMAGES:
             raise PersonalVLMError(f"at most {MAX_REFERENCE_IMAGES} reference images per concept"
                                    + (f"; {name!r} has {len(old_pictures)} already" if previous else ""))
-        pictures = [load_image(image) for image in images]
+        pictures = [load_image(image, label=f"images[{i}]") for i, image in enumerate(images)]
         rois = expand_rois(rois, pictures)
         with self._teach_lock:
             t1 = time.perf_counter()

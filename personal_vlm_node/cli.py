@@ -20,6 +20,7 @@ from pathlib import Path
 from . import evaluation
 from .errors import PersonalVLMError
 from .images import IMAGE_SUFFIXES
+from .names import MAX_NAME_CHARS, quoted, shown, validate_category, validate_name
 from .options import (BACKENDS, DEFAULT_MODEL, DTYPES, ENCODER_CHOICES, EXPORT_OPSET, PAIRWISE_REFERENCES, PRECISIONS,
                       RANDOM_MODEL_SIZES, RECOGNITIONS, AssistantOptions)
 from .output import stderr_progress
@@ -51,12 +52,6 @@ def _parse_roi(text: str) -> tuple[float, float, float, float]:
 def _natural_key(path: Path):
     """frame2 before frame10, as eval orders its images."""
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", path.name)]
-
-
-def _shown(text: str) -> str:
-    """User text as printed on a terminal: control characters escaped, never interpreted."""
-    return "".join(ch if ch.isprintable() or ch == " " else ch.encode("unicode_escape").decode("ascii")
-                   for ch in text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,7 +143,6 @@ def _pictures(paths) -> list:
 
 def _cmd_teach(args) -> None:
     from .assistant import expand_rois
-    from .store import validate_category, validate_name
 
     # Everything a user can get wrong is checked before the model loads (that takes a while).
     name, category = validate_name(args.name), validate_category(args.category)
@@ -165,8 +159,8 @@ def _cmd_teach(args) -> None:
     _emit(args, {"name": result.name, "memory_tokens": result.memory_tokens, "keywords": result.keywords,
                  "attributes": fingerprint.get("attributes", {}), "seconds": round(result.seconds, 3),
                  "timings": {k: round(v, 3) for k, v in result.timings.items()}},
-          f"taught {result.name!r}: {result.memory_tokens} memory tokens, keywords "
-          f"{', '.join(result.keywords) or '-'} ({steps})")
+          f"taught {quoted(result.name, MAX_NAME_CHARS)}: {result.memory_tokens} memory tokens, keywords "
+          f"{shown(', '.join(result.keywords)) or '-'} ({steps})")
 
 
 def _cmd_ask(args) -> None:
@@ -178,8 +172,6 @@ def _cmd_ask(args) -> None:
 
 
 def _cmd_recognize(args) -> None:
-    from .store import validate_name
-
     _pictures([args.image])
     if args.concept:
         store = _store(args)
@@ -290,20 +282,20 @@ def _cmd_list(args) -> None:
     # A row whose index entry itself cannot be read has no record: listed by name, as damaged.
     rows += [{"name": n, "damaged": reason} for n, reason in sorted(damaged.items())
              if n not in {r.name for r in records}]
-    lines = [f"{_shown(row['name'])}\t{_shown(row.get('category', '')) or '-'}\t{row.get('memory_tokens', 0)} tokens\t"
-             f"{_shown(', '.join(row.get('keywords', [])))}"
-             + (f"\tDAMAGED: {_shown(row['damaged'])} (forget it and teach it again)" if row["damaged"] else "")
+    # Names as typed, so one can be copied into forget; only what a terminal would act on is escaped.
+    lines = [f"{shown(row['name'])}\t{shown(row.get('category', '')) or '-'}\t{row.get('memory_tokens', 0)} tokens\t"
+             f"{shown(', '.join(row.get('keywords', [])))}"
+             + (f"\tDAMAGED: {shown(row['damaged'])} (forget it and teach it again)" if row["damaged"] else "")
              for row in sorted(rows, key=lambda row: row["name"])]
     _emit(args, {"concepts": sorted(rows, key=lambda row: row["name"])}, "\n".join(lines) or "no concepts taught yet")
 
 
 def _cmd_forget(args) -> None:
-    from .store import validate_name
-
     result = _store(args).forget(validate_name(args.name))
     if result.left_behind:
         print(f"personal-vlm: warning: {result.message}", file=sys.stderr)
-    _emit(args, {"forgotten": result.name, "left_behind": result.left_behind}, f"forgot {result.name!r}")
+    _emit(args, {"forgotten": result.name, "left_behind": result.left_behind},
+          f"forgot {quoted(result.name, MAX_NAME_CHARS)}")
 
 
 def _cmd_store(args) -> None:

@@ -83,16 +83,28 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(source) -> Image.Image:
-    """Load ``source`` (path, bytes, PIL image or array) as RGB; PersonalVLMError if unusable."""
+def load_image(source, label: str | None = None) -> Image.Image:
+    """Load ``source`` (path, bytes, PIL image or array) as RGB; PersonalVLMError if unusable.
+
+    ``label`` says which of several pictures this is (``images[2]``); it starts every error message.
+    """
+    try:
+        return _load(source)
+    except PersonalVLMError as exc:
+        if label is None:
+            raise
+        raise PersonalVLMError(f"{label}: {exc}") from exc
+
+
+def _load(source) -> Image.Image:
     if isinstance(source, Image.Image):
         return to_rgb(source)
     if isinstance(source, np.ndarray):
         return from_array(source)
     if isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) == 0:
-            raise PersonalVLMError("image data is empty")
-        name, data = "image data", bytes(source)
+            raise PersonalVLMError("the image data is empty")
+        name, data = "the image data", bytes(source)
     elif isinstance(source, (str, Path)):
         path = Path(source)
         if not path.is_file():
@@ -114,5 +126,10 @@ def load_image(source) -> Image.Image:
             return image
     except PersonalVLMError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except UnidentifiedImageError as exc:
+        # Pillow's own text names the in-memory buffer it was given ("<_io.BytesIO object at 0x…>"),
+        # which tells the user nothing; the source is named instead.
+        raise PersonalVLMError(f"{name} is not a readable image (Pillow recognises no image format in it); "
+                               "send a PNG or JPEG") from exc
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise PersonalVLMError(f"{name} is not a readable image ({exc}); send a PNG or JPEG") from exc

@@ -57,7 +57,6 @@ import sqlite3
 import stat
 import threading
 import time
-import unicodedata
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +69,8 @@ from safetensors.torch import load, save
 
 from personal_vlm_node.errors import PersonalVLMError
 from personal_vlm_node.images import ENCODED_INFO
+from personal_vlm_node.names import (MAX_NAME_CHARS, find_lookalike, lookalike_error, quoted, validate_category,
+                                     validate_name)
 
 try:
     import fcntl
@@ -79,7 +80,6 @@ except ImportError:  # not POSIX: writers in one process are still serialised by
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 3
-MAX_NAME_CHARS = 64
 
 _DB_FILE = "concepts.db"
 _LOCK_FILE = "store.lock"
@@ -100,15 +100,6 @@ _SQLITE_PERM, _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_READONLY = 3, 5, 6, 8
 _SQLITE_IOERR, _SQLITE_CORRUPT, _SQLITE_FULL, _SQLITE_CANTOPEN = 10, 11, 13, 14
 _SQLITE_AUTH, _SQLITE_NOTADB = 23, 26
 
-# Zero-width (non-)joiners are format characters (category Cf) but are part of ordinary
-# writing: emoji sequences such as 👩‍🔬 and several scripts need them.
-_ALLOWED_FORMAT_CHARS = {"\u200c", "\u200d"}
-
-# Refused in names and categories: controls (terminal escapes), surrogates, and format characters
-# other than the joiners (bidirectional overrides, zero-width spaces). Unassigned code points (Cn)
-# are allowed: emoji newer than this Python's Unicode tables are unassigned to it.
-_REFUSED_CATEGORIES = {"Cc", "Cs", "Cf"}
-
 _FILE_MODE = 0o600
 _DIR_MODE = 0o700
 
@@ -124,66 +115,6 @@ _COLUMNS = (
 )
 _COLUMN_NAMES = tuple(c.strip() for c in _COLUMNS.split(","))
 _JSON_COLUMNS = {"keywords", "fingerprint", "extra"}
-
-
-def validate_name(name: str) -> str:
-    """Return ``name`` without surrounding whitespace, in NFC form, or raise PersonalVLMError.
-
-    NFC makes the same name typed on different keyboards (é as one or two code points) the same
-    concept.
-    """
-    if not isinstance(name, str):
-        raise PersonalVLMError(f"a concept name must be text, got {type(name).__name__}")
-    bad = _refused_char(name)
-    if bad is not None:
-        raise PersonalVLMError(
-            f"concept name {_excerpt(name)} contains the control or invisible character "
-            f"U+{ord(bad):04X}; use only letters, digits, spaces and punctuation"
-        )
-    name = unicodedata.normalize("NFC", name.strip())
-    if not name:
-        raise PersonalVLMError("a concept name must not be empty; give the object a name such as 'my mug'")
-    if all(ch in _ALLOWED_FORMAT_CHARS or ch.isspace() for ch in name):
-        raise PersonalVLMError(
-            f"concept name {_excerpt(name)} has only invisible characters; give the object a name such as 'my mug'"
-        )
-    if len(name) > MAX_NAME_CHARS:
-        raise PersonalVLMError(
-            f"concept name {name[:20]!r}... is {len(name)} characters long; "
-            f"use at most {MAX_NAME_CHARS}"
-        )
-    if "/" in name or "\\" in name:
-        raise PersonalVLMError(f"concept name {name!r} must not contain '/' or '\\'; choose another name")
-    if name in (".", ".."):
-        raise PersonalVLMError(f"{name!r} is not a valid concept name; choose a name with letters")
-    return name
-
-
-def _excerpt(text: str, limit: int = 40) -> str:
-    """``text`` as quoted in a message: its start only, so a hostile name is never echoed whole."""
-    while limit > 1 and len(repr(text[:limit])) > 60:     # escaped characters take up to 10 each
-        limit //= 2
-    return repr(text[:limit]) + (f"... ({len(text)} characters)" if len(text) > limit else "")
-
-
-def _refused_char(text: str) -> str | None:
-    for ch in text:
-        if unicodedata.category(ch) in _REFUSED_CATEGORIES and ch not in _ALLOWED_FORMAT_CHARS:
-            return ch
-    return None
-
-
-def validate_category(category: str) -> str:
-    """Return ``category`` stripped, or raise PersonalVLMError for control or invisible characters."""
-    if not isinstance(category, str):
-        raise PersonalVLMError(f"a category must be text, got {type(category).__name__}")
-    bad = _refused_char(category)
-    if bad is not None:
-        raise PersonalVLMError(
-            f"category {category[:40]!r} contains the control or invisible character U+{ord(bad):04X}; "
-            "use only letters, digits, spaces and punctuation"
-        )
-    return unicodedata.normalize("NFC", category.strip())
 
 
 def model_key(fingerprint: str) -> str:
@@ -236,8 +167,8 @@ class ForgetResult:
     @property
     def message(self) -> str:
         if not self.left_behind:
-            return f"forgot {self.name!r}"
-        return (f"forgot {self.name!r}, but could not remove {'; '.join(self.left_behind)}: remove it by hand "
+            return f"forgot {quoted(self.name)}"
+        return (f"forgot {quoted(self.name)}, but could not remove {'; '.join(self.left_behind)}: remove it by hand "
                 "(the store retries each time it is opened)")
 
 
@@ -397,8 +328,14 @@ class ConceptStore:
 
         with self._mutating():
             with self._connect() as conn:
-                if not overwrite and _dir_of(conn, name) is not None:
-                    raise _exists_error(name)
+                if _dir_of(conn, name) is not None:
+                    if not overwrite:
+                        raise _exists_error(name)
+                else:
+                    # "мug" beside "mug" would be two concepts no one can tell apart in a list.
+                    lookalike = find_lookalike(name, [row[0] for row in conn.execute("SELECT name FROM concepts")])
+                    if lookalike is not None:
+                        raise lookalike_error(name, lookalike)
             now = time.time()
             values = (
                 record.category, keywords, fingerprint, record.fingerprint_complete,
@@ -915,12 +852,16 @@ class ConceptStore:
 
     def _missing_error(self, conn: sqlite3.Connection, name: str) -> PersonalVLMError:
         known = sorted(row[0] for row in conn.execute("SELECT name FROM concepts"))
+        lookalike = find_lookalike(name, known)
+        if lookalike is not None:
+            return PersonalVLMError(f"no concept named {quoted(name)}; did you mean {quoted(lookalike)}? "
+                                    "(the names differ only in characters that look alike)")
         if not known:
             hint = "no concepts are taught yet"
         else:
-            shown = ", ".join(repr(n) for n in known[:10]) + (", ..." if len(known) > 10 else "")
-            hint = f"known concepts: {shown}"
-        return PersonalVLMError(f"no concept named {name!r}; teach it first ({hint})")
+            listed = ", ".join(quoted(n) for n in known[:10]) + (", ..." if len(known) > 10 else "")
+            hint = f"known concepts: {listed}"
+        return PersonalVLMError(f"no concept named {quoted(name)}; teach it first ({hint})")
 
 
 # ---------------------------------------------------------------------- what a folder is
@@ -1144,12 +1085,12 @@ def _reason_of(error: PersonalVLMError) -> str:
 
 
 def _exists_error(name: str) -> PersonalVLMError:
-    return PersonalVLMError(f"a concept named {name!r} already exists; pass overwrite to replace it")
+    return PersonalVLMError(f"a concept named {quoted(name)} already exists; pass overwrite to replace it")
 
 
 def _damaged_error(name: str, reason: str) -> PersonalVLMError:
     return PersonalVLMError(
-        f"concept {name!r} is damaged: {reason}; forget it and teach it again"
+        f"concept {quoted(name)} is damaged: {reason}; forget it and teach it again"
     )
 
 

@@ -219,6 +219,29 @@ def test_list_escapes_control_characters_stored_by_older_versions(cli, tmp_path)
     assert "\x1b" not in listed and "cup" in listed
 
 
+def test_list_prints_a_joined_emoji_name_as_typed_and_forget_takes_it_back(tmp_path):
+    import torch
+
+    from personal_vlm_node.store import ConceptRecord
+
+    name = "\U0001F469\u200d\U0001F52C kit"                 # 👩‍🔬 kit: woman + ZWJ + microscope
+    store = ConceptStore(tmp_path / "store")
+    store.add(ConceptRecord(name=name, category="lab", keywords=["white\u202e"], fingerprint={},
+                            fingerprint_complete=None, memory_tokens=4, model_fingerprint="tiny"),
+              {"tokens": torch.zeros(4, 8)}, [Image.new("RGB", (6, 5))])   # (K_c, D)
+    listed = _no_model(tmp_path, "list")
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.rstrip("\n").split("\t") == [name, "lab", "4 tokens", "white\\u202e"]  # override escaped
+    as_json = _no_model(tmp_path, "--json", "list")
+    assert json.loads(as_json.stdout)["concepts"][0]["name"] == name
+    assert "\\u200d" not in as_json.stdout                           # real characters, not JSON escapes
+
+    forgotten = _no_model(tmp_path, "forget", listed.stdout.split("\t")[0])
+    assert forgotten.returncode == 0, forgotten.stderr
+    assert forgotten.stdout.strip() == f"forgot '{name}'"
+    assert ConceptStore(tmp_path / "store").names() == []
+
+
 def test_detect_reads_frames_in_natural_order_and_skips_an_unreadable_one(cli, tmp_path):
     mug = _photo(tmp_path / "mug.png", 21)
     cli("teach", "my mug", mug, "--no-wait")

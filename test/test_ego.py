@@ -239,8 +239,9 @@ def test_teach_refuses_bad_requests_clearly(assistant_for):
         a.teach("empty", [])
     with pytest.raises(PersonalVLMError, match="regions of interest"):
         a.teach("two rois", [_photo(2)], rois=[(0, 0, 5, 5), (0, 0, 5, 5)])
-    with pytest.raises(PersonalVLMError, match="not a readable image"):
-        a.teach("corrupt", [b"not an image"])
+    unreadable = r"^images\[1\]: the image data is not a readable image \(Pillow recognises no image format"
+    with pytest.raises(PersonalVLMError, match=unreadable):
+        a.teach("corrupt", [_photo(2), b"not an image"])
     with pytest.raises(PersonalVLMError, match="question is empty"):
         a.ask("  ", _photo(1))
     with pytest.raises(PersonalVLMError, match="over 1000"):

@@ -566,3 +566,21 @@ def test_opening_arbitrary_folders_never_removes_or_changes_a_file_the_store_did
         changed = _snapshot_unchanged(before, _snapshot(root, outside))
         assert changed == [], f"seed {seed}: {changed}"
     assert outcomes["refused"] > 50 and outcomes["opened"] > 5, outcomes
+
+
+# ---- 9. look-alike names ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("lookalike", ["\u043cug", "\uff4d\uff55\uff47", "mug\ufe0f", "Mug"])
+def test_a_name_that_looks_like_an_existing_one_is_refused_and_pointed_to_it(tmp_path, lookalike):
+    store = ConceptStore(tmp_path / "store")
+    store.add(_record("mug"), _memory(), [_picture()])
+
+    with pytest.raises(PersonalVLMError, match="looks like the existing concept 'mug'"):
+        store.add(_record(lookalike), _memory(2.0), [_picture()])
+    with pytest.raises(PersonalVLMError, match="did you mean 'mug'"):
+        store.forget(lookalike)
+
+    assert store.names() == ["mug"]
+    store.add(_record("mugs"), _memory(3.0), [_picture()])
+    store.add(_record("mug"), _memory(4.0), [_picture()], overwrite=True)
+    assert store.names() == ["mug", "mugs"]

@@ -80,7 +80,7 @@ def detect_layout(root: Path) -> str:
 
 
 def _concept_name(folder_name: str, where: Path) -> str:
-    from ..store import validate_name
+    from ..names import validate_name
 
     try:
         return validate_name(folder_name)
