@@ -1336,6 +1336,11 @@ def _check_memory(memory) -> None:
     for key, value in memory.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             raise TypeError(f"memory must map str to torch.Tensor, got {key!r}: {type(value).__name__}")
+        # Stored, it would be reported as damage at every load: refused before anything is written.
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise PersonalVLMError(
+                f"the memory's {key!r} holds NaN or infinite values, so it was not stored: the model produced "
+                "them (in float16 an overflow can); try dtype bfloat16 or float32")
 
 
 def _fsync_file(path: Path) -> None:

@@ -584,3 +584,14 @@ def test_a_name_that_looks_like_an_existing_one_is_refused_and_pointed_to_it(tmp
     store.add(_record("mugs"), _memory(3.0), [_picture()])
     store.add(_record("mug"), _memory(4.0), [_picture()], overwrite=True)
     assert store.names() == ["mug", "mugs"]
+
+
+def test_a_memory_with_nan_is_never_stored(tmp_path):
+    store = ConceptStore(tmp_path / "store")
+    memory = _memory()
+    memory["memory"][1, 2] = float("inf")
+
+    with pytest.raises(PersonalVLMError, match="NaN or infinite values, so it was not stored"):
+        store.add(_record("mug"), memory, [_picture()])
+
+    assert store.names() == [] and os.listdir(store.root / "concepts") == []

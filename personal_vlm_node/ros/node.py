@@ -694,14 +694,19 @@ class AssistantNode:
             out.memory_tokens = [int(r.memory_tokens) for r in records]
             out.keywords_json = [json.dumps(list(r.keywords), ensure_ascii=False) for r in records]
             out.message = plural(len(records), "concept")
+            damaged = self.assistant.damaged
+            if damaged:
+                # Listed all the same (so they can be forgotten), and said to be unrecognised.
+                out.message += (f"; damaged, not recognised until taught again: "
+                                + "; ".join(damaged[n] for n in sorted(damaged)))
 
         return self._serve("list_concepts", response, work)
 
     def _forget(self, request, response):
         def work(out):
-            self.assistant.forget(request.name)
-            out.message = f"forgot {request.name.strip()!r}"
-            self.log.info(out.message)
+            result = self.assistant.forget(request.name)
+            out.message = result.message
+            (self.log.warning if result.left_behind else self.log.info)(out.message)
 
         return self._serve("forget_concept", response, work)
 
