@@ -11,7 +11,7 @@ one clear line. It imports nothing of the package itself: every step is a child 
 ``--code DIR`` (a checkout's root; default: this script's own) measures another version of the
 code the same way.
 
-Cases needing root (a small tmpfs for the full disk, chattr for immutable folders) are skipped
+The tests use its ``poison_memory`` and ``fill_disk`` too. Cases needing root (a small tmpfs for the full disk, chattr for immutable folders) are skipped
 without it. Prints one line per case (held / FAILED / skipped, and why) and exits 1 if any failed.
 """
 
@@ -161,14 +161,7 @@ class Cases:
             taught = self.cli("teach", name, str(pictures[name]), store=root, model=True)
             if taught.returncode != 0:
                 raise RuntimeError(taught.stderr[-1000:])
-        with sqlite3.connect(root / "concepts.db") as db:
-            (directory,) = db.execute("SELECT dir FROM concepts WHERE name='mug'").fetchone()
-        path = root / "concepts" / directory / "memory.safetensors"
-        data = bytearray(path.read_bytes())
-        header = 8 + int.from_bytes(data[:8], "little")
-        start = json.loads(data[8:header])["memory"]["data_offsets"][0]
-        data[header + start:header + start + 4] = bytes.fromhex("0000c07f")
-        path.write_bytes(bytes(data))
+        poison_memory(root, "mug")
         asked = self.cli("ask", "where are my keys?", "--image", str(pictures["keys"]), store=root, model=True)
         self.record("4 NaN in one memory: ask", asked.returncode == 0,
                     f"exit {asked.returncode}; {asked.stderr.strip().splitlines()[-1][:140] if asked.stderr.strip() else ''}")
@@ -207,13 +200,13 @@ class Cases:
             return
         try:
             root = self.store("disk/store")
-            filler = _fill(mount, 0)
+            filler = fill_disk(mount, 0)
             done = self.cli("forget", "mug", store=root)
             problem = self.one_line_error(done)
             self.record("6 disk full at COMMIT (forget)", problem is None and "full" in done.stderr,
                         problem or done.stderr.strip()[:160])
             filler.unlink()
-            _fill(mount, 16 * 1024)
+            fill_disk(mount, 16 * 1024)
             listed = self.cli("list", store=root)
             self.record("6 list with <= 16 KB free", listed.returncode == 0 and len(listed.stdout.splitlines()) == 3,
                         f"exit {listed.returncode}; {(listed.stderr.strip() or listed.stdout.strip())[:140]}")
@@ -289,7 +282,21 @@ def _refuse(constant: str):
     raise ValueError(f"{constant} is not JSON")
 
 
-def _fill(disk: Path, leave: int) -> Path:
+def poison_memory(root: Path, name: str, tensor: str = "memory") -> None:
+    """Four bytes that turn the first float of concept ``name``'s stored memory into a NaN, as a
+    flipped bit on a failing disk would (the file still reads)."""
+    with sqlite3.connect(root / "concepts.db") as db:
+        (directory,) = db.execute("SELECT dir FROM concepts WHERE name=?", (name,)).fetchone()
+    path = root / "concepts" / directory / "memory.safetensors"
+    data = bytearray(path.read_bytes())
+    header = 8 + int.from_bytes(data[:8], "little")
+    start = json.loads(data[8:header])[tensor]["data_offsets"][0]
+    data[header + start:header + start + 4] = bytes.fromhex("0000c07f")     # float32 NaN
+    path.write_bytes(bytes(data))
+
+
+def fill_disk(disk: Path, leave: int) -> Path:
+    """Fill the file system holding ``disk`` with one file until at most ``leave`` bytes are free."""
     filler = disk / "filler"
     with open(filler, "ab") as f:
         while shutil.disk_usage(disk).free > leave:

@@ -6,12 +6,13 @@ started on a store prepared by the command: two concepts, one of whose memories 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -19,16 +20,9 @@ pytest.importorskip("rclpy")
 
 from test_node import WAIT_S, Client, _command, image_msg, names, picture  # noqa: E402
 
-
-def _poison(store, name: str) -> None:
-    with sqlite3.connect(store / "concepts.db") as db:
-        (directory,) = db.execute("SELECT dir FROM concepts WHERE name=?", (name,)).fetchone()
-    path = store / "concepts" / directory / "memory.safetensors"
-    data = bytearray(path.read_bytes())
-    header = 8 + int.from_bytes(data[:8], "little")
-    start = json.loads(data[8:header])["memory"]["data_offsets"][0]
-    data[header + start:header + start + 4] = bytes.fromhex("0000c07f")     # float32 NaN
-    path.write_bytes(bytes(data))
+_spec = importlib.util.spec_from_file_location("store_cases", Path(__file__).parents[1] / "scripts" / "store_cases.py")
+_CASES = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_CASES)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +36,7 @@ def damaged_store_node(tiny_checkpoints, tmp_path_factory):
         subprocess.run([sys.executable, "-m", "personal_vlm_node.cli", "--model", model, "--store", str(store),
                         "--device", "cpu", "--dtype", "float32", "teach", name, str(tmp / f"{seed}.png"), "--no-wait"],
                        check=True, capture_output=True, timeout=300)
-    _poison(store, "red vase")
+    _CASES.poison_memory(store, "red vase")
     values = {"model": model, "device": "cpu", "dtype": "float32", "store_dir": str(store),
               "process_rate_hz": 20.0, "accept_threshold": 0.999, "reject_threshold": 0.5, "verification": False}
     params = tmp / "params.yaml"

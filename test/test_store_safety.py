@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import os
 import random
@@ -23,6 +24,11 @@ from PIL import Image
 from personal_vlm_node.errors import PersonalVLMError
 from personal_vlm_node.repair import repair_store
 from personal_vlm_node.store import ConceptRecord, ConceptStore
+
+# The same faults the store's field cases use (scripts/store_cases.py imports nothing of the package).
+_spec = importlib.util.spec_from_file_location("store_cases", Path(__file__).parents[1] / "scripts" / "store_cases.py")
+_CASES = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_CASES)
 
 QWEN = "qwen2_5_vl|tiny|main|float32|d8"
 OTHER = "internvl|tiny|main|float32|d8"
@@ -285,15 +291,7 @@ def test_a_new_folder_with_a_linked_index_is_refused_and_the_target_stays_empty(
 # ---- 4. one damaged memory ------------------------------------------------------------------------
 
 def _poison_memory(store: ConceptStore, name: str) -> None:
-    """Four bytes that turn one float of the stored memory into a NaN."""
-    with contextlib.closing(sqlite3.connect(store.root / "concepts.db")) as db:
-        (directory,) = db.execute("SELECT dir FROM concepts WHERE name=?", (name,)).fetchone()
-    path = store.root / "concepts" / directory / "memory.safetensors"
-    data = bytearray(path.read_bytes())
-    header = 8 + int.from_bytes(data[:8], "little")
-    offsets = json.loads(data[8:header])["memory"]["data_offsets"]
-    data[header + offsets[0]:header + offsets[0] + 4] = bytes.fromhex("0000c07f")   # float32 NaN
-    path.write_bytes(bytes(data))
+    _CASES.poison_memory(store.root, name)
 
 
 def test_a_memory_with_nan_is_damage_and_the_others_still_load(tmp_path):
@@ -392,22 +390,9 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def _fill(disk: Path, leave: int) -> Path:
-    """Fill ``disk`` until at most ``leave`` bytes are free."""
-    filler = disk / "filler"
-    with open(filler, "ab") as f:
-        while shutil.disk_usage(disk).free > leave:
-            try:
-                f.write(b"\0" * min(1 << 16, max(shutil.disk_usage(disk).free - leave, 4096)))
-                f.flush()
-            except OSError:
-                break
-    return filler
-
-
 def test_a_full_disk_is_reported_as_full_and_loses_nothing(small_disk):
     store = _three_concepts(small_disk / "store")
-    filler = _fill(small_disk, 0)
+    filler = _CASES.fill_disk(small_disk, 0)
 
     with pytest.raises(PersonalVLMError, match="full.*free some space"):
         store.update_fingerprint("mug", {"description": "x" * 200_000})
@@ -422,7 +407,7 @@ def test_a_full_disk_is_reported_as_full_and_loses_nothing(small_disk):
 
 def test_a_store_can_be_listed_with_almost_no_free_space(small_disk):
     _three_concepts(small_disk / "store")
-    _fill(small_disk, 16 * 1024)
+    _CASES.fill_disk(small_disk, 16 * 1024)
 
     assert ConceptStore(small_disk / "store").names() == ["Fluffy", "keys", "mug"]
     done = _run_cli("--store", str(small_disk / "store"), "list")
