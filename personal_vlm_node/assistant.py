@@ -424,7 +424,7 @@ class Assistant:
         their memory tokens are appended to the concept's (its fingerprint is kept).
         """
         t0 = time.perf_counter()
-        name = validate_name(name)
+        name = self.store.check_new_name(name)
         if add and overwrite:
             raise PersonalVLMError("pass add (more views) or overwrite (replace), not both")
         category = validate_category(category or "")
@@ -587,10 +587,10 @@ class Assistant:
     def concepts(self) -> list[ConceptRecord]:
         return self.store.list()
 
-    @staticmethod
-    def check_name(name: str) -> str:
-        """The concept name as stored, or PersonalVLMError saying what is wrong with it."""
-        return validate_name(name)
+    def check_name(self, name: str) -> str:
+        """The concept name as stored, or PersonalVLMError saying what is wrong with it (a look-alike
+        of an existing concept's name included)."""
+        return self.store.check_new_name(name)
 
     # ---- settings that may change while running ----------------------------------------------
     def set_thresholds(self, accept: float | None = None, reject: float | None = None) -> None:

@@ -145,7 +145,7 @@ def _cmd_teach(args) -> None:
     from .assistant import expand_rois
 
     # Everything a user can get wrong is checked before the model loads (that takes a while).
-    name, category = validate_name(args.name), validate_category(args.category)
+    name, category = _store(args).check_new_name(args.name), validate_category(args.category)
     pictures = _pictures(args.images)
     expand_rois(args.roi, pictures)
     assistant = _open(args)

@@ -529,6 +529,17 @@ class ConceptStore:
 
     # ------------------------------------------------------------------ reads
 
+    def check_new_name(self, name: str) -> str:
+        """``name`` as it would be stored; PersonalVLMError when it is invalid or is a different
+        name that looks like an existing concept's (the check ``add`` makes, before any work)."""
+        name = validate_name(name)
+        with self._connect() as conn:
+            known = [row[0] for row in conn.execute("SELECT name FROM concepts")]
+        lookalike = None if name in known else find_lookalike(name, known)
+        if lookalike is not None:
+            raise lookalike_error(name, lookalike)
+        return name
+
     def get(self, name: str) -> ConceptRecord:
         name = validate_name(name)
         with self._connect() as conn:

@@ -261,6 +261,34 @@ class Cases:
         self.cli("list", store=root)
         self.record("8 ... and the next open removes it", not folder.exists(), f"folder exists: {folder.exists()}")
 
+    # ---- 9. names and messages
+    def names(self):
+        root = self.scratch / "names"
+        photo = self.scratch / "names.png"
+        self.py("import sys\nfrom PIL import Image\nImage.new('RGB', (64, 48), (90, 60, 30)).save(sys.argv[1])", photo)
+        for label, blank in (("U+3164", "\u3164"), ("U+FFA0", "\uffa0"), ("U+2800", "\u2800"),
+                             ("a lone combining mark", "\u0301")):
+            done = self.cli("teach", blank, str(photo), "--no-wait", store=root, model=True)
+            self.record(f"9 blank name ({label}) refused", self.one_line_error(done) is None,
+                        done.stderr.strip()[:140])
+        self.cli("teach", "mug", str(photo), "--no-wait", store=root, model=True)
+        for lookalike in ("mug\ufe0f", "\u043cug", "\uff4d\uff55\uff47"):
+            done = self.cli("teach", lookalike, str(photo), "--no-wait", store=root, model=True)
+            self.record(f"9 look-alike {lookalike.encode('unicode_escape').decode()} refused",
+                        self.one_line_error(done) is None and "looks like" in done.stderr, done.stderr.strip()[:140])
+        emoji = "\U0001f469\u200d\U0001f52c kit"
+        self.cli("teach", emoji, str(photo), "--no-wait", store=root, model=True)
+        listed = self.cli("list", store=root).stdout
+        shown = next((line.split("\t")[0] for line in listed.splitlines() if "kit" in line), "")
+        forgot = self.cli("forget", shown, store=root)
+        self.record("9 a ZWJ emoji name listed as typed, and forget takes it back", shown == emoji and forgot.returncode == 0,
+                    f"listed as {shown.encode('unicode_escape').decode()!r}; forget exit {forgot.returncode}")
+        broken = self.scratch / "broken.png"
+        broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+        done = self.cli("teach", "lamp", str(broken), store=root, model=True)
+        self.record("9 an unreadable picture's message names it", "object at 0x" not in done.stderr
+                    and self.one_line_error(done) is None, done.stderr.strip()[:140])
+
     # ---- repair at scale
     def repair_time(self, count: int):
         root = self.scratch / "repair"
@@ -309,7 +337,7 @@ def fill_disk(disk: Path, leave: int) -> Path:
 
 
 CASES = ("lost_index", "users_folder", "symlinks", "nan_memory", "malformed_page", "full_disk", "immutable",
-         "forget", "repair_time")
+         "forget", "names", "repair_time")
 
 
 def main(argv=None) -> int:
