@@ -207,6 +207,11 @@ class ConceptStore:
                 "upgrade personal_vlm_node or set store_dir to another folder"
             )
         if self.read_only:
+            if version <= 0:
+                raise PersonalVLMError(
+                    f"the concept store in {self.root} has no index yet and this user cannot write there to "
+                    "create one: check the folder's permissions, or set store_dir to a writable folder"
+                )
             if version < 2:
                 raise PersonalVLMError(
                     f"the concept store in {self.root} is read-only and in an older format ({version}) that "
