@@ -42,6 +42,7 @@ PARAMETER_ARGUMENTS = {
     "compressed": (bool, "subscribe to sensor_msgs/CompressedImage instead of Image: true or false"),
     "verifier_model": (str, "CLIP/SigLIP id or folder for R2P's image-text scores"),
     "r2p_margin": (float, "Ego p(yes) this close to its threshold is settled by R2P; 0 = never"),
+    "max_waiting_requests": (int, "most requests of one kind waiting; any more are answered busy"),
 }
 TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 

@@ -108,6 +108,88 @@ def test_threshold_parameters_override_the_profile_only_when_not_negative():
     assert (options.verifications_per_second, options.verification_busy_fraction) == (1.0, 0.25)
 
 
+def _start_in_line(line, work, **kwargs):
+    """``line.run(work)`` on a thread of its own; returns (thread, outcome dict)."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["result"] = line.run(work, **kwargs)
+        except Exception as exc:
+            outcome["error"] = str(exc)
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def _until(condition, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_a_request_line_works_one_at_a_time_in_order_and_refuses_past_its_limit():
+    from personal_vlm_node.errors import PersonalVLMError
+    from personal_vlm_node.ros.node import RequestLine
+
+    line = RequestLine("teach", lambda: 2)
+    release, order = threading.Event(), []
+
+    def work(i):
+        def run():
+            order.append(i)
+            release.wait(5)
+            return i
+        return run
+
+    started = [_start_in_line(line, work(0))]
+    _until(lambda: order == [0])                          # the first one is worked on at once
+    for i in (1, 2):                                      # two may wait behind it
+        started.append(_start_in_line(line, work(i)))
+        _until(lambda: len(line._waiting) == i)
+    with pytest.raises(PersonalVLMError, match=r"^busy: 2 teach requests are already waiting; try again"):
+        line.run(work(3))
+    release.set()
+    for thread, _ in started:
+        thread.join(5)
+    assert order == [0, 1, 2]                             # one at a time, in order of arrival
+    assert [outcome["result"] for _, outcome in started] == [0, 1, 2]
+    alone = RequestLine("ask", lambda: 0)
+    hold = threading.Event()
+    thread, _ = _start_in_line(alone, lambda: hold.wait(5))
+    _until(lambda: alone._running)
+    with pytest.raises(PersonalVLMError, match=r"^busy: another ask request is being worked on"):
+        alone.run(lambda: None)
+    hold.set()
+    thread.join(5)
+    assert alone.run(lambda: "free again") == "free again"
+
+
+def test_closing_a_request_line_answers_the_waiting_and_withdraws_on_request():
+    from personal_vlm_node.errors import PersonalVLMError
+    from personal_vlm_node.ros.node import RequestLine
+
+    line = RequestLine("ask", lambda: 4)
+    release, cancel, ran = threading.Event(), threading.Event(), []
+    running, _ = _start_in_line(line, lambda: release.wait(5))
+    _until(lambda: line._running)
+    waiting, waited = _start_in_line(line, lambda: ran.append("waiting"))
+    goal, goal_outcome = _start_in_line(line, lambda: ran.append("goal"), withdraw_if=cancel.is_set)
+    _until(lambda: len(line._waiting) == 2)
+    cancel.set()                                          # a cancelled goal leaves the line at once
+    goal.join(2)
+    assert "withdrawn" in goal_outcome["error"] and len(line._waiting) == 1
+    line.close()                                          # shutdown: the waiting one is not started
+    waiting.join(2)
+    assert waited == {"error": "the node is shutting down"}
+    with pytest.raises(PersonalVLMError, match="shutting down"):
+        line.run(lambda: ran.append("late"))
+    release.set()
+    running.join(5)
+    assert ran == []
+
+
 # ---- the node process -------------------------------------------------------------------------
 
 def _command(params: Path) -> list[str]:
@@ -587,6 +669,140 @@ def test_overlay_carries_the_frame_header_and_diagnostics_describe_the_frame_pat
         assert float(values[key]) >= 0
 
 
+# ---- many requests at once --------------------------------------------------------------------
+
+BURST = 40                 # more than a DDS queue of rclpy's default depth (10) holds
+BURST_WAIT_S = 90.0        # every answer within this; the served ones are a few tiny-model teaches
+
+
+def _handshake(clients, ping) -> None:
+    """Each client is answered once (anything) before the burst: a new client's first reply can be
+    lost while the node has not yet discovered its reply reader, and that is not what is tested."""
+    deadline = time.monotonic() + WAIT_S
+    pending = list(clients)
+    while pending:
+        assert time.monotonic() < deadline, f"{len(pending)} clients never got an answer to a ping"
+        futures = [client.call_async(ping) for client in pending]
+        time.sleep(2.0)
+        pending = [client for client, future in zip(pending, futures) if not future.done()]
+
+
+def _send_at_once(ros, srv_type, service: str, requests: list, timeout: float, ping) -> list:
+    """Send every request at once, each from a client of its own (as separate callers would), and
+    wait until all are answered or ``timeout`` passed; [(response, seconds) or None if unanswered]."""
+    from rclpy.qos import HistoryPolicy, QoSProfile
+
+    # A client's reply reader also receives the replies to this process's other clients; at rclpy's
+    # default depth (10) a burst of those pushes out its own, a loss on this side of the test.
+    reply_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1000)
+    clients = [ros.node.create_client(srv_type, service, qos_profile=reply_qos) for _ in requests]
+    answers: dict[int, tuple] = {}
+    arrived = threading.Condition()
+
+    def keep(i, start):
+        def answered(future):
+            with arrived:
+                answers[i] = (future.result(), time.monotonic() - start)
+                arrived.notify_all()
+        return answered
+
+    try:
+        for client in clients:
+            assert client.wait_for_service(timeout_sec=WAIT_S), f"service {service} never appeared"
+        _handshake(clients, ping)
+        for i, (client, request) in enumerate(zip(clients, requests)):
+            client.call_async(request).add_done_callback(keep(i, time.monotonic()))
+        deadline = time.monotonic() + timeout
+        with arrived:
+            while len(answers) < len(requests) and time.monotonic() < deadline:
+                arrived.wait(min(0.5, max(0.0, deadline - time.monotonic())))
+            return [answers.get(i) for i in range(len(requests))]
+    finally:
+        for client in clients:
+            ros.node.destroy_client(client)
+
+
+def test_a_burst_of_teach_requests_is_served_or_refused_busy_and_every_one_is_answered(ros):
+    requests = [TeachConcept.Request(name=f"burst {i}", images=[image_msg(picture(200 + i))]) for i in range(BURST)]
+    answers = _send_at_once(ros, TeachConcept, "teach_concept", requests, BURST_WAIT_S,
+                            ping=TeachConcept.Request(name=""))
+    unanswered = [i for i, answer in enumerate(answers) if answer is None]
+    served = [i for i, answer in enumerate(answers) if answer is not None and answer[0].success]
+    refused = {i: answer for i, answer in enumerate(answers) if answer is not None and not answer[0].success}
+    try:
+        assert not unanswered, (f"{len(unanswered)} of {BURST} teach requests got no answer within "
+                                f"{BURST_WAIT_S:g} s ({len(served)} served, {len(refused)} refused)")
+        assert served, "no teach request of the burst was served"
+        for response, _seconds in refused.values():
+            assert response.message.startswith("busy: "), response.message
+            assert "teach requests are already waiting" in response.message and "try again" in response.message
+        # The refused were answered at once, not after waiting their turn behind the served ones.
+        assert max(seconds for _response, seconds in refused.values()) < max(answers[i][1] for i in served)
+        taught = {name for name in ros.list().names if name.startswith("burst ")}
+        assert taught == {f"burst {i}" for i in served}
+    finally:
+        for name in [n for n in ros.list().names if n.startswith("burst ")]:
+            ros.forget(name)
+
+
+def test_a_burst_of_ask_goals_is_answered_or_aborted_busy_and_a_waiting_goal_cancels_at_once(ros):
+    from action_msgs.msg import GoalStatus
+    from personal_vlm_interfaces.action import Ask as AskAction
+    from rclpy.action import ActionClient
+    from rclpy.qos import HistoryPolicy, QoSProfile
+
+    deep = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1000)     # one client, many replies at once
+    action = ActionClient(ros.node, AskAction, "ask", goal_service_qos_profile=deep,
+                          result_service_qos_profile=deep, cancel_service_qos_profile=deep)
+    assert action.wait_for_server(timeout_sec=WAIT_S)
+    count, handles, streamed, results, ended = 12, {}, set(), {}, {}
+    arrived = threading.Condition()
+
+    def keep(i):
+        def result(future):
+            with arrived:
+                results[i], ended[i] = future.result(), time.monotonic()
+                arrived.notify_all()
+        return result
+
+    def accepted(i):
+        def handle(future):
+            with arrived:
+                handles[i] = future.result()
+                arrived.notify_all()
+            handles[i].get_result_async().add_done_callback(keep(i))
+        return handle
+
+    try:
+        for i in range(count):
+            goal = AskAction.Goal(question="Describe everything in detail.", image=image_msg(picture(300 + i)))
+            action.send_goal_async(goal, feedback_callback=lambda _msg, i=i: streamed.add(i)
+                                   ).add_done_callback(accepted(i))
+        with arrived:
+            assert arrived.wait_for(lambda: len(handles) == count, timeout=WAIT_S), "not every goal was accepted"
+            # One is worked on and max_waiting_requests (4) wait; the others are aborted busy at once.
+            assert arrived.wait_for(lambda: len(results) >= count - 5, timeout=WAIT_S)
+            waiting = sorted(i for i in range(count) if i not in results and i not in streamed)
+        assert len(waiting) >= 2, (waiting, sorted(results), sorted(streamed))
+        last, ahead = waiting[-1], waiting[:-1]
+        handles[last].cancel_goal_async()
+        with arrived:
+            assert arrived.wait_for(lambda: len(results) == count, timeout=BURST_WAIT_S), \
+                f"{count - len(results)} of {count} ask goals got no result"
+    finally:
+        action.destroy()
+    assert results[last].status == GoalStatus.STATUS_CANCELED and "cancelled" in results[last].result.message
+    assert ended[last] < max(ended[i] for i in ahead)      # it did not wait for its turn
+    statuses = {i: r.status for i, r in results.items() if i != last}
+    assert GoalStatus.STATUS_SUCCEEDED in statuses.values()
+    for i, status in statuses.items():
+        result = results[i].result
+        if status == GoalStatus.STATUS_ABORTED:
+            assert result.message.startswith("busy: ") and "ask requests are already waiting" in result.message
+        else:
+            assert status == GoalStatus.STATUS_SUCCEEDED and result.success, (status, result.message)
+
+
 # ---- parameters while running -----------------------------------------------------------------
 
 def _set(ros, **values):
@@ -628,6 +844,7 @@ def test_restart_only_parameters_are_read_only_and_described(ros):
     ({"process_rate_hz": 0.0}, "process_rate_hz"),
     ({"process_rate_hz": "fast"}, "process_rate_hz must be a number"),
     ({"max_concepts_in_context": 65}, "max_concepts_in_context"),
+    ({"max_waiting_requests": 17}, "max_waiting_requests"),
     ({"verification": "yes"}, "Wrong parameter type"),             # refused by rclpy itself
 ])
 def test_a_live_parameter_change_with_a_bad_value_is_refused_with_the_reason(ros, values, reason):
@@ -904,7 +1121,7 @@ def test_ctrl_c_stops_the_node_within_5_s_and_ends_requests_in_flight(ros, node_
     action.send_goal_async(AskAction.Goal(question="Tell me a long story.", image=image_msg(picture(160))),
                            feedback_callback=lambda _msg: streaming.set())
     assert streaming.wait(WAIT_S), "the goal never started answering"
-    ros._clients["ask"].call_async(Ask.Request(question="And another one?", image=image_msg(picture(161))))
+    behind = ros._clients["ask"].call_async(Ask.Request(question="And another one?", image=image_msg(picture(161))))
     time.sleep(0.2)
     start = time.monotonic()
     node_process.proc.send_signal(signal.SIGINT)
@@ -917,3 +1134,6 @@ def test_ctrl_c_stops_the_node_within_5_s_and_ends_requests_in_flight(ros, node_
     assert node_process.proc.returncode == 0, output
     assert "Traceback" not in output
     assert "never retrieved" not in output and "Destroyable" not in output
+    # The ask request waiting behind the goal was not started, but answered.
+    ros.wait_until(behind.done, timeout=5.0, what="the answer to the waiting ask request")
+    assert behind.result().success is False and "shutting down" in behind.result().message

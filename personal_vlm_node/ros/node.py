@@ -22,13 +22,19 @@ Topics and services (names relative to the node's namespace):
 Threads: the camera callback only drops the message into a one-slot holder; one worker thread
 takes the newest frame at most ``process_rate_hz`` times a second and runs
 ``Assistant.observe`` (frames that arrive meanwhile replace each other and are counted as dropped).
-Each service has its own callback group in a multi-threaded executor, so a slow teach or ask never
-holds up the camera callback, the worker or another service. On shutdown, requests in flight are
-ended (generation interrupted) and answered before the node is destroyed.
+Every request is taken from DDS as soon as it arrives (one reentrant callback group, a deep request
+queue). Requests of each kind (teach, ask — the service and the action's goals —, list, forget)
+are worked on one at a time in order of arrival (:class:`RequestLine`); one that finds
+``max_waiting_requests`` of its kind already waiting is answered at once: ``success=false``,
+"busy: …". The multi-threaded executor has a thread for every request that may wait, and more, so
+a slow teach or ask never holds up the camera callback, diagnostics, a cancel request or another
+kind of request. On shutdown, requests in flight are ended (generation interrupted), waiting ones
+are not started, and all are answered before the node is destroyed.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import math
@@ -55,6 +61,10 @@ class Param:
     live: bool = False          # applies while running; the others need a restart (read-only)
 
 
+REQUEST_KINDS = ("teach", "ask", "list", "forget")     # the ask action's goals wait with the asks
+MAX_WAITING_REQUESTS = 16          # the parameter's upper bound: each waiting request holds a thread
+
+
 PARAMETERS: dict[str, Param] = {
     "model": Param(DEFAULT_MODEL, "Hugging Face model id or local checkpoint folder"),
     "device": Param("auto", "auto, cpu, cuda or cuda:N"),
@@ -75,6 +85,9 @@ PARAMETERS: dict[str, Param] = {
     "compressed": Param(False, "subscribe to sensor_msgs/CompressedImage instead of Image"),
     "verifier_model": Param("", "CLIP/SigLIP id or folder for R2P's image-text scores; empty = the VLM's yes/no"),
     "r2p_margin": Param(0.15, "Ego p(yes) this close to its threshold is settled by R2P; 0 = never", low=0.0, high=0.5, live=True),
+    "max_waiting_requests": Param(4, "most requests of one kind (teach, ask, list, forget) waiting behind the one "
+                                     "being worked on; any more are answered busy",
+                                  low=0, high=MAX_WAITING_REQUESTS, live=True),
 }
 
 DIAGNOSTICS_PERIOD_S = 1.0
@@ -85,6 +98,13 @@ NO_FRAMES_WARNING_S = 5.0      # diagnostics warn when the camera has been silen
 WORKER_JOIN_TIMEOUT_S = 3.0
 REQUESTS_DRAIN_TIMEOUT_S = 3.0   # shutdown waits this long for interrupted requests to answer
 SPINNER_JOIN_TIMEOUT_S = 5.0     # and this long for the spinning thread to leave rclpy's wait
+# rclpy's default service QoS keeps the last 10 requests that no callback has taken yet and silently
+# replaces the oldest: a burst of 50 teach requests lost 39 while one teach ran. The callbacks now
+# take every request at once (it joins its RequestLine or is answered busy), so this queue only
+# holds a burst until the executor gets to it; 1000 is the depth ROS gives the parameter services,
+# whose requests must not get lost either.
+SERVICE_QUEUE_DEPTH = 1000
+WITHDRAW_CHECK_S = 0.1             # how often a waiting ask goal checks whether it was cancelled
 
 
 def plural(count: int, noun: str) -> str:
@@ -387,6 +407,76 @@ def detection_to_msg(detection):
                      size_x=w, size_y=h, track_id=int(detection.track_id))
 
 
+class RequestLine:
+    """Requests of one kind, worked on one at a time in order of arrival.
+
+    ``run`` answers at once when ``limit()`` requests are already waiting behind the one being
+    worked on (PersonalVLMError "busy: …"), or when the line is closed; otherwise it waits for its
+    turn in the calling (executor) thread and runs the work. Waiting blocks the thread rather than
+    awaiting in a coroutine: rclpy's executor resumes every awaiting coroutine at each of its turns,
+    once per camera frame, which cost a sixth of a core for five waiting requests at 30 frames/s.
+    """
+
+    def __init__(self, kind: str, limit):
+        self.kind = kind
+        self._limit = limit
+        self._condition = threading.Condition()
+        self._waiting: collections.deque = collections.deque()     # tickets, in order of arrival
+        self._running = False
+        self._closed = False
+
+    def run(self, work, withdraw_if=None):
+        """``work()`` in its turn. While it waits, ``withdraw_if()`` is asked every
+        WITHDRAW_CHECK_S; when that is true the request leaves the line unworked on (a cancelled
+        action goal)."""
+        ticket = object()
+        with self._condition:
+            if self._closed:
+                raise PersonalVLMError("the node is shutting down")
+            waiting = len(self._waiting)
+            if waiting + self._running > self._limit():
+                raise PersonalVLMError(self._busy(waiting))
+            self._waiting.append(ticket)
+        try:
+            while True:
+                with self._condition:
+                    if self._closed:
+                        raise PersonalVLMError("the node is shutting down")
+                    if not self._running and self._waiting[0] is ticket:
+                        self._waiting.popleft()
+                        self._running = True
+                        break
+                    self._condition.wait(WITHDRAW_CHECK_S if withdraw_if is not None else None)
+                if withdraw_if is not None and withdraw_if():      # outside our lock: it takes the goal's
+                    raise PersonalVLMError("withdrawn before it was worked on")
+        except BaseException:
+            with self._condition:
+                if ticket in self._waiting:
+                    self._waiting.remove(ticket)
+                self._condition.notify_all()            # the next one may be first now
+            raise
+        try:
+            return work()
+        finally:
+            with self._condition:
+                self._running = False
+                self._condition.notify_all()
+
+    def _busy(self, waiting: int) -> str:
+        if waiting == 0:
+            return f"busy: another {self.kind} request is being worked on; try again in a few seconds"
+        are = "is" if waiting == 1 else "are"
+        return (f"busy: {plural(waiting, self.kind + ' request')} {are} already waiting; "
+                "try again in a few seconds")
+
+    def close(self) -> None:
+        """Refuse new requests and answer the waiting ones "shutting down"; the one being worked on
+        ends as the model is interrupted."""
+        with self._condition:
+            self._closed = True
+            self._condition.notify_all()
+
+
 class AssistantNode:
     """Topics, services, the ask action, the frame worker and diagnostics of one loaded Assistant.
 
@@ -394,9 +484,11 @@ class AssistantNode:
     deactivate); the rclpy node and the Assistant outlive it.
     """
 
-    # One executor thread per callback group: camera, four services, diagnostics, and two for the
-    # action (a goal running and a cancel request arriving meanwhile).
-    EXECUTOR_THREADS = 8
+    # A thread for each request that may be worked on or wait in a RequestLine (the ask action's
+    # goals among the asks), and 8 more for the callbacks that must never wait behind them: camera,
+    # diagnostics, cancel requests, parameter services, and requests being answered busy. The pool
+    # starts its threads only as they are needed.
+    EXECUTOR_THREADS = len(REQUEST_KINDS) * (MAX_WAITING_REQUESTS + 1) + 8
 
     def __init__(self, node, assistant, values: dict):
         from diagnostic_msgs.msg import DiagnosticArray
@@ -420,7 +512,8 @@ class AssistantNode:
         # then takes the next camera frame as soon as it arrives instead of at its next turn, so a
         # new concept's first detection is not a whole frame period late.
         self._concepts_changed = threading.Event()
-        # Requests being worked on, so that shutdown can let them answer before destroying the node.
+        # Requests being worked on or waiting, so that shutdown can let them answer before
+        # destroying the node.
         self._requests = 0
         self._requests_done = threading.Condition()
         self._closing = False
@@ -438,20 +531,27 @@ class AssistantNode:
         self.overlay_pub = node.create_publisher(Image, "~/overlay", 1)
         self.diagnostics_pub = node.create_publisher(DiagnosticArray, "/diagnostics", 10)
 
+        self.lines = {kind: RequestLine(kind, lambda: int(self.values["max_waiting_requests"]))
+                      for kind in REQUEST_KINDS}
+        request_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=SERVICE_QUEUE_DEPTH,
+                                 reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.VOLATILE)
+        # Reentrant: every request is taken as soon as it arrives, whatever else is waiting, and
+        # either joins its RequestLine (which keeps each kind's work in order, one at a time) or is
+        # answered busy.
+        requests_group = ReentrantCallbackGroup()
         self.services = [
-            node.create_service(TeachConcept, "teach_concept", self._teach,
-                                callback_group=MutuallyExclusiveCallbackGroup()),
-            node.create_service(Ask, "ask", self._ask, callback_group=MutuallyExclusiveCallbackGroup()),
-            node.create_service(ListConcepts, "list_concepts", self._list,
-                                callback_group=MutuallyExclusiveCallbackGroup()),
-            node.create_service(ForgetConcept, "forget_concept", self._forget,
-                                callback_group=MutuallyExclusiveCallbackGroup()),
+            node.create_service(srv_type, name, callback, qos_profile=request_qos, callback_group=requests_group)
+            for srv_type, name, callback in [(TeachConcept, "teach_concept", self._teach), (Ask, "ask", self._ask),
+                                             (ListConcepts, "list_concepts", self._list),
+                                             (ForgetConcept, "forget_concept", self._forget)]
         ]
         # Reentrant: a cancel request must get through while the goal's execute callback runs.
         self.ask_action = ActionServer(
             node, AskAction, "ask", execute_callback=self._ask_goal,
             goal_callback=lambda _goal: GoalResponse.REJECT if self._closing else GoalResponse.ACCEPT,
-            cancel_callback=lambda _goal: CancelResponse.ACCEPT, callback_group=ReentrantCallbackGroup())
+            cancel_callback=lambda _goal: CancelResponse.ACCEPT, callback_group=ReentrantCallbackGroup(),
+            goal_service_qos_profile=request_qos, result_service_qos_profile=request_qos,
+            cancel_service_qos_profile=request_qos)
         self._diagnostics_clock = (time.monotonic(), 0, 0)   # (time, received, dropped) at last report
         self.diagnostics_timer = node.create_timer(DIAGNOSTICS_PERIOD_S, self._publish_diagnostics,
                                                    callback_group=MutuallyExclusiveCallbackGroup())
@@ -474,8 +574,10 @@ class AssistantNode:
     def stop(self) -> None:
         """Stop the worker; it finishes the frame in hand (bounded wait: it is a daemon thread).
 
-        New requests are refused from here on."""
+        New requests are refused from here on, and waiting ones are answered "shutting down"."""
         self._closing = True
+        for line in self.lines.values():
+            line.close()
         if self.concepts_changed in self.assistant.bank_listeners:
             self.assistant.bank_listeners.remove(self.concepts_changed)
         self._stop.set()
@@ -509,7 +611,7 @@ class AssistantNode:
 
     @contextlib.contextmanager
     def _request(self):
-        """One request: counted while it runs; refused once the node is closing."""
+        """One request: counted while it waits in its line or runs; refused once the node is closing."""
         with self._requests_done:
             if self._closing:
                 raise PersonalVLMError("the node is shutting down")
@@ -585,11 +687,12 @@ class AssistantNode:
             raise PersonalVLMError(f"the latest camera frame cannot be used: {exc}") from exc
 
     # ---- services -----------------------------------------------------------------------------
-    def _serve(self, service: str, response, work):
-        """Run ``work(response)``; a user error or a bug becomes success=false and the node goes on."""
+    def _serve(self, kind: str, service: str, response, work, withdraw_if=None):
+        """Run ``work(response)`` in its turn on the ``kind`` line, or refuse it at once when the line
+        is full; a refusal, a user error or a bug becomes success=false and the node goes on."""
         try:
             with self._request():
-                work(response)
+                self.lines[kind].run(lambda: work(response), withdraw_if)
             response.success = True
         except PersonalVLMError as exc:
             response.success = False
@@ -629,7 +732,7 @@ class AssistantNode:
                            f"in {result.seconds:.1f} s")
             self.log.info(out.message)
 
-        return self._serve("teach_concept", response, work)
+        return self._serve("teach", "teach_concept", response, work)
 
     def _question_image(self, image):
         from .convert import image_msg_to_array, is_empty_image
@@ -651,10 +754,11 @@ class AssistantNode:
             out.concepts = list(result.concepts)
             out.message = f"answered in {result.seconds:.1f} s"
 
-        return self._serve("ask", response, work)
+        return self._serve("ask", "ask", response, work)
 
     def _ask_goal(self, goal):
-        """The ask action: the answer so far as feedback after every token; a cancel stops it."""
+        """The ask action: the answer so far as feedback after every token; a cancel stops it, or
+        takes a goal that is still waiting out of the line. Goals wait in line with ask requests."""
         from personal_vlm_interfaces.action import Ask as AskAction
 
         request = goal.request
@@ -665,8 +769,9 @@ class AssistantNode:
             goal.publish_feedback(AskAction.Feedback(partial_answer=text))
             return True
 
-        result = self._serve("ask action", AskAction.Result(), lambda out: self._answer_goal(
-            out, request, partial))
+        result = self._serve("ask", "ask action", AskAction.Result(),
+                             lambda out: self._answer_goal(out, request, partial),
+                             withdraw_if=lambda: goal.is_cancel_requested)
         if goal.is_cancel_requested:
             result.success = False
             result.message = f"cancelled after {plural(len(result.answer), 'character')} of the answer"
@@ -700,7 +805,7 @@ class AssistantNode:
                 out.message += (f"; damaged, not recognised until taught again: "
                                 + "; ".join(damaged[n] for n in sorted(damaged)))
 
-        return self._serve("list_concepts", response, work)
+        return self._serve("list", "list_concepts", response, work)
 
     def _forget(self, request, response):
         def work(out):
@@ -708,7 +813,7 @@ class AssistantNode:
             out.message = result.message
             (self.log.warning if result.left_behind else self.log.info)(out.message)
 
-        return self._serve("forget_concept", response, work)
+        return self._serve("forget", "forget_concept", response, work)
 
     # ---- diagnostics ----------------------------------------------------------------------------
     def _publish_diagnostics(self) -> None:
