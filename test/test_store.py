@@ -538,10 +538,11 @@ for step in itertools.count():
 
 
 def _leftover_count(root: Path) -> int:
-    """Directories a killed writer left for the next open to remove."""
+    """What a killed writer left for the next open to finish: folders, or only their pending rows."""
     with contextlib.closing(sqlite3.connect(root / "concepts.db")) as db:
         referenced = {row[0] for row in db.execute("SELECT dir FROM concepts")}
-    return len(os.listdir(root / "tmp")) + len(set(os.listdir(root / "concepts")) - referenced)
+        pending = {row[0] for row in db.execute("SELECT dir FROM pending")}
+    return len(set(os.listdir(root / "tmp")) | (set(os.listdir(root / "concepts")) - referenced) | pending)
 
 
 def _assert_whole_versions(root: Path) -> None:
@@ -551,6 +552,8 @@ def _assert_whole_versions(root: Path) -> None:
         referenced = {row[0] for row in db.execute("SELECT dir FROM concepts")}
     assert set(os.listdir(root / "concepts")) == referenced
     assert os.listdir(root / "tmp") == []
+    with contextlib.closing(sqlite3.connect(root / "concepts.db")) as db:
+        assert db.execute("SELECT COUNT(*) FROM pending").fetchone()[0] == 0
     records = store.list()
     assert [r.name for r in records] == store.names()
     for record in records:

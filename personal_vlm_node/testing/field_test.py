@@ -342,12 +342,15 @@ def read_journal(path: Path) -> tuple[list[tuple[str, str, int]], tuple[str, str
 
 
 def leftover_entries(root: Path) -> int:
-    """Files a killed writer left for the next open to remove (staging and unreferenced versions)."""
+    """What a killed writer left for the next open to finish: staging folders, unreferenced versions,
+    and folders recorded as pending (a write killed before its folder was made leaves only that row)."""
     with contextlib.closing(sqlite3.connect(root / "concepts.db")) as db:
         referenced = {row[0] for row in db.execute("SELECT dir FROM concepts UNION SELECT dir FROM memories")}
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        pending = {row[0] for row in db.execute("SELECT dir FROM pending")} if "pending" in tables else set()
     tmp = os.listdir(root / "tmp") if (root / "tmp").is_dir() else []
     concepts = os.listdir(root / "concepts") if (root / "concepts").is_dir() else []
-    return len(tmp) + len(set(concepts) - referenced)
+    return len(set(tmp) | (set(concepts) - referenced) | pending)
 
 
 def store_problems(root: Path, expect_versions: bool) -> tuple[list[str], dict]:
