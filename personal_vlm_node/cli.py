@@ -299,7 +299,7 @@ def _cmd_forget(args) -> None:
 
 
 def _cmd_store(args) -> None:
-    from .repair import repair_store
+    from .store.repair import repair_store
 
     report = repair_store(args.store, force=args.force, progress=stderr_progress())
     _emit(args, report.as_dict(), "\n".join(report.lines()))

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from personal_vlm_node import store as store_module
+from personal_vlm_node.store import files as store_files
 from personal_vlm_node.errors import PersonalVLMError
 from personal_vlm_node.store import MAX_NAME_CHARS, SCHEMA_VERSION, ConceptRecord, ConceptStore, validate_name
 
@@ -265,7 +266,7 @@ def test_disk_full_during_add_raises_project_error_and_keeps_old_version(tmp_pat
     def disk_full(path, image):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(store_module, "_write_png", disk_full)
+    monkeypatch.setattr(store_files, "_write_png", disk_full)
     with pytest.raises(PersonalVLMError, match="could not save concept 'mug'.*disk is full.*free some space"):
         store.add(_record("mug", category="cup"), _memory(2.0), [_picture(20)], overwrite=True)
 
@@ -691,7 +692,7 @@ def test_the_watcher_sees_a_commit_of_another_store_object(tmp_path):
 def test_a_read_racing_a_forget_never_raises_a_raw_error(tmp_path, monkeypatch):
     store = ConceptStore(tmp_path)
     store.add(_record("mug"), _memory(), [_picture()])
-    real_load = store_module._read_memory
+    real_load = store_files._read_memory
 
     def load_after_forget(path):
         # The version being read goes away between reading the row and the file, after the file
@@ -701,7 +702,7 @@ def test_a_read_racing_a_forget_never_raises_a_raw_error(tmp_path, monkeypatch):
             raise RuntimeError(f"unable to open file <{path}>: No such file or directory")
         return real_load(path)
 
-    monkeypatch.setattr(store_module, "_read_memory", load_after_forget)
+    monkeypatch.setattr(store_files, "_read_memory", load_after_forget)
     with pytest.raises(PersonalVLMError, match="no concept named 'mug'"):
         store.load_memory("mug")
 
@@ -710,7 +711,7 @@ def test_a_memory_file_deleted_after_it_was_opened_is_still_read(tmp_path):
     store = ConceptStore(tmp_path)
     store.add(_record("mug"), _memory(7.0), [_picture()])
     path = _concept_dir(store, "mug") / "memory.safetensors"
-    tensors = store_module._read_memory(path)
+    tensors = store_files._read_memory(path)
     path.unlink()
     assert torch.equal(tensors["tokens"], _memory(7.0)["tokens"])
 

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from personal_vlm_node.errors import PersonalVLMError
-from personal_vlm_node.repair import repair_store
+from personal_vlm_node.store.repair import repair_store
 from personal_vlm_node.store import ConceptRecord, ConceptStore
 
 # The same faults the store's field cases use (scripts/store_cases.py imports nothing of the package).

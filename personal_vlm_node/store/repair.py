@@ -25,15 +25,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import store as _store
-from .errors import PersonalVLMError
-from .store import validate_name
+from safetensors import SafetensorError
 
-try:
-    import fcntl
-except ImportError:  # not POSIX: no other process is kept out while the index is rebuilt
-    fcntl = None
-
+from personal_vlm_node.errors import PersonalVLMError
+from personal_vlm_node.names import validate_name
+from .layout import (SCHEMA_VERSION, _DB_FILE, _DIR_MODE, _FILE_MODE, _MARKER_FILE, _MEMORY_FILE, _RECORD_FILE,
+                     _STORE_ENTRIES, _VERSION_NAME)
+from .records import default_store_dir
+from .files import (_exclusive_lock, _check_pictures_present, _fsync_dir, _fsync_file, _read_memory,
+                    _reference_file)
+from .index import _COLUMNS, _create_tables
+from .folder import _refuse_links, _check_marker, _is_index, _write_marker
 
 @dataclass
 class RepairReport:
@@ -79,26 +81,26 @@ def repair_store(root: str | Path | None = None, force: bool = False, progress=N
     Without ``force`` a healthy index is left alone. Refuses a folder that is not a concept store.
     """
     started = time.perf_counter()
-    root = Path(root).expanduser() if root is not None else _store.default_store_dir()
+    root = Path(root).expanduser() if root is not None else default_store_dir()
     _check_repairable(root)
     say = progress or (lambda message: None)
-    with _locked(root):
-        index = root / _store._DB_FILE
+    with _exclusive_lock(root):
+        index = root / _DB_FILE
         if not force and _healthy(index):
             return RepairReport(root, repaired=False, restored=_names(index))
         say(f"reading the concept folders in {root / 'concepts'}…")
         concepts, memories, report = _scan(root / "concepts", say)
         report.root = root
-        rebuilt = root / (_store._DB_FILE + ".rebuilding")
+        rebuilt = root / (_DB_FILE + ".rebuilding")
         _remove_own_file(rebuilt)
         _write_index(rebuilt, concepts, memories)
         report.old_index = _move_aside(index)
         os.rename(rebuilt, index)
-        os.chmod(index, _store._FILE_MODE)
-        if not (root / _store._MARKER_FILE).exists():
-            _store._write_marker(root)
-        (root / "tmp").mkdir(mode=_store._DIR_MODE, exist_ok=True)
-        _store._fsync_dir(root)
+        os.chmod(index, _FILE_MODE)
+        if not (root / _MARKER_FILE).exists():
+            _write_marker(root)
+        (root / "tmp").mkdir(mode=_DIR_MODE, exist_ok=True)
+        _fsync_dir(root)
     report.seconds = time.perf_counter() - started
     return report
 
@@ -107,41 +109,21 @@ def _check_repairable(root: Path) -> None:
     if not root.is_dir():
         raise PersonalVLMError(f"there is no concept store in {root} (no such folder)")
     entries = set(os.listdir(root))
-    for entry in sorted(entries & _store._STORE_ENTRIES):
-        if (root / entry).is_symlink():
-            raise PersonalVLMError(f"{root / entry} is a symbolic link; a concept store never follows links "
-                                   "inside its folder: put the folder or file itself there, then repair")
+    _refuse_links(root, entries)
     concepts = root / "concepts"
     if not concepts.is_dir():
         raise PersonalVLMError(f"{root} has no concepts folder: there is nothing to rebuild an index from")
-    if _store._MARKER_FILE in entries:
-        _store._check_marker(root)
+    if _MARKER_FILE in entries:
+        _check_marker(root)
         return
-    foreign = sorted(e for e in entries - _store._STORE_ENTRIES if not e.startswith(_store._DB_FILE + "."))
+    foreign = sorted(e for e in entries - _STORE_ENTRIES if not e.startswith(_DB_FILE + "."))
     if foreign:
         raise PersonalVLMError(f"{root} is not a concept store: it holds files personal_vlm_node did not write "
                                f"({', '.join(repr(e) for e in foreign[:3])}); nothing was changed")
 
 
-@contextlib.contextmanager
-def _locked(root: Path):
-    """The store's writer lock: no node or command writes while the index is replaced."""
-    if fcntl is None:
-        yield
-        return
-    try:
-        fd = os.open(root / _store._LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, _store._FILE_MODE)
-    except OSError as e:
-        raise _store._os_error(e, f"cannot lock the concept store in {root}") from e
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
 def _healthy(index: Path) -> bool:
-    if not _store._is_index(index):
+    if not _is_index(index):
         return False
     try:
         with contextlib.closing(sqlite3.connect(f"file:{index}?mode=ro", uri=True)) as conn:
@@ -166,7 +148,7 @@ def _scan(concepts_dir: Path, say) -> tuple[dict, dict, RepairReport]:
         if i and i % 500 == 0:
             say(f"read {i}/{len(folders)} folders")
         path = Path(entry.path)
-        if not (_store._VERSION_NAME.match(entry.name) and entry.is_dir(follow_symlinks=False)):
+        if not (_VERSION_NAME.match(entry.name) and entry.is_dir(follow_symlinks=False)):
             report.left.append(f"{path} (not a folder the store writes)")
             continue
         try:
@@ -208,7 +190,7 @@ def _scan(concepts_dir: Path, say) -> tuple[dict, dict, RepairReport]:
 
 
 def _read_record(directory: Path) -> dict | None:
-    path = directory / _store._RECORD_FILE
+    path = directory / _RECORD_FILE
     if not path.exists():
         return None
     with open(path, "rb") as f:
@@ -230,13 +212,13 @@ def _read_record(directory: Path) -> dict | None:
 def _legacy_record(directory: Path) -> dict | None:
     """A record for a folder written before records existed, when it holds a whole concept."""
     pictures = 0
-    while _store._reference_file(directory, pictures).is_file():
+    while _reference_file(directory, pictures).is_file():
         pictures += 1
-    if not pictures or not (directory / _store._MEMORY_FILE).is_file():
+    if not pictures or not (directory / _MEMORY_FILE).is_file():
         return None
     try:
-        memory = _store._read_memory(directory / _store._MEMORY_FILE)
-    except (OSError, ValueError, RuntimeError, _store.SafetensorError):
+        memory = _read_memory(directory / _MEMORY_FILE)
+    except (OSError, ValueError, RuntimeError, SafetensorError):
         memory = {}
     tokens = memory.get("memory")
     stamp = os.stat(directory).st_mtime
@@ -250,27 +232,27 @@ def _legacy_record(directory: Path) -> dict | None:
 
 def _damage(directory: Path, record: dict) -> str | None:
     try:
-        _store._read_memory(directory / _store._MEMORY_FILE)
-        _store._check_pictures_present(directory, record["n_images"])
+        _read_memory(directory / _MEMORY_FILE)
+        _check_pictures_present(directory, record["n_images"])
     except FileNotFoundError as e:
         return f"one of its files is missing ({e})"
-    except (OSError, ValueError, RuntimeError, _store.SafetensorError) as e:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         return str(e)
     return None
 
 
 def _write_index(path: Path, concepts: dict, memories: dict) -> None:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, _store._FILE_MODE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, _FILE_MODE)
     os.close(fd)
     try:
         with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("BEGIN IMMEDIATE")
-            _store._create_tables(conn, 0)
+            _create_tables(conn, 0)
             for name, (folder, record) in concepts.items():
                 conn.execute(
-                    f"INSERT INTO concepts ({_store._COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                    f"INSERT INTO concepts ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                     (name, record["category"], _json(record["keywords"]), _json(record["fingerprint"]),
                      record.get("fingerprint_complete"), record["memory_tokens"], record["model_fingerprint"],
                      float(record["created"]), float(record["updated"]), _json(record["extra"]), folder,
@@ -281,9 +263,9 @@ def _write_index(path: Path, concepts: dict, memories: dict) -> None:
                     "VALUES (?,?,?,?,?,?)",
                     (name, model, record["model_fingerprint"], record["memory_tokens"], folder,
                      float(record["updated"])))
-            conn.execute(f"PRAGMA user_version={_store.SCHEMA_VERSION}")
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             conn.execute("COMMIT")
-        _store._fsync_file(path)
+        _fsync_file(path)
     except BaseException:
         _remove_own_file(path)
         raise
