@@ -25,3 +25,8 @@ def stderr_progress(tag: str = "personal-vlm") -> Callable[[str], None]:
         print(f"[{tag}] {message}", file=sys.stderr, flush=True)
 
     return say
+
+
+def plural(count: int, noun: str) -> str:
+    """``1 concept``, ``2 concepts``."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
