@@ -29,6 +29,7 @@ from safetensors import SafetensorError
 
 from personal_vlm_node.errors import PersonalVLMError
 from personal_vlm_node.names import validate_name
+from personal_vlm_node.output import plural
 from .layout import (SCHEMA_VERSION, _DB_FILE, _DIR_MODE, _FILE_MODE, _MARKER_FILE, _MEMORY_FILE, _RECORD_FILE,
                      _STORE_ENTRIES, _VERSION_NAME)
 from .records import default_store_dir
@@ -53,10 +54,10 @@ class RepairReport:
 
     def lines(self) -> list[str]:
         if not self.repaired:
-            return [f"the concept index in {self.root} is healthy ({len(self.restored)} concepts); nothing was "
+            return [f"the concept index in {self.root} is healthy ({plural(len(self.restored), 'concept')}); nothing was "
                     "changed (--force rebuilds it anyway)"]
         out = [f"rebuilt the concept index in {self.root} from its folders in {self.seconds:.1f} s: "
-               f"{len(self.restored)} concepts, {self.memories} memories of other models"]
+               f"{plural(len(self.restored), 'concept')}, memories of other models: {self.memories}"]
         if self.old_index is not None:
             out.append(f"the previous index was kept as {self.old_index}")
         if self.recovered:
