@@ -46,14 +46,16 @@ Names are user text and are never used in paths; directories are named by random
 # The package's parts, by job: layout (file names, modes, format), records (what it hands out),
 # errors (causes and advice), files (durable I/O, removing only its own files), index (SQLite),
 # folder (what a folder is), versions (the publish / pending / collect protocol), local
-# (ConceptStore), repair (rebuilding a lost index).
+# (ConceptStore), repair (rebuilding a lost index); library (ConceptLibrary: the interface every
+# backend implements, this folder's and a shared database's).
 from personal_vlm_node.names import MAX_NAME_CHARS, validate_category, validate_name
 
 from .folder import identify_folder
 from .index import StoreWatcher
 from .layout import SCHEMA_VERSION
+from .library import ConceptLibrary, LibraryWatcher
 from .local import ConceptStore
 from .records import ConceptRecord, ForgetResult, MemoryMissing, default_store_dir, model_key
 
-__all__ = ["MAX_NAME_CHARS", "SCHEMA_VERSION", "ConceptRecord", "ConceptStore", "ForgetResult", "MemoryMissing",
-           "StoreWatcher", "default_store_dir", "identify_folder", "model_key", "validate_category", "validate_name"]
+__all__ = ["MAX_NAME_CHARS", "SCHEMA_VERSION", "ConceptLibrary", "ConceptRecord", "ConceptStore", "ForgetResult", "MemoryMissing",
+           "LibraryWatcher", "StoreWatcher", "default_store_dir", "identify_folder", "model_key", "validate_category", "validate_name"]

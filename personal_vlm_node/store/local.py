@@ -18,17 +18,21 @@ from .files import _check_memory, _check_pictures_present, _read_picture, _refer
 from .index import (StoreWatcher, _COLUMNS, _COLUMN_NAMES, _check_dict, _check_keywords, _decode_json, _dir_of,
                     _encode_json, _fetch, _fetch_row, _memory_record, _other_memory_dirs, _record_from_row,
                     _row_record, _settle_pending)
+from .library import ConceptLibrary
 from .versions import VersionFolders
 
 logger = logging.getLogger("personal_vlm_node.store")
 
 
-class ConceptStore(VersionFolders):
+class ConceptStore(VersionFolders, ConceptLibrary):
     """SQLite index + one directory per concept version. Safe to share across threads.
 
     ``read_only`` is True when the folder cannot be written (permissions, an immutable folder, a
     read-only file system): every read works, and a write raises one line saying why.
     """
+
+    def location(self) -> str:
+        return str(self.root)
 
     # ------------------------------------------------------------------ writes
 
