@@ -56,24 +56,11 @@ SHIPPED = {
     "qwen2.5-vl-7b-instruct.yaml": {"model": "Qwen/Qwen2.5-VL-7B-Instruct", **UNCALIBRATED},
     "smolvlm-256m-instruct.yaml": {"model": "HuggingFaceTB/SmolVLM-256M-Instruct", **UNCALIBRATED},
     "smolvlm-500m-instruct.yaml": {"model": "HuggingFaceTB/SmolVLM-500M-Instruct", **UNCALIBRATED},
-    "qwen2.5-vl-toy.yaml": {
-        "model": "qwen2.5-vl-toy",
-        "layers": [1, 3],
-        "max_memory_tokens": 32,
-        "min_memory_tokens": 4,
-        "memory_budget": 0.2,
-        "memory_layout": "image",
-        "attention_rows": "predict",
-        "attention_baseline": "answer",
-        "introduction_passes": 1,
-        "max_image_pixels": 0,
-        "recognition": "per_concept",
-        "accept_threshold": 0.9709,
-        "reject_threshold": 0.9197,
-        "recognize_threshold": 0.6442,
-        "r2p_margin": 0.1437,
-        "max_concepts_in_context": 5,
-    },
+    # The toy writes every key: its calibration measured the layers, memory size and thresholds.
+    "qwen2.5-vl-toy.yaml": {**{k: v for k, v in DEFAULTS.items() if k != "calibration"},
+                            "model": "qwen2.5-vl-toy", "layers": [1, 3], "max_memory_tokens": 32,
+                            "accept_threshold": 0.9709, "reject_threshold": 0.9197,
+                            "recognize_threshold": 0.6442, "r2p_margin": 0.1437},
 }
 
 
