@@ -28,7 +28,7 @@ from personal_vlm_interfaces.srv import Ask, ForgetConcept, ListConcepts, TeachC
 from sensor_msgs.msg import Image, RegionOfInterest  # noqa: E402
 
 from personal_vlm_node.ros.client import NodeClient  # noqa: E402
-from personal_vlm_node.testing.kit import HEIGHT, WIDTH, image_msg, pixels  # noqa: E402
+from personal_vlm_node.testing.kit import HEIGHT, WIDTH, image_msg, node_command, node_env, pixels  # noqa: E402
 
 NAMESPACE = f"/vlm_test_{os.getpid()}"     # keeps this run's names apart from any other node
 WAIT_S = 120.0                             # tiny models on two busy cores: generous, never asserted
@@ -181,9 +181,7 @@ def test_closing_a_request_line_answers_the_waiting_and_withdraws_on_request():
 # ---- the node process -------------------------------------------------------------------------
 
 def _command(params: Path) -> list[str]:
-    wrapper = Path(sys.prefix) / "lib" / "personal_vlm_node" / "assistant_node"
-    head = [str(wrapper)] if wrapper.is_file() else [sys.executable, "-m", "personal_vlm_node.ros.node"]
-    return head + ["--ros-args", "--params-file", str(params), "-r", f"__ns:={NAMESPACE}"]
+    return node_command("--params-file", str(params), "-r", f"__ns:={NAMESPACE}")
 
 
 class NodeProcess:
@@ -204,12 +202,9 @@ def node_process(tiny_checkpoints, tmp_path_factory):
     lines = ["/**:", "  ros__parameters:"] + [f"    {k}: {json.dumps(v)}" for k, v in values.items()]
     params = tmp / "params.yaml"
     params.write_text("\n".join(lines) + "\n")
-    env = dict(os.environ)
-    env.pop("_ROS_WHEELS_BOOTSTRAP_COMPLETE", None)
-    env["PYTHONUNBUFFERED"] = "1"
     log = tmp / "node.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen(_command(params), stdout=out, stderr=subprocess.STDOUT, env=env,
+        proc = subprocess.Popen(_command(params), stdout=out, stderr=subprocess.STDOUT, env=node_env(),
                                 cwd=Path(__file__).resolve().parent.parent)
     node = NodeProcess(proc, log, model, tmp / "store")
     deadline = time.monotonic() + WAIT_S
@@ -320,7 +315,9 @@ def test_a_concept_taught_from_images_is_detected_on_later_frames(ros):
     taught = ros.teach("my mug", [image_msg(mug, "bgr8")], category="mug")
     assert taught.success, taught.message
     assert taught.memory_tokens > 0 and taught.seconds > 0
-    assert isinstance(list(taught.keywords), list)
+    listed = ros.list()
+    row = list(listed.names).index("my mug")
+    assert list(taught.keywords) == json.loads(listed.keywords_json[row] or "[]")   # what the store keeps
     assert "my mug" in taught.message
 
     result = ros.observe_until(mug, lambda r: "my mug" in names(r), frame_id="kitchen_cam")
@@ -424,29 +421,19 @@ def _cli(node_process, *args) -> subprocess.CompletedProcess:
     return done
 
 
-def _seconds_until(ros, array, condition, limit: float = 10.0) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < limit:
-        if condition(ros.observe(array)):
-            return time.monotonic() - start
-    raise AssertionError(f"not within {limit} s")
-
-
-def test_a_concept_taught_and_forgotten_by_another_process_is_followed_within_a_second(ros, node_process, tmp_path):
+def test_a_concept_taught_and_forgotten_by_another_process_is_followed(ros, node_process, tmp_path):
     from PIL import Image as PILImage
 
     lamp = pixels(21)
     path = tmp_path / "lamp.png"
     PILImage.fromarray(lamp).save(path)
     _cli(node_process, "teach", "desk lamp", str(path), "--category", "lamp", "--no-wait")
-    seen = _seconds_until(ros, lamp, lambda r: "desk lamp" in names(r))
-    assert seen < 1.0
+    ros.observe_until(lamp, lambda r: "desk lamp" in names(r), frames=200)
     detection = next(d for d in ros.observe(lamp).detections if d.name == "desk lamp")
     assert detection.category == "lamp"
 
     _cli(node_process, "forget", "desk lamp")
-    gone = _seconds_until(ros, lamp, lambda r: "desk lamp" not in names(r))
-    assert gone < 1.0
+    ros.observe_until(lamp, lambda r: "desk lamp" not in names(r), frames=200)
     asked = ros.ask("Is the lamp here?", image_msg(lamp))
     assert asked.success, asked.message
     assert "desk lamp" not in asked.concepts
@@ -461,10 +448,8 @@ def test_after_a_teach_the_next_frame_is_processed_at_once_whatever_the_rate(ros
         ros.observe(pixels(40))                               # processed: the next turn is 5 s away
         taught = ros.teach("tea tin", [image_msg(pixels(41))])
         assert taught.success, taught.message
-        start = time.monotonic()
         stamp = ros.publish_frame(image_msg(pixels(41)))
         assert ros.detections_for(stamp, timeout=2.0) is not None, "the frame after the teach waited for its turn"
-        assert time.monotonic() - start < 2.0
         later = ros.publish_frame(image_msg(pixels(41)))            # the rate applies again
         assert ros.detections_for(later, timeout=1.0) is None
     finally:
@@ -612,7 +597,8 @@ def _handshake(clients, ping) -> None:
 
 def _send_at_once(ros, srv_type, service: str, requests: list, timeout: float, ping) -> list:
     """Send every request at once, each from a client of its own (as separate callers would), and
-    wait until all are answered or ``timeout`` passed; [(response, seconds) or None if unanswered]."""
+    wait until all are answered or ``timeout`` passed; [(response, place in the order of the answers)
+    or None if unanswered]."""
     from rclpy.qos import HistoryPolicy, QoSProfile
 
     # A client's reply reader also receives the replies to this process's other clients; at rclpy's
@@ -622,10 +608,10 @@ def _send_at_once(ros, srv_type, service: str, requests: list, timeout: float, p
     answers: dict[int, tuple] = {}
     arrived = threading.Condition()
 
-    def keep(i, start):
+    def keep(i):
         def answered(future):
             with arrived:
-                answers[i] = (future.result(), time.monotonic() - start)
+                answers[i] = (future.result(), len(answers))
                 arrived.notify_all()
         return answered
 
@@ -634,7 +620,7 @@ def _send_at_once(ros, srv_type, service: str, requests: list, timeout: float, p
             assert client.wait_for_service(timeout_sec=WAIT_S), f"service {service} never appeared"
         _handshake(clients, ping)
         for i, (client, request) in enumerate(zip(clients, requests)):
-            client.call_async(request).add_done_callback(keep(i, time.monotonic()))
+            client.call_async(request).add_done_callback(keep(i))
         deadline = time.monotonic() + timeout
         with arrived:
             while len(answers) < len(requests) and time.monotonic() < deadline:
@@ -656,11 +642,11 @@ def test_a_burst_of_teach_requests_is_served_or_refused_busy_and_every_one_is_an
         assert not unanswered, (f"{len(unanswered)} of {BURST} teach requests got no answer within "
                                 f"{BURST_WAIT_S:g} s ({len(served)} served, {len(refused)} refused)")
         assert served, "no teach request of the burst was served"
-        for response, _seconds in refused.values():
+        for response, _order in refused.values():
             assert response.message.startswith("busy: "), response.message
             assert "teach requests are already waiting" in response.message and "try again" in response.message
         # The refused were answered at once, not after waiting their turn behind the served ones.
-        assert max(seconds for _response, seconds in refused.values()) < max(answers[i][1] for i in served)
+        assert max(order for _response, order in refused.values()) < max(answers[i][1] for i in served)
         taught = {name for name in ros.list().names if name.startswith("burst ")}
         assert taught == {f"burst {i}" for i in served}
     finally:
@@ -861,9 +847,13 @@ def test_the_ask_action_refuses_a_bad_request_with_a_message(ros):
 # ---- wording and values -------------------------------------------------------------------------
 
 def test_list_says_1_concept_and_diagnostics_name_the_resolved_dtype(ros, node_process):
+    for name in ros.list().names:                  # what earlier tests taught
+        assert ros.forget(name).success
+    assert ros.teach("lone cup", [image_msg(pixels(170))]).success
     listed = ros.list()
-    count = len(listed.names)
-    assert listed.message == (f"{count} concept" if count == 1 else f"{count} concepts")
+    assert list(listed.names) == ["lone cup"] and listed.message == "1 concept"
+    assert ros.forget("lone cup").success
+    assert ros.list().message == "0 concepts"
     assert _diagnostic_value(ros, node_process.model, "dtype") == "float32"
     assert "(float32, qwen2_5_vl)" in node_process.output()
 
@@ -871,10 +861,8 @@ def test_list_says_1_concept_and_diagnostics_name_the_resolved_dtype(ros, node_p
 # ---- personal-vlm node …: the client for machines without the ros2 command --------------------
 
 def _node_cli(*args, timeout=WAIT_S):
-    env = dict(os.environ)
-    env.pop("_ROS_WHEELS_BOOTSTRAP_COMPLETE", None)
     return subprocess.run([sys.executable, "-m", "personal_vlm_node.cli", *args], capture_output=True, text=True,
-                          env=env, timeout=timeout)
+                          env=node_env(), timeout=timeout)
 
 
 def test_the_node_client_teaches_lists_asks_and_forgets(ros, tmp_path):
@@ -983,7 +971,7 @@ def test_the_node_client_resends_idempotent_requests_and_sends_the_others_once(m
 
 # ---- shutdown (last: it stops the module's node) ---------------------------------------------
 
-def test_ctrl_c_stops_the_node_within_5_s_and_ends_requests_in_flight(ros, node_process):
+def test_ctrl_c_stops_the_node_and_ends_requests_in_flight(ros, node_process):
     from personal_vlm_interfaces.action import Ask as AskAction
     from rclpy.action import ActionClient
 
@@ -997,14 +985,9 @@ def test_ctrl_c_stops_the_node_within_5_s_and_ends_requests_in_flight(ros, node_
     assert streaming.wait(WAIT_S), "the goal never started answering"
     behind = ros.call_async(Ask, "ask", Ask.Request(question="And another one?", image=image_msg(pixels(161))))
     time.sleep(0.2)
-    start = time.monotonic()
     node_process.proc.send_signal(signal.SIGINT)
-    try:
-        node_process.proc.wait(timeout=15)
-    finally:
-        elapsed = time.monotonic() - start
+    node_process.proc.wait(timeout=15)
     output = node_process.output()
-    assert elapsed < 5.0, output
     assert node_process.proc.returncode == 0, output
     assert "Traceback" not in output
     assert "never retrieved" not in output and "Destroyable" not in output

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from lifecycle_msgs.msg import State, Transition  # noqa: E402
 from personal_vlm_interfaces.srv import ListConcepts  # noqa: E402
 
 from personal_vlm_node.ros.client import NodeClient  # noqa: E402
-from personal_vlm_node.testing.kit import image_msg, pixels  # noqa: E402
+from personal_vlm_node.testing.kit import image_msg, node_command, node_env, pixels  # noqa: E402
 
 NAMESPACE = f"/vlm_lifecycle_{os.getpid()}"
 WAIT_S = 120.0
@@ -46,18 +45,13 @@ class LifecycleClient(NodeClient):
 
 @pytest.fixture
 def lifecycle_node(tiny_checkpoints, tmp_path):
-    wrapper = Path(sys.prefix) / "lib" / "personal_vlm_node" / "assistant_lifecycle_node"
-    head = [str(wrapper)] if wrapper.is_file() else [sys.executable, "-m", "personal_vlm_node.ros.lifecycle"]
-    command = head + ["--ros-args", "-r", f"__ns:={NAMESPACE}",
-                      "-p", f"model:={tiny_checkpoints['qwen2_5_vl']}", "-p", "device:=cpu",
-                      "-p", "dtype:=float32", "-p", f"store_dir:={tmp_path / 'store'}",
-                      "-p", "process_rate_hz:=10", "-p", "verification:=false"]
-    env = dict(os.environ)
-    env.pop("_ROS_WHEELS_BOOTSTRAP_COMPLETE", None)
-    env["PYTHONUNBUFFERED"] = "1"
+    command = node_command("-r", f"__ns:={NAMESPACE}",
+                           "-p", f"model:={tiny_checkpoints['qwen2_5_vl']}", "-p", "device:=cpu",
+                           "-p", "dtype:=float32", "-p", f"store_dir:={tmp_path / 'store'}",
+                           "-p", "process_rate_hz:=10", "-p", "verification:=false", lifecycle=True)
     log = tmp_path / "node.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env,
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=node_env(),
                                 cwd=Path(__file__).resolve().parent.parent)
     proc.log = log
     yield proc

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ pytest.importorskip("rclpy")
 
 from test_node import WAIT_S, Client, _command, names  # noqa: E402
 
-from personal_vlm_node.testing.kit import image_msg, pixels  # noqa: E402
+from personal_vlm_node.testing.kit import image_msg, node_env, pixels  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("store_cases", Path(__file__).parents[1] / "scripts" / "store_cases.py")
 _CASES = importlib.util.module_from_spec(_spec)
@@ -44,11 +43,9 @@ def damaged_store_node(tiny_checkpoints, tmp_path_factory):
     params = tmp / "params.yaml"
     params.write_text("\n".join(["/**:", "  ros__parameters:"] + [f"    {k}: {json.dumps(v)}" for k, v in values.items()])
                       + "\n")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("_ROS_WHEELS_BOOTSTRAP_COMPLETE", None)
     log = tmp / "node.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen(_command(params), stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp)
+        proc = subprocess.Popen(_command(params), stdout=out, stderr=subprocess.STDOUT, env=node_env(), cwd=tmp)
     deadline = time.monotonic() + WAIT_S
     while "ready:" not in log.read_text(errors="replace"):
         if proc.poll() is not None or time.monotonic() > deadline:

@@ -1,4 +1,5 @@
-"""What the tests and the field test make again and again: pictures and the ROS messages that carry them.
+"""What the tests and the field test make again and again: pictures, the ROS messages that carry
+them, and the command and environment that start the node as its own process.
 
 Every picture is random noise drawn from its seed, so the same ``(seed, width, height)`` is the
 same picture in every test and every process. The argument order is always seed, then size.
@@ -8,6 +9,8 @@ ROS types are imported only by the functions that build messages, so the rest ne
 from __future__ import annotations
 
 import io
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -52,3 +55,25 @@ def compressed_msg(array: np.ndarray, format: str = "png"):
     encoded = io.BytesIO()
     Image.fromarray(array).save(encoded, format=format.upper())
     return CompressedImage(format=format, data=encoded.getvalue())
+
+
+def node_command(*ros_args: str, lifecycle: bool = False) -> list[str]:
+    """The command that starts the node (the managed one with ``lifecycle``) with ``--ros-args
+    ros_args``: the installed launcher when this environment has one, as a user starts it, else
+    ``python -m``."""
+    launcher, module = (("assistant_lifecycle_node", "personal_vlm_node.ros.lifecycle") if lifecycle
+                        else ("assistant_node", "personal_vlm_node.ros.node"))
+    wrapper = Path(sys.prefix) / "lib" / "personal_vlm_node" / launcher
+    head = [str(wrapper)] if wrapper.is_file() else [sys.executable, "-m", module]
+    return head + ["--ros-args", *ros_args]
+
+
+def node_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a node or CLI subprocess, with ``extra`` on top. The ROS
+    wheels' startup hook marks that it has run; a child that inherits the mark would skip setting
+    its own library path. Output is unbuffered, so a log read mid-run is complete."""
+    env = dict(os.environ)
+    env.pop("_ROS_WHEELS_BOOTSTRAP_COMPLETE", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env

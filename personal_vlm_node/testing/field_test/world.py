@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..kit import pixels
+from ..kit import node_env, pixels
 
 NODE_READY_TIMEOUT_S = 300.0
 CLI_TIMEOUT_S = 600.0
@@ -120,12 +120,10 @@ class World:
                 say(f"building the tiny model {folder.name}")
                 build_tiny_model(folder, "qwen2_5_vl", seed=model_seed)
         self._pil = PILImage
-        self.env = dict(os.environ)
-        self.env.pop("_ROS_WHEELS_BOOTSTRAP_COMPLETE", None)
-        self.env.update(PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+        self.env = node_env(HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
         self.env.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
         # The node and the CLIs run the same code as this process (a checkout's, or the installed one).
-        code = str(Path(__file__).resolve().parents[2])
+        code = str(Path(__file__).resolve().parents[3])      # above personal_vlm_node/
         self.env["PYTHONPATH"] = os.pathsep.join(p for p in (code, os.environ.get("PYTHONPATH", "")) if p)
         self.namespace = f"/field_test_{os.getpid()}"
         self._cli_count = 0
