@@ -15,12 +15,7 @@ import pytest
 from PIL import Image
 
 from personal_vlm_node.store import ConceptStore
-
-
-def _photo(path, seed, width=240, height=160):
-    rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(path)
-    return str(path)
+from personal_vlm_node.testing.kit import photo_file
 
 
 @pytest.fixture
@@ -40,8 +35,8 @@ def cli(tiny_checkpoints, tmp_path):
 
 
 def test_teach_list_ask_recognize_forget_with_json(cli, tmp_path):
-    mug = _photo(tmp_path / "mug.png", 1)
-    cat = _photo(tmp_path / "cat.png", 2)
+    mug = photo_file(tmp_path / "mug.png", 1, 240, 160)
+    cat = photo_file(tmp_path / "cat.png", 2, 240, 160)
     taught = json.loads(cli("--json", "teach", "my mug", mug, "--category", "mug").stdout)
     assert set(taught) >= {"name", "memory_tokens", "keywords", "attributes", "seconds"}
     assert taught["name"] == "my mug" and taught["memory_tokens"] > 0
@@ -72,7 +67,7 @@ def test_teach_list_ask_recognize_forget_with_json(cli, tmp_path):
     (["teach", "ok", "IMG", "--roi", "1,2,3"], "--roi"),
 ])
 def test_user_errors_exit_2_with_one_line_and_no_traceback(cli, tmp_path, args, message):
-    img = _photo(tmp_path / "img.png", 3)
+    img = photo_file(tmp_path / "img.png", 3, 240, 160)
     done = cli(*[img if a == "IMG" else a for a in args], check=False)
     assert done.returncode == 2
     assert message in done.stderr
@@ -81,7 +76,7 @@ def test_user_errors_exit_2_with_one_line_and_no_traceback(cli, tmp_path, args, 
 
 def test_missing_weights_exit_2_with_how_to_get_them(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    img = _photo(tmp_path / "img.png", 4)
+    img = photo_file(tmp_path / "img.png", 4, 240, 160)
     done = subprocess.run([sys.executable, "-m", "personal_vlm_node.cli", "--store", str(tmp_path / "s"),
                            "teach", "x", img], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 2
@@ -93,7 +88,7 @@ def test_calibrate_writes_a_profile_with_the_best_layers(cli, tmp_path):
     images.mkdir()
     masks.mkdir()
     for i in range(2):
-        _photo(images / f"s{i}.png", 10 + i)
+        photo_file(images / f"s{i}.png", 10 + i, 240, 160)
         mask = np.zeros((160, 240), np.uint8)
         mask[40:120, 60:180] = 255
         Image.fromarray(mask).save(masks / f"s{i}.png")
@@ -109,7 +104,7 @@ def test_calibrate_writes_a_profile_with_the_best_layers(cli, tmp_path):
 
 
 def test_killed_teach_leaves_every_concept_whole(cli, tiny_checkpoints, tmp_path, family):
-    img = _photo(tmp_path / "img.png", 5)
+    img = photo_file(tmp_path / "img.png", 5, 240, 160)
     cli("teach", "base", img, family=family)
     rng = random.Random(0)
     for attempt in range(3):
@@ -130,7 +125,7 @@ def test_killed_teach_leaves_every_concept_whole(cli, tiny_checkpoints, tmp_path
 
 
 def test_detect_finds_a_taught_concept_on_every_family(cli, tmp_path, family):
-    mug = _photo(tmp_path / "mug.png", 22)
+    mug = photo_file(tmp_path / "mug.png", 22, 240, 160)
     cli("teach", "my mug", mug, family=family)
     [detection] = json.loads(cli("--json", "detect", mug, family=family).stdout)["detections"]
     assert detection["name"] == "my mug" and detection["score"] == pytest.approx(1.0, abs=1e-3)
@@ -141,7 +136,7 @@ def test_detect_finds_a_taught_concept_on_every_family(cli, tmp_path, family):
 
 
 def test_detect_finds_a_taught_concept_on_an_image_a_folder_and_a_gif(cli, tmp_path):
-    mug = _photo(tmp_path / "mug.png", 21)
+    mug = photo_file(tmp_path / "mug.png", 21, 240, 160)
     cli("teach", "my mug", mug)
     single = json.loads(cli("--json", "detect", mug).stdout)
     assert single["frame"] == "mug.png"
@@ -161,7 +156,7 @@ def test_detect_finds_a_taught_concept_on_an_image_a_folder_and_a_gif(cli, tmp_p
     assert rows[1]["detections"][0]["track_id"] == rows[2]["detections"][0]["track_id"]
 
     gif = tmp_path / "clip.gif"
-    pictures = [Image.open(_photo(tmp_path / f"g{i}.png", 30 + i)).convert("RGB") for i in range(3)]
+    pictures = [Image.open(photo_file(tmp_path / f"g{i}.png", 30 + i, 240, 160)).convert("RGB") for i in range(3)]
     pictures[0].save(gif, save_all=True, append_images=pictures[1:])
     rows = [json.loads(line) for line in cli("--json", "detect", str(gif)).stdout.splitlines()]
     assert len(rows) == 3 and rows[0]["frame"] == "clip.gif#0"
@@ -200,7 +195,7 @@ def _no_model(tmp_path, *args):
     (["detect", "missing.mp4"], "not found"),
 ])
 def test_name_path_and_roi_errors_are_reported_before_the_model_loads(tmp_path, args, message):
-    img = _photo(tmp_path / "img.png", 3)
+    img = photo_file(tmp_path / "img.png", 3, 240, 160)
     done = _no_model(tmp_path, *[img if a == "IMG" else a for a in args])
     assert done.returncode == 2, done.stderr
     assert message in done.stderr
@@ -211,7 +206,7 @@ def test_name_path_and_roi_errors_are_reported_before_the_model_loads(tmp_path, 
 def test_list_escapes_control_characters_stored_by_older_versions(cli, tmp_path):
     import sqlite3
 
-    mug = _photo(tmp_path / "mug.png", 5)
+    mug = photo_file(tmp_path / "mug.png", 5, 240, 160)
     cli("teach", "mug", mug, "--no-wait")
     with sqlite3.connect(cli.store / "concepts.db") as db:
         db.execute("UPDATE concepts SET category=? WHERE name='mug'", ("cup\x1b[2J",))
@@ -243,7 +238,7 @@ def test_list_prints_a_joined_emoji_name_as_typed_and_forget_takes_it_back(tmp_p
 
 
 def test_detect_reads_frames_in_natural_order_and_skips_an_unreadable_one(cli, tmp_path):
-    mug = _photo(tmp_path / "mug.png", 21)
+    mug = photo_file(tmp_path / "mug.png", 21, 240, 160)
     cli("teach", "my mug", mug, "--no-wait")
     frames = tmp_path / "frames"
     frames.mkdir()
@@ -258,7 +253,7 @@ def test_detect_reads_frames_in_natural_order_and_skips_an_unreadable_one(cli, t
 
 def test_detect_on_a_truncated_gif_exits_2_with_a_message(cli, tmp_path):
     gif = tmp_path / "clip.gif"
-    pictures = [Image.open(_photo(tmp_path / f"g{i}.png", 30 + i)).convert("RGB") for i in range(3)]
+    pictures = [Image.open(photo_file(tmp_path / f"g{i}.png", 30 + i, 240, 160)).convert("RGB") for i in range(3)]
     pictures[0].save(gif, save_all=True, append_images=pictures[1:])
     gif.write_bytes(gif.read_bytes()[:200])
     done = cli("detect", str(gif), check=False)
@@ -267,7 +262,7 @@ def test_detect_on_a_truncated_gif_exits_2_with_a_message(cli, tmp_path):
 
 
 def test_recognize_says_how_many_of_the_concepts_it_checked(cli, tmp_path):
-    pictures = [_photo(tmp_path / f"p{i}.png", 40 + i) for i in range(7)]
+    pictures = [photo_file(tmp_path / f"p{i}.png", 40 + i, 240, 160) for i in range(7)]
     for i, picture in enumerate(pictures):
         cli("teach", f"thing {i}", picture, "--no-wait")
     done = cli("recognize", pictures[0])
@@ -279,7 +274,7 @@ def test_recognize_says_how_many_of_the_concepts_it_checked(cli, tmp_path):
 
 
 def test_teach_no_wait_returns_without_a_fingerprint(cli, tmp_path):
-    mug = _photo(tmp_path / "mug.png", 6)
+    mug = photo_file(tmp_path / "mug.png", 6, 240, 160)
     taught = json.loads(cli("--json", "teach", "mug", mug, "--no-wait").stdout)
     assert taught["attributes"] == {}
     assert ConceptStore(cli.store).get("mug").fingerprint_complete is None
@@ -289,8 +284,8 @@ def test_detect_on_one_picture_with_verify_waits_for_the_verdicts(cli, tmp_path)
     profile = tmp_path / "profile.yaml"
     profile.write_text("max_memory_tokens: 8\nmin_memory_tokens: 2\naccept_threshold: 0.999\n"
                        "reject_threshold: 0.0\n")
-    cli("--profile", str(profile), "teach", "mug", _photo(tmp_path / "mug.png", 7), "--no-wait")
-    other = _photo(tmp_path / "other.png", 8)           # scores between the thresholds: uncertain
+    cli("--profile", str(profile), "teach", "mug", photo_file(tmp_path / "mug.png", 7, 240, 160), "--no-wait")
+    other = photo_file(tmp_path / "other.png", 8, 240, 160)           # scores between the thresholds: uncertain
     [row] = [json.loads(line) for line in
              cli("--profile", str(profile), "--json", "detect", other, "--verify").stdout.splitlines()]
     assert row["unverified"] == []

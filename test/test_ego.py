@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from personal_vlm_node import ego, r2p
 from personal_vlm_node.assistant import Assistant
 from personal_vlm_node.errors import PersonalVLMError
 from personal_vlm_node.profiles import ModelProfile, default_layers, load_profile, profile_filename
 from personal_vlm_node.store import ConceptStore
-
-
-def _photo(seed, width=300, height=200):
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+from personal_vlm_node.testing.kit import photo
 
 
 # ---- the method's maths -------------------------------------------------------------------
@@ -136,7 +130,7 @@ def assistant_for(adapters, tmp_path):
 
 def test_teach_recognize_ask_forget_and_reload(assistant_for, family, tmp_path):
     a = assistant_for(family, max_concepts_in_context=2)
-    mug, cat, cane = _photo(1), _photo(2), _photo(3)
+    mug, cat, cane = photo(1), photo(2), photo(3)
 
     one = a.teach("my mug", [mug], category="mug")
     assert one.memory_tokens == a.store.get("my mug").memory_tokens
@@ -146,7 +140,7 @@ def test_teach_recognize_ask_forget_and_reload(assistant_for, family, tmp_path):
     assert set(fingerprint) >= {"attributes", "description"}
     assert a.store.get("my mug").fingerprint_complete is not None
 
-    three = a.teach("Fluffy", [cat, _photo(4), _photo(5)])
+    three = a.teach("Fluffy", [cat, photo(4), photo(5)])
     memory = a.store.load_memory("Fluffy")
     assert memory["image_index"].unique().tolist() == [0, 1, 2]
     assert three.memory_tokens == memory["memory"].shape[0] <= 3 * 8
@@ -196,18 +190,18 @@ def test_ask_prompt_size_does_not_grow_with_the_library(assistant_for, monkeypat
 
     monkeypatch.setattr(a.vlm, "generate", spy)
     for i in range(2):
-        a.teach(f"thing {i}", [_photo(10 + i)])
-    a.ask("What is here?", _photo(10))
+        a.teach(f"thing {i}", [photo(10 + i)])
+    a.ask("What is here?", photo(10))
     small = lengths[-1]
     for i in range(2, 7):
-        a.teach(f"thing {i}", [_photo(10 + i)])
-    a.ask("What is here?", _photo(10))
+        a.teach(f"thing {i}", [photo(10 + i)])
+    a.ask("What is here?", photo(10))
     assert lengths[-1] <= small + 2 * 8       # still two memories of at most K tokens
 
 
 def test_memories_of_another_model_are_rebuilt_not_matched(assistant_for, family):
     a = assistant_for(family)
-    a.teach("my mug", [_photo(1)])
+    a.teach("my mug", [photo(1)])
     old = a.store.load_memory("my mug")["memory"]
     # As if it had been taught with another model: only that model's memory is stored.
     record = a.store.get("my mug")
@@ -224,39 +218,39 @@ def test_memories_of_another_model_are_rebuilt_not_matched(assistant_for, family
 @pytest.mark.parametrize("name", ["", "   ", "x" * 65, "a/b", "a\\b", "line\nbreak", "nul\x00", "..", 42])
 def test_teach_refuses_invalid_names_and_keeps_the_store(assistant_for, name):
     a = assistant_for("internvl")
-    a.teach("keep me", [_photo(1)])
+    a.teach("keep me", [photo(1)])
     with pytest.raises(PersonalVLMError):
-        a.teach(name, [_photo(2)])
+        a.teach(name, [photo(2)])
     assert [r.name for r in a.concepts()] == ["keep me"]
 
 
 def test_teach_refuses_bad_requests_clearly(assistant_for):
     a = assistant_for("internvl")
-    a.teach("my mug", [_photo(1)])
+    a.teach("my mug", [photo(1)])
     with pytest.raises(PersonalVLMError, match="already exists"):
-        a.teach("my mug", [_photo(2)])
+        a.teach("my mug", [photo(2)])
     with pytest.raises(PersonalVLMError, match="at least one"):
         a.teach("empty", [])
     with pytest.raises(PersonalVLMError, match="regions of interest"):
-        a.teach("two rois", [_photo(2)], rois=[(0, 0, 5, 5), (0, 0, 5, 5)])
+        a.teach("two rois", [photo(2)], rois=[(0, 0, 5, 5), (0, 0, 5, 5)])
     unreadable = r"^images\[1\]: the image data is not a readable image \(Pillow recognises no image format"
     with pytest.raises(PersonalVLMError, match=unreadable):
-        a.teach("corrupt", [_photo(2), b"not an image"])
+        a.teach("corrupt", [photo(2), b"not an image"])
     with pytest.raises(PersonalVLMError, match="question is empty"):
-        a.ask("  ", _photo(1))
+        a.ask("  ", photo(1))
     with pytest.raises(PersonalVLMError, match="over 1000"):
-        a.ask("?" * 1001, _photo(1))
-    replaced = a.teach("my mug", [_photo(3), _photo(4)], overwrite=True)
+        a.ask("?" * 1001, photo(1))
+    replaced = a.teach("my mug", [photo(3), photo(4)], overwrite=True)
     assert a.store.load_memory("my mug")["image_index"].max() == 1
     assert replaced.memory_tokens == a.store.get("my mug").memory_tokens
 
 
 def test_teach_add_gives_a_concept_more_views_and_keeps_its_fingerprint(assistant_for):
     a = assistant_for("qwen2_5_vl")
-    first = a.teach("my mug", [_photo(1)])
+    first = a.teach("my mug", [photo(1)])
     fingerprint = first.wait_fingerprint(timeout=120)
     k1 = first.memory_tokens
-    more = a.teach("my mug", [_photo(2), _photo(3)], add=True)
+    more = a.teach("my mug", [photo(2), photo(3)], add=True)
     memory = a.store.load_memory("my mug")
     assert memory["image_index"].unique().tolist() == [0, 1, 2]
     assert more.memory_tokens == memory["memory"].shape[0] > k1
@@ -264,12 +258,12 @@ def test_teach_add_gives_a_concept_more_views_and_keeps_its_fingerprint(assistan
     assert a.store.get("my mug").fingerprint == fingerprint
     assert more.wait_fingerprint(timeout=1) == fingerprint
     with pytest.raises(PersonalVLMError, match="at most"):
-        a.teach("my mug", [_photo(4)] * 6, add=True)
+        a.teach("my mug", [photo(4)] * 6, add=True)
 
 
 def test_joint_recognition_scores_every_asked_name(assistant_for):
     a = assistant_for("internvl", recognition="joint", max_concepts_in_context=3)
-    a.teach("my mug", [_photo(1)])
-    a.teach("Fluffy", [_photo(2)])
-    results = a.recognize(_photo(1), names=["my mug"])
+    a.teach("my mug", [photo(1)])
+    a.teach("Fluffy", [photo(2)])
+    results = a.recognize(photo(1), names=["my mug"])
     assert [r.name for r in results] == ["my mug"] and 0.0 <= results[0].p_yes <= 1.0

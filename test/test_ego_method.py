@@ -5,18 +5,12 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from personal_vlm_node import ego
+from personal_vlm_node.testing.kit import photo
 from personal_vlm_node.vlm import Memory
-
-
-def _photo(seed=0, width=300, height=200):
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
 
 
 class _PieceTokenizer:
@@ -129,7 +123,7 @@ def _whole_image_memory(tokens, name="it"):
 
 def test_qwen_positions_equal_the_models_own_rope_index(adapters):
     adapter = adapters("qwen2_5_vl")
-    a, b = adapter.encode_image(_photo(1)), adapter.encode_image(_photo(2, 140, 280))
+    a, b = adapter.encode_image(photo(1)), adapter.encode_image(photo(2, 140, 280))
     prompt = adapter.build(["Compare ", a, " with ", b, "."])
     types = torch.zeros_like(prompt.input_ids, dtype=torch.int32)
     for rows in prompt.image_positions:
@@ -160,7 +154,7 @@ def test_qwen_memory_keeps_its_grid_positions_inside_vision_markers(adapters):
 
 def test_a_memory_of_every_token_reads_exactly_like_the_image(adapters, family):
     adapter = adapters(family)
-    tokens = adapter.encode_image(_photo(3, 140, 140))
+    tokens = adapter.encode_image(photo(3, 140, 140))
     question = "\nIs it here? Answer Yes or No."
     as_image = adapter.yes_probability(["Look: ", tokens, question])
     as_memory = adapter.yes_probability(["Look: ", _whole_image_memory(tokens), question])
@@ -209,7 +203,7 @@ def test_text_layout_and_old_records_splice_as_plain_rows(adapters):
 # ---- one prefill ------------------------------------------------------------------------------
 def test_attention_captured_while_generating_equals_the_second_pass(adapters, family):
     adapter = adapters(family)
-    tokens = adapter.encode_image(_photo(4))
+    tokens = adapter.encode_image(photo(4))
     parts = [tokens, "\nDescribe it."]
     layers = [0, adapter.num_layers - 1]
     generation = adapter.generate(parts, max_new_tokens=6, attention_layers=layers)
@@ -224,7 +218,7 @@ def test_attention_captured_while_generating_equals_the_second_pass(adapters, fa
 
 def test_introduction_reads_attention_in_one_pass_unless_asked_for_two(adapters, family, monkeypatch):
     adapter = adapters(family)
-    tokens = adapter.encode_image(_photo(5))
+    tokens = adapter.encode_image(photo(5))
     calls = []
     original = adapter.answer_attention
     monkeypatch.setattr(adapter, "answer_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
@@ -244,7 +238,7 @@ def test_the_description_stops_as_soon_as_its_answer_object_closes(adapters, mon
     assert not ego.introduction_complete('{"keywords": ["red", "mug"], "area": 30')
     assert not ego.introduction_complete('{"area": 30}') and not ego.introduction_complete("red mug")
     adapter = adapters("qwen2_5_vl")
-    tokens = adapter.encode_image(_photo(5))
+    tokens = adapter.encode_image(photo(5))
     options = ego.IntroductionOptions([0, 1], max_tokens=8, min_tokens=2)
     generations = []
     original = adapter.generate
@@ -265,7 +259,7 @@ def test_the_description_stops_as_soon_as_its_answer_object_closes(adapters, mon
 # ---- several prompts sharing a prefix, joint recognition, more views ---------------------------
 def test_shared_prefix_yes_probabilities_equal_separate_passes(adapters, family):
     adapter = adapters(family)
-    tokens = adapter.encode_image(_photo(6))
+    tokens = adapter.encode_image(photo(6))
     memories = [Memory.from_stored({"memory": tokens.features[:3].clone(), "positions": torch.tensor([0, 1, 2]),
                                     "image_index": torch.zeros(3, dtype=torch.long),
                                     "grids": torch.tensor([list(tokens.grid)])}, "my mug"),
@@ -294,7 +288,7 @@ def test_joint_p_yes_is_the_joint_prompts_and_the_cascade_uses_it(adapters):
     from personal_vlm_node.r2p import R2PVerifier, settle_uncertain
 
     adapter = adapters("qwen2_5_vl")
-    tokens = adapter.encode_image(_photo(8))
+    tokens = adapter.encode_image(photo(8))
     memories = {n: Memory(tokens.features[i:i + 2].clone(), n) for i, n in enumerate(("my mug", "Fluffy", "cane"))}
     scores = {"my mug": 0.3, "Fluffy": 0.1, "cane": 0.9}
     joint = ego.p_yes(adapter, tokens, ["Fluffy"], memories.__getitem__, joint=2, scores=scores)
@@ -338,7 +332,7 @@ def test_views_keep_layer_features_only_when_every_view_has_them():
 
 def test_one_resolution_policy_gives_reference_and_frame_the_same_token_scale(adapters):
     adapter = adapters("qwen2_5_vl")
-    big, small = _photo(7, 224, 112), _photo(7, 112, 56)
+    big, small = photo(7, 224, 112), photo(7, 112, 56)
     adapter.max_image_pixels = 112 * 56
     try:
         assert adapter.encode_image(big).grid == adapter.encode_image(small).grid

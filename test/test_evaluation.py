@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -16,18 +15,14 @@ from personal_vlm_node.evaluation import Counts, EvalOptions, load_dataset, reco
 from personal_vlm_node.profiles import ModelProfile
 from personal_vlm_node.r2p import ImageTextSimilarity
 from personal_vlm_node.store import ConceptStore
+from personal_vlm_node.testing.kit import photo
 from personal_vlm_node.testing.tiny_clip import build_tiny_clip
 from personal_vlm_node.vlm import Memory
 
 
-def _photo(seed, width=96, height=64):
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
-
-
 def _write(path, seed):
     path.parent.mkdir(parents=True, exist_ok=True)
-    _photo(seed).save(path)
+    photo(seed, 96, 64).save(path)
     return path
 
 

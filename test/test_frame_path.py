@@ -5,19 +5,13 @@ from __future__ import annotations
 import threading
 import time
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from personal_vlm_node.assistant import Assistant
 from personal_vlm_node.profiles import ModelProfile
 from personal_vlm_node.store import ConceptStore
-
-
-def _photo(seed, width=300, height=200):
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+from personal_vlm_node.testing.kit import photo
 
 
 @pytest.fixture
@@ -38,7 +32,7 @@ def make(adapters, tmp_path):
 
 def test_a_taught_concept_is_detected_on_its_own_picture_after_hysteresis(make, family):
     a = make(family, accept_threshold=0.999, reject_threshold=0.5)
-    picture = _photo(1)
+    picture = photo(1)
     a.teach("my mug", [picture], category="mug")
     # The memory is a subset of this picture's own tokens: every memory token matches exactly.
     first = a.observe(picture)
@@ -56,7 +50,7 @@ def test_a_taught_concept_is_detected_on_its_own_picture_after_hysteresis(make, 
 
 def test_a_forgotten_concept_disappears_on_the_next_frame(make):
     a = make(accept_threshold=0.999, reject_threshold=0.5)
-    picture = _photo(2)
+    picture = photo(2)
     a.teach("Fluffy", [picture])
     a.observe(picture)
     assert [d.name for d in a.observe(picture).detections] == ["Fluffy"]
@@ -67,7 +61,7 @@ def test_a_forgotten_concept_disappears_on_the_next_frame(make):
 def test_uncertain_scores_are_verified_off_the_frame_path(make):
     # Every score falls in the uncertain band; the Ego check decides (threshold 0 = always yes).
     a = make(verification=True, accept_threshold=1.5, reject_threshold=-1.0, recognize_threshold=0.0)
-    picture = _photo(3)
+    picture = photo(3)
     a.teach("Grandpa's cane", [picture])
     first = a.observe(picture)
     assert first.uncertain == ["Grandpa's cane"] and first.detections == []
@@ -82,7 +76,7 @@ def test_uncertain_scores_are_verified_off_the_frame_path(make):
 
 def test_without_verification_uncertain_concepts_are_not_detected(make):
     a = make(verification=False, accept_threshold=1.5, reject_threshold=-1.0)
-    picture = _photo(4)
+    picture = photo(4)
     a.teach("thing", [picture])
     for _ in range(3):
         result = a.observe(picture)
@@ -91,7 +85,7 @@ def test_without_verification_uncertain_concepts_are_not_detected(make):
 
 def test_encoding_a_frame_does_not_wait_for_the_language_model(make):
     a = make()
-    picture = _photo(6)
+    picture = photo(6)
     with a.vlm._lock:                       # a long /ask holds the model's lock
         tokens = a.vlm.encode_image(picture)
     assert tokens.num_tokens > 0
@@ -103,19 +97,19 @@ def test_closing_without_waiting_interrupts_generation(make):
     a = make()
     a.close(wait=False)
     with pytest.raises(PersonalVLMError, match="interrupted"):
-        a.vlm.generate(["Describe ", a.vlm.encode_image(_photo(7))], max_new_tokens=4)
+        a.vlm.generate(["Describe ", a.vlm.encode_image(photo(7))], max_new_tokens=4)
     a.vlm._interrupted.clear()              # the adapter is shared with other tests
 
 
 def test_ask_streams_the_growing_answer_and_stops_when_told(make):
     a = make()
     partial = []
-    full = a.ask("Describe this.", _photo(8), on_partial=lambda text: partial.append(text) is None)
+    full = a.ask("Describe this.", photo(8), on_partial=lambda text: partial.append(text) is None)
     assert not full.stopped and partial and partial[-1] == full.answer
     assert all(later.startswith(earlier) for earlier, later in zip(partial, partial[1:]))
 
     seen = []
-    stopped = a.ask("Describe this.", _photo(8), on_partial=lambda text: seen.append(text) or len(seen) < 2)
+    stopped = a.ask("Describe this.", photo(8), on_partial=lambda text: seen.append(text) or len(seen) < 2)
     assert stopped.stopped and len(seen) == 2 and stopped.answer == seen[-1]
 
 
@@ -148,9 +142,9 @@ def test_when_ego_is_unsure_r2p_settles_and_keeps_every_stage(adapters, tmp_path
                                reject_threshold=-1.0),
                   progress=None, verification=True, verifications_per_second=50.0, r2p_margin=0.5)
     try:
-        picture = _photo(8)
+        picture = photo(8)
         a.teach("my mug", [picture]).wait_fingerprint(timeout=120)
-        a.teach("Fluffy", [_photo(9)])
+        a.teach("Fluffy", [photo(9)])
         deadline = time.monotonic() + 120
         verdict = None
         while time.monotonic() < deadline and verdict is None:
@@ -176,7 +170,7 @@ def _assistant(adapters, family, store_dir, rebuild=True, **profile):
 def test_a_concept_taught_and_forgotten_elsewhere_is_followed_on_refresh(adapters, tmp_path):
     node = _assistant(adapters, "qwen2_5_vl", tmp_path / "s")
     cli = _assistant(adapters, "qwen2_5_vl", tmp_path / "s")
-    picture = _photo(3)
+    picture = photo(3)
     try:
         cli.teach("lamp", [picture], category="lamp")
         assert node.refresh() is True
@@ -196,7 +190,7 @@ def test_a_concept_taught_and_forgotten_elsewhere_is_followed_on_refresh(adapter
 def test_the_store_watcher_thread_follows_changes_within_a_second(adapters, tmp_path):
     node = _assistant(adapters, "qwen2_5_vl", tmp_path / "s")
     other = ConceptStore(tmp_path / "s")
-    picture = _photo(4)
+    picture = photo(4)
     teacher = _assistant(adapters, "qwen2_5_vl", tmp_path / "t")
     try:
         teacher.teach("lamp", [picture])
@@ -219,7 +213,7 @@ def test_the_store_watcher_thread_follows_changes_within_a_second(adapters, tmp_
 
 def test_memories_are_never_matched_across_models(adapters, tmp_path):
     qwen = _assistant(adapters, "qwen2_5_vl", tmp_path / "s")
-    picture = _photo(5)
+    picture = photo(5)
     try:
         qwen.teach("mug", [picture])
         original = qwen.store.load_memory("mug")["memory"].clone()
@@ -246,7 +240,7 @@ def test_memories_are_never_matched_across_models(adapters, tmp_path):
 
 def test_a_concept_whose_rebuild_fails_is_not_matched(adapters, tmp_path):
     qwen = _assistant(adapters, "qwen2_5_vl", tmp_path / "s")
-    qwen.teach("mug", [_photo(6)])
+    qwen.teach("mug", [photo(6)])
     qwen.close()
     directory = next((tmp_path / "s" / "concepts").iterdir())
     (directory / "ref_0.png").unlink()
@@ -308,7 +302,7 @@ def test_teaching_encodes_through_the_frame_encoder_and_falls_back_where_it_cann
     a = Assistant(adapter, ConceptStore(tmp_path / "store"), ModelProfile(max_memory_tokens=8, min_memory_tokens=2),
                   progress=None, encoder=encoder, verification=False)
     try:
-        picture = _photo(7)
+        picture = photo(7)
         through_encoder = a.encode_reference(picture)
         fallback = a.encode_reference(picture)
         tower = adapter.encode_image(picture)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 import time
@@ -18,7 +17,9 @@ import pytest
 
 pytest.importorskip("rclpy")
 
-from test_node import WAIT_S, Client, _command, image_msg, names, picture  # noqa: E402
+from test_node import WAIT_S, Client, _command, names  # noqa: E402
+
+from personal_vlm_node.testing.kit import image_msg, node_env, pixels  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("store_cases", Path(__file__).parents[1] / "scripts" / "store_cases.py")
 _CASES = importlib.util.module_from_spec(_spec)
@@ -32,7 +33,7 @@ def damaged_store_node(tiny_checkpoints, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("damaged")
     model, store = str(tiny_checkpoints["qwen2_5_vl"]), tmp / "store"
     for name, seed in (("red vase", 61), ("blue box", 62)):
-        PILImage.fromarray(picture(seed)).save(tmp / f"{seed}.png")
+        PILImage.fromarray(pixels(seed)).save(tmp / f"{seed}.png")
         subprocess.run([sys.executable, "-m", "personal_vlm_node.cli", "--model", model, "--store", str(store),
                         "--device", "cpu", "--dtype", "float32", "teach", name, str(tmp / f"{seed}.png"), "--no-wait"],
                        check=True, capture_output=True, timeout=300)
@@ -42,11 +43,9 @@ def damaged_store_node(tiny_checkpoints, tmp_path_factory):
     params = tmp / "params.yaml"
     params.write_text("\n".join(["/**:", "  ros__parameters:"] + [f"    {k}: {json.dumps(v)}" for k, v in values.items()])
                       + "\n")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("_ROS_WHEELS_BOOTSTRAP_COMPLETE", None)
     log = tmp / "node.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen(_command(params), stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp)
+        proc = subprocess.Popen(_command(params), stdout=out, stderr=subprocess.STDOUT, env=node_env(), cwd=tmp)
     deadline = time.monotonic() + WAIT_S
     while "ready:" not in log.read_text(errors="replace"):
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -64,8 +63,8 @@ def damaged_store_node(tiny_checkpoints, tmp_path_factory):
 def test_a_damaged_concept_leaves_the_others_detected_and_ask_answering(damaged_store_node):
     ros, log = damaged_store_node
 
-    result = ros.observe_until(picture(62), lambda r: "blue box" in names(r))
-    asked = ros.ask("Is the blue box here?", image_msg(picture(62)))
+    result = ros.observe_until(pixels(62), lambda r: "blue box" in names(r))
+    asked = ros.ask("Is the blue box here?", image_msg(pixels(62)))
     listed = ros.list()
 
     assert "red vase" not in names(result)

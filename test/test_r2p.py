@@ -8,18 +8,13 @@ import re
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from personal_vlm_node import r2p
 from personal_vlm_node.errors import PersonalVLMError
 from personal_vlm_node.r2p import Candidate, ImageTextSimilarity, R2PVerifier, cascade_decision, unit
+from personal_vlm_node.testing.kit import photo
 from personal_vlm_node.testing.tiny_clip import build_tiny_clip
 from personal_vlm_node.vlm.base import Generation
-
-
-def _photo(seed, width=300, height=200):
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
 
 
 @pytest.fixture(scope="session")
@@ -41,7 +36,7 @@ CANE = {"attributes": {"material": "wooden", "shape": "curved handle"}, "descrip
 
 def _candidates(vlm):
     """Four concepts; the last one's fingerprint is still pending."""
-    memories = [vlm.encode_image(_photo(seed)).features[:4] for seed in (11, 12, 13, 14)]   # (4, D) each
+    memories = [vlm.encode_image(photo(seed)).features[:4] for seed in (11, 12, 13, 14)]   # (4, D) each
     return [Candidate("my mug", 0.6, MUG, memories[0]), Candidate("Fluffy", 0.2, CAT, memories[1]),
             Candidate("Grandpa's cane", -0.1, CANE, memories[2]), Candidate("new thing", 0.3, {}, memories[3])]
 
@@ -139,7 +134,7 @@ def test_cascade_margin_zero_never_runs_r2p_and_bad_inputs_are_refused():
 
 # ---- image–text similarity ----------------------------------------------------------------
 def test_clip_cosines_equal_the_models_own_logits(clip):
-    image, texts = _photo(1), ["a photo of red", "A red mug.", "a photo of long tail"]
+    image, texts = photo(1), ["a photo of red", "A red mug.", "a photo of long tail"]
     cosines = clip.scores(image, texts)
     assert cosines.shape == (3,) and bool(((cosines >= -1) & (cosines <= 1)).all())
     inputs = clip.tokenizer(texts, padding=True, return_tensors="pt")
@@ -156,7 +151,7 @@ def test_clip_cosines_equal_the_models_own_logits(clip):
 
 def test_siglip_texts_are_padded_to_its_fixed_length(tiny_clips):
     siglip = ImageTextSimilarity(str(tiny_clips["siglip"]), device="cpu")
-    image, texts = _photo(2), ["a photo of red", "a white striped cat with a long tail"]
+    image, texts = photo(2), ["a photo of red", "a white striped cat with a long tail"]
     cosines = siglip.scores(image, texts)
     inputs = siglip.tokenizer(texts, padding="max_length", max_length=64, return_tensors="pt")
     pixels = siglip.image_processor(images=image, return_tensors="pt")
@@ -175,7 +170,7 @@ def test_a_checkpoint_that_is_not_contrastive_is_refused(tiny_checkpoints):
 # ---- R2P end to end, every family ---------------------------------------------------------
 def test_r2p_runs_every_stage_and_records_it(adapters, family, clip):
     vlm = adapters(family)
-    image = _photo(1)
+    image = photo(1)
     tokens = vlm.encode_image(image)
     candidates = _candidates(vlm)
     result = R2PVerifier(vlm, clip, top_k=3).verify(tokens, image, candidates)
@@ -223,7 +218,7 @@ def test_r2p_runs_every_stage_and_records_it(adapters, family, clip):
 
 def test_verification_failure_falls_back_to_pairwise_reasoning(adapters, family, clip, monkeypatch):
     vlm = adapters(family)
-    image = _photo(1)
+    image = photo(1)
     tokens = vlm.encode_image(image)
     candidates = _candidates(vlm)[:3]
     _stub_reasoning(monkeypatch, vlm, '{"answer": "none", "seen_attributes": []}')
@@ -262,7 +257,7 @@ def test_verification_failure_falls_back_to_pairwise_reasoning(adapters, family,
 
 def test_seen_attributes_restrict_the_verification_to_those_keys(adapters, clip, monkeypatch):
     vlm = adapters("qwen2_5_vl")
-    image = _photo(3)
+    image = photo(3)
     tokens = vlm.encode_image(image)
     candidates = _candidates(vlm)[:2]
     _stub_reasoning(monkeypatch, vlm, '{"answer": "my mug", "seen_attributes": ["red"]}')
@@ -276,7 +271,7 @@ def test_seen_attributes_restrict_the_verification_to_those_keys(adapters, clip,
 
 def test_without_a_contrastive_model_the_vlm_answers_yes_no_per_attribute(adapters, family, monkeypatch):
     vlm = adapters(family)
-    image = _photo(4)
+    image = photo(4)
     tokens = vlm.encode_image(image)
     candidates = _candidates(vlm)[:3]
     _stub_reasoning(monkeypatch, vlm, '{"answer": "my mug", "seen_attributes": []}')
@@ -295,7 +290,7 @@ def test_without_a_contrastive_model_the_vlm_answers_yes_no_per_attribute(adapte
 
 def test_no_candidates_means_no_decision(adapters):
     vlm = adapters("qwen2_5_vl")
-    image = _photo(5)
+    image = photo(5)
     result = R2PVerifier(vlm, None).verify(vlm.encode_image(image), image, [])
     assert result.decision is None and result.stages["retrieval"]["candidates"] == []
     assert result.score_for("anything") is None and not result.present("anything")
@@ -326,7 +321,7 @@ class _PlantedSimilarity:
 
 def test_s_vv_is_the_best_reference_views_image_similarity():
     sim = _PlantedSimilarity([1.0, 0.0])
-    evidence = r2p._Evidence(None, sim, None, _photo(1))
+    evidence = r2p._Evidence(None, sim, None, photo(1))
     views = torch.tensor([[0.0, 1.0], [0.6, 0.8]])      # cos 0 and 0.6 with the query
     far = torch.tensor([[-1.0, 0.0]])                  # cos -1
     candidates = [Candidate("my mug", 0.9, MUG, torch.zeros(1, 4), views),
@@ -343,7 +338,7 @@ def test_s_vv_is_the_best_reference_views_image_similarity():
 
 def test_pairwise_shows_the_reference_picture_and_can_show_the_memory(adapters):
     vlm = adapters("qwen2_5_vl")
-    query, reference = vlm.encode_image(_photo(21)), vlm.encode_image(_photo(22))
+    query, reference = vlm.encode_image(photo(21)), vlm.encode_image(photo(22))
     loaded = []
     candidate = Candidate("my mug", 0.5, MUG, reference.features[:3], reference=lambda: loaded.append(1) or reference)
     with_image = R2PVerifier(vlm).pairwise_prompt(query, candidate)

@@ -11,26 +11,20 @@ import json
 import shutil
 import sys
 
-import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from PIL import Image
 
 from personal_vlm_node.errors import PersonalVLMError
 from personal_vlm_node.runtime import backends, export
 from personal_vlm_node.runtime.backends import (cached_export, engine_cache_key, engine_paths, make_encoder,
                                                 needs_rebuild, provider_chain)
 from personal_vlm_node.cli import main
+from personal_vlm_node.testing.kit import photo
 from personal_vlm_node.vlm.graph import graph_for
 from personal_vlm_node.vlm.base import prepare_image
 
 FP32_TOLERANCE = 1e-4
-
-
-def _photo(width, height, seed=0):
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +64,7 @@ def test_exported_encoder_matches_the_torch_tower_on_onnxruntime_cpu(adapters, e
     adapter = adapters(family)
     folder, meta = exported(family)
     assert meta["parity"]["max_abs_error"] < FP32_TOLERANCE
-    image = _photo(300, 200, seed=3)
+    image = photo(3, 300, 200)
     expected = _torch_tokens(adapter, image)                                      # (N, D)
     got = _onnx_tokens(folder, adapter, image)
     assert got.shape == expected.shape
@@ -96,7 +90,7 @@ def test_one_qwen_graph_serves_two_image_sizes(adapters, exported):
     folder, meta = exported("qwen2_5_vl")
     assert meta["dynamic_axes"]["pixel_values"] == {"0": "patches"}
     counts = []
-    for image in (_photo(448, 448, seed=1), _photo(320, 120, seed=2)):
+    for image in (photo(1, 448, 448), photo(2, 320, 120)):
         expected = _torch_tokens(adapter, image)
         got = _onnx_tokens(folder, adapter, image)
         assert (got - expected).abs().max().item() < FP32_TOLERANCE
@@ -150,14 +144,14 @@ def test_qwen2_vl_without_windows_exports_too(tiny_checkpoints, tmp_path):
     assert adapter.config.model_type == "qwen2_vl"
     folder, meta = cached_export(adapter, tmp_path / "cache", progress=lambda m: None)
     assert [i["name"] for i in meta["inputs"]] == ["pixel_values", "position_ids"]
-    for image in (_photo(300, 200, seed=8), _photo(100, 400, seed=9)):
+    for image in (photo(8, 300, 200), photo(9, 100, 400)):
         assert (_onnx_tokens(folder, adapter, image) - _torch_tokens(adapter, image)).abs().max() < FP32_TOLERANCE
 
 
 def test_idefics3_graph_takes_any_number_of_tiles(adapters, exported):
     adapter = adapters("idefics3")
     folder, _ = exported("idefics3")
-    wide, square = _photo(400, 100, seed=4), _photo(300, 300, seed=5)
+    wide, square = photo(4, 400, 100), photo(5, 300, 300)
     tiles = [adapter.preprocess(prepare_image(im)).tensors["pixel_values"].shape[1] for im in (wide, square)]
     assert tiles[0] != tiles[1]
     for image in (wide, square):
@@ -170,18 +164,18 @@ def test_fixed_size_export_refuses_other_image_sizes(adapters, tmp_path):
     meta = export.read_metadata(onnx_path.parent)
     assert meta["image_size"] == 112 and meta["dynamic_axes"] == {}
     encoder = backends.make_onnxruntime_encoder(adapter, onnx_path.parent, meta, progress=lambda m: None)
-    same = _photo(112, 112, seed=6)
+    same = photo(6, 112, 112)
     assert (encoder(adapter.preprocess(prepare_image(same)).tensors) - _torch_tokens(adapter, same)).abs().max() \
         < FP32_TOLERANCE
     with pytest.raises(PersonalVLMError, match="without --image-size"):
-        adapter.encode_image(_photo(320, 120), encoder=encoder)
+        adapter.encode_image(photo(0, 320, 120), encoder=encoder)
 
 
 def test_export_refuses_a_graph_that_disagrees_with_torch(adapters, exported):
     adapter = adapters("idefics3")
     folder, _ = exported("idefics3")
     graph = graph_for(adapter)
-    example = graph.feeds(adapter.preprocess(prepare_image(_photo(200, 150))).tensors)
+    example = graph.feeds(adapter.preprocess(prepare_image(photo(0, 200, 150))).tensors)
     module = graph.module()
     assert export.verify_parity(module, folder / "encoder.onnx", [example])[0]["max_abs_error"] < FP32_TOLERANCE
 
@@ -201,7 +195,7 @@ def test_big_towers_keep_their_weights_in_external_data(adapters, tmp_path, monk
     both = hashlib.sha256((folder / "encoder.onnx").read_bytes() + data.read_bytes()).hexdigest()
     assert meta["onnx_sha256"] == both
     encoder = make_encoder(adapter, "onnxruntime", cache_dir=tmp_path, progress=lambda m: None)
-    image = _photo(200, 200)
+    image = photo(0, 200, 200)
     assert (adapter.encode_image(image, encoder=encoder).features - _torch_tokens(adapter, image)).abs().max() \
         < FP32_TOLERANCE
 
@@ -217,7 +211,7 @@ def test_export_of_a_bfloat16_model_leaves_the_model_untouched(tiny_checkpoints,
     adapter = load_vlm(str(tiny_checkpoints["qwen2_5_vl"]), device="cpu", dtype="bfloat16")
     encoder = make_encoder(adapter, "onnxruntime", cache_dir=tmp_path, progress=lambda m: None)
     assert all(p.dtype == torch.bfloat16 for p in adapter.model.parameters())
-    image = _photo(300, 200)
+    image = photo(0, 300, 200)
     fast, reference = adapter.encode_image(image, encoder=encoder), adapter.encode_image(image)
     assert fast.features.dtype == torch.bfloat16
     # The graph computes in float32: it differs from the bf16 tower by bf16 rounding only.
@@ -231,7 +225,7 @@ def test_onnxruntime_encoder_gives_the_same_tokens_and_boxes_as_torch(adapters, 
     exported(family)
     encoder = make_encoder(adapter, "onnxruntime", cache_dir=cache_dir, progress=lambda m: None)
     assert encoder.provider == "CPUExecutionProvider"
-    image = _photo(333, 222, seed=7)
+    image = photo(7, 333, 222)
     fast, reference = adapter.encode_image(image, encoder=encoder), adapter.encode_image(image)
     assert fast.features.dtype == reference.features.dtype == adapter.dtype
     assert (fast.features - reference.features).abs().max().item() < FP32_TOLERANCE

@@ -121,9 +121,7 @@ def test_the_toy_clip_trains_saves_and_loads_as_a_verifier(quick_cache):
 
 def test_a_second_run_reuses_the_cached_toy_without_training(toy_vlm, monkeypatch):
     monkeypatch.setattr(toy_vlm_mod, "train", lambda *a, **k: pytest.fail("trained again"))
-    t0 = time.perf_counter()
     assert toy_vlm_mod.ensure_toy_vlm() == toy_vlm
-    assert time.perf_counter() - t0 < 2.0
 
 
 def test_the_toy_is_a_checkpoint_with_its_calibrated_profile(toy_vlm):
@@ -196,9 +194,8 @@ def test_background_training_reports_a_failure_with_its_log_and_stops_its_proces
                                 "print('up', flush=True); time.sleep(60)"],
                                stdout=subprocess.PIPE, start_new_session=True)
     assert trainer.stdout.readline().strip() == b"up"
-    t0 = time.perf_counter()
     toy_background.stop(trainer)
-    assert trainer.returncode == -15 and time.perf_counter() - t0 < 5
+    assert trainer.returncode == -15           # ended by the SIGTERM to its group, not by a later kill
     for _ in range(50):       # the renderer is gone (or a zombie no one reaps, in a container)
         states = subprocess.run(["ps", "-o", "stat=", "-g", str(trainer.pid)], capture_output=True, text=True).stdout
         if all(state.startswith("Z") for state in states.split()):

@@ -148,11 +148,11 @@ def test_pending_key_takes_newest_payload_without_duplicate():
 
 
 def test_submit_does_not_wait_for_slow_verify():
-    started = threading.Event()
+    started, release = threading.Event(), threading.Event()
 
     def slow_verify(request):
         started.set()
-        time.sleep(0.5)
+        release.wait(timeout=30.0)
         return "done"
 
     queue = VerificationQueue(slow_verify, max_per_second=100.0)
@@ -160,13 +160,20 @@ def test_submit_does_not_wait_for_slow_verify():
     try:
         queue.submit("first", None)
         assert started.wait(timeout=5.0)
-        t0 = time.perf_counter()
-        assert queue.submit("second", None) is None
-        assert queue.submit("first", None) is None  # in flight: not queued again
-        elapsed = time.perf_counter() - t0
-        assert elapsed < 0.05
+        returned, answers = threading.Event(), []
+
+        def submit_more():
+            answers.append(queue.submit("second", None))
+            answers.append(queue.submit("first", None))     # in flight: not queued again
+            returned.set()
+
+        threading.Thread(target=submit_more, daemon=True).start()
+        # Both return while the verification they queue behind is still blocked.
+        assert returned.wait(timeout=5.0) and not release.is_set()
+        assert answers == [None, None]
         assert queue.pending == ["second"]
     finally:
+        release.set()
         assert queue.stop(timeout=5.0)
 
 

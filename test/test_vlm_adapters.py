@@ -15,15 +15,11 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText
 
 from personal_vlm_node.errors import PersonalVLMError
+from personal_vlm_node.testing.kit import photo
 from personal_vlm_node.vlm import Memory, load_vlm
 from personal_vlm_node.vlm.base import prepare_image
 
 QWEN = ("qwen2_5_vl", "qwen3_vl")      # M-RoPE families: positions from input_ids + token types
-
-
-def _photo(width=300, height=200, seed=0):
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
 
 
 def _reference_pixel_inputs(adapter, image):
@@ -59,7 +55,7 @@ def _capture_llm_inputs(adapter):
 
 def test_visual_tokens_equal_the_models_own_input_embeddings_at_image_positions(adapters, family):
     adapter = adapters(family)
-    image = _photo()
+    image = photo()
     tokens = adapter.encode_image(image)
     prompt = adapter.build(["Describe this: ", tokens])
     assert tokens.features.shape == (len(tokens.slots), adapter.hidden_size)
@@ -90,7 +86,7 @@ def test_captured_attention_equals_eager_output_attentions(adapters, tiny_checkp
     adapter = adapters(family)
     eager = AutoModelForImageTextToText.from_pretrained(
         tiny_checkpoints[family], dtype=torch.float32, attn_implementation="eager").eval()
-    tokens = adapter.encode_image(_photo(seed=1))
+    tokens = adapter.encode_image(photo(1))
     answer = "a red ceramic mug"
     spans = [(2, 5), (6, 13)]          # "red", "ceramic"
     layers = [0, 2, 3]
@@ -112,7 +108,7 @@ def test_captured_attention_equals_eager_output_attentions(adapters, tiny_checkp
 
 def test_generation_with_spliced_memory_equals_the_reference_forward(adapters, family):
     adapter = adapters(family)
-    tokens = adapter.encode_image(_photo(seed=2))
+    tokens = adapter.encode_image(photo(2))
     memory = Memory(torch.randn(5, adapter.hidden_size) * 0.05, "my mug")
     generation = adapter.generate(["This is ", memory, ". Is it in ", tokens, "?"], max_new_tokens=6)
     assert len(generation.token_ids) >= 1
@@ -142,7 +138,7 @@ def test_generation_with_spliced_memory_equals_the_reference_forward(adapters, f
         position_ids, _ = adapter.model.model.get_rope_index(ids, mm_token_type_ids=types,
                                                              image_grid_thw=kwargs["image_grid_thw"])
         adapter.model.model.rope_deltas = None
-        kwargs = {"pixel_values": _reference_pixel_inputs(adapter, _photo(seed=2))["pixel_values"],
+        kwargs = {"pixel_values": _reference_pixel_inputs(adapter, photo(2))["pixel_values"],
                   "image_grid_thw": kwargs["image_grid_thw"], "position_ids": position_ids}
     with torch.inference_mode():
         logits = adapter.model(inputs_embeds=embeds, **kwargs).logits[0]
@@ -157,7 +153,7 @@ def test_generation_with_spliced_memory_equals_the_reference_forward(adapters, f
 @pytest.mark.parametrize("qwen", QWEN)
 def test_qwen_positions_are_three_dimensional_for_the_image_and_linear_for_memories(adapters, qwen):
     adapter = adapters(qwen)
-    tokens = adapter.encode_image(_photo())
+    tokens = adapter.encode_image(photo())
     prompt = adapter.build([tokens, Memory(torch.zeros(4, adapter.hidden_size))])
     rows, cols = tokens.grid
     image_pos = prompt.position_ids[:, 0, prompt.image_positions[0]]          # (3, N)
@@ -170,7 +166,7 @@ def test_qwen_positions_are_three_dimensional_for_the_image_and_linear_for_memor
 
 def test_yes_probability_is_a_probability_and_depends_on_the_input(adapters, family):
     adapter = adapters(family)
-    a = adapter.encode_image(_photo(seed=3))
+    a = adapter.encode_image(photo(3))
     b = adapter.encode_image(Image.new("RGB", (300, 200), (250, 10, 10)))
     memory = Memory(a.features[:6], "thing")
     p_a = adapter.yes_probability(["Is ", memory, " in this image? ", a, " Answer Yes or No."])
@@ -181,7 +177,7 @@ def test_yes_probability_is_a_probability_and_depends_on_the_input(adapters, fam
 
 def test_image_features_are_reused_across_prompts(adapters, family, monkeypatch):
     adapter = adapters(family)
-    tokens = adapter.encode_image(_photo(seed=4))
+    tokens = adapter.encode_image(photo(4))
     calls = []
     original = adapter.model.model.get_image_features
     monkeypatch.setattr(adapter.model.model, "get_image_features",
@@ -221,7 +217,7 @@ def test_odd_images_encode_and_their_boxes_stay_inside_the_source(adapters, fami
 
 def test_token_boxes_map_back_through_the_processor_resize(adapters):
     adapter = adapters("qwen2_5_vl")
-    tokens = adapter.encode_image(_photo(width=400, height=100))
+    tokens = adapter.encode_image(photo(0, 400, 100))
     rows, cols = tokens.grid
     first = tokens.token_boxes[0].tolist()
     assert first == pytest.approx([0, 0, 400 / cols, 100 / rows], rel=1e-4)
@@ -241,7 +237,7 @@ def test_corrupt_images_raise_the_project_error(adapters, data, message):
 
 def test_truncated_png_and_zero_size_arrays_raise_the_project_error(adapters):
     buffer = io.BytesIO()
-    _photo().save(buffer, "PNG")
+    photo().save(buffer, "PNG")
     with pytest.raises(PersonalVLMError):
         adapters("internvl").encode_image(buffer.getvalue()[:200])
     with pytest.raises(PersonalVLMError, match="zero size"):

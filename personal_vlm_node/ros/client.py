@@ -45,22 +45,35 @@ def _emit(args, payload: dict, text: str) -> None:
 
 
 class NodeClient:
-    """An rclpy node of its own context, spun on a thread, that talks to one personal_vlm node."""
+    """An rclpy node of its own context, spun on a thread, that talks to one personal_vlm node: its
+    services, its ask action, its lifecycle and parameter services, and its topics.
 
-    def __init__(self, namespace: str, node_name: str, timeout: float):
+    The ``personal-vlm node`` verbs, the field test and the node's tests all talk to the node
+    through it. Names are resolved in ``namespace``; a name that starts with ``/`` is taken as is.
+    """
+
+    def __init__(self, namespace: str, node_name: str = "personal_vlm", timeout: float = REQUEST_TIMEOUT_S,
+                 client_name: str | None = None, threads: int = 1):
         import rclpy
         from rclpy.context import Context
-        from rclpy.executors import SingleThreadedExecutor
+        from rclpy.executors import MultiThreadedExecutor, SingleThreadedExecutor
 
         self.namespace = "/" + namespace.strip("/") if namespace.strip("/") else ""
         self.node_name = node_name
         self.timeout = timeout
         self._known = False           # the node has answered this process once
+        self._services: dict = {}     # kept clients of the node's services, by name
+        self._camera = None
+        self.last_stamp = 1_000_000      # the seconds of the last frame stamp this client published
+        self.published: dict[tuple[int, int], float] = {}     # frame stamp → monotonic time it was published
+        self.arrived = threading.Condition()                   # notified whenever a recorded message arrives
         self.context = Context()
         rclpy.init(args=[], context=self.context)
-        self.node = rclpy.create_node(f"personal_vlm_cli_{os.getpid()}", context=self.context,
-                                      start_parameter_services=False)
-        self.executor = SingleThreadedExecutor(context=self.context)
+        self.node = rclpy.create_node(client_name or f"personal_vlm_cli_{os.getpid()}", namespace=self.namespace or None,
+                                      context=self.context, start_parameter_services=False)
+        # More than one thread when recorded topics are busy enough to delay service answers.
+        self.executor = (MultiThreadedExecutor(num_threads=threads, context=self.context) if threads > 1
+                         else SingleThreadedExecutor(context=self.context))
         self.executor.add_node(self.node)
         self._thread = threading.Thread(target=self._spin, daemon=True)
         self._thread.start()
@@ -83,7 +96,7 @@ class NodeClient:
         self._thread.join(2.0)
 
     def name(self, relative: str) -> str:
-        return f"{self.namespace}/{relative}"
+        return relative if relative.startswith("/") else f"{self.namespace}/{relative}"
 
     def _absent(self, what: str) -> PersonalVLMError:
         domain = os.environ.get("ROS_DOMAIN_ID", "0")
@@ -92,6 +105,7 @@ class NodeClient:
             f"ros2 launch personal_vlm_node assistant.launch.py), or check the namespace (--namespace) "
             f"and that both use ROS_DOMAIN_ID={domain}")
 
+    # ---- one request at a time, as a user sends it -------------------------------------------
     def call(self, srv_type, relative: str, request, idempotent: bool = False):
         """One request. An ``idempotent`` one is re-sent every RESEND_S until it is answered (within
         ``timeout``); any other is preceded by :meth:`handshake`, so it is sent once and not lost."""
@@ -133,6 +147,178 @@ class NodeClient:
         if not done.wait(REQUEST_TIMEOUT_S):
             raise PersonalVLMError(f"{what}: no answer within {REQUEST_TIMEOUT_S:g} s")
         return future.result()
+
+    # ---- many requests, on kept clients ------------------------------------------------------
+    def service(self, srv_type, relative: str, timeout: float | None = None):
+        """A kept client of the node's ``relative`` service, once the service is there (None when
+        it does not appear within ``timeout``, default the client's)."""
+        client = self._services.get(relative)
+        if client is None:
+            client = self.node.create_client(srv_type, self.name(relative))
+            if not client.wait_for_service(timeout_sec=self.timeout if timeout is None else timeout):
+                self.node.destroy_client(client)
+                return None
+            self._services[relative] = client
+        return client
+
+    def call_async(self, srv_type, relative: str, request):
+        """Send ``request`` on a kept client; the future of its answer."""
+        client = self.service(srv_type, relative)
+        if client is None:
+            raise self._absent(self.name(relative))
+        return client.call_async(request)
+
+    def send(self, srv_type, relative: str, request, timeout: float | None = None):
+        """One request on a kept client: its answer, or None when the service is not there or no
+        answer came within ``timeout`` (default the client's)."""
+        timeout = self.timeout if timeout is None else timeout
+        client = self.service(srv_type, relative, timeout)
+        if client is None:
+            return None
+        done = threading.Event()
+        future = client.call_async(request)
+        future.add_done_callback(lambda _f: done.set())
+        return future.result() if done.wait(timeout) else None
+
+    def _answered(self, response, relative: str):
+        if response is None:
+            raise self._absent(self.name(relative))
+        return response
+
+    # ---- parameters and lifecycle ------------------------------------------------------------
+    def set_parameters(self, **values) -> list:
+        """Set the node's parameters live; one rcl_interfaces SetParametersResult per value."""
+        from rcl_interfaces.srv import SetParameters
+        from rclpy.parameter import Parameter
+
+        relative = f"{self.node_name}/set_parameters"
+        request = SetParameters.Request(parameters=[Parameter(name, value=value).to_parameter_msg()
+                                                    for name, value in values.items()])
+        return list(self._answered(self.send(SetParameters, relative, request), relative).results)
+
+    def get_parameters(self, *names: str) -> list:
+        """The node's values of ``names``, as Python values."""
+        from rcl_interfaces.srv import GetParameters
+        from rclpy.parameter import parameter_value_to_python
+
+        relative = f"{self.node_name}/get_parameters"
+        response = self._answered(self.send(GetParameters, relative, GetParameters.Request(names=list(names))),
+                                  relative)
+        return [parameter_value_to_python(v) for v in response.values]
+
+    def lifecycle_state(self) -> int:
+        """The node's lifecycle state id. Asking is idempotent, so it is re-sent until answered."""
+        from lifecycle_msgs.srv import GetState
+
+        return self.call(GetState, f"{self.node_name}/get_state", GetState.Request(), idempotent=True).current_state.id
+
+    def change_state(self, transition_id: int, goal_state: int) -> bool:
+        """Request a lifecycle transition, once (a transition must not be requested twice): its
+        success, or, when its answer does not come, whether the node reached ``goal_state``."""
+        from lifecycle_msgs.msg import Transition
+        from lifecycle_msgs.srv import ChangeState
+
+        relative = f"{self.node_name}/change_state"
+        client = self.service(ChangeState, relative)
+        if client is None:
+            raise self._absent(self.name(relative))
+        done = threading.Event()
+        future = client.call_async(ChangeState.Request(transition=Transition(id=transition_id)))
+        future.add_done_callback(lambda _f: done.set())
+        deadline = time.monotonic() + self.timeout
+        while not done.wait(5 * RESEND_S):
+            if self.lifecycle_state() == goal_state:
+                return True
+            if time.monotonic() >= deadline:
+                raise PersonalVLMError(f"{relative}: no answer within {self.timeout:g} s")
+        return future.result().success
+
+    # ---- the ask action ----------------------------------------------------------------------
+    def ask_goal(self, question: str, image, on_feedback=None):
+        """The ask action: (status, result, partial answers in order). ``on_feedback(goal, partial)``
+        sees each partial answer as it comes (and may cancel the goal); Ctrl-C cancels it."""
+        from personal_vlm_interfaces.action import Ask
+        from rclpy.action import ActionClient
+
+        action = ActionClient(self.node, Ask, self.name("ask"))
+        partials, goal = [], [None]
+
+        def feedback(msg):
+            partials.append(msg.feedback.partial_answer)
+            if on_feedback is not None:
+                on_feedback(goal[0], msg.feedback.partial_answer)
+
+        try:
+            if not action.wait_for_server(timeout_sec=self.timeout):
+                raise self._absent(f"the action {self.name('ask')}")
+            goal[0] = self._wait(action.send_goal_async(Ask.Goal(question=question, image=image),
+                                                        feedback_callback=feedback), "ask")
+            if not goal[0].accepted:
+                raise PersonalVLMError("ask: the node refused the question (it is shutting down)")
+            try:
+                response = self._wait(goal[0].get_result_async(), "ask")
+            except KeyboardInterrupt:
+                self._wait(goal[0].cancel_goal_async(), "cancel")
+                raise
+            return response.status, response.result, partials
+        finally:
+            action.destroy()
+
+    # ---- topics ------------------------------------------------------------------------------
+    def camera(self):
+        """The publisher of camera frames on the node's input (best effort, as cameras publish)."""
+        if self._camera is None:
+            from rclpy.qos import qos_profile_sensor_data
+            from sensor_msgs.msg import Image
+
+            self._camera = self.node.create_publisher(Image, self.name("image"), qos_profile_sensor_data)
+        return self._camera
+
+    def publish_frame(self, msg, frame_id: str = "camera") -> tuple[int, int]:
+        """Publish ``msg`` on the camera input with a stamp no other frame of this client had;
+        returns the stamp (sec, nanosec), by which the node's detections name the frame."""
+        with self.arrived:
+            self.last_stamp += 1
+            stamp = (self.last_stamp, 250_000_000)
+        msg.header.stamp.sec, msg.header.stamp.nanosec = stamp
+        msg.header.frame_id = frame_id
+        self.published[stamp] = time.monotonic()
+        self.camera().publish(msg)
+        return stamp
+
+    def record(self, msg_type, relative: str, depth: int = 50, entry=None, into: list | None = None) -> list:
+        """Every message on the topic from now on, appended (as ``entry(msg)``, default the message)
+        to ``into`` or a new list, which is returned; :attr:`arrived` is notified each time."""
+        kept = [] if into is None else into
+
+        def keep(msg):
+            item = msg if entry is None else entry(msg)
+            with self.arrived:
+                kept.append(item)
+                self.arrived.notify_all()
+
+        self.node.create_subscription(msg_type, self.name(relative), keep, depth)
+        return kept
+
+    def record_detections(self, entry=None, into: list | None = None) -> list:
+        """The node's DetectionArray messages from now on (see :meth:`record`)."""
+        from personal_vlm_interfaces.msg import DetectionArray
+
+        return self.record(DetectionArray, f"{self.node_name}/detections", 50, entry, into)
+
+    def wait_until(self, condition, timeout: float | None = None, what: str = "a condition"):
+        """The first true value of ``condition()``, checked as recorded messages arrive (and at
+        least every half second); TimeoutError when none came within ``timeout``."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        with self.arrived:
+            while True:
+                found = condition()
+                if found:
+                    return found
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"timed out waiting for {what}")
+                self.arrived.wait(min(left, 0.5))
 
 
 # ---- the verbs -----------------------------------------------------------------------------
@@ -198,42 +384,24 @@ def _ask(client: NodeClient, args) -> None:
 
 def _ask_streaming(client: NodeClient, args, image):
     """The ask action: the answer is printed as it grows; Ctrl-C cancels the goal."""
-    from personal_vlm_interfaces.action import Ask
-    from rclpy.action import ActionClient
-
-    action = ActionClient(client.node, Ask, client.name("ask"))
     shown = [""]
     quiet = getattr(args, "json", False)
 
-    def feedback(msg):
-        text = msg.feedback.partial_answer
+    def feedback(_goal, text):
         if not quiet and text.startswith(shown[0]):
             sys.stdout.write(text[len(shown[0]):])
             sys.stdout.flush()
             shown[0] = text
 
-    try:
-        client.handshake()
-        if not action.wait_for_server(timeout_sec=client.timeout):
-            raise client._absent(f"the action {client.name('ask')}")
-        goal = client._wait(action.send_goal_async(Ask.Goal(question=args.question, image=image),
-                                                   feedback_callback=feedback), "ask")
-        if not goal.accepted:
-            raise PersonalVLMError("ask: the node refused the question (it is shutting down)")
-        try:
-            result = client._wait(goal.get_result_async(), "ask").result
-        except KeyboardInterrupt:
-            client._wait(goal.cancel_goal_async(), "cancel")
-            raise
-        _check(result, "ask")
-        if not quiet:
-            sys.stdout.write(result.answer[len(shown[0]):] if result.answer.startswith(shown[0]) else
-                             "\n" + result.answer)
-            sys.stdout.write("\n")
-            sys.stdout.flush()
-        return result.answer, list(result.concepts)
-    finally:
-        action.destroy()
+    client.handshake()
+    _status, result, _partials = client.ask_goal(args.question, image, on_feedback=feedback)
+    _check(result, "ask")
+    if not quiet:
+        sys.stdout.write(result.answer[len(shown[0]):] if result.answer.startswith(shown[0]) else
+                         "\n" + result.answer)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    return result.answer, list(result.concepts)
 
 
 def _list(client: NodeClient, args) -> None:
@@ -257,18 +425,9 @@ def _forget(client: NodeClient, args) -> None:
 
 
 def _watch(client: NodeClient, args) -> None:
-    from personal_vlm_interfaces.msg import DetectionArray
-
     topic = client.name(f"{client.node_name}/detections")
-    arrived = threading.Condition()
-    frames: list = []
-
-    def keep(msg):
-        with arrived:
-            frames.append(msg)
-            arrived.notify_all()
-
-    client.node.create_subscription(DetectionArray, topic, keep, 10)
+    arrived = client.arrived
+    frames = client.record_detections()
     deadline = time.monotonic() + client.timeout
     while client.node.count_publishers(topic) == 0:
         if time.monotonic() > deadline:

@@ -27,7 +27,7 @@ from .. import prompts
 from . import toy_world as tw
 from .toy_vlm import build_once, cache_root, recipe_key
 
-_CODE_FILES = ("testing/toy_clip.py", "testing/toy_world.py", "prompts.py")
+_CODE_FILES = ("testing/toy_clip.py", "testing/toy_world/looks.py", "testing/toy_world/scenes.py", "prompts.py")
 _KEYS = ("shape", "color", "pattern", "distinct_features", "description")
 
 

@@ -1,0 +1,5 @@
+import sys
+
+from .dataset import main
+
+sys.exit(main())
