@@ -22,7 +22,7 @@ from .matcher import Matcher, decide
 from .options import AssistantOptions, check_thresholds
 from .output import stderr_progress
 from .tracker import Observation, Tracker
-from .verifier import Request, VerificationQueue
+from .verification_queue import Request, VerificationQueue
 from .profiles import ModelProfile, load_profile
 from .store import ConceptRecord, ConceptStore, ForgetResult, MemoryMissing, validate_category, validate_name
 from .vlm import Memory, VLMAdapter, load_vlm
