@@ -310,6 +310,12 @@ class Verdict:
     p_yes: float                     # Ego's in-context p(yes)
     source: str                      # "ego", or "r2p" when Ego was itself unsure
     score: float | None = None       # R2P's score for the concept, when R2P decided
+    stages: dict | None = None       # R2P's stages (:attr:`R2PResult.stages`), when R2P decided
+
+    @property
+    def confidence(self) -> float:
+        """The score a detection carries: R2P's when it scored the concept, else Ego's p(yes)."""
+        return self.p_yes if self.score is None else self.score
 
 
 def settle_uncertain(vlm: VLMAdapter, tokens: ImageTokens, names: list[str], memory_of, *,
@@ -349,4 +355,5 @@ def settle_uncertain(vlm: VLMAdapter, tokens: ImageTokens, names: list[str], mem
     for name in unsure:
         verdicts[name].present = result.present(name)
         verdicts[name].score = result.score_for(name)
+        verdicts[name].stages = result.stages
     return verdicts, result
