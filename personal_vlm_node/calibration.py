@@ -164,3 +164,31 @@ def calibrate_thresholds(vlm, profile, dataset, progress=None, max_error: float 
     fitted["figures"]["dataset"] = str(dataset.root)
     fitted["figures"]["seconds"] = round(time.perf_counter() - t0, 1)
     return fitted
+
+
+# ---- the whole calibration of one model ------------------------------------------------------
+def calibrate_model(model: str, pairs: list[tuple] = (), dataset=None, *, top_k: int = 16, keep: int = 4,
+                    max_error: float = 0.05, out=None, profile_path=None, device: str = "auto",
+                    dtype: str = "auto", progress=None) -> dict:
+    """Load ``model``, measure its layers on image–mask ``pairs`` and / or its thresholds on a
+    labelled ``dataset``, and write the profile (to ``out``, default: the model's profile path).
+
+    Returns ``{"profile": path written, "layers", "mask_hit_rate"}`` when layers were measured and
+    the fitted thresholds when a dataset was given.
+    """
+    from .profiles import calibrate_layers, default_profile_path, load_profile, save_profile
+    from .vlm import load_vlm
+
+    profile = load_profile(model, profile_path)
+    vlm = load_vlm(model, device=device, dtype=dtype)
+    result = {}
+    if pairs:
+        profile = calibrate_layers(profile, vlm, list(pairs), top_k, keep, progress=progress)
+        result.update({"layers": profile.layers, "mask_hit_rate": profile.calibration["mask_hit_rate"]})
+    if dataset is not None:
+        fitted = calibrate_thresholds(vlm, profile, dataset, progress, max_error)
+        profile.calibration = {**{k: v for k, v in (profile.calibration or {}).items() if k != "note"},
+                               "thresholds": fitted["figures"]}
+        result.update({k: v for k, v in fitted.items() if k != "figures"})
+    written = save_profile(profile, out or default_profile_path(model))
+    return {"profile": str(written), **result}

@@ -13,18 +13,15 @@ import argparse
 import json
 import math
 import os
-import re
 import sys
 from pathlib import Path
 
-from . import evaluation
+from . import evaluation, media
 from .errors import PersonalVLMError
-from .images import IMAGE_SUFFIXES
 from .names import MAX_NAME_CHARS, quoted, shown, validate_category, validate_name
 from .options import (BACKENDS, DEFAULT_MODEL, DTYPES, ENCODER_CHOICES, EXPORT_OPSET, PAIRWISE_REFERENCES, PRECISIONS,
                       RANDOM_MODEL_SIZES, RECOGNITIONS, AssistantOptions)
 from .output import stderr_progress
-
 
 
 NODE_TIMEOUT_S = 10.0   # seconds `personal-vlm node` waits for the node to appear
@@ -47,11 +44,6 @@ def _parse_roi(text: str) -> tuple[float, float, float, float]:
     if not all(math.isfinite(v) for v in values):
         raise argparse.ArgumentTypeError(f"--roi values must be finite numbers, got {text!r}")
     return values
-
-
-def _natural_key(path: Path):
-    """frame2 before frame10, as eval orders its images."""
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", path.name)]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,7 +134,7 @@ def _pictures(paths) -> list:
 
 
 def _cmd_teach(args) -> None:
-    from .assistant import expand_rois
+    from .teaching import expand_rois
 
     # Everything a user can get wrong is checked before the model loads (that takes a while).
     name, category = _store(args).check_new_name(args.name), validate_category(args.category)
@@ -189,64 +181,12 @@ def _cmd_recognize(args) -> None:
     _emit(args, {"concepts": rows, "checked": len(rows), "taught": taught}, text or "no concepts taught yet")
 
 
-VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".gif"}
-
-
-def _frames(source: Path):
-    """(label, image) for every frame of an image, a folder of images or a video."""
-    if not source.exists():
-        raise PersonalVLMError(f"not found: {source}")
-    if source.is_dir():
-        files = sorted((p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=_natural_key)
-        if not files:
-            raise PersonalVLMError(f"no images in {source}")
-        for path in files:
-            yield path.name, str(path)
-    elif source.suffix.lower() in VIDEO_SUFFIXES:
-        yield from _video_frames(source)
-    elif source.is_file():
-        yield source.name, str(source)
-    else:
-        raise PersonalVLMError(f"not found: {source}")
-
-
-def _video_frames(path: Path):
-    if path.suffix.lower() == ".gif":
-        from PIL import Image, ImageSequence
-
-        index = 0
-        try:
-            with Image.open(path) as gif:
-                for index, frame in enumerate(ImageSequence.Iterator(gif)):
-                    yield f"{path.name}#{index}", frame.convert("RGB")
-        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
-            raise PersonalVLMError(f"{path.name} cannot be read past frame {index} ({exc}); "
-                                   "is the file complete?") from exc
-        return
-    try:
-        import cv2
-    except ImportError as exc:
-        raise PersonalVLMError("reading videos needs OpenCV: pip install opencv-python-headless "
-                               "(or extract frames into a folder)") from exc
-    capture = cv2.VideoCapture(str(path))
-    if not capture.isOpened():
-        raise PersonalVLMError(f"cannot open video {path}")
-    index = 0
-    while True:
-        ok, frame = capture.read()
-        if not ok:
-            break
-        yield f"{path.name}#{index}", frame[:, :, ::-1].copy()        # BGR → RGB
-        index += 1
-    capture.release()
-
-
 def _cmd_detect(args) -> None:
     source = Path(args.source)
     if not source.exists():
         raise PersonalVLMError(f"not found: {source}")
-    frames = _frames(source)
-    still = source.is_file() and source.suffix.lower() not in VIDEO_SUFFIXES
+    frames = media.frames(source)
+    still = source.is_file() and not media.is_video(source)
     hysteresis = {"tracker_k": 1, "tracker_n": 1} if still else {}   # one frame: nothing to wait for
     options = AssistantOptions(backend=args.backend, engine_cache=args.engine_cache,
                                verification=args.verify, **hysteresis)
@@ -303,18 +243,6 @@ def _cmd_store(args) -> None:
 
     report = repair_store(args.store, force=args.force, progress=stderr_progress())
     _emit(args, report.as_dict(), "\n".join(report.lines()))
-
-
-def _pairs(images_dir: Path, masks_dir: Path) -> list[tuple[Path, Path]]:
-    for folder in (images_dir, masks_dir):
-        if not folder.is_dir():
-            raise PersonalVLMError(f"folder not found: {folder}")
-    masks = {p.stem: p for p in masks_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
-    pairs = [(p, masks[p.stem]) for p in sorted(images_dir.iterdir())
-             if p.suffix.lower() in IMAGE_SUFFIXES and p.stem in masks]
-    if not pairs:
-        raise PersonalVLMError(f"no image in {images_dir} has a mask with the same name in {masks_dir}")
-    return pairs
 
 
 def _add_eval_parser(subparsers) -> argparse.ArgumentParser:
@@ -385,9 +313,7 @@ def _cmd_eval(args) -> None:
 
 
 def _cmd_calibrate(args) -> None:
-    from . import calibration
-    from .profiles import calibrate_layers, default_profile_path, load_profile, save_profile
-    from .vlm import load_vlm
+    from .calibration import calibrate_model
 
     if args.top_k < 1 or args.keep < 1:
         raise PersonalVLMError("--top-k and --keep must be at least 1")
@@ -397,23 +323,13 @@ def _cmd_calibrate(args) -> None:
         raise PersonalVLMError("give --images and --masks (layers), --dataset (thresholds), or both")
     if not 0.0 < args.max_error < 0.5:
         raise PersonalVLMError("--max-error must lie between 0 and 0.5")
-    pairs = _pairs(Path(args.images), Path(args.masks)) if args.images else []
+    pairs = media.image_mask_pairs(Path(args.images), Path(args.masks)) if args.images else []
     dataset = evaluation.load_dataset(args.dataset, args.layout) if args.dataset else None
-    profile = load_profile(args.model, args.profile)
-    vlm = load_vlm(args.model, device=args.device, dtype=args.dtype)
-    progress = stderr_progress()
-    result = {}
-    if pairs:
-        profile = calibrate_layers(profile, vlm, pairs, args.top_k, args.keep, progress=progress)
-        result.update({"layers": profile.layers, "mask_hit_rate": profile.calibration["mask_hit_rate"]})
-    if dataset is not None:
-        fitted = calibration.calibrate_thresholds(vlm, profile, dataset, progress, args.max_error)
-        profile.calibration = {**{k: v for k, v in (profile.calibration or {}).items() if k != "note"},
-                               "thresholds": fitted["figures"]}
-        result.update({k: v for k, v in fitted.items() if k != "figures"})
-    out = save_profile(profile, args.out or default_profile_path(args.model))
-    summary = ", ".join(f"{k} {v}" for k, v in result.items() if k != "mask_hit_rate")
-    _emit(args, {"profile": str(out), **result}, f"{summary} written to {out}")
+    result = calibrate_model(args.model, pairs, dataset, top_k=args.top_k, keep=args.keep,
+                             max_error=args.max_error, out=args.out, profile_path=args.profile,
+                             device=args.device, dtype=args.dtype, progress=stderr_progress())
+    summary = ", ".join(f"{k} {v}" for k, v in result.items() if k not in ("profile", "mask_hit_rate"))
+    _emit(args, result, f"{summary} written to {result['profile']}")
 
 
 def _add_bench_parser(subparsers) -> None:
@@ -462,26 +378,16 @@ def _add_export_parser(subparsers):
 
 def _cmd_export(args) -> None:
     """The command: uses args.model / device / dtype / json from the global options."""
-    from .runtime.command import check_backends
-    from .runtime.export import export_encoder, read_metadata, say_to_stderr
-    from .vlm import load_vlm
+    from .runtime.export import export_model_encoder
 
-    vlm = load_vlm(args.model, device=args.device, dtype=args.dtype)
-    onnx_path = export_encoder(vlm, args.out, image_size=args.image_size, opset=args.opset,
-                               progress=say_to_stderr)
-    folder = Path(onnx_path).parent
-    meta = read_metadata(folder)
-    result = {"onnx": str(onnx_path), "metadata": str(folder / "encoder.json"), "family": meta["family"],
-              "fingerprint": meta["fingerprint"], "image_size": meta["image_size"],
-              "max_abs_error": meta["parity"]["max_abs_error"], "onnx_sha256": meta["onnx_sha256"],
-              "bytes": sum(meta["file_sizes"].values())}
-    if args.backend_check:
-        result["backends"] = check_backends(vlm, folder, meta, getattr(args, "precision", "fp16"), say_to_stderr)
+    result = export_model_encoder(args.model, args.out, device=args.device, dtype=args.dtype,
+                                  image_size=args.image_size, opset=args.opset, backend_check=args.backend_check,
+                                  precision=getattr(args, "precision", "fp16"))
     if getattr(args, "json", False):
         print(json.dumps(result, ensure_ascii=False))
         return
-    sizes = "any image size" if meta["image_size"] is None else f"{meta['image_size']} px images only"
-    lines = [f"exported the {meta['family']} encoder ({sizes}, {result['bytes'] / 1e6:.1f} MB) to {onnx_path}; "
+    sizes = "any image size" if result["image_size"] is None else f"{result['image_size']} px images only"
+    lines = [f"exported the {result['family']} encoder ({sizes}, {result['bytes'] / 1e6:.1f} MB) to {result['onnx']}; "
              f"max abs error vs torch {result['max_abs_error']:.2e}"]
     for row in result.get("backends", []):
         if "unavailable" in row:

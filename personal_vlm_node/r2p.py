@@ -40,50 +40,20 @@ unsure: :func:`cascade_decision`.
 
 from __future__ import annotations
 
-import re
-import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 
 from . import prompts
-from .ego import json_objects
-from .prompts import ATTRIBUTE_QUESTION, ATTRIBUTE_TEXT, COT_PROMPT, DESCRIPTION_QUESTION, PAIRWISE_PROMPT
+from .prompts import COT_PROMPT, PAIRWISE_PROMPT
 from .errors import PersonalVLMError
 from .options import PAIRWISE_REFERENCES
+# The similarity and the parsers are R2P's own; r2p.<name> keeps reaching them for its users.
+from .r2p_similarity import TEXT_SIMILARITY_VLM, Evidence, ImageTextSimilarity, unit  # noqa: F401
+from .r2p_text import (ATTRIBUTE_LABELS, FINGERPRINT_KEYS, attribute_question, parse_fingerprint,  # noqa: F401
+                       parse_reasoning, parse_seen_by_candidate, resolve_name, seen_keys)
 from .vlm.base import ImageTokens, Memory, Part, VLMAdapter
-
-# ---- the fingerprint: what R2P knows of a concept beyond its memory ----------------------------
-FINGERPRINT_KEYS = ("shape", "material", "color", "pattern", "distinct_features", "text_or_brand")
-
-
-def parse_fingerprint(text: str) -> dict:
-    """R2P attributes + description from the fingerprint answer; never raises."""
-    attributes: dict[str, str] = {}
-    description = ""
-    for obj in json_objects(text):
-        lowered = {str(k).lower().replace(" ", "_"): v for k, v in obj.items()}
-        lowered.setdefault("color", lowered.get("colour"))
-        for key in FINGERPRINT_KEYS:
-            value = lowered.get(key)
-            if isinstance(value, (list, tuple)):
-                value = ", ".join(str(v) for v in value)
-            if value is not None and str(value).strip() and str(value).strip().lower() != "none":
-                attributes[key] = str(value).strip()[:120]
-        description = str(lowered.get("description") or "").strip()[:300]
-        break
-    if not attributes:
-        for key in FINGERPRINT_KEYS:
-            match = re.search(rf"{key.replace('_', '[ _]')}\W*[:=]\W*([^\n,;\"}}]+)", text, re.IGNORECASE)
-            if match and match.group(1).strip().lower() != "none":
-                attributes[key] = match.group(1).strip()[:120]
-    if not description:
-        plain = re.sub(r"[{}\[\]\"]", " ", text).strip()
-        description = re.split(r"(?<=[.!?])\s", plain)[0][:300] if plain else ""
-    return {"attributes": attributes, "description": description}
-
 
 
 def describe_fingerprint(vlm: VLMAdapter, tokens: ImageTokens, name: str, category: str) -> dict:
@@ -92,17 +62,6 @@ def describe_fingerprint(vlm: VLMAdapter, tokens: ImageTokens, name: str, catego
     fingerprint = parse_fingerprint(generation.text)
     fingerprint["raw"] = generation.text[:1000]
     return fingerprint
-
-
-# ---- prompt wording lives in prompts.py --------------------------------------------------------
-
-# How an attribute key reads in a question ("Does the object … have this colour: red?").
-ATTRIBUTE_LABELS = {"shape": "shape", "material": "material", "color": "colour", "pattern": "pattern",
-                    "distinct_features": "feature", "text_or_brand": "text or brand"}
-
-TEXT_SIMILARITY_VLM = "vlm_yes_no"
-_NONE_ANSWERS = {"", "none", "no", "null", "nothing", "neither", "none of them", "none of these",
-                 "no match", "unknown", "n/a"}
 
 
 @dataclass
@@ -165,278 +124,6 @@ class R2PResult:
         return None
 
 
-def unit(cosine: float) -> float:
-    """[-1, 1] → [0, 1]: (cos + 1) / 2, clamped (rounding can step past ±1)."""
-    return min(1.0, max(0.0, (float(cosine) + 1.0) / 2.0))
-
-
-# ---- image–text similarity σ -----------------------------------------------------------------
-class ImageTextSimilarity:
-    """Cosine similarity between an image and texts in a contrastive model's joint space.
-
-    ``model``: a Hugging Face id or a local folder of a CLIP or SigLIP checkpoint (anything whose
-    ``AutoModel`` has ``get_image_features`` and ``get_text_features``). Text embeddings are cached,
-    because fingerprints do not change between frames. Safe to share between threads.
-    """
-
-    TEXT_CACHE = 4096
-
-    def __init__(self, model: str, device: str = "auto", dtype: str = "float32"):
-        from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
-
-        from .vlm import resolve_checkpoint
-
-        folder = resolve_checkpoint(model)
-        if device in ("", "auto"):
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        try:
-            self.device = torch.device(device)
-        except RuntimeError as exc:
-            raise PersonalVLMError(f"device {device!r} is not valid; use auto, cpu, cuda or cuda:N") from exc
-        if dtype not in ("float32", "bfloat16", "float16"):
-            raise PersonalVLMError(f"dtype {dtype!r} is not one of float32, bfloat16, float16")
-        self.model_id = model
-        self.model = AutoModel.from_pretrained(folder, dtype=getattr(torch, dtype)).to(self.device).eval()
-        if not (hasattr(self.model, "get_image_features") and hasattr(self.model, "get_text_features")):
-            raise PersonalVLMError(
-                f"{model!r} is not a contrastive image–text model (CLIP, SigLIP); set the R2P "
-                "verifier model to one, or leave it empty to let the VLM verify attributes itself")
-        self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        self.image_processor = AutoImageProcessor.from_pretrained(folder)
-        self.model_type = str(getattr(self.model.config, "model_type", ""))
-        text_config = self.model.config.get_text_config()
-        self.max_text_tokens = int(getattr(text_config, "max_position_embeddings", 77))
-        self.name = f"{self.model_type}:{model}"      # how the stages record it
-        self._lock = threading.Lock()
-        self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
-
-    @staticmethod
-    def _pooled(output) -> torch.Tensor:
-        # transformers 5 returns a model output whose pooler_output is the projected embedding.
-        return output if isinstance(output, torch.Tensor) else output.pooler_output
-
-    def embed_image(self, image) -> torch.Tensor:
-        """(E,) unit-norm image embedding."""
-        from .images import load_image
-
-        pixels = self.image_processor(images=load_image(image), return_tensors="pt")
-        pixels = {k: v.to(self.device, self.model.dtype if v.is_floating_point() else v.dtype)
-                  for k, v in pixels.items()}
-        with self._lock, torch.inference_mode():
-            embedding = self._pooled(self.model.get_image_features(**pixels))[0].float()      # (E,)
-        return embedding / embedding.norm().clamp_min(1e-12)
-
-    def embed_texts(self, texts: list[str]) -> torch.Tensor:
-        """(T, E) unit-norm text embeddings, cached per text."""
-        missing = list(dict.fromkeys(t for t in texts if t not in self._text_cache))
-        if missing:
-            # SigLIP was trained on texts padded to a fixed length and pools the last position.
-            padding = "max_length" if self.model_type.startswith("siglip") else True
-            encoded = self.tokenizer(missing, padding=padding, truncation=True, max_length=self.max_text_tokens,
-                                     return_tensors="pt")
-            inputs = {k: v.to(self.device) for k, v in encoded.items() if k in ("input_ids", "attention_mask")}
-            if self.model_type.startswith("siglip"):
-                inputs.pop("attention_mask", None)     # SigLIP attends to its padding, as trained
-            with self._lock, torch.inference_mode():
-                embeddings = self._pooled(self.model.get_text_features(**inputs)).float().cpu()   # (T', E)
-            embeddings = embeddings / embeddings.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-            with self._lock:
-                for text, embedding in zip(missing, embeddings):
-                    self._text_cache[text] = embedding
-                while len(self._text_cache) > self.TEXT_CACHE:
-                    self._text_cache.popitem(last=False)
-        with self._lock:
-            return torch.stack([self._text_cache[t] for t in texts]) if texts else torch.zeros(0, 0)
-
-    def similarity(self, image_embedding: torch.Tensor, texts: list[str]) -> torch.Tensor:
-        """(T,) cosines in [-1, 1] between an :meth:`embed_image` result and ``texts``."""
-        if not texts:
-            return torch.zeros(0)
-        return self.embed_texts(texts) @ image_embedding.cpu()
-
-    def scores(self, image, texts: list[str]) -> torch.Tensor:
-        """(T,) cosines in [-1, 1] between ``image`` and each of ``texts``."""
-        return self.similarity(self.embed_image(image), texts)
-
-
-class _Evidence:
-    """σ(q, ·) ∈ [0, 1] for one query image, from the contrastive model or the VLM; cached per text."""
-
-    def __init__(self, vlm: VLMAdapter, similarity: ImageTextSimilarity | None,
-                 image_tokens: ImageTokens, image):
-        self.vlm, self.similarity, self.image_tokens, self.image = vlm, similarity, image_tokens, image
-        self.kind = similarity.name if similarity is not None else TEXT_SIMILARITY_VLM
-        self._image_embedding = None
-        self._cache: dict[str, float] = {}
-
-    def _contrastive(self, texts: list[str]) -> list[float]:
-        if self._image_embedding is None:
-            self._image_embedding = self.similarity.embed_image(self.image)
-        missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
-        for text, cosine in zip(missing, self.similarity.similarity(self._image_embedding, missing).tolist()):
-            self._cache[text] = unit(cosine)
-        return [self._cache[t] for t in texts]
-
-    def _yes_no(self, questions: list[str]) -> list[float]:
-        for question in dict.fromkeys(questions):
-            if question not in self._cache:
-                self._cache[question] = self.vlm.yes_probability([self.image_tokens, "\n" + question])
-        return [self._cache[q] for q in questions]
-
-    def image_similarities(self, candidates: list[Candidate]) -> list[float | None]:
-        """s_VV per candidate: (max_r cos(E(q), E(ref_r)) + 1) / 2, or None without embeddings."""
-        if self.similarity is None or self.image is None:
-            return [None] * len(candidates)
-        out = []
-        for c in candidates:
-            if c.reference_embeddings is None or not len(c.reference_embeddings):
-                out.append(None)
-                continue
-            if self._image_embedding is None:
-                self._image_embedding = self.similarity.embed_image(self.image)
-            cosines = c.reference_embeddings.float() @ self._image_embedding.cpu()      # (R,)
-            out.append(unit(float(cosines.max())))
-        return out
-
-    def attributes(self, attributes: dict[str, str]) -> dict[str, float]:
-        """σ(q, a) for each attribute key → value."""
-        keys = list(attributes)
-        if self.similarity is not None:
-            values = self._contrastive([ATTRIBUTE_TEXT.format(value=attributes[k]) for k in keys])
-        else:
-            values = self._yes_no([attribute_question(k, attributes[k]) for k in keys])
-        return dict(zip(keys, values))
-
-    def descriptions(self, candidates: list[Candidate]) -> list[float | None]:
-        """s_VT per candidate: σ(q, d_c), or with the VLM the mean σ over A_c; None when pending."""
-        if self.similarity is not None:
-            texts = [c.description or ", ".join(c.attributes.values()) for c in candidates]
-            scored = self._contrastive([t for t in texts if t])
-            it = iter(scored)
-            return [next(it) if t else None for t in texts]
-        out = []
-        for c in candidates:
-            attributes = c.attributes or ({"description": c.description} if c.description else {})
-            values = list(self.attributes(attributes).values())
-            out.append(sum(values) / len(values) if values else None)
-        return out
-
-
-def attribute_question(key: str, value: str) -> str:
-    if key == "description":
-        return DESCRIPTION_QUESTION.format(value=value)
-    return ATTRIBUTE_QUESTION.format(label=ATTRIBUTE_LABELS.get(key, key.replace("_", " ")), value=value)
-
-
-# ---- parsing the chain of thought --------------------------------------------------------------
-_ANSWER_KEYS = ("answer", "best_match", "best", "concept", "match", "prediction", "name")
-_SEEN_KEYS = ("seen_attributes", "attributes_seen", "matched_attributes", "seen", "attributes")
-_QUOTED_OR_BARE = r"""\s*[:=]\s*(?:(["'])(.*?)\1(?=\s*(?:[,}\]\n]|$))|([^\n,;}\]]*?)(?=\s*(?:\.\s|\.$|[\n,;}\]]|$)))"""
-_ANSWER_FIELD = re.compile(r"""(?<!\w)["']?(?:answer|best[ _]match|concept)["']?""" + _QUOTED_OR_BARE, re.IGNORECASE)
-_ANSWER_PROSE = re.compile(r"\banswer\s+is\s*:?\s*(.+?)(?:\.\s|\.$|[\n;]|$)", re.IGNORECASE)
-_SEEN_FIELD = re.compile(r"""["']?seen[ _]attributes["']?\s*[:=]\s*\[?([^\]\n}]*)""", re.IGNORECASE)
-
-
-def resolve_name(raw, names: list[str]) -> str | None:
-    """Map the model's answer to one of ``names`` (case-insensitive, 1-based index, or a phrase that
-    contains exactly one name); "none" and anything unknown → None."""
-    if raw is None:
-        return None
-    if isinstance(raw, (int, float)) and not isinstance(raw, bool):
-        index = int(raw)
-        return names[index - 1] if float(raw) == index and 1 <= index <= len(names) else None
-    text = str(raw).strip().strip("\"'`*.,;:!? ").strip()
-    lowered = text.lower()
-    if lowered in _NONE_ANSWERS:
-        return None
-    for name in names:
-        if name.lower() == lowered:
-            return name
-    if lowered.isdigit():
-        return resolve_name(int(lowered), names)
-    if re.match(r"none\b", lowered):
-        return None
-    contained = [n for n in names if re.search(rf"(?<!\w){re.escape(n.lower())}(?!\w)", lowered)]
-    # "my mug" and "mug" both contained: the longer name is the one meant.
-    contained = [n for n in contained if not any(n != m and n.lower() in m.lower() for m in contained)]
-    return contained[0] if len(contained) == 1 else None
-
-
-def _as_list(value) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, dict):
-        return [f"{k}: {v}" for k, v in value.items() if v not in (None, False, "", "no", "none")]
-    if isinstance(value, (list, tuple)):
-        return [str(v).strip() for v in value if str(v).strip()]
-    return [s.strip().strip("\"'") for s in re.split(r"[,;]", str(value)) if s.strip().strip("\"'")]
-
-
-def _seen_by_name(value, names: list[str]) -> dict[str, list[str]] | None:
-    """{"my mug": ["red"], …} → per candidate; None when the keys are not candidate names."""
-    if not isinstance(value, dict) or not value:
-        return None
-    resolved = {resolve_name(k, names): v for k, v in value.items()}
-    if None in resolved:
-        return None
-    return {name: _as_list(v) for name, v in resolved.items()}
-
-
-def parse_seen_by_candidate(text: str, names: list[str]) -> dict[str, list[str]]:
-    """A_{q,i}: the attributes the CoT says it saw, per candidate, when it answered that way."""
-    for obj in json_objects(text or ""):
-        lowered = {str(k).lower().replace(" ", "_"): v for k, v in obj.items()}
-        for key in _SEEN_KEYS:
-            per = _seen_by_name(lowered.get(key), names)
-            if per is not None:
-                return per
-    return {}
-
-
-def parse_reasoning(text: str, names: list[str]) -> tuple[str | None, list[str]]:
-    """(ĉ_CoT or None, the attributes the model says it saw) from the CoT answer; never raises."""
-    for obj in json_objects(text or ""):
-        lowered = {str(k).lower().replace(" ", "_"): v for k, v in obj.items()}
-        answer_key = next((k for k in _ANSWER_KEYS if k in lowered), None)
-        if answer_key is None:
-            continue
-        raw = next((lowered[k] for k in _SEEN_KEYS if k in lowered), None)
-        per = _seen_by_name(raw, names)
-        seen = [a for values in per.values() for a in values] if per is not None else _as_list(raw)
-        return resolve_name(lowered[answer_key], names), seen
-    # Not JSON (truncated, prose): the last "answer: X" field, else the last "the answer is X".
-    text = text or ""
-    answer = None
-    fields = list(_ANSWER_FIELD.finditer(text))
-    if fields:
-        last = fields[-1]
-        answer = resolve_name(last.group(2) if last.group(2) is not None else last.group(3), names)
-    else:
-        prose = list(_ANSWER_PROSE.finditer(text))
-        answer = resolve_name(prose[-1].group(1), names) if prose else None
-    seen_match = _SEEN_FIELD.search(text)
-    seen = _as_list(seen_match.group(1)) if seen_match else []
-    return answer, seen
-
-
-def seen_keys(seen: list[str], candidates: list[Candidate]) -> list[str]:
-    """The attribute keys (color, shape, …) that the model's seen attributes refer to.
-
-    An item refers to a key when it names the key ("colour", "color: red") or quotes one of the
-    candidates' values for it ("red", "white handle").
-    """
-    keys = []
-    for key in FINGERPRINT_KEYS:
-        labels = {key, key.replace("_", " "), ATTRIBUTE_LABELS[key]}
-        values = [c.attributes[key].lower() for c in candidates if key in c.attributes]
-        for item in (s.lower().strip() for s in seen):
-            head = item.split(":", 1)[0].strip()
-            if head in labels or any(v and (v in item or (len(item) >= 3 and item in v)) for v in values):
-                keys.append(key)
-                break
-    return keys
-
-
 # ---- R2P ---------------------------------------------------------------------------------------
 class R2PVerifier:
     """The four R2P stages over one query image; see the module docstring."""
@@ -463,7 +150,7 @@ class R2PVerifier:
         contrastive model, retrieval costs one VLM forward per attribute of every candidate)."""
         timings: dict[str, float] = {}
         stages: dict = {"seconds": timings}
-        evidence = _Evidence(self.vlm, self.text_similarity, image_tokens, image)
+        evidence = Evidence(self.vlm, self.text_similarity, image_tokens, image)
         t = time.perf_counter()
         top, stages["retrieval"] = self.retrieve(evidence, candidates)
         timings["retrieval"] = time.perf_counter() - t
@@ -488,7 +175,7 @@ class R2PVerifier:
         return R2PResult(stages["pairwise"]["decision"], stages=stages)
 
     # 1. retrieval ---------------------------------------------------------------------------
-    def retrieve(self, evidence: _Evidence, candidates: list[Candidate]) -> tuple[list[Candidate], dict]:
+    def retrieve(self, evidence: Evidence, candidates: list[Candidate]) -> tuple[list[Candidate], dict]:
         """Top-K by s = ½(s_VV + s_VT); s = s_VV for a concept without a fingerprint yet.
 
         s_VV is the image–image similarity of the contrastive model's embeddings, max over the
@@ -530,7 +217,7 @@ class R2PVerifier:
                 "seen_by_candidate": parse_seen_by_candidate(generation.text, names)}
 
     # 3. cross-modal attribute verification --------------------------------------------------
-    def verify_attributes(self, evidence: _Evidence, top: list[Candidate], answer: str | None,
+    def verify_attributes(self, evidence: Evidence, top: list[Candidate], answer: str | None,
                           seen: list[str], seen_by_candidate: dict[str, list[str]] | None = None) -> dict:
         """s_VA(c) = mean σ(q, "a photo of <a>") over the attributes seen; pass iff argmax = ĉ_CoT.
 
@@ -623,6 +310,12 @@ class Verdict:
     p_yes: float                     # Ego's in-context p(yes)
     source: str                      # "ego", or "r2p" when Ego was itself unsure
     score: float | None = None       # R2P's score for the concept, when R2P decided
+    stages: dict | None = None       # R2P's stages (:attr:`R2PResult.stages`), when R2P decided
+
+    @property
+    def confidence(self) -> float:
+        """The score a detection carries: R2P's when it scored the concept, else Ego's p(yes)."""
+        return self.p_yes if self.score is None else self.score
 
 
 def settle_uncertain(vlm: VLMAdapter, tokens: ImageTokens, names: list[str], memory_of, *,
@@ -662,4 +355,5 @@ def settle_uncertain(vlm: VLMAdapter, tokens: ImageTokens, names: list[str], mem
     for name in unsure:
         verdicts[name].present = result.present(name)
         verdicts[name].score = result.score_for(name)
+        verdicts[name].stages = result.stages
     return verdicts, result

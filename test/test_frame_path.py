@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from personal_vlm_node.assistant import Assistant
+from personal_vlm_node.frames import UncertainMatch
 from personal_vlm_node.profiles import ModelProfile
+from personal_vlm_node.r2p import Verdict
 from personal_vlm_node.store import ConceptStore
 from personal_vlm_node.testing.kit import photo
 
@@ -72,6 +74,24 @@ def test_uncertain_scores_are_verified_off_the_frame_path(make):
     assert [d.source for d in detections] == ["ego"]
     assert 0.0 <= detections[0].score <= 1.0
     assert a.verifier.stats["verified"] >= 1
+    verdict = a.verifier.result("Grandpa's cane")
+    assert isinstance(verdict, Verdict) and verdict.present and verdict.stages is None
+    assert detections[0].score == pytest.approx(verdict.p_yes)
+
+
+def test_an_uncertain_match_is_queued_with_its_frame_and_every_concept_s_score(make):
+    a = make(verification=True, accept_threshold=1.5, reject_threshold=-1.0)
+    a.verifier.stop()                                 # keep the request queued
+    picture = photo(5)
+    a.teach("mug", [picture])
+    queued = []
+    a.verifier._verify = lambda request: queued.append(request.payload)
+    a.observe(picture)
+    assert a.verifier.pending == ["mug"]
+    a.verifier.verify_next()
+    (case,) = queued
+    assert isinstance(case, UncertainMatch) and case.concept == "mug" and case.frame is picture
+    assert set(case.scores) == {"mug"} and case.tokens.num_tokens > 0
 
 
 def test_without_verification_uncertain_concepts_are_not_detected(make):
@@ -151,9 +171,9 @@ def test_when_ego_is_unsure_r2p_settles_and_keeps_every_stage(adapters, tmp_path
             a.observe(picture)
             verdict = a.verifier.result("my mug")
             time.sleep(0.05)
-        assert verdict is not None and verdict["source"] == "r2p"
-        assert {"candidates", "pairwise"} & set(verdict["r2p"])
-        assert 0.0 <= verdict["p_yes"] <= 1.0
+        assert verdict is not None and verdict.source == "r2p"
+        assert {"candidates", "pairwise"} & set(verdict.stages)
+        assert 0.0 <= verdict.confidence <= 1.0
     finally:
         a.close()
 
@@ -265,7 +285,7 @@ def test_a_verification_pauses_inside_the_language_model_while_a_frame_is_proces
         release.wait(5.0)
         a.vlm.yes_probability(["Is this a mug?"])
         calls.append(request.key)
-        return {"present": False, "p_yes": 0.0, "source": "ego"}
+        return Verdict(False, 0.0, "ego")
 
     a.verifier._verify = verify
     a.verifier.submit("mug", None)

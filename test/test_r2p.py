@@ -321,7 +321,7 @@ class _PlantedSimilarity:
 
 def test_s_vv_is_the_best_reference_views_image_similarity():
     sim = _PlantedSimilarity([1.0, 0.0])
-    evidence = r2p._Evidence(None, sim, None, photo(1))
+    evidence = r2p.Evidence(None, sim, None, photo(1))
     views = torch.tensor([[0.0, 1.0], [0.6, 0.8]])      # cos 0 and 0.6 with the query
     far = torch.tensor([[-1.0, 0.0]])                  # cos -1
     candidates = [Candidate("my mug", 0.9, MUG, torch.zeros(1, 4), views),

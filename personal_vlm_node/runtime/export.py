@@ -274,6 +274,29 @@ def export_encoder(adapter, out_dir, image_size: int | None = None, opset: int =
     return onnx_path
 
 
+def export_model_encoder(model: str, out_dir, *, device: str = "auto", dtype: str = "auto",
+                         image_size: int | None = None, opset: int = DEFAULT_OPSET, backend_check: bool = False,
+                         precision: str = "fp16", progress: Progress | None = None) -> dict:
+    """Load ``model`` (HF id or folder), export its encoder to ``out_dir`` (:func:`export_encoder`)
+    and describe the result: paths, family, fingerprint, image size, parity, size; with
+    ``backend_check`` also one row per backend here (:func:`.command.check_backends`)."""
+    from ..vlm import load_vlm
+    from .command import check_backends
+
+    say = progress or say_to_stderr
+    vlm = load_vlm(model, device=device, dtype=dtype)
+    onnx_path = export_encoder(vlm, out_dir, image_size=image_size, opset=opset, progress=say)
+    folder = Path(onnx_path).parent
+    meta = read_metadata(folder)
+    result = {"onnx": str(onnx_path), "metadata": str(folder / META_NAME), "family": meta["family"],
+              "fingerprint": meta["fingerprint"], "image_size": meta["image_size"],
+              "max_abs_error": meta["parity"]["max_abs_error"], "onnx_sha256": meta["onnx_sha256"],
+              "bytes": sum(meta["file_sizes"].values())}
+    if backend_check:
+        result["backends"] = check_backends(vlm, folder, meta, precision, say)
+    return result
+
+
 def _versions() -> dict[str, str]:
     found = {"torch": torch.__version__}
     for name in ("transformers", "onnx", "onnxscript", "onnxruntime"):

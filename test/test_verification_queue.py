@@ -7,7 +7,7 @@ import time
 import pytest
 
 from personal_vlm_node.errors import PersonalVLMError
-from personal_vlm_node.verifier import Request, VerificationQueue
+from personal_vlm_node.verification_queue import Request, VerificationQueue
 
 
 class FakeClock:
@@ -184,7 +184,7 @@ def test_exception_in_verify_is_logged_and_worker_keeps_going(caplog):
         return "ok"
 
     queue = VerificationQueue(flaky_verify, max_per_second=1000.0)
-    with caplog.at_level(logging.ERROR, logger="personal_vlm_node.verifier"):
+    with caplog.at_level(logging.ERROR, logger="personal_vlm_node.verification_queue"):
         queue.start()
         try:
             queue.submit("bad", None)
