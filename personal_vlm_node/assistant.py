@@ -625,11 +625,14 @@ class Assistant:
         values = self.configuration()
         for name, value in changes.items():
             setting = SETTINGS_BY_NAME[name]
+            if setting.kind in (int, float) and value is not None and (
+                    isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise PersonalVLMError(f"{name} must be a number, got {value!r}")
             if setting.follows_profile and (value is None or value < 0):
                 value = getattr(self._profile_as_loaded, setting.profile_key)
-            elif setting.kind is int and (isinstance(value, bool) or int(value) != value):
-                raise PersonalVLMError(f"{name} must be a whole number, got {value!r}")
             else:
+                if setting.kind is int and int(value) != value:
+                    raise PersonalVLMError(f"{name} must be a whole number, got {value!r}")
                 problem = setting.problem(value, bounded=setting.bounded_in_library)
                 if problem:
                     raise PersonalVLMError(f"{problem}, got {value!r}")

@@ -12,7 +12,6 @@ parameter table all come from :data:`SETTINGS`; ``test/test_settings.py`` checks
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 
 from .errors import PersonalVLMError
@@ -231,6 +230,8 @@ def markdown_table() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import argparse
+
     parser = argparse.ArgumentParser(prog="python -m personal_vlm_node.settings",
                                      description="Print the node parameters, written once here.")
     parser.add_argument("--markdown", action="store_true", help="as the docs' markdown table")

@@ -136,6 +136,10 @@ def test_settings_change_while_running_and_bad_ones_are_refused(make):
     assert (a.r2p_margin, a.profile.max_concepts_in_context) == (0.3, 3)     # a refused change changes nothing
     with pytest.raises(PersonalVLMError, match="max_concepts_in_context must be a whole number"):
         a.configure(max_concepts_in_context=2.5)
+    with pytest.raises(PersonalVLMError, match=r"max_concepts_in_context must lie in \[0, 64\], got 65"):
+        a.configure(max_concepts_in_context=65)
+    with pytest.raises(PersonalVLMError, match="r2p_margin must be a number, got 'wide'"):
+        a.configure(r2p_margin="wide")
     with pytest.raises(PersonalVLMError, match="overlay cannot change while running"):
         a.configure(overlay=False)
     a.configure(accept_threshold=-1, reject_threshold=None, max_concepts_in_context=-1, r2p_margin=None)

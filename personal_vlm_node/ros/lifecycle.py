@@ -23,6 +23,7 @@ from ..errors import PersonalVLMError
 from .node import STORE_CHECK_PERIOD_S, RosFrontend, ready_line
 from .parameters import NodeParameters, open_assistant, settings_line
 from .process import NODE_NAME, init_ros, serve, shut_down
+from .services import EXECUTOR_THREADS
 
 
 def _lifecycle_node_class():
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                                f"loads {node.parameters.values['model']}, then `… activate` starts serving")
 
     # One thread more than the plain node: the lifecycle services.
-    return serve(node, RosFrontend.EXECUTOR_THREADS + 1, start, node.release)
+    return serve(node, EXECUTOR_THREADS + 1, start, node.release)
 
 
 if __name__ == "__main__":

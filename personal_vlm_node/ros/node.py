@@ -29,14 +29,8 @@ from __future__ import annotations
 
 import sys
 
-from ..output import plural
-from ..settings import MAX_WAITING_REQUESTS
-from .diagnostics import Diagnostics
-from .frames import FramePath
-from .parameters import NodeParameters, open_assistant, settings_line
-from .process import NODE_NAME, init_ros, serve, shut_down
-from .services import REQUEST_KINDS, Services
-
+# Only the standard library here: a Ctrl-C while this module is imported would end the process with
+# a traceback, and main() catches one from the moment it runs; the package is imported from there on.
 STORE_CHECK_PERIOD_S = 0.1     # how often the store is checked for other processes' teach/forget (one cheap query)
 
 
@@ -48,13 +42,11 @@ class RosFrontend:
     deactivate); the rclpy node and the Assistant outlive it.
     """
 
-    # A thread for each request that may be worked on or wait in a RequestLine (the ask action's
-    # goals among the asks), and 8 more for the callbacks that must never wait behind them: camera,
-    # diagnostics, cancel requests, parameter services, and requests being answered busy. The pool
-    # starts its threads only as they are needed.
-    EXECUTOR_THREADS = len(REQUEST_KINDS) * (MAX_WAITING_REQUESTS + 1) + 8
-
     def __init__(self, node, assistant, values: dict):
+        from .diagnostics import Diagnostics
+        from .frames import FramePath
+        from .services import Services
+
         self.values = values
         self.frame_path = FramePath(node, assistant, values)
         self.services = Services(node, assistant, values, self.frame_path.latest_frame_array)
@@ -92,6 +84,8 @@ class RosFrontend:
 
 def ready_line(values: dict, assistant) -> str:
     """What was loaded, with what ``auto`` resolved to."""
+    from ..output import plural
+
     loaded = assistant.describe()
     count = len(assistant.concepts())
     return (f"ready: {values['model']} on {loaded['device']} ({loaded['dtype']}, {loaded['family']}), "
@@ -102,12 +96,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
     except KeyboardInterrupt:               # Ctrl-C during the imports or before the node existed
+        from .process import NODE_NAME
+
         print(f"[{NODE_NAME}] interrupted during startup", file=sys.stderr, flush=True)
         return 0
 
 
 def _main(argv: list[str] | None) -> int:
     import rclpy
+
+    from .parameters import NodeParameters, open_assistant, settings_line
+    from .process import NODE_NAME, init_ros, serve, shut_down
+    from .services import EXECUTOR_THREADS
 
     init_ros(argv)
     node = rclpy.create_node(NODE_NAME)
@@ -125,7 +125,7 @@ def _main(argv: list[str] | None) -> int:
         log.info(settings_line(assistant))
         log.info(ready_line(values, assistant))
 
-    return serve(node, RosFrontend.EXECUTOR_THREADS, start,
+    return serve(node, EXECUTOR_THREADS, start,
                  lambda: shut_down(held["frontend"], held["assistant"]))
 
 

@@ -18,9 +18,15 @@ import traceback
 
 from ..errors import PersonalVLMError
 from ..output import plural
+from ..settings import MAX_WAITING_REQUESTS
 from .requests import RequestLine
 
 REQUEST_KINDS = ("teach", "ask", "list", "forget")     # the ask action's goals wait with the asks
+# The executor's threads: one for each request that may be worked on or wait in a RequestLine (the
+# ask action's goals among the asks), and 8 more for the callbacks that must never wait behind them:
+# camera, diagnostics, cancel requests, parameter services, and requests being answered busy. The
+# pool starts its threads only as they are needed.
+EXECUTOR_THREADS = len(REQUEST_KINDS) * (MAX_WAITING_REQUESTS + 1) + 8
 WARNING_THROTTLE_S = 2.0       # a failing client must not flood the log
 MAX_LOGGED_CHARS = 300
 REQUESTS_DRAIN_TIMEOUT_S = 3.0   # shutdown waits this long for interrupted requests to answer
