@@ -12,37 +12,17 @@ file's value. `ros2 launch personal_vlm_node assistant.launch.py --show-args` li
 
 import os
 
-import lifecycle_msgs.msg
-from ament_index_python.packages import get_package_share_directory
-from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, EmitEvent, OpaqueFunction, RegisterEventHandler
-from launch.events import matches_action
-from launch.substitutions import LaunchConfiguration
-from launch_ros.actions import LifecycleNode, Node
-from launch_ros.event_handlers import OnStateTransition
-from launch_ros.events.lifecycle import ChangeState
+from personal_vlm_node.settings import PARAMETERS
 
-# Node parameters offered as launch arguments: name -> (type, description).
+# Every node parameter is a launch argument: name -> (type, description), from the one spec of
+# the settings. The launch packages are imported where they are used, so that tests can read this
+# table without them.
 PARAMETER_ARGUMENTS = {
-    "model": (str, "Hugging Face model id or local checkpoint folder"),
-    "device": (str, "auto, cpu, cuda or cuda:N"),
-    "dtype": (str, "weight precision: auto, float32, bfloat16 or float16"),
-    "store_dir": (str, "concept store folder"),
-    "profile": (str, "model profile YAML"),
-    "encoder_backend": (str, "vision encoder on the frame path and for teaching: torch, onnxruntime, tensorrt or auto"),
-    "engine_cache_dir": (str, "cache for exported ONNX files and TensorRT engines"),
-    "process_rate_hz": (float, "most camera frames processed per second"),
-    "accept_threshold": (float, "match score that detects without verification; <0 = model profile"),
-    "reject_threshold": (float, "match score that rejects without verification; <0 = model profile"),
-    "max_concepts_in_context": (int, "most memories in one ask prompt"),
-    "verification": (bool, "settle uncertain matches with the model: true or false"),
-    "verifications_per_second": (float, "most verifications started per second"),
-    "verification_busy_fraction": (float, "most of the time verification may compute, beside the frames (0.01-1)"),
-    "overlay": (bool, "publish ~/overlay while someone subscribes: true or false"),
-    "compressed": (bool, "subscribe to sensor_msgs/CompressedImage instead of Image: true or false"),
-    "verifier_model": (str, "CLIP/SigLIP id or folder for R2P's image-text scores"),
-    "r2p_margin": (float, "Ego p(yes) this close to its threshold is settled by R2P; 0 = never"),
-    "max_waiting_requests": (int, "most requests of one kind waiting; any more are answered busy"),
+    name: (setting.kind, setting.parameter_text()
+           + (": " + ", ".join(map(str, setting.choices)) if setting.choices else "")
+           + (": true or false" if setting.kind is bool else "")
+           + (f" (in {setting.range_text()})" if setting.range_text() else ""))
+    for name, setting in PARAMETERS.items()
 }
 TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
@@ -64,10 +44,20 @@ def _typed(name, text, kind):
 
 
 def _flag(context, name):
+    from launch.substitutions import LaunchConfiguration
+
     return _typed(name, LaunchConfiguration(name).perform(context), bool)
 
 
 def _assistant_node(context):
+    import lifecycle_msgs.msg
+    from launch.actions import EmitEvent, RegisterEventHandler
+    from launch.events import matches_action
+    from launch.substitutions import LaunchConfiguration
+    from launch_ros.actions import LifecycleNode, Node
+    from launch_ros.event_handlers import OnStateTransition
+    from launch_ros.events.lifecycle import ChangeState
+
     overrides = {}
     for name, (kind, _) in PARAMETER_ARGUMENTS.items():
         text = LaunchConfiguration(name).perform(context)
@@ -109,6 +99,10 @@ def _assistant_node(context):
 
 
 def generate_launch_description():
+    from ament_index_python.packages import get_package_share_directory
+    from launch import LaunchDescription
+    from launch.actions import DeclareLaunchArgument, OpaqueFunction
+
     default_params = os.path.join(
         get_package_share_directory("personal_vlm_node"), "config", "assistant.yaml"
     )

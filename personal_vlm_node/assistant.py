@@ -24,6 +24,7 @@ from .matcher import Matcher
 from .options import AssistantOptions, check_thresholds
 from .output import stderr_progress
 from .profiles import ModelProfile, load_profile
+from .settings import ASSISTANT_LIVE, BY_NAME as SETTINGS_BY_NAME
 from .store import ConceptRecord, ConceptStore, ForgetResult, validate_name
 from .teaching import MAX_REFERENCE_IMAGES, Teacher, TeachResult, encode_reference, expand_rois
 from .vlm import ImageTokens, Memory, VLMAdapter, load_vlm
@@ -113,8 +114,8 @@ class Assistant:
         self.vlm = vlm
         self.store = store
         profile = profile or load_profile(vlm.model_id)
-        # The profile's own band, before any override: a negative threshold parameter returns to it.
-        self.profile_thresholds = (profile.accept_threshold, profile.reject_threshold)
+        # The profile as loaded, before any override: configure(<setting>=None) returns to it.
+        self._profile_as_loaded = replace(profile)
         self.profile = _with_overrides(profile, options)
         self.layers = self.profile.resolved_layers(vlm.num_layers)
         self.introduction = ego.IntroductionOptions.from_profile(self.profile, self.layers)
@@ -320,14 +321,53 @@ class Assistant:
         return self.store.check_new_name(name)
 
     # ---- settings that may change while running ----------------------------------------------
-    def set_thresholds(self, accept: float | None = None, reject: float | None = None) -> None:
-        """The match-score decision band; None keeps the current value. reject must stay < accept."""
-        accept = self.profile.accept_threshold if accept is None else float(accept)
-        reject = self.profile.reject_threshold if reject is None else float(reject)
-        problem = check_thresholds(accept, reject)
+    def configure(self, **changes) -> None:
+        """Change settings while running: any of :data:`personal_vlm_node.settings.ASSISTANT_LIVE`
+        (``accept_threshold``, ``reject_threshold``, ``max_concepts_in_context``, ``verification``,
+        ``r2p_margin``) by name.
+
+        None or a negative number returns a setting to the model profile's value; a setting not
+        named keeps its current one. Everything is checked before anything applies (each value's
+        range, and reject_threshold below accept_threshold), so a refused change changes nothing.
+        """
+        values = self.configuration_after(**changes)
+        self.profile.accept_threshold = values["accept_threshold"]
+        self.profile.reject_threshold = values["reject_threshold"]
+        self.profile.max_concepts_in_context = values["max_concepts_in_context"]
+        self.r2p_margin = values["r2p_margin"]
+        self._set_verification(values["verification"])
+
+    def configuration(self) -> dict:
+        """The live settings' current values, by name."""
+        return {"accept_threshold": self.profile.accept_threshold, "reject_threshold": self.profile.reject_threshold,
+                "max_concepts_in_context": self.profile.max_concepts_in_context,
+                "verification": self.verification, "r2p_margin": self.r2p_margin}
+
+    def configuration_after(self, **changes) -> dict:
+        """What :meth:`configure` would set for ``changes``, checked; PersonalVLMError says why not."""
+        unknown = sorted(set(changes) - set(ASSISTANT_LIVE))
+        if unknown:
+            raise PersonalVLMError(f"{', '.join(unknown)} cannot change while running; "
+                                   f"these can: {', '.join(ASSISTANT_LIVE)}")
+        values = self.configuration()
+        for name, value in changes.items():
+            setting = SETTINGS_BY_NAME[name]
+            if setting.kind in (int, float) and value is not None and (
+                    isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise PersonalVLMError(f"{name} must be a number, got {value!r}")
+            if setting.follows_profile and (value is None or value < 0):
+                value = getattr(self._profile_as_loaded, setting.profile_key)
+            else:
+                if setting.kind is int and int(value) != value:
+                    raise PersonalVLMError(f"{name} must be a whole number, got {value!r}")
+                problem = setting.problem(value, bounded=setting.bounded_in_library)
+                if problem:
+                    raise PersonalVLMError(f"{problem}, got {value!r}")
+            values[name] = setting.kind(value)
+        problem = check_thresholds(values["accept_threshold"], values["reject_threshold"])
         if problem:
             raise PersonalVLMError(problem)
-        self.profile.accept_threshold, self.profile.reject_threshold = accept, reject
+        return values
 
     def joint_size(self, recognition: str | None = None) -> int | None:
         """Memories in one joint Ego prompt (``recognition: joint``: the top-M), None per concept.
@@ -336,13 +376,7 @@ class Assistant:
             return None
         return max(1, self.profile.max_concepts_in_context)
 
-    def set_max_concepts_in_context(self, count: int) -> None:
-        """At most ``count`` memories enter one ask / recognize prompt (the similarity filter's M)."""
-        if int(count) != count or count < 0:
-            raise PersonalVLMError(f"max concepts in context must be a whole number >= 0, got {count!r}")
-        self.profile.max_concepts_in_context = int(count)
-
-    def set_verification(self, enabled: bool) -> None:
+    def _set_verification(self, enabled: bool) -> None:
         """Settle uncertain matches with the model (starts or stops the verification worker)."""
         enabled = bool(enabled)
         if enabled == self.verification:
@@ -361,16 +395,19 @@ class Assistant:
             handle.remove()
         self._yield_hooks = []
 
-    def set_r2p_margin(self, margin: float) -> None:
-        """Ego p(yes) this close to its threshold is settled by R2P; 0 = never."""
-        if not 0.0 <= float(margin) <= 0.5:
-            raise PersonalVLMError(f"r2p margin must lie in [0, 0.5], got {margin!r}")
-        self.r2p_margin = float(margin)
+    # ---- what a front end reads ---------------------------------------------------------------
+    def describe(self) -> dict[str, str]:
+        """What is loaded, as a front end reports it: model, family, device, dtype, store folder."""
+        return {"model": str(self.vlm.model_id), "family": str(self.vlm.family), "device": str(self.vlm.device),
+                "dtype": str(self.vlm.dtype).replace("torch.", ""), "store": str(self.store.root)}
+
+    def knows(self, name: str) -> bool:
+        """Whether a concept of this name is taught (as the store has it, whatever this model's memory)."""
+        return name in self.store
 
     # ---- the frame path ---------------------------------------------------------------------
     def thresholds(self) -> tuple[float, float]:
         return self.profile.accept_threshold, self.profile.reject_threshold
-
 
     def observe(self, frame) -> FrameResult:
         """Named detections on one camera frame. Never runs the language model.

@@ -1,13 +1,13 @@
 """What a front end can choose, in one place: the choice lists, the defaults and :class:`AssistantOptions`.
 
-The ROS node's parameters, the CLI's flags and the benchmark all build their choices and their
-:class:`AssistantOptions` from here, so a backend, a dtype or a rule is written once. Importing
+The CLI's flags and the benchmark build their choices and their :class:`AssistantOptions` from
+here, and :mod:`.settings` (every setting's default, range and meaning) builds on these lists. Importing
 this module costs nothing (no torch, no transformers).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from .errors import PersonalVLMError
 
@@ -54,16 +54,13 @@ class AssistantOptions:
     tracker_n: int = 3
 
     def check(self) -> None:
-        """Refuse settings that cannot work, with what to change."""
-        if self.backend not in ENCODER_CHOICES:
-            raise PersonalVLMError(f"unknown encoder backend {self.backend!r}; "
-                                   f"use one of {', '.join(ENCODER_CHOICES)}")
+        """Refuse settings that cannot work, with what to change: each field's choices and range
+        are its setting's (:mod:`personal_vlm_node.settings`), and the band must not be crossed."""
+        from .settings import check_option
+
+        for item in fields(self):
+            check_option(item.name, getattr(self, item.name))
         if self.accept_threshold is not None and self.reject_threshold is not None:
             problem = check_thresholds(self.accept_threshold, self.reject_threshold)
             if problem:
                 raise PersonalVLMError(problem)
-        if not 0.0 < self.verification_busy_fraction <= 1.0:
-            raise PersonalVLMError("verification_busy_fraction must lie in (0, 1], got "
-                                   f"{self.verification_busy_fraction!r}")
-        if self.r2p_margin is not None and not 0.0 <= self.r2p_margin <= 0.5:
-            raise PersonalVLMError(f"r2p_margin must lie in [0, 0.5], got {self.r2p_margin!r}")

@@ -19,6 +19,7 @@ import yaml
 
 from .errors import PersonalVLMError
 from .options import RECOGNITIONS, check_thresholds
+from .settings import BY_PROFILE_KEY, check_profile_key
 
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "models"   # in a source checkout
 USER_PROFILE_DIR = Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "personal_vlm" / "models"
@@ -88,10 +89,8 @@ class ModelProfile:
             raise PersonalVLMError(f"profile: {problem}")
         if not 0.0 <= self.recognize_threshold <= 1.0:
             raise PersonalVLMError("profile: recognize_threshold must lie in [0, 1]")
-        if not 0.0 <= self.r2p_margin <= 0.5:
-            raise PersonalVLMError("profile: r2p_margin must lie in [0, 0.5]")
-        if self.max_concepts_in_context < 0:
-            raise PersonalVLMError("profile: max_concepts_in_context must be >= 0")
+        for key in BY_PROFILE_KEY:           # the keys a user setting overrides: its range, written there
+            check_profile_key(key, getattr(self, key))
         return self
 
 

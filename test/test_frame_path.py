@@ -137,21 +137,32 @@ def test_settings_change_while_running_and_bad_ones_are_refused(make):
     from personal_vlm_node.errors import PersonalVLMError
 
     a = make()
-    a.set_thresholds(accept=0.9, reject=0.2)
+    profile = a.configuration()
+    a.configure(accept_threshold=0.9, reject_threshold=0.2)
     assert a.thresholds() == (0.9, 0.2)
     with pytest.raises(PersonalVLMError, match=r"reject_threshold \(0.95\) must be below accept_threshold \(0.9\)"):
-        a.set_thresholds(reject=0.95)
+        a.configure(reject_threshold=0.95)
     assert a.thresholds() == (0.9, 0.2)
-    a.set_max_concepts_in_context(3)
-    assert a.profile.max_concepts_in_context == 3
-    a.set_r2p_margin(0.3)
-    assert a.r2p_margin == 0.3
-    with pytest.raises(PersonalVLMError, match="r2p margin"):
-        a.set_r2p_margin(0.9)
+    a.configure(max_concepts_in_context=3, r2p_margin=0.3)
+    assert a.profile.max_concepts_in_context == 3 and a.r2p_margin == 0.3
+    with pytest.raises(PersonalVLMError, match=r"r2p_margin must lie in \[0, 0.5\], got 0.9"):
+        a.configure(r2p_margin=0.9, max_concepts_in_context=4)
+    assert (a.r2p_margin, a.profile.max_concepts_in_context) == (0.3, 3)     # a refused change changes nothing
+    with pytest.raises(PersonalVLMError, match="max_concepts_in_context must be a whole number"):
+        a.configure(max_concepts_in_context=2.5)
+    with pytest.raises(PersonalVLMError, match=r"max_concepts_in_context must lie in \[0, 64\], got 65"):
+        a.configure(max_concepts_in_context=65)
+    with pytest.raises(PersonalVLMError, match="r2p_margin must be a number, got 'wide'"):
+        a.configure(r2p_margin="wide")
+    with pytest.raises(PersonalVLMError, match="overlay cannot change while running"):
+        a.configure(overlay=False)
+    a.configure(accept_threshold=-1, reject_threshold=None, max_concepts_in_context=-1, r2p_margin=None)
+    assert {k: v for k, v in a.configuration().items() if k != "verification"} == \
+        {k: v for k, v in profile.items() if k != "verification"}          # None / negative: the profile's
     linears = [m for m in a.vlm.language_model.modules() if isinstance(m, torch.nn.Linear)]
-    a.set_verification(True)
+    a.configure(verification=True)
     assert a.verification is True and all(m._forward_pre_hooks for m in linears)
-    a.set_verification(False)
+    a.configure(verification=False)
     assert a.verification is False and not any(m._forward_pre_hooks for m in linears)
 
 

@@ -37,7 +37,7 @@ WAIT_S = 120.0                             # tiny models on two busy cores: gene
 # ---- the node's pieces, without a process --------------------------------------------------
 
 def test_the_frame_holder_keeps_only_the_newest_frame_and_counts_the_dropped_ones():
-    from personal_vlm_node.ros.node import LatestFrame
+    from personal_vlm_node.ros.frames import LatestFrame
 
     frames = LatestFrame()
     assert frames.take(timeout=0.0) is None and frames.latest() is None
@@ -51,7 +51,7 @@ def test_the_frame_holder_keeps_only_the_newest_frame_and_counts_the_dropped_one
 
 def test_a_detection_box_becomes_centre_and_size():
     from personal_vlm_node.assistant import Detection
-    from personal_vlm_node.ros.node import detection_to_msg
+    from personal_vlm_node.ros.convert import detection_to_msg
 
     msg = detection_to_msg(Detection("my mug", "mug", 0.93, "ego", (10.0, 20.0, 30.0, 40.0), 7))
     assert (msg.name, msg.category, msg.source, msg.track_id) == ("my mug", "mug", "ego", 7)
@@ -61,7 +61,7 @@ def test_a_detection_box_becomes_centre_and_size():
 
 def test_detection_scores_are_clamped_to_the_range_the_message_promises():
     from personal_vlm_node.assistant import Detection
-    from personal_vlm_node.ros.node import detection_to_msg
+    from personal_vlm_node.ros.convert import detection_to_msg
 
     scores = [detection_to_msg(Detection("a", "", s, "match", (0.0, 0.0, 1.0, 1.0), 1)).score
               for s in (1.0000001192092896, -0.25, float("nan"), 0.5)]
@@ -72,7 +72,7 @@ def test_compressed_frames_are_decoded_and_corrupt_ones_refused():
     from sensor_msgs.msg import CompressedImage
 
     from personal_vlm_node.errors import PersonalVLMError
-    from personal_vlm_node.ros.node import frame_to_array
+    from personal_vlm_node.ros.convert import frame_to_array
     from personal_vlm_node.testing.kit import compressed_msg
 
     array = pixels(7)
@@ -81,19 +81,46 @@ def test_compressed_frames_are_decoded_and_corrupt_ones_refused():
         frame_to_array(CompressedImage(format="jpeg", data=b"\xff\xd8 not really a jpeg"))
 
 
-def test_threshold_parameters_override_the_profile_only_when_not_negative():
-    from personal_vlm_node.ros.node import PARAMETERS, assistant_options
+def test_profile_parameters_override_the_profile_only_when_not_negative():
+    from personal_vlm_node.ros.parameters import assistant_options
+    from personal_vlm_node.settings import PARAMETERS
 
-    values = {name: spec.default for name, spec in PARAMETERS.items()}
-    values.update(accept_threshold=0.9, reject_threshold=-1.0, max_concepts_in_context=3,
+    values = {name: setting.default for name, setting in PARAMETERS.items()}
+    options = assistant_options(values)
+    assert (options.accept_threshold, options.reject_threshold, options.max_concepts_in_context,
+            options.r2p_margin) == (None, None, None, None)          # the defaults: the profile's
+    values.update(accept_threshold=0.9, reject_threshold=-1.0, max_concepts_in_context=3, r2p_margin=0.2,
                   encoder_backend="onnxruntime", engine_cache_dir="")
     options = assistant_options(values)
     assert (options.accept_threshold, options.reject_threshold, options.max_concepts_in_context) == (0.9, None, 3)
+    assert options.r2p_margin == 0.2
     assert options.backend == "onnxruntime" and options.engine_cache is None
     assert (options.verifications_per_second, options.verification_busy_fraction) == (2.0, 0.5)
     values.update(verifications_per_second=1, verification_busy_fraction=0.25)     # integers welcome
     options = assistant_options(values)
     assert (options.verifications_per_second, options.verification_busy_fraction) == (1.0, 0.25)
+
+
+def test_default_parameters_keep_a_calibrated_profiles_margin_and_concepts_in_context(tiny_checkpoints, tmp_path):
+    # As the toy profile: a calibrated r2p_margin (0.1437), and an M other than the defaults' 5.
+    from personal_vlm_node.ros.parameters import open_assistant
+    from personal_vlm_node.settings import PARAMETERS
+
+    profile = tmp_path / "calibrated.yaml"
+    profile.write_text("r2p_margin: 0.1437\nmax_concepts_in_context: 3\n")
+    values = {name: setting.default for name, setting in PARAMETERS.items()}
+    values.update(model=str(tiny_checkpoints["qwen2_5_vl"]), device="cpu", dtype="float32",
+                  store_dir=str(tmp_path / "store"), profile=str(profile), verification=False)
+
+    class Log:
+        def info(self, message):
+            pass
+
+    with open_assistant(values, Log()) as assistant:
+        assert (assistant.r2p_margin, assistant.profile.max_concepts_in_context) == (0.1437, 3)
+    values.update(r2p_margin=0.2, max_concepts_in_context=2)
+    with open_assistant(values, Log()) as assistant:
+        assert (assistant.r2p_margin, assistant.profile.max_concepts_in_context) == (0.2, 2)
 
 
 def _start_in_line(line, work, **kwargs):
@@ -119,7 +146,7 @@ def _until(condition, timeout: float = 5.0) -> None:
 
 def test_a_request_line_works_one_at_a_time_in_order_and_refuses_past_its_limit():
     from personal_vlm_node.errors import PersonalVLMError
-    from personal_vlm_node.ros.node import RequestLine
+    from personal_vlm_node.ros.requests import RequestLine
 
     line = RequestLine("teach", lambda: 2)
     release, order = threading.Event(), []
@@ -156,7 +183,7 @@ def test_a_request_line_works_one_at_a_time_in_order_and_refuses_past_its_limit(
 
 def test_closing_a_request_line_answers_the_waiting_and_withdraws_on_request():
     from personal_vlm_node.errors import PersonalVLMError
-    from personal_vlm_node.ros.node import RequestLine
+    from personal_vlm_node.ros.requests import RequestLine
 
     line = RequestLine("ask", lambda: 4)
     release, cancel, ran = threading.Event(), threading.Event(), []
@@ -728,7 +755,8 @@ def test_restart_only_parameters_are_read_only_and_described(ros):
     assert model.read_only and "restart" in model.description
     assert not rate.read_only and "frames processed per second" in rate.description
     assert (rate.floating_point_range[0].from_value, rate.floating_point_range[0].to_value) == (0.01, 120.0)
-    assert (concepts.integer_range[0].from_value, concepts.integer_range[0].to_value) == (0, 64)
+    # Negative: the model profile's.
+    assert (concepts.integer_range[0].from_value, concepts.integer_range[0].to_value) == (-1, 64)
 
 
 @pytest.mark.parametrize("values, reason", [

@@ -33,9 +33,8 @@ def _terminal_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def test_node_loads_the_model_reports_ready_and_stops_on_ctrl_c(tiny_checkpoints, tmp_path):
-    params = _params(tmp_path, model=str(tiny_checkpoints["internvl"]), device="cpu", dtype="float32",
-                     store_dir=str(tmp_path / "store"))
+def _until_ready(params: Path) -> tuple[subprocess.Popen, list[str]]:
+    """The node started with ``params``, and what it printed up to its "ready:" line (or its end)."""
     proc = subprocess.Popen(_command(params), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=node_env(), cwd=Path(__file__).resolve().parent.parent, preexec_fn=_terminal_sigint)
     lines = []
@@ -47,6 +46,13 @@ def test_node_loads_the_model_reports_ready_and_stops_on_ctrl_c(tiny_checkpoints
         lines.append(line)
         if "ready:" in line:
             break
+    return proc, lines
+
+
+def test_node_loads_the_model_reports_ready_and_stops_on_ctrl_c(tiny_checkpoints, tmp_path):
+    params = _params(tmp_path, model=str(tiny_checkpoints["internvl"]), device="cpu", dtype="float32",
+                     store_dir=str(tmp_path / "store"))
+    proc, lines = _until_ready(params)
     assert any("ready:" in l for l in lines), "".join(lines)
     assert "0 concepts" in lines[-1]
     proc.send_signal(signal.SIGINT)
@@ -79,6 +85,25 @@ def test_node_refuses_a_threshold_that_crosses_the_model_profiles_other_one(tiny
     assert done.returncode == 2
     assert "must be below accept_threshold (0.3)" in done.stdout + done.stderr
     assert "Traceback" not in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("given, expected", [
+    ({}, "max_concepts_in_context = 3, verification = true, r2p_margin = 0.1437"),
+    ({"max_concepts_in_context": 2, "r2p_margin": 0.2}, "max_concepts_in_context = 2, verification = true, "
+                                                         "r2p_margin = 0.2"),
+])
+def test_the_node_uses_the_profiles_calibrated_values_unless_a_parameter_sets_them(tiny_checkpoints, tmp_path,
+                                                                                    given, expected):
+    # As the toy profile: a calibrated margin, and an M other than the defaults'.
+    profile = tmp_path / "calibrated.yaml"
+    profile.write_text("r2p_margin: 0.1437\nmax_concepts_in_context: 3\naccept_threshold: 0.97\n"
+                       "reject_threshold: 0.92\n")
+    params = _params(tmp_path, model=str(tiny_checkpoints["internvl"]), device="cpu", dtype="float32",
+                     store_dir=str(tmp_path / "store"), profile=str(profile), **given)
+    proc, lines = _until_ready(params)
+    _interrupted(proc)
+    settings = next((l for l in lines if "settings:" in l), "")
+    assert f"accept_threshold = 0.97, reject_threshold = 0.92, {expected}" in settings, "".join(lines)
 
 
 def _start(tiny_checkpoints, tmp_path):
@@ -133,7 +158,7 @@ def test_stop_ros_waits_for_the_spinning_thread_before_the_node_goes():
     process (SIGABRT after "shutting down"); stop_ros joins it first."""
     import threading
 
-    from personal_vlm_node.ros import node as node_mod
+    from personal_vlm_node.ros import process
 
     events, release = [], threading.Event()
 
@@ -153,5 +178,5 @@ def test_stop_ros_waits_for_the_spinning_thread_before_the_node_goes():
         def destroy_node(self):
             events.append("destroy")
 
-    node_mod.stop_ros(Node(), Executor(), True, spinner)
+    process.stop_ros(Node(), Executor(), True, spinner)
     assert events == ["shutdown", "spinner returned", "destroy"] and not spinner.is_alive()

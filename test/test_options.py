@@ -11,7 +11,7 @@ from personal_vlm_node.profiles import ModelProfile
 
 def test_the_backend_and_dtype_lists_are_the_ones_every_front_end_offers():
     from personal_vlm_node.cli import build_parser
-    from personal_vlm_node.ros.node import PARAMETERS
+    from personal_vlm_node.settings import PARAMETERS
     from personal_vlm_node.runtime.backends import BACKENDS as RUNTIME_BACKENDS
     from personal_vlm_node.vlm import DTYPES as VLM_DTYPES
 

@@ -272,18 +272,10 @@ def test_launch_file_starts_the_assistant_node_or_its_lifecycle_variant():
     assert keywords["name"] == "personal_vlm"
 
 
-def test_every_node_parameter_is_a_launch_argument():
+def test_the_lifecycle_node_module_is_importable():
+    # The launch arguments themselves are checked against the settings in test_settings.py.
     import importlib.util
 
-    from personal_vlm_node.ros.node import PARAMETERS
-
-    source = (REPO / "launch" / "assistant.launch.py").read_text(encoding="utf-8")
-    tree = ast.parse(source)
-    table = next(
-        node.value for node in ast.walk(tree)
-        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "PARAMETER_ARGUMENTS"
-    )
-    assert sorted(key.value for key in table.keys) == sorted(PARAMETERS)
     assert importlib.util.find_spec("personal_vlm_node.ros.lifecycle") is not None
 
 

@@ -378,7 +378,6 @@ def test_worker_thread_delivers_verdicts_between_frames():
 
 def test_frames_back_to_back_hold_a_verification_back_at_most_max_defer_seconds():
     clock = FakeClock()
-    started, go = threading.Event(), threading.Event()
     queue = None
     yielded_at = []
 

@@ -1,4 +1,4 @@
-"""sensor_msgs images ⇄ H×W×3 uint8 RGB arrays, ROIs as boxes, and the detection overlay.
+"""sensor_msgs images ⇄ H×W×3 uint8 RGB arrays, ROIs as boxes, detections as messages, and the overlay.
 
 Raw images are read straight from ``msg.data`` with numpy (honouring ``step`` row padding and
 ``is_bigendian``); compressed ones are decoded with Pillow. Every input a user or a camera driver
@@ -103,6 +103,26 @@ def compressed_msg_to_array(msg: CompressedImage) -> np.ndarray:
         raise PersonalVLMError(
             f"CompressedImage (format '{_shown(msg.format)}', {len(msg.data)} bytes) cannot be decoded: {exc}") from exc
     return np.array(image, dtype=np.uint8)  # (H, W, 3), writable
+
+
+def frame_to_array(msg) -> np.ndarray:
+    """A camera message (Image or CompressedImage) as an H×W×3 uint8 RGB array."""
+    if isinstance(msg, CompressedImage):
+        return compressed_msg_to_array(msg)
+    return image_msg_to_array(msg)
+
+
+def detection_to_msg(detection):
+    """An assistant Detection (box x, y, w, h) as a personal_vlm_interfaces/Detection (centre, size)."""
+    from personal_vlm_interfaces.msg import Detection as DetectionMsg
+
+    x, y, w, h = (float(v) for v in detection.box)
+    # Detection.msg promises [0, 1]; a matcher score of a token with itself can round to 1.0000001.
+    score = float(detection.score)
+    score = min(1.0, max(0.0, score)) if math.isfinite(score) else 0.0
+    return DetectionMsg(name=detection.name, category=detection.category, score=score,
+                        source=detection.source, center_x=x + w / 2.0, center_y=y + h / 2.0,
+                        size_x=w, size_y=h, track_id=int(detection.track_id))
 
 
 def array_to_image_msg(array: np.ndarray, header=None, encoding: str = "rgb8") -> Image:

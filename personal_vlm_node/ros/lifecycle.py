@@ -10,8 +10,8 @@ Same parameters, topics, services and action as :mod:`.node`, driven by the stan
 - cleanup: free the model;
 - shutdown: both, from any state.
 
-The node's pieces are the plain node's (:class:`.node.AssistantNode`, :class:`.node.NodeParameters`);
-only the order in which they are made differs.
+The node's pieces are the plain node's (:class:`.node.RosFrontend`, :class:`.parameters.NodeParameters`)
+and so is its process (:func:`.process.serve`); only the order in which the pieces are made differs.
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ import gc
 import sys
 
 from ..errors import PersonalVLMError
-from .node import (NODE_NAME, STORE_CHECK_PERIOD_S, AssistantNode, NodeParameters, init_ros, open_assistant, ready_line, shut_down,
-                   spin_until_signal, stop_ros)
+from .node import STORE_CHECK_PERIOD_S, RosFrontend, ready_line
+from .parameters import NodeParameters, open_assistant, settings_line
+from .process import NODE_NAME, init_ros, serve, shut_down
+from .services import EXECUTOR_THREADS
 
 
 def _lifecycle_node_class():
@@ -32,7 +34,7 @@ def _lifecycle_node_class():
             super().__init__(NODE_NAME, **kwargs)
             self.parameters: NodeParameters | None = None
             self.assistant = None
-            self.frontend: AssistantNode | None = None
+            self.frontend: RosFrontend | None = None
 
         def declare(self) -> None:
             """Declare and check the parameters (a PersonalVLMError names the bad ones)."""
@@ -41,19 +43,20 @@ def _lifecycle_node_class():
         # ---- transitions ------------------------------------------------------------------
         def on_configure(self, state):
             try:
-                self.assistant, band = open_assistant(self.parameters.values, self.get_logger())
+                self.assistant = open_assistant(self.parameters.values, self.get_logger())
             except PersonalVLMError as exc:
                 self.get_logger().error(f"configure failed: {exc}")
                 return TransitionCallbackReturn.FAILURE
-            self.parameters.attach(self.assistant, band)
+            self.parameters.assistant = self.assistant
             self.assistant.watch_store(STORE_CHECK_PERIOD_S)     # follow other processes' changes
+            self.get_logger().info(settings_line(self.assistant))
             self.get_logger().info(
                 "configured: " + ready_line(self.parameters.values, self.assistant).removeprefix("ready: ")
                 + "; activate to start serving")
             return TransitionCallbackReturn.SUCCESS
 
         def on_activate(self, state):
-            self.frontend = AssistantNode(self, self.assistant, self.parameters.values)
+            self.frontend = RosFrontend(self, self.assistant, self.parameters.values)
             self.parameters.frontend = self.frontend
             self.frontend.start()
             self.get_logger().info(self.frontend.describe())
@@ -87,7 +90,7 @@ def _lifecycle_node_class():
 
         def _free_model(self) -> None:
             if self.assistant is not None:
-                self.parameters.detach()
+                self.parameters.assistant = None
                 self.assistant.close()
                 self.assistant = None
                 gc.collect()
@@ -101,7 +104,7 @@ def _lifecycle_node_class():
                     self.parameters.frontend = None
                 self.frontend = None
             if self.assistant is not None:
-                self.parameters.detach()
+                self.parameters.assistant = None
                 self.assistant = None
             return drained
 
@@ -109,29 +112,16 @@ def _lifecycle_node_class():
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rclpy.executors import MultiThreadedExecutor
-
     init_ros(argv)
     node = _lifecycle_node_class()()
-    log = node.get_logger()
-    code = 0
-    spinner = None
-    # One thread more than the plain node: the lifecycle services.
-    executor = MultiThreadedExecutor(num_threads=AssistantNode.EXECUTOR_THREADS + 1)
-    executor.add_node(node)
-    try:
+
+    def start() -> None:
         node.declare()
-        log.info(f"unconfigured: `ros2 lifecycle set {node.get_fully_qualified_name()} configure` loads "
-                 f"{node.parameters.values['model']}, then `… activate` starts serving")
-        spinner = spin_until_signal(executor)
-    except PersonalVLMError as exc:
-        log.error(str(exc))
-        code = 2
-    except KeyboardInterrupt:
-        print(f"[{NODE_NAME}] shutting down", file=sys.stderr, flush=True)
-    finally:
-        stop_ros(node, executor, node.release(), spinner)
-    return code
+        node.get_logger().info(f"unconfigured: `ros2 lifecycle set {node.get_fully_qualified_name()} configure` "
+                               f"loads {node.parameters.values['model']}, then `… activate` starts serving")
+
+    # One thread more than the plain node: the lifecycle services.
+    return serve(node, EXECUTOR_THREADS + 1, start, node.release)
 
 
 if __name__ == "__main__":
