@@ -45,7 +45,7 @@ class AssistantOptions:
     max_concepts_in_context: int | None = None   # M: memories in one /ask prompt
     verification: bool = True                 # settle uncertain matches with the model
     verifications_per_second: float = 2.0
-    verification_busy_fraction: float = 0.5   # most of the time the verifier may compute (see verifier.py)
+    verification_busy_fraction: float = 0.5   # most of the time the verifier may compute (see verification_queue.py)
     verifier_model: str | None = None         # CLIP/SigLIP id or folder for R2P; None = the VLM's yes/no
     r2p_margin: float | None = None           # Ego p(yes) this close to its threshold goes to R2P; None = profile's
     r2p_top_k: int = 3

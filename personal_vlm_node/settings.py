@@ -114,7 +114,8 @@ SETTINGS: tuple[Setting, ...] = (
             argument="profile_path"),
     Setting("encoder_backend", str, "torch", "vision encoder on the frame path and for teaching", ENCODER_CHOICES,
             option="backend", unknown="encoder backend"),
-    Setting("engine_cache_dir", str, "", "cache for exported ONNX files and TensorRT engines", option="engine_cache"),
+    Setting("engine_cache_dir", str, "", "cache for exported ONNX files and TensorRT engines; empty = $XDG_CACHE_HOME/personal_vlm/encoders",
+            option="engine_cache"),
     Setting("process_rate_hz", float, 2.0, "most camera frames processed per second", low=0.01, high=120.0,
             live=True),
     Setting("accept_threshold", float, float(USE_PROFILE), "match score that detects without verification",
@@ -141,7 +142,7 @@ SETTINGS: tuple[Setting, ...] = (
             "0 = never", low=0.0, high=0.5, live=True, option="r2p_margin", profile_key="r2p_margin",
             follows_profile=True),
     Setting("max_waiting_requests", int, 4, "most requests of one kind (teach, ask, list, forget) waiting behind the "
-            "one being worked on; any more are answered busy", low=0, high=MAX_WAITING_REQUESTS, live=True),
+            "one being worked on; any more are answered at once, success false, \"busy: ...\"", low=0, high=MAX_WAITING_REQUESTS, live=True),
     # Library options without a node parameter.
     Setting("r2p_top_k", int, 3, "R2P's attribute checks per candidate", low=1, parameter=False, option="r2p_top_k"),
     Setting("r2p_pool", int, 5, "R2P's candidates: the frame's best-matching concepts", low=1, parameter=False,
@@ -215,10 +216,16 @@ def _markdown_default(setting: Setting) -> str:
     return f"`{setting.default}`"
 
 
-def markdown_table() -> str:
-    """The node parameters as a markdown table: name, default, live or read-only, meaning."""
+# The README's short table: what most users set.
+MOST_USED = ("model", "device", "dtype", "store_dir", "encoder_backend", "process_rate_hz", "accept_threshold",
+             "reject_threshold", "verification", "r2p_margin", "max_concepts_in_context")
+
+
+def markdown_table(names: tuple[str, ...] | None = None) -> str:
+    """The node parameters (``names``, default all) as a markdown table: name, default, live or
+    read-only, meaning."""
     rows = ["| parameter | default | changes | meaning |", "|---|---|---|---|"]
-    for s in PARAMETERS.values():
+    for s in (PARAMETERS[n] for n in (names or PARAMETERS)):
         meaning = s.parameter_text()
         if s.choices:
             meaning += " (" + ", ".join(f"`{c}`" for c in s.choices) + ")"
@@ -235,9 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m personal_vlm_node.settings",
                                      description="Print the node parameters, written once here.")
     parser.add_argument("--markdown", action="store_true", help="as the docs' markdown table")
+    parser.add_argument("--most-used", action="store_true", help="only the parameters the README lists")
     args = parser.parse_args(argv)
     if args.markdown:
-        print(markdown_table())
+        print(markdown_table(MOST_USED if args.most_used else None))
     else:
         for s in PARAMETERS.values():
             print(f"{s.name} = {s.default!r}  ({'live' if s.live else 'read-only'}) {s.parameter_text()}")

@@ -23,7 +23,8 @@ import pytest
 import yaml
 
 from personal_vlm_node.cli import build_parser
-from personal_vlm_node.ros.node import NODE_NAME, PARAMETERS
+from personal_vlm_node.ros.process import NODE_NAME
+from personal_vlm_node.settings import PARAMETERS
 
 REPO = Path(__file__).resolve().parents[1]
 DOC_FILES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -201,7 +202,7 @@ def node_endpoints() -> dict[str, dict[str, str]]:
 @functools.cache
 def launch_arguments() -> dict[str, set[str]]:
     """Launch file name → the arguments it declares (DeclareLaunchArgument names and the keys of
-    its parameter-argument table)."""
+    its parameter-argument table, built from the settings spec)."""
     found = {}
     for path in LAUNCH_DIR.glob("*.launch.py"):
         names = set()
@@ -209,10 +210,12 @@ def launch_arguments() -> dict[str, set[str]]:
             if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "DeclareLaunchArgument":
                 if node.args and isinstance(node.args[0], ast.Constant):
                     names.add(node.args[0].value)
-            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict):
-                target = getattr(node.targets[0], "id", "")
-                if target == "PARAMETER_ARGUMENTS":
-                    names |= {k.value for k in node.value.keys if isinstance(k, ast.Constant)}
+        # The parameter arguments come from the settings spec: load the file (it imports the
+        # launch packages only inside its functions) and read its table.
+        spec = importlib.util.spec_from_file_location(path.name.replace(".", "_"), path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        names |= set(getattr(module, "PARAMETER_ARGUMENTS", {}))
         found[path.name] = names
     return found
 

@@ -82,6 +82,15 @@ def test_the_docs_table_is_the_spec_rendered():
         "regenerate it with: python -m personal_vlm_node.settings --markdown"
 
 
+def test_the_readmes_short_table_is_the_spec_rendered():
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    begin, end = "<!-- most-used-parameters:begin -->", "<!-- most-used-parameters:end -->"
+    assert begin in text and end in text, f"README.md lacks the {begin} … {end} markers"
+    region = text.split(begin, 1)[1].split(end, 1)[0].strip()
+    assert region == settings.markdown_table(settings.MOST_USED), \
+        "regenerate it with: python -m personal_vlm_node.settings --markdown --most-used"
+
+
 def test_the_table_has_one_row_per_parameter_and_says_which_follow_the_profile():
     rows = settings.markdown_table().splitlines()[2:]
     assert [row.split("|")[1].strip(" `") for row in rows] == list(PARAMETERS)
