@@ -58,7 +58,7 @@ class ConceptBank:
         """Load this model's memory of every concept into the matcher; others are never matched."""
         with self.lock:
             self._watcher.changed()            # what is loaded now is current
-            versions = self.store.memory_versions(self.vlm.fingerprint)
+            versions = self.store.memory_versions(self.vlm.identity)
             bank = {}
             for record in self.store.list():
                 self.categories[record.name] = record.category
@@ -78,7 +78,7 @@ class ConceptBank:
     def stored_memory(self, name: str) -> dict:
         """This model's stored memory of ``name``: the tokens and their layout (positions, grids);
         MemoryMissing when it has none."""
-        return self.store.load_memory(name, model=self.vlm.fingerprint)
+        return self.store.load_memory(name, model=self.vlm.identity)
 
     def checked_memory(self, name: str):
         """The (K_c, D) memory of ``name``, refused as damage unless it has this model's size.
@@ -121,7 +121,7 @@ class ConceptBank:
         if not self._watcher.changed():
             return False
         with self.lock:
-            versions = self.store.memory_versions(self.vlm.fingerprint)
+            versions = self.store.memory_versions(self.vlm.identity)
             records = {r.name: r for r in self.store.list()}
             changed = False
             for name in list(self.versions):
@@ -199,7 +199,7 @@ class ConceptBank:
             self.matcher.add(record.name, memory["memory"])
             self.categories[record.name] = record.category
             self.frames.invalidate(record.name)
-            self.versions[record.name] = self.store.memory_versions(self.vlm.fingerprint).get(record.name, "")
+            self.versions[record.name] = self.store.memory_versions(self.vlm.identity).get(record.name, "")
         self.changed()
 
     def forget(self, name: str) -> ForgetResult:
@@ -226,7 +226,7 @@ class ConceptBank:
 
         Memories of this model in another precision are cast when used, not rebuilt.
         """
-        have = self.store.memory_versions(self.vlm.fingerprint)
+        have = self.store.memory_versions(self.vlm.identity)
         stale = [r for r in self.store.list() if r.name not in have]
         for i, record in enumerate(stale):
             self.progress(f"rebuilding the memory of {record.name!r} for this model ({i + 1}/{len(stale)})")
@@ -235,7 +235,7 @@ class ConceptBank:
                 tokens = [self.encode_reference(image) for image in images]
                 intro = ego.introduce(self.vlm, tokens, record.name, record.category, self.introduction,
                                       rois=record.extra.get("rois"))
-                self.store.replace_memory(record.name, intro.memory, self.vlm.fingerprint,
+                self.store.replace_memory(record.name, intro.memory, self.vlm.identity,
                                           intro.memory_tokens, extra={**record.extra, "rebuilt": time.time()})
             except PersonalVLMError as exc:
                 self.progress(f"could not rebuild {record.name!r}: {exc}; it is not matched with this model")

@@ -97,7 +97,7 @@ def _plant(assistant, first: int, count: int, frame_tokens: torch.Tensor, k: int
         idx = torch.randperm(frame_tokens.shape[0], generator=generator)[:k].sort().values
         memory = {"memory": frame_tokens[idx].float().cpu(), "positions": idx}
         now = time.time()
-        record = ConceptRecord(f"planted {first + i}", "", [], {}, None, k, assistant.vlm.fingerprint, now, now, {})
+        record = ConceptRecord(f"planted {first + i}", "", [], {}, None, k, assistant.vlm.identity, now, now, {})
         assistant.add_concept(record, memory, [picture], overwrite=True)
 
 

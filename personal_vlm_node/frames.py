@@ -170,7 +170,7 @@ class FramePath:
         return verdicts[case.concept]
 
     def stored_memory(self, name: str) -> dict:
-        return self.store.load_memory(name, model=self.vlm.fingerprint)
+        return self.store.load_memory(name, model=self.vlm.identity)
 
     def _cached(self, name: str, what: str, compute):
         key = (name, what, self.store.get(name).updated)

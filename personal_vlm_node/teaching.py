@@ -133,7 +133,7 @@ class Teacher:
                 fingerprint=previous.fingerprint if previous else {},
                 fingerprint_complete=previous.fingerprint_complete if previous else None,
                 memory_tokens=int(memory["memory"].shape[0]),
-                model_fingerprint=self.vlm.fingerprint, created=previous.created if previous else now,
+                model_identity=self.vlm.identity, created=previous.created if previous else now,
                 updated=now, extra=extra)
             t2 = time.perf_counter()
             self.bank.add(record, memory, request.old_pictures + request.pictures,

@@ -12,13 +12,13 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pytest  # noqa: E402
 
-from personal_vlm_node.testing.tiny_model import FAMILIES, build_tiny_model  # noqa: E402
+from personal_vlm_node.testing.tiny_model import KIT_NAMES, build_tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_models")
-    return {family: build_tiny_model(root / family, family) for family in FAMILIES}
+    return {family: build_tiny_model(root / family, family) for family in KIT_NAMES}
 
 
 @pytest.fixture(scope="session")
@@ -35,7 +35,7 @@ def adapters(tiny_checkpoints):
     return get
 
 
-@pytest.fixture(params=FAMILIES)
+@pytest.fixture(params=KIT_NAMES)
 def family(request):
     return request.param
 

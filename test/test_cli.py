@@ -222,7 +222,7 @@ def test_list_prints_a_joined_emoji_name_as_typed_and_forget_takes_it_back(tmp_p
     name = "\U0001F469\u200d\U0001F52C kit"                 # 👩‍🔬 kit: woman + ZWJ + microscope
     store = ConceptStore(tmp_path / "store")
     store.add(ConceptRecord(name=name, category="lab", keywords=["white\u202e"], fingerprint={},
-                            fingerprint_complete=None, memory_tokens=4, model_fingerprint="tiny"),
+                            fingerprint_complete=None, memory_tokens=4, model_identity="tiny"),
               {"tokens": torch.zeros(4, 8)}, [Image.new("RGB", (6, 5))])   # (K_c, D)
     listed = _no_model(tmp_path, "list")
     assert listed.returncode == 0, listed.stderr

@@ -205,12 +205,12 @@ def test_memories_of_another_model_are_rebuilt_not_matched(assistant_for, family
     old = a.store.load_memory("my mug")["memory"]
     # As if it had been taught with another model: only that model's memory is stored.
     record = a.store.get("my mug")
-    record.model_fingerprint = "some|other|model"
+    record.model_identity = "some|other|model"
     a.store.add(record, {"memory": torch.zeros(3, 17)}, a.store.load_images("my mug"), overwrite=True)
     b = assistant_for(family)
     assert any("rebuilding the memory of 'my mug'" in m for m in assistant_for.messages)
-    assert b.store.get("my mug").model_fingerprint == "some|other|model"   # that one is kept
-    rebuilt = b.store.load_memory("my mug", model=b.vlm.fingerprint)["memory"]
+    assert b.store.get("my mug").model_identity == "some|other|model"   # that one is kept
+    rebuilt = b.store.load_memory("my mug", model=b.vlm.identity)["memory"]
     assert rebuilt.shape[1] == b.vlm.hidden_size
     assert torch.allclose(rebuilt, old, atol=1e-5)   # same model, same references → same memory
 

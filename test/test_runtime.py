@@ -74,7 +74,7 @@ def test_exported_encoder_matches_the_torch_tower_on_onnxruntime_cpu(adapters, e
 def test_metadata_describes_the_graph_and_hashes_its_file(adapters, exported, family):
     adapter = adapters(family)
     folder, meta = exported(family)
-    assert meta["family"] == adapter.family and meta["fingerprint"] == adapter.fingerprint
+    assert meta["family"] == adapter.family and meta["fingerprint"] == adapter.identity
     assert meta["dtype"] == "float32" and meta["image_size"] is None and meta["external_data"] is False
     session = ort.InferenceSession(str(folder / "encoder.onnx"), providers=["CPUExecutionProvider"])
     assert [i["name"] for i in meta["inputs"]] == [i.name for i in session.get_inputs()]

@@ -31,7 +31,7 @@ def _record(name: str, **fields) -> ConceptRecord:
         fingerprint={},
         fingerprint_complete=None,
         memory_tokens=4,
-        model_fingerprint="tiny-vlm@r1/float32/layers=2",
+        model_identity="tiny-vlm@r1/float32/layers=2",
         extra={},
     )
     values.update(fields)
@@ -169,7 +169,7 @@ def test_add_then_read_back_record_memory_and_images_exactly(tmp_path):
     assert (got.category, got.keywords, got.fingerprint, got.fingerprint_complete) == (
         "cat toy", ["plush", "ネコ"], {"color": "grey", "description": "a small plush cat"}, 1700000000.5,
     )
-    assert (got.memory_tokens, got.model_fingerprint, got.extra) == (
+    assert (got.memory_tokens, got.model_identity, got.extra) == (
         3, "tiny-vlm@r1/float32/layers=2", {"rois": [[0, 0, 4, 3]], "timings_ms": {"encode": 12.5}},
     )
     assert store.list() == [stored]
@@ -332,7 +332,7 @@ def test_update_fingerprint_sets_fingerprint_time_and_keywords(tmp_path):
 def test_replace_memory_of_the_taught_model_keeps_images_and_merges_extra(tmp_path):
     store = ConceptStore(tmp_path)
     record = _record("mug", extra={"rois": [[1, 2, 3, 4]], "build_ms": 5},
-                     model_fingerprint="big-vlm@r2/bfloat16/layers=3")
+                     model_identity="big-vlm@r2/bfloat16/layers=3")
     store.add(record, _memory(1.0), [_picture(10), _picture(11)])
     old_dirs = _version_dirs(store)
     new_memory = {"layer3.keys": torch.ones(6, 16, dtype=torch.bfloat16)}  # (K_c, D)
@@ -341,7 +341,7 @@ def test_replace_memory_of_the_taught_model_keeps_images_and_merges_extra(tmp_pa
         "mug", new_memory, "big-vlm@r2/bfloat16/layers=3", 6, extra={"build_ms": 9}
     )
 
-    assert replaced.model_fingerprint == "big-vlm@r2/bfloat16/layers=3"
+    assert replaced.model_identity == "big-vlm@r2/bfloat16/layers=3"
     assert replaced.memory_tokens == 6
     assert replaced.extra == {"rois": [[1, 2, 3, 4]], "build_ms": 9}
     loaded = store.load_memory("mug")
@@ -619,7 +619,7 @@ INTERN_F32 = "internvl|OpenGVLab/y|main|float32|d64"
 
 def test_a_store_keeps_one_memory_per_model_and_reads_only_the_asked_models(tmp_path):
     store = ConceptStore(tmp_path)
-    store.add(_record("mug", model_fingerprint=QWEN_F32), _memory(1.0), [_picture()])
+    store.add(_record("mug", model_identity=QWEN_F32), _memory(1.0), [_picture()])
     store.replace_memory("mug", _memory(2.0), INTERN_F32, 4)
     assert torch.equal(store.load_memory("mug", model=QWEN_F32)["tokens"], _memory(1.0)["tokens"])
     assert torch.equal(store.load_memory("mug", model=INTERN_F32)["tokens"], _memory(2.0)["tokens"])
@@ -633,7 +633,7 @@ def test_a_store_keeps_one_memory_per_model_and_reads_only_the_asked_models(tmp_
 
 def test_a_memory_of_the_same_model_in_another_dtype_is_found(tmp_path):
     store = ConceptStore(tmp_path)
-    store.add(_record("mug", model_fingerprint=QWEN_F32), _memory(1.0), [_picture()])
+    store.add(_record("mug", model_identity=QWEN_F32), _memory(1.0), [_picture()])
     assert store.has_memory("mug", QWEN_BF16)
     assert torch.equal(store.load_memory("mug", model=QWEN_BF16)["tokens"], _memory(1.0)["tokens"])
     assert not store.has_memory("mug", INTERN_F32)
@@ -641,9 +641,9 @@ def test_a_memory_of_the_same_model_in_another_dtype_is_found(tmp_path):
 
 def test_forget_and_overwrite_remove_every_models_memory(tmp_path):
     store = ConceptStore(tmp_path)
-    store.add(_record("mug", model_fingerprint=QWEN_F32), _memory(1.0), [_picture()])
+    store.add(_record("mug", model_identity=QWEN_F32), _memory(1.0), [_picture()])
     store.replace_memory("mug", _memory(2.0), INTERN_F32, 4)
-    store.add(_record("mug", model_fingerprint=QWEN_F32), _memory(5.0), [_picture()], overwrite=True)
+    store.add(_record("mug", model_identity=QWEN_F32), _memory(5.0), [_picture()], overwrite=True)
     assert not store.has_memory("mug", INTERN_F32)
     assert len(_version_dirs(store)) == 1
     store.replace_memory("mug", _memory(2.0), INTERN_F32, 4)
@@ -654,8 +654,8 @@ def test_forget_and_overwrite_remove_every_models_memory(tmp_path):
 
 def test_memory_versions_tell_what_changed_for_one_model(tmp_path):
     store = ConceptStore(tmp_path)
-    store.add(_record("mug", model_fingerprint=QWEN_F32), _memory(1.0), [_picture()])
-    store.add(_record("cat", model_fingerprint=INTERN_F32), _memory(1.0), [_picture()])
+    store.add(_record("mug", model_identity=QWEN_F32), _memory(1.0), [_picture()])
+    store.add(_record("cat", model_identity=INTERN_F32), _memory(1.0), [_picture()])
     before = store.memory_versions(QWEN_F32)
     assert set(before) == {"mug"}
     store.replace_memory("cat", _memory(2.0), QWEN_F32, 4)
@@ -665,7 +665,7 @@ def test_memory_versions_tell_what_changed_for_one_model(tmp_path):
 
 def test_a_store_written_by_format_1_opens_and_keeps_its_concepts(tmp_path):
     store = ConceptStore(tmp_path)
-    store.add(_record("mug", model_fingerprint=QWEN_F32), _memory(1.0), [_picture()])
+    store.add(_record("mug", model_identity=QWEN_F32), _memory(1.0), [_picture()])
     with contextlib.closing(sqlite3.connect(tmp_path / "concepts.db")) as db:
         db.execute("DROP TABLE memories")
         db.execute("PRAGMA user_version=1")

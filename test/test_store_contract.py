@@ -34,7 +34,7 @@ def library(request, tmp_path) -> ConceptLibrary:
 
 def _concept(name: str, model: str = MODEL_A, tokens: int = 4, fill: float = 1.0):
     record = ConceptRecord(name=name, category="mug", keywords=["blue", "mug"], fingerprint={},
-                           fingerprint_complete=None, memory_tokens=tokens, model_fingerprint=model,
+                           fingerprint_complete=None, memory_tokens=tokens, model_identity=model,
                            extra={"rois": [None]})
     memory = {"tokens": torch.full((tokens, 8), fill)}      # (K_c, D)
     picture = Image.new("RGB", (6, 5), (int(fill * 10) % 256, 20, 30))

@@ -36,7 +36,7 @@ OTHER = "internvl|tiny|main|float32|d8"
 
 def _record(name: str, **fields) -> ConceptRecord:
     values = dict(category="thing", keywords=["red", "round"], fingerprint={}, fingerprint_complete=None,
-                  memory_tokens=4, model_fingerprint=QWEN, extra={"rois": [[0, 0, 3, 3]]})
+                  memory_tokens=4, model_identity=QWEN, extra={"rois": [[0, 0, 3, 3]]})
     values.update(fields)
     return ConceptRecord(name=name, **values)
 
@@ -124,7 +124,7 @@ def test_repair_rebuilds_a_deleted_index_with_every_concept_usable(tmp_path):
     for name, record in records.items():
         again = reopened.get(name)
         for field in ("category", "keywords", "fingerprint", "fingerprint_complete", "memory_tokens",
-                      "model_fingerprint", "created", "extra"):
+                      "model_identity", "created", "extra"):
             assert getattr(again, field) == getattr(record, field), (name, field)
         assert all(torch.equal(reopened.load_memory(name)[k], v) for k, v in memories[name].items())
         assert [p.tobytes() for p in reopened.load_images(name)] == pictures[name]

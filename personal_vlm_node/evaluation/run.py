@@ -198,7 +198,7 @@ def _settings(assistant, dataset: Dataset, options: EvalOptions, test_split: dic
     values = asdict(options)
     values.pop("max_queries")
     return {"dataset": str(dataset.root), "layout": dataset.layout, "shots": dataset.shots, **test_split,
-            "model": assistant.vlm.fingerprint, **values}
+            "model": assistant.vlm.identity, **values}
 
 
 def _check_settings(out: Path, settings: dict, restart: bool) -> None:

@@ -176,7 +176,7 @@ def auto_encoder(adapter, cache_dir=None, progress=None, repeats: int = 3):
         return statistics.median(times)
 
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    cache_file = root / f"{adapter.family}-{export_key(adapter.fingerprint, None)}-auto.json"
+    cache_file = root / f"{adapter.family}-{export_key(adapter.identity, None)}-auto.json"
     pairs = candidates(device.type, flags, have_ort, have_trt)
     _, encoder, _ = choose(pairs, build, measure, cache_file, machine_key(device, flags), say)
     return encoder

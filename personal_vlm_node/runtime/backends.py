@@ -52,9 +52,9 @@ def default_cache_dir() -> Path:
     return Path(root) / "personal_vlm" / "encoders"
 
 
-def export_key(fingerprint: str, image_size: int | None) -> str:
-    """Cache folder name of one export: changes when the model, the size mode or the format does."""
-    text = f"{fingerprint}|size={image_size or 'any'}|format={FORMAT_VERSION}"
+def export_key(identity: str, image_size: int | None) -> str:
+    """Cache folder name of one export: changes when the model (its identity), the size mode or the format does."""
+    text = f"{identity}|size={image_size or 'any'}|format={FORMAT_VERSION}"
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
@@ -63,9 +63,9 @@ def cached_export(adapter, cache_dir: Path | None = None, image_size: int | None
     """The cached export for ``adapter`` (exporting it on first use): its folder and encoder.json."""
     say = progress or say_to_stderr
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    folder = root / f"{adapter.family}-{export_key(adapter.fingerprint, image_size)}"
+    folder = root / f"{adapter.family}-{export_key(adapter.identity, image_size)}"
     meta = read_metadata(folder)
-    if meta is not None and meta.get("fingerprint") == adapter.fingerprint:
+    if meta is not None and meta.get("fingerprint") == adapter.identity:
         say(f"reusing the exported encoder in {folder}")
         return folder, meta
     try:

@@ -249,7 +249,7 @@ def export_encoder(adapter, out_dir, image_size: int | None = None, opset: int =
         "format": FORMAT_VERSION,
         "family": adapter.family,
         "model_id": adapter.model_id,
-        "fingerprint": adapter.fingerprint,
+        "fingerprint": adapter.identity,
         "model_dtype": str(adapter.dtype).replace("torch.", ""),
         "dtype": "float32",
         "opset": opset,

@@ -131,10 +131,10 @@ def _row_record(row) -> dict:
     return record
 
 
-def _memory_record(name: str, model: str, model_fingerprint: str, memory_tokens: int, updated: float,
+def _memory_record(name: str, model: str, model_identity: str, memory_tokens: int, updated: float,
                    concept_dir: str) -> dict:
     return {"kind": "memory", "format": SCHEMA_VERSION, "name": name, "model": model,
-            "model_fingerprint": model_fingerprint, "memory_tokens": int(memory_tokens), "updated": updated,
+            "model_fingerprint": model_identity, "memory_tokens": int(memory_tokens), "updated": updated,
             "concept_dir": concept_dir}
 
 
@@ -164,7 +164,7 @@ def _record_from_row(row: sqlite3.Row) -> ConceptRecord:
         fingerprint=_decode_json(row["fingerprint"], name, "fingerprint"),
         fingerprint_complete=row["fingerprint_complete"],
         memory_tokens=row["memory_tokens"],
-        model_fingerprint=row["model_fingerprint"],
+        model_identity=row["model_fingerprint"],
         created=row["created"],
         updated=row["updated"],
         extra=_decode_json(row["extra"], name, "extra"),

@@ -60,9 +60,9 @@ class ConceptLibrary(ABC):
         version created then (a concept re-taught meanwhile raises)."""
 
     @abstractmethod
-    def replace_memory(self, name: str, memory: dict[str, torch.Tensor], model_fingerprint: str,
+    def replace_memory(self, name: str, memory: dict[str, torch.Tensor], model_identity: str,
                        memory_tokens: int, extra: dict | None = None) -> ConceptRecord:
-        """Store a memory rebuilt from the stored pictures for the model ``model_fingerprint``."""
+        """Store a memory rebuilt from the stored pictures for the model ``model_identity``."""
 
     @abstractmethod
     def forget(self, name: str) -> ForgetResult:

@@ -70,7 +70,7 @@ class ConceptStore(VersionFolders, ConceptLibrary):
             now = time.time()
             values = (
                 record.category, keywords, fingerprint, record.fingerprint_complete,
-                int(record.memory_tokens), record.model_fingerprint, float(record.created), now,
+                int(record.memory_tokens), record.model_identity, float(record.created), now,
                 extra, len(images),
             )
             stored_record = _row_record(dict(zip(_COLUMN_NAMES, (name, *values[:-1], "", len(images)))))
@@ -148,11 +148,11 @@ class ConceptStore(VersionFolders, ConceptLibrary):
         self,
         name: str,
         memory: dict[str, torch.Tensor],
-        model_fingerprint: str,
+        model_identity: str,
         memory_tokens: int,
         extra: dict | None = None,
     ) -> ConceptRecord:
-        """Store a memory rebuilt from the stored reference pictures for ``model_fingerprint``.
+        """Store a memory rebuilt from the stored reference pictures for ``model_identity``.
 
         For the model the concept was taught with, the concept's version is replaced (pictures
         kept; keys of ``extra`` overwrite the stored ones, other stored keys such as ROIs stay).
@@ -165,8 +165,8 @@ class ConceptStore(VersionFolders, ConceptLibrary):
                 row = _fetch_row(conn, name)
                 if row is None:
                     raise self._missing_error(conn, name)
-            if model_key(row["model_fingerprint"]) != model_key(model_fingerprint):
-                return self._put_other_memory(row, memory, model_fingerprint, memory_tokens)
+            if model_key(row["model_fingerprint"]) != model_key(model_identity):
+                return self._put_other_memory(row, memory, model_identity, memory_tokens)
             old = row["dir"]
             merged = dict(_decode_json(row["extra"], name, "extra"))
             merged.update(_check_dict(extra if extra is not None else {}, "extra"))
@@ -176,7 +176,7 @@ class ConceptStore(VersionFolders, ConceptLibrary):
                 if not source.is_file():
                     raise _damaged_error(name, f"its reference picture {source.name} is missing")
             now = time.time()
-            stored_record = {**_row_record(row), "model_fingerprint": model_fingerprint,
+            stored_record = {**_row_record(row), "model_fingerprint": model_identity,
                              "memory_tokens": int(memory_tokens), "extra": merged, "updated": now}
             version = self._publish_version(name, memory, stored_record, image_files=sources)
             try:
@@ -185,7 +185,7 @@ class ConceptStore(VersionFolders, ConceptLibrary):
                     cursor = conn.execute(
                         "UPDATE concepts SET dir=?, model_fingerprint=?, memory_tokens=?, extra=?, "
                         "updated=? WHERE name=? AND dir=?",
-                        (version, model_fingerprint, int(memory_tokens), extra_json, now, name, old),
+                        (version, model_identity, int(memory_tokens), extra_json, now, name, old),
                     )
                     if cursor.rowcount == 0:
                         conn.execute("ROLLBACK")
@@ -202,11 +202,11 @@ class ConceptStore(VersionFolders, ConceptLibrary):
             self._remove_pending([old])
         return stored
 
-    def _put_other_memory(self, row, memory, model_fingerprint: str, memory_tokens: int) -> ConceptRecord:
-        name, key = row["name"], model_key(model_fingerprint)
+    def _put_other_memory(self, row, memory, model_identity: str, memory_tokens: int) -> ConceptRecord:
+        name, key = row["name"], model_key(model_identity)
         now = time.time()
         version = self._publish_version(
-            name, memory, _memory_record(name, key, model_fingerprint, int(memory_tokens), now, row["dir"]))
+            name, memory, _memory_record(name, key, model_identity, int(memory_tokens), now, row["dir"]))
         try:
             with self._connect() as conn:
                 conn.execute("BEGIN IMMEDIATE")
@@ -220,7 +220,7 @@ class ConceptStore(VersionFolders, ConceptLibrary):
                 conn.execute(
                     "INSERT OR REPLACE INTO memories (name, model, model_fingerprint, memory_tokens, dir, updated) "
                     "VALUES (?,?,?,?,?,?)",
-                    (name, key, model_fingerprint, int(memory_tokens), version, now),
+                    (name, key, model_identity, int(memory_tokens), version, now),
                 )
                 replaced = [] if previous is None else [previous[0]]
                 _settle_pending(conn, version, replaced)

@@ -12,16 +12,16 @@ from personal_vlm_node.errors import PersonalVLMError
 from personal_vlm_node.names import quoted
 
 
-def model_key(fingerprint: str) -> str:
-    """The part of a model fingerprint that a memory depends on: everything but the precision.
+def model_key(identity: str) -> str:
+    """The part of a model identity that a memory depends on: everything but the precision.
 
-    Adapters write ``family|model id|revision|dtype|d<hidden size>``; a memory made in one dtype
-    is cast for the same model in another. Other fingerprint strings are compared whole.
+    Adapters write ``family|model id|revision|dtype|d<hidden size>`` (``VLMAdapter.identity``); a
+    memory made in one dtype is cast for the same model in another. Other strings are compared whole.
     """
-    parts = fingerprint.split("|")
+    parts = identity.split("|")
     if len(parts) == 5 and parts[3] in _DTYPE_NAMES:
         return "|".join(parts[:3] + parts[4:])
-    return fingerprint
+    return identity
 
 
 _DTYPE_NAMES = {"float32", "float16", "bfloat16", "float64"}
@@ -47,7 +47,7 @@ class ConceptRecord:
     fingerprint: dict  # R2P attributes + description; {} until the background pass completes it
     fingerprint_complete: float | None  # unix time the fingerprint was completed, None if pending
     memory_tokens: int  # K_c, total over all reference images
-    model_fingerprint: str  # backbone/revision/dtype/layers the memory was built with
+    model_identity: str  # the model the memory was built with (VLMAdapter.identity); stored as model_fingerprint
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
     extra: dict = field(default_factory=dict)  # method-specific JSON (ROIs, timings, ...)

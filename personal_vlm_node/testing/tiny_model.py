@@ -48,7 +48,7 @@ def _kits() -> dict:
 
 
 _KITS = _kits()
-FAMILIES = tuple(_KITS)
+KIT_NAMES = tuple(_KITS)      # a family's kits: qwen2_5_vl, …, and variants such as a SmolVLM2
 
 
 def train_byte_level_bpe(corpus: str, vocab_size: int, special_tokens: list[str], unk_token: str | None = None):
@@ -94,7 +94,7 @@ def build_tiny_model(out_dir: str | Path, family: str = "qwen2_5_vl", seed: int 
     import torch
 
     if family not in _KITS:
-        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(KIT_NAMES)}")
     spec = _KITS[family]
     if size not in spec.sizes:
         raise ValueError(f"size {size!r} is not available for {family}; it has {', '.join(spec.sizes)}")
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m personal_vlm_node.testing.tiny_model",
         description="Build a tiny RANDOM-WEIGHT model of a real VLM architecture, offline.")
     parser.add_argument("out_dir")
-    parser.add_argument("--family", default="qwen2_5_vl", choices=FAMILIES)
+    parser.add_argument("--family", default="qwen2_5_vl", choices=KIT_NAMES)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", default="tiny", choices=SIZES,
                         help="realistic: Qwen2.5-VL-3B dimensions, shortened LLM (qwen2_5_vl only)")

@@ -111,7 +111,7 @@ class VLMAdapter(ABC):
         return int(self.text_config.hidden_size)
 
     @property
-    def fingerprint(self) -> str:
+    def identity(self) -> str:
         """Identifies the feature space memories live in: a change means memories must be rebuilt."""
         revision = getattr(self.config, "_commit_hash", None) or "local"
         return f"{self.family}|{self.model_id}|{revision}|{str(self.dtype).replace('torch.', '')}|d{self.hidden_size}"

@@ -135,7 +135,7 @@ def cross_models(report: Report, world: World, node: NodeRun, client: FieldClien
     report.check(response is not None and response.success, "the node could not teach 'cross a'")
     # The camera already shows B's picture while model B's CLI teaches it: the node then sees a
     # concept with no memory for its model; it must build its own, never match B's.
-    fp_a = store.get("cross a").model_fingerprint
+    fp_a = store.get("cross a").model_identity
     built = {}                     # when a model-A memory of 'cross b' first shows in the store
     stop_polling = threading.Event()
 
@@ -152,8 +152,8 @@ def cross_models(report: Report, world: World, node: NodeRun, client: FieldClien
     camera.show(pb)
     teach_b = world.run_cli(store_dir, world.model_b, "teach", "cross b", str(world.picture_file(8002)), "--no-wait")
     report.check(teach_b.proc.returncode == 0, f"CLI teach on model B failed: {teach_b.stderr[-300:]}")
-    fp_b = store.get("cross b").model_fingerprint
-    report.check(model_key(fp_a) != model_key(fp_b), "models A and B have the same fingerprint")
+    fp_b = store.get("cross b").model_identity
+    report.check(model_key(fp_a) != model_key(fp_b), "models A and B have the same identity")
     polling.join(60.0)
     stop_polling.set()
     rebuilt_a = built.get("at")
