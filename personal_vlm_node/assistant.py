@@ -401,6 +401,10 @@ class Assistant:
         return {"model": str(self.vlm.model_id), "family": str(self.vlm.family), "device": str(self.vlm.device),
                 "dtype": str(self.vlm.dtype).replace("torch.", ""), "store": str(self.store.root)}
 
+    def recognizable(self) -> list[str]:
+        """The concepts with a memory for this model: those the frame path and ``recognize`` can find."""
+        return list(self.matcher.names)
+
     def knows(self, name: str) -> bool:
         """Whether a concept of this name is taught (as the store has it, whatever this model's memory)."""
         return name in self.store

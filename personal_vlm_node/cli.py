@@ -170,7 +170,7 @@ def _cmd_recognize(args) -> None:
         for name in args.concept:
             store.get(validate_name(name))
     with _open(args) as assistant:
-        names = args.concept or (list(assistant.matcher.names) if args.all else None)
+        names = args.concept or (assistant.recognizable() if args.all else None)
         results = assistant.recognize(args.image, names=names)
         taught = len(assistant.concepts())
     rows = [{"name": r.name, "p_yes": round(r.p_yes, 4), "present": r.present} for r in results]
