@@ -166,6 +166,22 @@ class Assistant:
         vlm = load_vlm(model, device=device, dtype=dtype)
         return cls(vlm, store, profile, progress=progress, options=options, **overrides)
 
+    @staticmethod
+    def calibrate(model: str, pairs: list[tuple] = (), dataset=None, **options) -> dict:
+        """Measure ``model``'s layers (image–mask ``pairs``) and / or thresholds (a labelled
+        ``dataset``) and write its profile: :func:`personal_vlm_node.calibration.calibrate_model`."""
+        from .calibration import calibrate_model
+
+        return calibrate_model(model, pairs, dataset, **options)
+
+    @staticmethod
+    def export_encoder(model: str, out_dir, **options) -> dict:
+        """Export ``model``'s vision encoder to ONNX (and check the backends here):
+        :func:`personal_vlm_node.runtime.export.export_model_encoder`."""
+        from .runtime.export import export_model_encoder
+
+        return export_model_encoder(model, out_dir, **options)
+
     def close(self, wait: bool = True) -> None:
         """Stop the background work. ``wait=False`` (shutdown) interrupts running generations
         and drops pending fingerprints instead of finishing them."""

@@ -313,7 +313,7 @@ def _cmd_eval(args) -> None:
 
 
 def _cmd_calibrate(args) -> None:
-    from .calibration import calibrate_model
+    from .assistant import Assistant
 
     if args.top_k < 1 or args.keep < 1:
         raise PersonalVLMError("--top-k and --keep must be at least 1")
@@ -325,9 +325,9 @@ def _cmd_calibrate(args) -> None:
         raise PersonalVLMError("--max-error must lie between 0 and 0.5")
     pairs = media.image_mask_pairs(Path(args.images), Path(args.masks)) if args.images else []
     dataset = evaluation.load_dataset(args.dataset, args.layout) if args.dataset else None
-    result = calibrate_model(args.model, pairs, dataset, top_k=args.top_k, keep=args.keep,
-                             max_error=args.max_error, out=args.out, profile_path=args.profile,
-                             device=args.device, dtype=args.dtype, progress=stderr_progress())
+    result = Assistant.calibrate(args.model, pairs, dataset, top_k=args.top_k, keep=args.keep,
+                                 max_error=args.max_error, out=args.out, profile_path=args.profile,
+                                 device=args.device, dtype=args.dtype, progress=stderr_progress())
     summary = ", ".join(f"{k} {v}" for k, v in result.items() if k not in ("profile", "mask_hit_rate"))
     _emit(args, result, f"{summary} written to {result['profile']}")
 
@@ -378,11 +378,11 @@ def _add_export_parser(subparsers):
 
 def _cmd_export(args) -> None:
     """The command: uses args.model / device / dtype / json from the global options."""
-    from .runtime.export import export_model_encoder
+    from .assistant import Assistant
 
-    result = export_model_encoder(args.model, args.out, device=args.device, dtype=args.dtype,
-                                  image_size=args.image_size, opset=args.opset, backend_check=args.backend_check,
-                                  precision=getattr(args, "precision", "fp16"))
+    result = Assistant.export_encoder(args.model, args.out, device=args.device, dtype=args.dtype,
+                                      image_size=args.image_size, opset=args.opset,
+                                      backend_check=args.backend_check, precision=getattr(args, "precision", "fp16"))
     if getattr(args, "json", False):
         print(json.dumps(result, ensure_ascii=False))
         return
