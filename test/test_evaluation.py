@@ -454,4 +454,4 @@ def test_a_run_with_another_model_is_refused_before_anything_is_rebuilt(tiny_che
     from personal_vlm_node.vlm import load_vlm
 
     intern = load_vlm(str(tiny_checkpoints["internvl"]), device="cpu", dtype="float32")
-    assert store.memory_versions(intern.fingerprint) == {}                # nothing rebuilt for it
+    assert store.memory_versions(intern.identity) == {}                # nothing rebuilt for it
