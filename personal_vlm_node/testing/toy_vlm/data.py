@@ -130,7 +130,7 @@ def make_sample(task: str, rng: np.random.Generator, size: int, follow_ups: int 
         else:
             parts = prompts.fingerprint(img, name, category)
             answer = json.dumps(look.fingerprint())
-        return Sample(task, parts, answer, {"look": look, "area": r.area(0)})
+        return Sample(task, parts, answer, {"look": look, "area": r.area(0), "category_given": bool(category)})
     if task == "recognize":
         look = tw.random_look(rng)
         name = _name(rng)

@@ -46,6 +46,9 @@ def evaluate_tasks(folder, seed: int = 12345, per_task: int = 60, progress=None)
                 tally("describe", "color", look.color in kws)
                 tally("describe", "pattern", tw.PATTERN_WORDS[look.pattern] in kws)
                 tally("describe", "category", look.category in kws)
+                # Apart: copied from a prompt that names it ("Fluffy (a ball)") or read from the image.
+                tally("describe", "category_given" if s.info["category_given"] else "category_read",
+                      look.category in kws)
                 tally("describe", "mark", (look.mark in kws) if look.mark != "none" else not (kws & set(tw.MARKS)))
                 if area is not None:
                     area_err.append(abs(area - s.info["area"]))
