@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import re
 import time
+import zlib
 from dataclasses import dataclass, field
 
 import torch
@@ -434,11 +436,21 @@ def recognize(vlm: VLMAdapter, image: ImageTokens, memories: list[Memory]) -> di
 
 
 def joint_context(names: list[str], scores: dict[str, float], size: int) -> list[str]:
-    """The concepts asked about in a joint prompt (``names``) followed by the best-scoring others,
-    ``size`` memories in all (never fewer than ``names``)."""
+    """The memories of a joint prompt: the concepts asked about (``names``) and the best-scoring
+    others, ``size`` in all (never fewer than ``names``), in :func:`context_order`."""
     asked = list(dict.fromkeys(names))
     others = sorted((n for n in scores if n not in asked), key=lambda n: -scores[n])
-    return asked + others[:max(0, size - len(asked))]
+    return context_order(asked + others[:max(0, size - len(asked))])
+
+
+def context_order(names: list[str]) -> list[str]:
+    """``names`` shuffled by a seed made of the set itself. Where a memory stands then says nothing
+    about which concept is asked or which matched best (asked first was a cue a model can learn),
+    and the same concepts always stand in the same order, so results repeat and the prompts for
+    several names over one frame share their prefix."""
+    order = sorted(names)
+    random.Random(zlib.crc32("\x00".join(order).encode())).shuffle(order)
+    return order
 
 
 def p_yes(vlm: VLMAdapter, image: ImageTokens, names: list[str], memory_of, joint: int | None = None,

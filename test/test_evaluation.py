@@ -321,10 +321,10 @@ def test_joint_recognition_asks_each_concept_beside_the_best_matching_others(ass
     tokens = assistant.vlm.encode_image(load_image(tmp_path / "data" / record["query"]))
     scores = {m.name: m.score for m in assistant.matcher.score(tokens.features, tokens.token_boxes)}
     memory = lambda n: Memory.from_stored(assistant.stored_memory(n), n)
-    for pair in record["pairs"]:        # the concept, then the best-matching other one
+    for pair in record["pairs"]:        # the concept and the best-matching other one, in context order
         others = sorted((n for n in scores if n != pair["concept"]), key=lambda n: -scores[n])
-        expected = ego.recognize_joint(assistant.vlm, tokens, [memory(pair["concept"]), memory(others[0])],
-                                       [pair["concept"]])[pair["concept"]]
+        together = [memory(n) for n in ego.context_order([pair["concept"], others[0]])]
+        expected = ego.recognize_joint(assistant.vlm, tokens, together, [pair["concept"]])[pair["concept"]]
         assert pair["score"] == pytest.approx(expected, abs=1e-5)
     # The profile's choice by default: one prompt per concept.
     per_concept = evaluation.evaluate(assistant, data, tmp_path / "out2", EvalOptions(method="ego", max_queries=1),
