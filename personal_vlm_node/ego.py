@@ -7,6 +7,9 @@ Concept introduction, per reference image r (at most two generations and one ext
    one-sentence description) is not needed for the memory and runs later, in the background.
 2. K_c = min(K, max(K_min, round(α_c · N_r / 100))), N_r = number of visual tokens of image r.
    With a region of interest, α_c is the ROI's share of the image (measured, not estimated).
+   When the answer gives no area (unparsable, or out of range), α_c is the median of the other
+   views' areas, and without any, the attention's own extent: the share of tokens whose I_j is at
+   least half the peak (step 3 runs first). This rule is the project's; the paper leaves it open.
 3. One forward pass over prompt + the model's own answer captures, at the profile's layers ℓ ∈ Λ,
    the attention A^ℓ_{h,t,j} of the rows t that produced keyword tokens to visual token j:
        I_j = mean_{ℓ∈Λ} mean_h mean_t A^ℓ_{h,t,j}
@@ -24,6 +27,7 @@ import json
 import math
 import random
 import re
+import statistics
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -190,6 +194,15 @@ def memory_size(area: float | None, num_tokens: int, max_tokens: int, min_tokens
     return max(1, min(k, num_tokens))
 
 
+def attention_area(importance: torch.Tensor) -> float | None:
+    """The subject's area (percent) as the attention sees it: the share of tokens whose importance
+    is at least half the peak (a full width at half maximum). None when nothing stands out."""
+    peak = float(importance.max())
+    if not math.isfinite(peak) or peak <= 0.0:
+        return None
+    return 100.0 * int((importance >= 0.5 * peak).sum()) / importance.numel()
+
+
 def roi_mask(token_boxes: torch.Tensor, roi: tuple[float, float, float, float] | None,
              floor: int = 0) -> torch.Tensor:
     """(N,) bool: tokens whose centre lies inside the ROI (x, y, w, h); all True without one.
@@ -259,12 +272,13 @@ class ImageIntroduction:
 
     answer: str
     keywords: list[str]
-    area: float | None
+    area: float | None             # α_c as K_c used it (see area_from)
     num_tokens: int
     indices: torch.Tensor          # (K_r,) chosen token indices, ascending
     importance: torch.Tensor       # (N_r,) I_j
     timings: dict[str, float] = field(default_factory=dict)
     keyword_token_ids: list[int] = field(default_factory=list)   # the generated tokens read
+    area_from: str = "answer"      # answer | roi | views (the other views' median) | attention | none
 
 
 @dataclass
@@ -304,7 +318,7 @@ class Attended:
 
     text: str
     keywords: list[str]
-    area: float | None
+    area: float | None                         # as the answer gave it
     importance: dict[int, torch.Tensor]        # layer → (N_r,) I_j at that layer
     keyword_token_ids: list[int]
     timings: dict[str, float]
@@ -359,17 +373,28 @@ def attend(vlm: VLMAdapter, tokens: ImageTokens, name: str, category: str,
 def introduce_image(vlm: VLMAdapter, tokens: ImageTokens, name: str, category: str,
                     options: IntroductionOptions, roi=None) -> ImageIntroduction:
     """Steps 1–3 for one reference image."""
-    attended = attend(vlm, tokens, name, category, options)
-    area = attended.area
-    eligible = roi_mask(tokens.token_boxes, roi, floor=options.min_tokens)
+    return select_memory(tokens, attend(vlm, tokens, name, category, options), options, roi)
+
+
+def select_memory(tokens: ImageTokens, attended: Attended, options: IntroductionOptions, roi=None,
+                  views_area: float | None = None) -> ImageIntroduction:
+    """Step 2 and the selection of step 3: K_c from α_c, then the top-K_c tokens by I_j.
+    ``views_area``: the other views' median area, used when this view's answer gave none."""
+    importance = torch.stack([attended.importance[l] for l in options.layers]).mean(0)   # (N_r,) I_j
+    area, area_from = attended.area, "answer"
     if roi is not None:
         width, height = tokens.source_size
-        area = 100.0 * roi[2] * roi[3] / (width * height)
-    importance = torch.stack([attended.importance[l] for l in options.layers]).mean(0)   # (N_r,) I_j
+        area, area_from = 100.0 * roi[2] * roi[3] / (width * height), "roi"
+    elif area is None and views_area is not None:
+        area, area_from = views_area, "views"
+    elif area is None:
+        area = attention_area(importance)
+        area_from = "attention" if area is not None else "none"
+    eligible = roi_mask(tokens.token_boxes, roi, floor=options.min_tokens)
     k = memory_size(area, tokens.num_tokens, options.max_tokens, options.min_tokens, options.budget)
     indices = select_tokens(importance, k, eligible)
     return ImageIntroduction(attended.text, attended.keywords, area, tokens.num_tokens, indices, importance,
-                             attended.timings, attended.keyword_token_ids)
+                             attended.timings, attended.keyword_token_ids, area_from)
 
 
 def build_memory(images: list[ImageTokens], intros: list[ImageIntroduction]) -> dict[str, torch.Tensor]:
@@ -413,11 +438,16 @@ def introduce(vlm: VLMAdapter, images: list[ImageTokens], name: str, category: s
               options: IntroductionOptions, rois=None, progress=None) -> Introduction:
     """Ego concept introduction over 1..R reference images (see the module docstring)."""
     rois = list(rois) if rois else [None] * len(images)
-    intros = []
-    for r, (tokens, roi) in enumerate(zip(images, rois)):
+    attended = []
+    for r, tokens in enumerate(images):
         if progress:
             progress(f"reference image {r + 1}/{len(images)}: describing and attending")
-        intros.append(introduce_image(vlm, tokens, name, category, options, roi))
+        attended.append(attend(vlm, tokens, name, category, options))
+    intros = []
+    for r, (tokens, roi) in enumerate(zip(images, rois)):
+        known = [a.area for k, a in enumerate(attended) if k != r and a.area is not None]
+        views_area = float(statistics.median(known)) if known else None
+        intros.append(select_memory(tokens, attended[r], options, roi, views_area))
     keywords: list[str] = []
     for intro in intros:
         keywords += [k for k in intro.keywords if k.lower() not in {x.lower() for x in keywords}]

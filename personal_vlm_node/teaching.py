@@ -117,7 +117,7 @@ class Teacher:
             now = time.time()
             timings = {"encode": t_encode, **intro.timings}
             extra = {"rois": [list(r) if r else None for r in request.rois],
-                     "areas": [i.area for i in intro.images],
+                     "areas": [i.area for i in intro.images], "area_from": [i.area_from for i in intro.images],
                      "answers": [i.answer[:500] for i in intro.images]}
             memory, keywords = intro.memory, intro.keywords
             if self.text_similarity is not None:
@@ -127,7 +127,7 @@ class Teacher:
                 keywords = list(dict.fromkeys(previous.keywords + intro.keywords))[:12]
                 extra = {**previous.extra, **extra,
                          **{k: list(previous.extra.get(k) or [None] * len(request.old_pictures)) + extra[k]
-                            for k in ("rois", "areas", "answers")}}
+                            for k in ("rois", "areas", "area_from", "answers")}}
             record = ConceptRecord(
                 name=name, category=category, keywords=keywords,
                 fingerprint=previous.fingerprint if previous else {},

@@ -96,6 +96,58 @@ def test_memory_size_is_a_budget_share_of_the_image(area, n, expected):
     assert ego.memory_size(area, n, max_tokens=64, min_tokens=4, budget=0.2) == expected
 
 
+def _view(area, importance):
+    """One reference view's attention result (100 tokens on a 10 × 10 grid) and its tokens."""
+    from personal_vlm_node.vlm.parts import ImageTokens
+
+    n = len(importance)
+    boxes = torch.tensor([[(j % 10) * 10, (j // 10) * 10, (j % 10) * 10 + 10, (j // 10) * 10 + 10] for j in range(n)],
+                         dtype=torch.float32)
+    tokens = ImageTokens(torch.zeros(n, 4), list(range(n)), list(range(n)), boxes, (10, 10), (100, 100))
+    attended = ego.Attended("", ["red"], area, {0: torch.tensor(importance)}, [], {})
+    return tokens, attended
+
+
+def test_a_view_without_an_area_takes_the_other_views_median_then_the_attentions_extent():
+    options = ego.IntroductionOptions([0], max_tokens=64, min_tokens=4, budget=0.2)    # K = 20 of 100
+    peaked = [0.0] * 100
+    for j, v in ((11, 1.0), (12, 0.8), (21, 0.6), (22, 0.55), (23, 0.4), (40, 0.3)):
+        peaked[j] = v                        # 4 tokens at ≥ half the peak: the subject covers 4 %
+    tokens, no_area = _view(None, peaked)
+    alone = ego.select_memory(tokens, no_area, options)
+    assert (alone.area, alone.area_from, len(alone.indices)) == (4.0, "attention", 4)
+    assert alone.indices.tolist() == [11, 12, 21, 22]
+    # The other views' median wins over the attention's estimate (views of 8 %, 10 % and 30 %).
+    beside = ego.select_memory(tokens, no_area, options, views_area=10.0)
+    assert (beside.area, beside.area_from, len(beside.indices)) == (10.0, "views", 10)
+    # A flat or negative map says nothing: K stays the budget, as before.
+    flat_tokens, flat = _view(None, [-0.1] * 100)
+    assert (lambda i: (i.area, i.area_from, len(i.indices)))(ego.select_memory(flat_tokens, flat, options)) == \
+        (None, "none", 20)
+    # An answered area and a region of interest are used as they are.
+    answered = ego.select_memory(tokens, _view(6.0, peaked)[1], options, views_area=30.0)
+    assert (answered.area, answered.area_from, len(answered.indices)) == (6.0, "answer", 6)
+    roi = ego.select_memory(tokens, no_area, options, roi=(10, 10, 30, 30))
+    assert (roi.area, roi.area_from, len(roi.indices)) == (9.0, "roi", 9)
+
+
+def test_introduce_fills_a_missing_area_from_the_other_views(adapters, monkeypatch):
+    adapter = adapters("qwen2_5_vl")
+    views = [adapter.encode_image(photo(k)) for k in (1, 2, 3, 4)]
+    areas = iter([8.0, None, 10.0, 30.0])
+    original = ego.attend
+
+    def attend(*args, **kwargs):
+        attended = original(*args, **kwargs)
+        attended.area = next(areas)
+        return attended
+
+    monkeypatch.setattr(ego, "attend", attend)
+    intro = ego.introduce(adapter, views, "my mug", "", ego.IntroductionOptions([0], 64, 1, budget=1.0))
+    assert [(i.area, i.area_from) for i in intro.images] == [(8.0, "answer"), (10.0, "views"), (10.0, "answer"),
+                                                           (30.0, "answer")]
+
+
 # ---- Yes / No ids -----------------------------------------------------------------------------
 @pytest.mark.parametrize("family, yes, no", [
     ("qwen2_5_vl", "Yes", "No"),        # ChatML: the answer follows "assistant\n" directly
