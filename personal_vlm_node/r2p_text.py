@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from .ego import json_objects
+from .ego_text import json_objects
 from .prompts import ATTRIBUTE_QUESTION, DESCRIPTION_QUESTION
 
 if TYPE_CHECKING:
