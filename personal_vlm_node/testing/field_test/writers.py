@@ -72,7 +72,8 @@ def read_journal(path: Path) -> tuple[list[tuple[str, str, int]], tuple[str, str
 def leftover_entries(root: Path) -> int:
     """What a killed writer left for the next open to finish: staging folders, unreferenced versions,
     and folders recorded as pending (a write killed before its folder was made leaves only that row)."""
-    with contextlib.closing(sqlite3.connect(root / "concepts.db")) as db:
+    # Read-only: this is also called while a writer may be making the store, and must not create it.
+    with contextlib.closing(sqlite3.connect(f"{(root / 'concepts.db').as_uri()}?mode=ro", uri=True)) as db:
         referenced = {row[0] for row in db.execute("SELECT dir FROM concepts UNION SELECT dir FROM memories")}
         tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         pending = {row[0] for row in db.execute("SELECT dir FROM pending")} if "pending" in tables else set()
@@ -125,6 +126,13 @@ def store_problems(root: Path, expect_versions: bool) -> tuple[list[str], dict]:
     return problems, state
 
 
+def _write_under_way(root: Path) -> bool:
+    try:
+        return leftover_entries(root) > 0
+    except (OSError, sqlite3.Error):
+        return False               # the store is not made yet, or its index is busy: look again
+
+
 def _after(op: str, version: int) -> int | None:
     return None if op == "forget" else version
 
@@ -153,7 +161,14 @@ def killed_writers(report: Report, world: World, count: int) -> None:
             if journal.is_file() and journal.read_bytes().count(b"ACK\t") >= wanted:
                 break
             time.sleep(0.002)
-        time.sleep(rng.uniform(0.0, 0.05))
+        if i % 2:
+            # Every other writer dies while a write is visibly under way (its files or pending row
+            # exist): random kills alone miss the middle of a write often enough on a fast disk
+            # that a run of a few could test nothing.
+            while child.is_alive() and time.monotonic() < deadline and not _write_under_way(root):
+                time.sleep(0.0005)
+        else:
+            time.sleep(rng.uniform(0.0, 0.05))
         if not report.check(child.is_alive(), f"writer {i} ended before it was killed (exit {child.exitcode})"):
             continue
         os.kill(child.pid, signal.SIGKILL)
