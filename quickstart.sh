@@ -11,7 +11,6 @@ set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 VENV="$REPO/.venv"
-INTERFACES="$REPO/interfaces/personal_vlm_interfaces"
 # The test runner is not a dependency of the package; pinned here so test runs are repeatable.
 PYTEST_REQUIREMENT="pytest==9.2.0"
 
@@ -83,27 +82,32 @@ else
     say "requirements already installed"
 fi
 
-# 2. The interface package (generated C/C++/Python message code), when its sources changed.
-INTERFACES_STAMP="$VENV/.quickstart-interfaces.sha256"
-interfaces_hash=$(
-    {
-        (cd "$REPO" && find interfaces/personal_vlm_interfaces -type f \
-            ! -path '*/build/*' ! -path '*/__pycache__/*' -print0) | sha256_of_files
-        echo "$requirements_hash"
-    } | sha256sum | cut -d' ' -f1
-)
-if [ "$(cat "$INTERFACES_STAMP" 2>/dev/null)" != "$interfaces_hash" ] ||
-    [ ! -f "$VENV/share/personal_vlm_interfaces/package.xml" ]; then
+# 2. The interface packages (generated C/C++/Python message code), each when its sources changed:
+#    vision_msgs (no wheel exists; built from Kilted-identical definitions) and this project's own.
+build_interfaces() {  # <package folder name>
+    local name=$1 stamp hash
+    stamp="$VENV/.quickstart-$name.sha256"
+    hash=$(
+        {
+            (cd "$REPO" && find "interfaces/$name" interfaces/cmake -type f \
+                ! -path '*/build/*' ! -path '*/__pycache__/*' -print0) | sha256_of_files
+            echo "$requirements_hash"
+        } | sha256sum | cut -d' ' -f1
+    )
+    if [ "$(cat "$stamp" 2>/dev/null)" = "$hash" ] && [ -f "$VENV/share/$name/package.xml" ]; then
+        say "$name up to date"
+        return
+    fi
     if [ -z "${CXX:-}" ] && ! command -v c++ >/dev/null 2>&1 && ! command -v g++ >/dev/null 2>&1 &&
         ! command -v clang++ >/dev/null 2>&1; then
         die "building the ROS interface types needs a C and C++ compiler; install one (Debian/Ubuntu: apt-get install build-essential) and rerun"
     fi
-    say "building personal_vlm_interfaces (about 30 s)…"
-    "$VPY" -m pip install --quiet --disable-pip-version-check --no-build-isolation "$INTERFACES"
-    echo "$interfaces_hash" >"$INTERFACES_STAMP"
-else
-    say "personal_vlm_interfaces up to date"
-fi
+    say "building $name (about 30 s)…"
+    "$VPY" -m pip install --quiet --disable-pip-version-check --no-build-isolation "$REPO/interfaces/$name"
+    echo "$hash" >"$stamp"
+}
+build_interfaces vision_msgs
+build_interfaces personal_vlm_interfaces
 
 # 3. This package itself, always (seconds): puts the ament index entry, share/ files and the
 #    node's lib/personal_vlm_node/assistant_node launcher into the environment.

@@ -288,7 +288,7 @@ def test_installed_lifecycle_launcher_is_executable():
 def test_package_xml_lists_what_the_node_and_launch_file_import():
     text = (REPO / "package.xml").read_text(encoding="utf-8")
     for dependency in ("rclpy", "launch", "launch_ros", "ament_index_python", "std_msgs", "sensor_msgs",
-                       "diagnostic_msgs", "lifecycle_msgs", "action_msgs", "rcl_interfaces",
+                       "diagnostic_msgs", "lifecycle_msgs", "action_msgs", "rcl_interfaces", "vision_msgs", "visualization_msgs",
                        "personal_vlm_interfaces"):
         assert f"<exec_depend>{dependency}</exec_depend>" in text, dependency
 
