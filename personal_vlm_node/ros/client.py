@@ -235,8 +235,9 @@ class NodeClient:
 
     # ---- the ask action ----------------------------------------------------------------------
     def ask_goal(self, question: str, image, on_feedback=None):
-        """The ask action: (status, result, partial answers in order). ``on_feedback(goal, partial)``
-        sees each partial answer as it comes (and may cancel the goal); Ctrl-C cancels it."""
+        """The ask action: (status, result, feedback messages in order). ``on_feedback(goal, feedback)``
+        sees each feedback as it comes (``partial_answer``, ``new_text``; it may cancel the goal);
+        Ctrl-C cancels it."""
         from personal_vlm_interfaces.action import Ask
         from rclpy.action import ActionClient
 
@@ -244,9 +245,9 @@ class NodeClient:
         partials, goal = [], [None]
 
         def feedback(msg):
-            partials.append(msg.feedback.partial_answer)
+            partials.append(msg.feedback)
             if on_feedback is not None:
-                on_feedback(goal[0], msg.feedback.partial_answer)
+                on_feedback(goal[0], msg.feedback)
 
         try:
             if not action.wait_for_server(timeout_sec=self.timeout):
@@ -387,11 +388,11 @@ def _ask_streaming(client: NodeClient, args, image):
     shown = [""]
     quiet = getattr(args, "json", False)
 
-    def feedback(_goal, text):
-        if not quiet and text.startswith(shown[0]):
-            sys.stdout.write(text[len(shown[0]):])
+    def feedback(_goal, message):
+        if not quiet and message.new_text:
+            sys.stdout.write(message.new_text)
             sys.stdout.flush()
-            shown[0] = text
+            shown[0] += message.new_text
 
     client.handshake()
     _status, result, _partials = client.ask_goal(args.question, image, on_feedback=feedback)

@@ -38,6 +38,28 @@ REQUESTS_DRAIN_TIMEOUT_S = 3.0   # shutdown waits this long for interrupted requ
 SERVICE_QUEUE_DEPTH = 1000
 
 
+class AnswerStream:
+    """The ask action's feedback: the answer so far and the text new since the previous feedback.
+
+    The model's answer is decoded whole after every token, so its end may still change (a character
+    whose bytes are not all generated shows as U+FFFD). Only text that will stay is sent: trailing
+    U+FFFD is held back until the final answer. ``sent`` is the concatenation of every ``new_text``;
+    a decoder that rewrote text already sent (not seen with the supported tokenizers) makes
+    ``advance`` send nothing more until the text agrees again.
+    """
+
+    def __init__(self):
+        self.sent = ""
+
+    def advance(self, text: str, final: bool = False) -> str:
+        """The new text to send for the answer so far (empty: nothing new that will stay)."""
+        stable = text if final else text.rstrip("\ufffd")
+        if not stable.startswith(self.sent):
+            return ""
+        new_text, self.sent = stable[len(self.sent):], stable
+        return new_text
+
+
 class Services:
     """The four services and the ask action; ``latest_frame`` gives the newest camera frame's array
     for requests that send no image."""
@@ -196,16 +218,24 @@ class Services:
         from personal_vlm_interfaces.action import Ask as AskAction
 
         request = goal.request
+        stream = AnswerStream()
+
+        def send(text: str, final: bool = False) -> None:
+            new_text = stream.advance(text, final)
+            if new_text:
+                goal.publish_feedback(AskAction.Feedback(partial_answer=stream.sent, new_text=new_text))
 
         def partial(text: str) -> bool:
             if goal.is_cancel_requested or self.closing:
                 return False
-            goal.publish_feedback(AskAction.Feedback(partial_answer=text))
+            send(text)
             return True
 
         result = self._serve("ask", "ask action", AskAction.Result(),
                              lambda out: self._answer_goal(out, request, partial),
                              withdraw_if=lambda: goal.is_cancel_requested)
+        if result.success and not goal.is_cancel_requested:
+            send(result.answer, final=True)       # what the last token's feedback held back
         if goal.is_cancel_requested:
             result.success = False
             result.message = f"cancelled after {plural(len(result.answer), 'character')} of the answer"
