@@ -111,7 +111,7 @@ def generate_launch_description():
             "image",
             default_value="/camera/image_raw",
             description="Camera topic that the node's `image` input is remapped to "
-                        "(the …/compressed topic when compressed:=true)",
+                        "(with image_transport:=compressed the node reads <image>/compressed)",
         ),
         DeclareLaunchArgument(
             "params_file",

@@ -134,8 +134,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("verification_busy_fraction", float, 0.5,
             "most of the time verification may compute, beside the frames", low=0.01, high=1.0,
             option="verification_busy_fraction"),
-    Setting("overlay", bool, True, "publish ~/overlay while someone subscribes", live=True),
-    Setting("compressed", bool, False, "subscribe to sensor_msgs/CompressedImage instead of Image"),
+    Setting("overlay", bool, True, "publish ~/overlay and ~/overlay/compressed while someone subscribes", live=True),
+    Setting("overlay_jpeg_quality", int, 80, "JPEG quality of ~/overlay/compressed", low=1, high=100, live=True),
+    Setting("image_transport", str, "raw", "camera input: raw = sensor_msgs/Image on image, "
+            "compressed = sensor_msgs/CompressedImage on image/compressed", ("raw", "compressed")),
     Setting("verifier_model", str, "", "CLIP/SigLIP id or folder for R2P's image-text scores; empty = the VLM's yes/no",
             option="verifier_model"),
     Setting("r2p_margin", float, float(USE_PROFILE), "Ego p(yes) this close to its threshold is settled by R2P; "

@@ -194,8 +194,8 @@ def node_endpoints() -> dict[str, dict[str, str]]:
             if called == "ActionServer" and strings:
                 kind_name = imports.get(getattr(node.args[1], "id", None), ("action", "?"))
                 found["action"][strings[0]] = kind_name[1]
-            elif called in ("create_publisher", "create_subscription") and strings:
-                found["topic"][strings[0]] = ""
+            elif called in ("create_publisher", "create_subscription", "resolve_topic_name") and strings:
+                found["topic"][strings[0]] = ""      # resolve_topic_name: the camera's base topic
     return found
 
 

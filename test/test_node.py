@@ -31,6 +31,7 @@ from personal_vlm_node.ros.client import NodeClient  # noqa: E402
 from personal_vlm_node.testing.kit import HEIGHT, WIDTH, image_msg, node_command, node_env, pixels  # noqa: E402
 
 NAMESPACE = f"/vlm_test_{os.getpid()}"     # keeps this run's names apart from any other node
+STATUS_NAME = f"{NAMESPACE}/personal_vlm: frame path"   # this node's diagnostics status
 WAIT_S = 120.0                             # tiny models on two busy cores: generous, never asserted
 
 
@@ -541,18 +542,18 @@ def test_a_bad_request_fails_with_a_message_and_the_node_keeps_serving(ros, case
     assert ros.list().success
 
 
-def _diagnostic_value(ros, model: str, key: str, after: int = 0) -> str | None:
+def _diagnostic_value(ros, key: str, after: int = 0) -> str | None:
     """``key`` of this node's newest diagnostics report among those received after index ``after``."""
     for array in reversed(ros.diagnostics[after:]):
         for status in array.status:
-            if status.hardware_id == model:
+            if status.name == STATUS_NAME:
                 return next((kv.value for kv in status.values if kv.key == key), None)
     return None
 
 
 def test_unreadable_camera_frames_are_skipped_and_later_ones_processed(ros, node_process):
     def skipped():
-        return int(_diagnostic_value(ros, node_process.model, "unreadable_frames") or 0) > 0
+        return int(_diagnostic_value(ros, "unreadable_frames") or 0) > 0
 
     deadline = time.monotonic() + WAIT_S
     bad_stamps = []
@@ -590,18 +591,140 @@ def test_overlay_carries_the_frame_header_and_diagnostics_describe_the_frame_pat
     def ours():   # the first report of this node published after the list above
         for array in ros.diagnostics[seen:]:
             for status in array.status:
-                if status.hardware_id == node_process.model:
+                if status.name == STATUS_NAME:
                     return status
         return None
 
     status = ros.wait_until(ours, what="diagnostics of this node")
     values = {kv.key: kv.value for kv in status.values}
-    assert status.name == "personal_vlm: frame path"
+    assert status.hardware_id == f"cpu / {node_process.model}"
     assert values["device"] == "cpu" and values["family"] == "qwen2_5_vl" and values["model"] == node_process.model
     assert int(values["concepts"]) == len(listed)
     assert int(values["processed_frames"]) > 0
     for key in ("received_hz", "processed_hz", "latency_ms", "dropped_frames", "unreadable_frames"):
         assert float(values[key]) >= 0
+
+
+# ---- what other ROS tools read ----------------------------------------------------------------
+
+def _stamped(messages, stamp):
+    return next((m for m in messages if (m.header.stamp.sec, m.header.stamp.nanosec) == stamp), None)
+
+
+def test_vision_msgs_detections_markers_and_the_class_map_carry_the_detections_of_a_frame(ros):
+    from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+    from vision_msgs.msg import Detection2DArray, LabelInfo
+    from visualization_msgs.msg import ImageMarker
+
+    from personal_vlm_node.testing.kit import KILTED_VISION_MSGS
+
+    boxes: list = ros.record(Detection2DArray, "personal_vlm/detections_2d")
+    markers: list = ros.record(ImageMarker, "personal_vlm/image_markers")
+    labels: list = []
+    latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+    ros.node.create_subscription(LabelInfo, ros.name("personal_vlm/label_info"), labels.append, latched)
+    assert ros.teach("vm mug", [image_msg(pixels(150))]).success
+    ros.wait_until(lambda: any("vm mug" in [c.class_name for c in m.class_map] for m in labels),
+                   what="a class map naming the new concept")
+    detected = ros.observe_until(pixels(150), lambda r: "vm mug" in names(r), frame_id="vm_cam")
+    stamp = (detected.header.stamp.sec, detected.header.stamp.nanosec)
+    ours = next(d for d in detected.detections if d.name == "vm mug")
+    array = ros.wait_until(lambda: _stamped(boxes, stamp), what="the Detection2DArray of the frame")
+    assert array.header.frame_id == "vm_cam"
+    [box] = [d for d in array.detections if d.results[0].hypothesis.class_id == "vm mug"]
+    assert box.header == array.header
+    assert box.results[0].hypothesis.score == pytest.approx(ours.score)
+    assert (box.bbox.center.position.x, box.bbox.center.position.y) == pytest.approx((ours.center_x, ours.center_y))
+    assert (box.bbox.size_x, box.bbox.size_y) == pytest.approx((ours.size_x, ours.size_y))
+    assert box.id == (str(ours.track_id) if ours.track_id else "")
+    marker = ros.wait_until(lambda: next((m for m in markers if m.ns == "vm mug" and
+                                          (m.header.stamp.sec, m.header.stamp.nanosec) == stamp), None),
+                            what="the image marker of the frame")
+    assert marker.header.frame_id == "vm_cam" and marker.action == ImageMarker.ADD and len(marker.points) == 4
+    assert marker.points[0].x == pytest.approx(ours.center_x - ours.size_x / 2)
+    [endpoint] = ros.node.get_publishers_info_by_topic(ros.name("personal_vlm/detections_2d"))
+    assert str(endpoint.topic_type_hash) == KILTED_VISION_MSGS["Detection2DArray"]
+    assert ros.forget("vm mug").success
+    ros.wait_until(lambda: labels and "vm mug" not in [c.class_name for c in labels[-1].class_map],
+                   what="a class map without the forgotten concept")
+
+
+def test_the_jpeg_overlay_is_published_while_someone_subscribes(ros):
+    from sensor_msgs.msg import CompressedImage
+
+    from personal_vlm_node.ros.convert import compressed_msg_to_array
+
+    jpegs: list = ros.record(CompressedImage, "personal_vlm/overlay/compressed", depth=5)
+    ros.wait_until(lambda: ros.node.count_subscribers(ros.name("personal_vlm/overlay/compressed")) > 0,
+                   what="the JPEG overlay subscription")
+    deadline = time.monotonic() + WAIT_S
+    found = None
+    while found is None and time.monotonic() < deadline:    # until the node sees the subscription
+        stamp = ros.publish_frame(image_msg(pixels(151)), frame_id="jpeg_cam")
+        ros.detections_for(stamp, timeout=5.0)
+        found = _stamped(jpegs, stamp)
+    assert found is not None, "no JPEG overlay arrived"
+    assert found.header.frame_id == "jpeg_cam" and "jpeg" in found.format
+    assert compressed_msg_to_array(found).shape == (HEIGHT, WIDTH, 3)
+
+
+def test_a_second_robot_reads_compressed_frames_and_names_its_own_diagnostics(ros, node_process, tmp_path):
+    from personal_vlm_node.testing.kit import compressed_msg
+
+    namespace = f"{NAMESPACE}_robot2"
+    values = {"model": node_process.model, "device": "cpu", "dtype": "float32", "store_dir": str(tmp_path / "store"),
+              "process_rate_hz": 20.0, "verification": False, "image_transport": "compressed"}
+    params = tmp_path / "params.yaml"
+    params.write_text("\n".join(["/**:", "  ros__parameters:"]
+                                 + [f"    {k}: {json.dumps(v)}" for k, v in values.items()]) + "\n")
+    log = tmp_path / "node.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(node_command("--params-file", str(params), "-r", f"__ns:={namespace}"),
+                                stdout=out, stderr=subprocess.STDOUT, env=node_env())
+    robot2 = NodeClient(namespace, timeout=WAIT_S, client_name="personal_vlm_test_robot2")
+    try:
+        raw_camera = robot2.camera()                       # a camera on the wrong transport
+        statuses: list = robot2.record(DiagnosticArray, "/diagnostics")
+        name2 = f"{namespace}/personal_vlm: frame path"
+
+        def status_of(name, condition=lambda s: True):
+            return next((s for a in reversed(statuses) for s in a.status if s.name == name and condition(s)), None)
+
+        warned = robot2.wait_until(lambda: status_of(name2, lambda s: "set image_transport: raw" in s.message),
+                                   what="a warning naming the raw topic that has data")
+        assert warned.level == b"\x01"
+        assert f"no camera frame on {namespace}/image/compressed" in warned.message
+        assert f"{namespace}/image has 1 publisher" in warned.message
+        assert robot2.wait_until(lambda: status_of(STATUS_NAME), what="the first robot's status") is not None
+        robot2.node.destroy_publisher(raw_camera)
+
+        from rclpy.qos import qos_profile_sensor_data
+        from sensor_msgs.msg import CompressedImage
+
+        jpeg_camera = robot2.node.create_publisher(CompressedImage, robot2.name("image/compressed"),
+                                                   qos_profile_sensor_data)
+        detections = robot2.record_detections()
+        deadline = time.monotonic() + WAIT_S
+        seen = None
+        while seen is None and time.monotonic() < deadline:
+            msg = compressed_msg(pixels(152))
+            msg.header.stamp.sec, msg.header.frame_id = 77, "jpeg_in"
+            jpeg_camera.publish(msg)
+            try:
+                seen = robot2.wait_until(lambda: next((d for d in detections if d.header.frame_id == "jpeg_in"), None),
+                                         timeout=2.0)
+            except TimeoutError:
+                continue
+        assert seen is not None, f"no detections from compressed frames:\n{log.read_text(errors='replace')}"
+        assert seen.header.stamp.sec == 77
+    finally:
+        robot2.close()
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 # ---- many requests at once --------------------------------------------------------------------
@@ -745,7 +868,7 @@ def test_restart_only_parameters_are_read_only_and_described(ros):
     from rcl_interfaces.srv import DescribeParameters
 
     for name, value in [("model", "foo"), ("device", "cuda"), ("dtype", "float16"), ("store_dir", "/tmp/x"),
-                        ("encoder_backend", "onnxruntime"), ("compressed", True), ("verifier_model", "x")]:
+                        ("encoder_backend", "onnxruntime"), ("image_transport", "compressed"), ("verifier_model", "x")]:
         [result] = ros.set_parameters(**{name: value})
         assert result.successful is False, name
         assert "read-only" in result.reason, (name, result.reason)
@@ -841,9 +964,14 @@ def test_the_ask_action_streams_the_answer_as_feedback(ros):
     assert result.success, result.message
     assert result.concepts[0] == "teapot"
     assert feedback, "no partial answer was streamed"
-    assert result.answer.startswith(feedback[-1]) and feedback[-1] != ""
-    assert all(later.startswith(earlier) for earlier, later in zip(feedback, feedback[1:]))
+    partials = [f.partial_answer for f in feedback]
+    assert partials[-1] == result.answer != ""
+    assert all(later.startswith(earlier) for earlier, later in zip(partials, partials[1:]))
     assert len(feedback) >= 2                             # one per token, not one at the end
+    # Each feedback's new text is what it adds to the one before; together they are the answer.
+    assert all(f.new_text for f in feedback)
+    assert [f.new_text for f in feedback[1:]] == [b[len(a):] for a, b in zip(partials, partials[1:])]
+    assert "".join(f.new_text for f in feedback) == result.answer
 
 
 def test_a_cancelled_ask_goal_stops_generating(ros):
@@ -882,7 +1010,7 @@ def test_list_says_1_concept_and_diagnostics_name_the_resolved_dtype(ros, node_p
     assert list(listed.names) == ["lone cup"] and listed.message == "1 concept"
     assert ros.forget("lone cup").success
     assert ros.list().message == "0 concepts"
-    assert _diagnostic_value(ros, node_process.model, "dtype") == "float32"
+    assert _diagnostic_value(ros, "dtype") == "float32"
     assert "(float32, qwen2_5_vl)" in node_process.output()
 
 

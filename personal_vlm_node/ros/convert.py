@@ -116,11 +116,11 @@ def detection_to_msg(detection):
     """An assistant Detection (box x, y, w, h) as a personal_vlm_interfaces/Detection (centre, size)."""
     from personal_vlm_interfaces.msg import Detection as DetectionMsg
 
+    from .outputs import clamped_score
+
     x, y, w, h = (float(v) for v in detection.box)
-    # Detection.msg promises [0, 1]; a matcher score of a token with itself can round to 1.0000001.
-    score = float(detection.score)
-    score = min(1.0, max(0.0, score)) if math.isfinite(score) else 0.0
-    return DetectionMsg(name=detection.name, category=detection.category, score=score,
+    # Detection.msg promises a score in [0, 1].
+    return DetectionMsg(name=detection.name, category=detection.category, score=clamped_score(detection.score),
                         source=detection.source, center_x=x + w / 2.0, center_y=y + h / 2.0,
                         size_x=w, size_y=h, track_id=int(detection.track_id))
 

@@ -66,9 +66,11 @@ class FrameStats:
         self.failed = 0
         self._latency_sum = self._encode_sum = 0.0
         self._window_count = 0
+        self.last_handled: float | None = None   # when the worker last finished a frame (any outcome)
 
     def add(self, latency: float, encode: float) -> None:
         with self._lock:
+            self.last_handled = time.monotonic()
             self.processed += 1
             self._window_count += 1
             self._latency_sum += latency
@@ -76,10 +78,12 @@ class FrameStats:
 
     def add_unreadable(self) -> None:
         with self._lock:
+            self.last_handled = time.monotonic()
             self.unreadable += 1
 
     def add_failed(self) -> None:
         with self._lock:
+            self.last_handled = time.monotonic()
             self.failed += 1
 
     def window(self) -> tuple[int, float, float]:
@@ -92,8 +96,23 @@ class FrameStats:
         return count, latency / count, encode / count
 
 
+def camera_topics(node, transport: str) -> tuple[str, str]:
+    """(the topic this node reads, the one of the other transport), image_transport style: the base
+    name ``image`` is resolved (remapped) first and ``/compressed`` appended to it."""
+    base = node.resolve_topic_name("image")
+    compressed = base.rstrip("/") + "/compressed"
+    return (compressed, base) if transport == "compressed" else (base, compressed)
+
+
+def _latched_qos():
+    from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+
+    return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                      durability=DurabilityPolicy.TRANSIENT_LOCAL)
+
+
 class FramePath:
-    """The camera subscription, the detections and overlay publishers, and the worker between them."""
+    """The camera subscription, the detection, marker and overlay publishers, and the worker between them."""
 
     def __init__(self, node, assistant, values: dict):
         from personal_vlm_interfaces.msg import DetectionArray
@@ -118,28 +137,81 @@ class FramePath:
         camera_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
                                 reliability=ReliabilityPolicy.BEST_EFFORT,
                                 durability=DurabilityPolicy.VOLATILE)
-        frame_type = CompressedImage if values["compressed"] else Image
+        compressed = values["image_transport"] == "compressed"
+        self.camera_topic, self.other_transport_topic = camera_topics(node, values["image_transport"])
         self.subscription = node.create_subscription(
-            frame_type, "image", self._on_frame, camera_qos,
+            CompressedImage if compressed else Image, self.camera_topic, self._on_frame, camera_qos,
             callback_group=MutuallyExclusiveCallbackGroup())
         self.detections_pub = node.create_publisher(DetectionArray, "~/detections", 10)
+        self._publishers = [self.detections_pub]
+        self.detections_2d_pub = self.label_info_pub = None
+        try:
+            from vision_msgs.msg import Detection2DArray, LabelInfo
+        except ImportError:
+            self.log.warning("vision_msgs is not installed, so ~/detections_2d and ~/label_info are off "
+                             "(apt install ros-$ROS_DISTRO-vision-msgs, or build interfaces/vision_msgs)")
+        else:
+            self.detections_2d_pub = node.create_publisher(Detection2DArray, "~/detections_2d", 10)
+            self.label_info_pub = node.create_publisher(LabelInfo, "~/label_info", _latched_qos())
+            self._publishers += [self.detections_2d_pub, self.label_info_pub]
+        self.markers_pub = self.image_markers = None
+        try:
+            from visualization_msgs.msg import ImageMarker
+        except ImportError:
+            self.log.warning("visualization_msgs is not installed, so ~/image_markers is off")
+        else:
+            from .outputs import ImageMarkers
+
+            self.markers_pub = node.create_publisher(ImageMarker, "~/image_markers", 10)
+            self.image_markers = ImageMarkers(self.marker_lifetime())
+            self._publishers.append(self.markers_pub)
         # Reliable, so that default subscribers (rviz, ros2 topic echo) are compatible.
         self.overlay_pub = node.create_publisher(Image, "~/overlay", 1)
+        self.overlay_jpeg_pub = node.create_publisher(CompressedImage, "~/overlay/compressed", 1)
+        self._publishers += [self.overlay_pub, self.overlay_jpeg_pub]
         self.worker = threading.Thread(target=self._run, name="frame-worker", daemon=True)
+
+    def marker_lifetime(self) -> float:
+        """How long a marker box stays without news: three frame periods, at least one second."""
+        return max(1.0, 3.0 * self._period)
 
     def start(self) -> None:
         self.assistant.bank_listeners.append(self.concepts_changed)
+        self.publish_label_info()
         self.worker.start()
 
     def concepts_changed(self) -> None:
         """Process the next camera frame as soon as it comes: the concepts it is matched against changed."""
         self._concepts_changed.set()
         self.frames.wake()
+        self.publish_label_info()
+
+    def publish_label_info(self) -> None:
+        """The latched class map: every taught concept's name."""
+        if self.label_info_pub is None:
+            return
+        from std_msgs.msg import Header
+
+        from .outputs import label_info_msg
+
+        try:
+            names = [c.name for c in self.assistant.concepts()]
+        except PersonalVLMError as exc:
+            self.log.warning(f"~/label_info not updated: {exc}", throttle_duration_sec=10.0)
+            return
+        header = Header(stamp=self.node.get_clock().now().to_msg())
+        self.label_info_pub.publish(label_info_msg(header, names))
 
     def set_rate(self, hz: float) -> None:
         """Process at most ``hz`` frames a second from the next frame on."""
         self._period = 1.0 / float(hz)
+        if self.image_markers is not None:
+            self.image_markers.lifetime_s = self.marker_lifetime()
         self.frames.wake()
+
+    def other_transport_publishers(self) -> int:
+        """How many publishers the camera topic of the other transport has (a misconfigured camera)."""
+        return self.node.count_publishers(self.other_transport_topic)
 
     def stop(self) -> None:
         """Stop the worker; it finishes the frame in hand (bounded wait: it is a daemon thread)."""
@@ -153,7 +225,7 @@ class FramePath:
     def destroy(self) -> None:
         self.stop()
         self.node.destroy_subscription(self.subscription)
-        for publisher in (self.detections_pub, self.overlay_pub):
+        for publisher in self._publishers:
             self.node.destroy_publisher(publisher)
 
     def latest_frame_array(self):
@@ -163,7 +235,7 @@ class FramePath:
         frame = self.frames.latest()
         if frame is None:
             raise PersonalVLMError(
-                f"no camera frame has arrived on {self.subscription.topic_name} yet; "
+                f"no camera frame has arrived on {self.camera_topic} yet; "
                 "send an image with the request or start the camera")
         try:
             return frame_to_array(frame[0])
@@ -200,6 +272,7 @@ class FramePath:
         from personal_vlm_interfaces.msg import DetectionArray
 
         from .convert import array_to_image_msg, detection_to_msg, draw_overlay, frame_to_array
+        from .outputs import array_to_compressed_msg, detections_2d_msg
 
         try:
             array = frame_to_array(msg)
@@ -208,9 +281,22 @@ class FramePath:
             self.log.warning(f"camera frame skipped: {exc}", throttle_duration_sec=5.0)
             return
         result = self.assistant.observe(array)
+        detections = result.detections
         self.detections_pub.publish(
-            DetectionArray(header=msg.header, detections=[detection_to_msg(d) for d in result.detections]))
-        if self.values["overlay"] and self.overlay_pub.get_subscription_count() > 0:
-            drawn = draw_overlay(array, [(d.name, d.score, d.box, d.source) for d in result.detections])
-            self.overlay_pub.publish(array_to_image_msg(drawn, msg.header))
+            DetectionArray(header=msg.header, detections=[detection_to_msg(d) for d in detections]))
+        if self.detections_2d_pub is not None:
+            self.detections_2d_pub.publish(detections_2d_msg(msg.header, detections))
+        if self.markers_pub is not None:
+            for marker in self.image_markers.markers(msg.header, detections):
+                self.markers_pub.publish(marker)
+        # The overlay is drawn and encoded only for a transport someone watches.
+        raw = self.overlay_pub.get_subscription_count() > 0
+        jpeg = self.overlay_jpeg_pub.get_subscription_count() > 0
+        if self.values["overlay"] and (raw or jpeg):
+            drawn = draw_overlay(array, [(d.name, d.score, d.box, d.source) for d in detections])
+            if raw:
+                self.overlay_pub.publish(array_to_image_msg(drawn, msg.header))
+            if jpeg:
+                self.overlay_jpeg_pub.publish(
+                    array_to_compressed_msg(drawn, msg.header, self.values["overlay_jpeg_quality"]))
         self.stats.add(time.monotonic() - received, result.timings.get("encode", 0.0))

@@ -8,12 +8,16 @@ or ``ros2 launch personal_vlm_node assistant.launch.py``; ``assistant_lifecycle_
 
 Topics and services (names relative to the node's namespace):
 
-- ``image`` (in): ``sensor_msgs/Image``, or ``sensor_msgs/CompressedImage`` on the same name when
-  ``compressed`` is true. Sensor-data QoS, depth 1.
+- ``image`` (in): ``sensor_msgs/Image``, or with ``image_transport: compressed``
+  ``sensor_msgs/CompressedImage`` on ``image/compressed`` (the remapped base name + ``/compressed``,
+  as image_transport does). Sensor-data QoS, depth 1.
 - ``~/detections`` (out): ``DetectionArray`` for every processed frame, empty ones included, with
-  the camera image's header.
-- ``~/overlay`` (out): the processed frame with the detections drawn, while someone subscribes.
-- ``/diagnostics`` (out): one ``DiagnosticStatus`` per second about the frame path.
+  the camera image's header; ``~/detections_2d`` the same as ``vision_msgs/Detection2DArray``, with
+  the class map on ``~/label_info`` (latched); ``~/image_markers`` the boxes as
+  ``visualization_msgs/ImageMarker`` (:mod:`.outputs`).
+- ``~/overlay`` and ``~/overlay/compressed`` (out): the processed frame with the detections drawn
+  (raw, JPEG), each only while someone subscribes.
+- ``/diagnostics`` (out): one ``DiagnosticStatus`` per second about the frame path (:mod:`.diagnostics`).
 - ``teach_concept``, ``ask``, ``list_concepts``, ``forget_concept``: the services.
 - ``ask`` (action ``personal_vlm_interfaces/action/Ask``): the answer streams as feedback; a
   cancel stops the generation at the next token.
@@ -77,9 +81,10 @@ class RosFrontend:
 
     def describe(self) -> str:
         path = self.frame_path
-        kind = "CompressedImage" if self.values["compressed"] else "Image"
-        return (f"camera {path.subscription.topic_name} ({kind}), detections on "
-                f"{path.detections_pub.topic_name}, {self.services.names()}")
+        kind = "CompressedImage" if self.values["image_transport"] == "compressed" else "Image"
+        outputs = [p.topic_name for p in (path.detections_pub, path.detections_2d_pub, path.markers_pub)
+                   if p is not None]
+        return f"camera {path.camera_topic} ({kind}), detections on {', '.join(outputs)}, {self.services.names()}"
 
 
 def ready_line(values: dict, assistant) -> str:
