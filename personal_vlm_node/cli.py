@@ -340,6 +340,10 @@ def _add_bench_parser(subparsers) -> None:
     bench.add_argument("--backends", default=",".join(BACKENDS))
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--frames", type=int, default=10, help="frames for the verification p95")
+    bench.add_argument("--node", action="store_true",
+                       help="measure the node over ROS 2 instead: detection rate with and without overlay "
+                            "subscribers, overlay bytes raw vs JPEG, at 640x480 and 1280x720")
+    bench.add_argument("--seconds", type=float, default=8.0, help="with --node: length of each measured phase")
 
 
 def _cmd_bench(args) -> None:
@@ -348,13 +352,30 @@ def _cmd_bench(args) -> None:
     if args.repeats < 1 or args.frames < 2:
         raise PersonalVLMError("--repeats must be >= 1 and --frames >= 2")
     dtype = "float32" if args.dtype == "auto" else args.dtype
+    if args.node:
+        from .bench import synthetic_model
+        from .ros.bench import format_node_table, run_node_bench
+
+        if not 1.0 <= args.seconds <= 600.0:
+            raise PersonalVLMError("--seconds must lie in [1, 600]")
+        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "personal_vlm" / "bench"
+        model = args.model or str(synthetic_model(args.size, cache))
+        device = "cpu" if args.device == "auto" else args.device
+        report = run_node_bench(model, device=device, dtype=dtype, seconds=args.seconds,
+                                progress=lambda m: print(f"[bench] {m}", file=sys.stderr, flush=True))
+        _print_bench(format_node_table(report), report, args.json_out)
+        return
     report = run_bench(args.model, size=args.size, device=args.device, dtype=dtype,
                        backends=tuple(b.strip() for b in args.backends.split(",") if b.strip()),
                        repeats=args.repeats, frames=args.frames)
-    print(format_table(report))
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(report, indent=2))
-        print(f"\nwritten to {args.json_out}")
+    _print_bench(format_table(report), report, args.json_out)
+
+
+def _print_bench(table: str, report: dict, json_out: str | None) -> None:
+    print(table)
+    if json_out:
+        Path(json_out).write_text(json.dumps(report, indent=2))
+        print(f"\nwritten to {json_out}")
 
 
 def _add_export_parser(subparsers):

@@ -53,3 +53,31 @@ def test_bench_runs_unchanged_on_a_given_checkpoint_of_other_families(tiny_check
         assert report["encoder"]["onnxruntime"]["provider"] == "CPUExecutionProvider"
         assert report["onnxruntime_speedup_448"] > 0
         assert report["ask"]["20"]["concepts_in_context"] == 5
+
+
+def test_bench_node_measures_the_frame_path_with_and_without_overlay_subscribers(tiny_checkpoints, tmp_path, capsys):
+    import pytest
+
+    pytest.importorskip("rclpy")
+    from personal_vlm_node.ros import bench as bench_node
+
+    out = tmp_path / "node.json"
+    code = main(["--model", str(tiny_checkpoints["qwen2_5_vl"]), "--device", "cpu", "bench", "--node",
+                 "--seconds", "3", "--json", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert list(report["sizes"]) == ["640x480", "1280x720"]
+    # Fast DDS's default transport loses most large best-effort frames (docs/ros.md), so a short
+    # phase may see none: the figures are checked where frames arrived, and some must have.
+    overlays = 0
+    for size in report["sizes"].values():
+        assert set(size) == set(bench_node.PHASES) | {"raw_frame_bytes"}
+        assert size["no overlay subscriber"]["overlay_bytes_per_frame"] is None
+        raw = size["raw overlay subscriber"]["overlay_bytes_per_frame"]
+        jpeg = size["JPEG overlay subscriber"]["overlay_bytes_per_frame"]
+        assert raw in (None, size["raw_frame_bytes"])
+        assert jpeg is None or 0 < jpeg < size["raw_frame_bytes"] / 5
+        overlays += (raw is not None) + (jpeg is not None)
+    assert sum(size[p]["detections_hz"] for size in report["sizes"].values() for p in bench_node.PHASES) > 0
+    assert overlays > 0
+    assert "JPEG overlay subscriber" in capsys.readouterr().out
