@@ -194,13 +194,13 @@ class FramePath:
 
         from .outputs import label_info_msg
 
+        header = Header(stamp=self.node.get_clock().now().to_msg())
         try:
-            names = [c.name for c in self.assistant.concepts()]
-        except PersonalVLMError as exc:
+            info = label_info_msg(header, [c.name for c in self.assistant.concepts()])
+        except PersonalVLMError as exc:     # an unreadable store, or more names than a LabelInfo holds
             self.log.warning(f"~/label_info not updated: {exc}", throttle_duration_sec=10.0)
             return
-        header = Header(stamp=self.node.get_clock().now().to_msg())
-        self.label_info_pub.publish(label_info_msg(header, names))
+        self.label_info_pub.publish(info)
 
     def set_rate(self, hz: float) -> None:
         """Process at most ``hz`` frames a second from the next frame on."""
