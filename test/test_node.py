@@ -28,7 +28,8 @@ from personal_vlm_interfaces.srv import Ask, ForgetConcept, ListConcepts, TeachC
 from sensor_msgs.msg import Image, RegionOfInterest  # noqa: E402
 
 from personal_vlm_node.ros.client import NodeClient  # noqa: E402
-from personal_vlm_node.testing.kit import HEIGHT, WIDTH, image_msg, node_command, node_env, pixels  # noqa: E402
+from personal_vlm_node.testing.kit import (HEIGHT, WIDTH, image_msg, node_command, node_env, params_file,  # noqa: E402
+                                          pixels, start_node)
 
 NAMESPACE = f"/vlm_test_{os.getpid()}"     # keeps this run's names apart from any other node
 STATUS_NAME = f"{NAMESPACE}/personal_vlm: frame path"   # this node's diagnostics status
@@ -227,9 +228,7 @@ def node_process(tiny_checkpoints, tmp_path_factory):
     values = {"model": model, "device": "cpu", "dtype": "float32", "store_dir": str(tmp / "store"),
               "process_rate_hz": 20.0, "accept_threshold": 0.999, "reject_threshold": 0.5,
               "max_concepts_in_context": 2, "verification": False, "overlay": True}
-    lines = ["/**:", "  ros__parameters:"] + [f"    {k}: {json.dumps(v)}" for k, v in values.items()]
-    params = tmp / "params.yaml"
-    params.write_text("\n".join(lines) + "\n")
+    params = params_file(tmp / "params.yaml", values)
     log = tmp / "node.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(_command(params), stdout=out, stderr=subprocess.STDOUT, env=node_env(),
@@ -674,13 +673,8 @@ def test_a_second_robot_reads_compressed_frames_and_names_its_own_diagnostics(ro
     namespace = f"{NAMESPACE}_robot2"
     values = {"model": node_process.model, "device": "cpu", "dtype": "float32", "store_dir": str(tmp_path / "store"),
               "process_rate_hz": 20.0, "verification": False, "image_transport": "compressed"}
-    params = tmp_path / "params.yaml"
-    params.write_text("\n".join(["/**:", "  ros__parameters:"]
-                                 + [f"    {k}: {json.dumps(v)}" for k, v in values.items()]) + "\n")
+    proc = start_node(params_file(tmp_path / "params.yaml", values), namespace, tmp_path / "node.log")
     log = tmp_path / "node.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(node_command("--params-file", str(params), "-r", f"__ns:={namespace}"),
-                                stdout=out, stderr=subprocess.STDOUT, env=node_env())
     robot2 = NodeClient(namespace, timeout=WAIT_S, client_name="personal_vlm_test_robot2")
     try:
         raw_camera = robot2.camera()                       # a camera on the wrong transport

@@ -7,7 +7,6 @@ started on a store prepared by the command: two concepts, one of whose memories 
 from __future__ import annotations
 
 import importlib.util
-import json
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ pytest.importorskip("rclpy")
 
 from test_node import WAIT_S, Client, _command, names  # noqa: E402
 
-from personal_vlm_node.testing.kit import image_msg, node_env, pixels  # noqa: E402
+from personal_vlm_node.testing.kit import image_msg, node_env, params_file, pixels  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("store_cases", Path(__file__).parents[1] / "scripts" / "store_cases.py")
 _CASES = importlib.util.module_from_spec(_spec)
@@ -40,9 +39,7 @@ def damaged_store_node(tiny_checkpoints, tmp_path_factory):
     _CASES.poison_memory(store, "red vase")
     values = {"model": model, "device": "cpu", "dtype": "float32", "store_dir": str(store),
               "process_rate_hz": 20.0, "accept_threshold": 0.999, "reject_threshold": 0.5, "verification": False}
-    params = tmp / "params.yaml"
-    params.write_text("\n".join(["/**:", "  ros__parameters:"] + [f"    {k}: {json.dumps(v)}" for k, v in values.items()])
-                      + "\n")
+    params = params_file(tmp / "params.yaml", values)
     log = tmp / "node.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(_command(params), stdout=out, stderr=subprocess.STDOUT, env=node_env(), cwd=tmp)

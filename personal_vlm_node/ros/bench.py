@@ -13,7 +13,6 @@ chosen unless the caller set one: nothing leaves the machine.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import tempfile
@@ -66,27 +65,20 @@ def run_node_bench(model: str, device: str = "cpu", dtype: str = "float32", seco
     from rclpy.qos import qos_profile_sensor_data
     from sensor_msgs.msg import CompressedImage, Image
 
-    from ..testing.kit import image_msg, node_command, node_env
+    from ..testing.kit import image_msg, params_file, start_node
     from .client import NodeClient
 
     namespace = f"/bench_{os.getpid()}"
     with tempfile.TemporaryDirectory(prefix="bench-node-") as tmp:
         values = {"model": model, "device": device, "dtype": dtype, "store_dir": str(Path(tmp) / "store"),
                   "process_rate_hz": PROCESS_RATE_HZ, "verification": False, "overlay": True}
-        params = Path(tmp) / "params.yaml"
-        params.write_text("\n".join(["/**:", "  ros__parameters:"]
-                                    + [f"    {k}: {json.dumps(v)}" for k, v in values.items()]) + "\n")
-        log = Path(tmp) / "node.log"
-        with open(log, "w") as out:
-            proc = subprocess.Popen(node_command("--params-file", str(params), "-r", f"__ns:={namespace}"),
-                                    stdout=out, stderr=subprocess.STDOUT, env=node_env())
+        params = params_file(Path(tmp) / "params.yaml", values)
+        try:
+            proc = start_node(params, namespace, Path(tmp) / "node.log")
+        except RuntimeError as exc:
+            raise PersonalVLMError(str(exc)) from exc
         client = None
         try:
-            deadline = time.monotonic() + 300.0
-            while "ready:" not in log.read_text(errors="replace"):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise PersonalVLMError(f"the node did not start:\n{log.read_text(errors='replace')[-2000:]}")
-                time.sleep(0.2)
             client = NodeClient(namespace, timeout=60.0, client_name="personal_vlm_bench")
             camera = client.node.create_publisher(Image, client.name("image"), qos_profile_sensor_data)
             detections = _Counter()

@@ -80,6 +80,35 @@ def compressed_msg(array: np.ndarray, format: str = "png"):
     return CompressedImage(format=format, data=encoded.getvalue())
 
 
+def params_file(path: str | Path, values: dict) -> Path:
+    """A ROS parameters file at ``path`` that gives ``values`` to the node in any namespace."""
+    import json
+
+    lines = ["/**:", "  ros__parameters:"] + [f"    {k}: {json.dumps(v)}" for k, v in values.items()]
+    path = Path(path)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def start_node(params: Path, namespace: str, log: Path, timeout: float = 300.0):
+    """The node as its own process with ``params`` in ``namespace``, its output in ``log``,
+    returned once it is ready; RuntimeError with the log's end if it exits or times out first."""
+    import subprocess
+    import time
+
+    with open(log, "w") as out:
+        proc = subprocess.Popen(node_command("--params-file", str(params), "-r", f"__ns:={namespace}"),
+                                stdout=out, stderr=subprocess.STDOUT, env=node_env())
+    deadline = time.monotonic() + timeout
+    while "ready:" not in log.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise RuntimeError(f"the node did not become ready:\n{log.read_text(errors='replace')[-2000:]}")
+        time.sleep(0.2)
+    return proc
+
+
 def node_command(*ros_args: str, lifecycle: bool = False) -> list[str]:
     """The command that starts the node (the managed one with ``lifecycle``) with ``--ros-args
     ros_args``: the installed launcher when this environment has one, as a user starts it, else

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..kit import node_env, pixels
+from ..kit import node_env, params_file, pixels
 
 NODE_READY_TIMEOUT_S = 300.0
 CLI_TIMEOUT_S = 600.0
@@ -194,9 +194,7 @@ class NodeRun:
         values = {"model": str(model), "device": "cpu", "dtype": "float32", "store_dir": str(store),
                   "process_rate_hz": rate_hz, "accept_threshold": 0.999, "reject_threshold": 0.5,
                   "max_concepts_in_context": 2, "verification": False, "overlay": False}
-        params = world.out / f"node_{tag}.yaml"
-        params.write_text("\n".join(["/**:", "  ros__parameters:"]
-                                    + [f"    {k}: {json.dumps(v)}" for k, v in values.items()]) + "\n")
+        params = params_file(world.out / f"node_{tag}.yaml", values)
         self.log = world.logs / f"node_{tag}.log"
         self.command = [sys.executable, "-m", "personal_vlm_node.ros.node", "--ros-args", "--params-file",
                         str(params), "-r", f"__ns:={world.namespace}"]
