@@ -35,9 +35,10 @@ COT_PROMPT = (
     "These are personal things the user owns, each with the attributes that tell it apart from "
     "similar things:\n{candidates}\n"
     "Look at the image. For each of them, check its attributes one by one against what you see. "
-    "Then say which one of them is in the image, or none. Answer only with JSON, the answer first: "
-    '{{"answer": <name or none>, "seen_attributes": {{<name>: [<its attribute you see>, ...], ...}}, '
-    '"reasoning": <short notes>}}.'
+    "Then say which one of them is in the image, or none. Answer only with JSON, reasoning first "
+    "and the answer last: "
+    '{{"seen_attributes": {{<name>: [<its attribute you see>, ...], ...}}, "reasoning": <short notes>, '
+    '"answer": <name or none>}}.'
 )
 PAIRWISE_PROMPT = "Is this {name}? Answer Yes or No."
 ATTRIBUTE_QUESTION = "Does the object in the image have this {label}: {value}? Answer Yes or No."

@@ -20,8 +20,12 @@ q and a short list of candidate concepts (with their visual scores from the matc
    the mean of σ over the concept's attributes (``"text_similarity": "vlm_yes_no"`` in the stages).
    A concept whose fingerprint is still pending has no s_VT: s_c = s_VV for it.
 2. **Attribute-focused chain of thought.** One generation sees the image and the K candidates'
-   attributes, checks them one by one and names — answer first, so the token cap cannot cut it
-   off — the best candidate ĉ_CoT (or none) and, per candidate i, the attributes A_{q,i} it saw. Parsing tolerates prose, broken JSON and names it did not offer (→ none).
+   attributes, checks them one by one, writes per candidate i the attributes A_{q,i} it sees and
+   short notes, and only then names the best candidate ĉ_CoT (or none): the answer follows from
+   the reasoning instead of being explained after it. An answer given before any reasoning is
+   refused (ĉ_CoT = none, ``refused`` in the stage), and so is one the token cap cut off; both
+   go on to pairwise reasoning. Parsing tolerates prose, broken JSON and names it did not offer
+   (→ none).
 3. **Cross-modal attribute verification.** For every candidate,
      s_VA(c) = mean_{a ∈ A_c ∩ S} σ(q, "a photo of <a>")   (all of A_c when S names none of them),
    with the keys S names (color, shape…) used for every candidate so they are compared on the same
@@ -52,7 +56,7 @@ from .options import PAIRWISE_REFERENCES
 # The similarity and the parsers are R2P's own; r2p.<name> keeps reaching them for its users.
 from .r2p_similarity import TEXT_SIMILARITY_VLM, Evidence, ImageTextSimilarity, unit  # noqa: F401
 from .r2p_text import (ATTRIBUTE_LABELS, FINGERPRINT_KEYS, attribute_question, parse_fingerprint,  # noqa: F401
-                       parse_reasoning, parse_seen_by_candidate, resolve_name, seen_keys)
+                       parse_reasoning, parse_seen_by_candidate, read_reasoning, resolve_name, seen_keys)
 from .vlm.base import ImageTokens, Memory, Part, VLMAdapter
 
 
@@ -129,7 +133,7 @@ class R2PVerifier:
     """The four R2P stages over one query image; see the module docstring."""
 
     def __init__(self, vlm: VLMAdapter, text_similarity: ImageTextSimilarity | None = None,
-                 top_k: int = 3, pairwise_threshold: float = 0.5, cot_max_new_tokens: int = 160,
+                 top_k: int = 3, pairwise_threshold: float = 0.5, cot_max_new_tokens: int = 256,
                  pairwise_reference: str = "image"):
         if not isinstance(top_k, int) or top_k < 1:
             raise PersonalVLMError(f"R2P top_k must be an integer >= 1, got {top_k!r}")
@@ -211,8 +215,10 @@ class R2PVerifier:
         """One generation; ĉ_CoT and the attributes seen, parsed robustly."""
         generation = self.vlm.generate(self.reason_prompt(image_tokens, top), max_new_tokens=self.cot_max_new_tokens)
         names = [c.name for c in top]
-        answer, seen = parse_reasoning(generation.text, names)
+        reading = read_reasoning(generation.text, names)
+        answer, seen = reading.answer, reading.seen
         return {"text": generation.text[:2000], "answer": answer, "seen_attributes": seen[:16],
+                "refused": reading.refused,
                 "seen_keys": seen_keys(seen, top),
                 "seen_by_candidate": parse_seen_by_candidate(generation.text, names)}
 

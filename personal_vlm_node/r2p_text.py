@@ -8,6 +8,7 @@ raises: a generation that says nothing usable becomes "no attributes" or "no can
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .ego_text import json_objects
@@ -65,7 +66,8 @@ _SEEN_KEYS = ("seen_attributes", "attributes_seen", "matched_attributes", "seen"
 _QUOTED_OR_BARE = r"""\s*[:=]\s*(?:(["'])(.*?)\1(?=\s*(?:[,}\]\n]|$))|([^\n,;}\]]*?)(?=\s*(?:\.\s|\.$|[\n,;}\]]|$)))"""
 _ANSWER_FIELD = re.compile(r"""(?<!\w)["']?(?:answer|best[ _]match|concept)["']?""" + _QUOTED_OR_BARE, re.IGNORECASE)
 _ANSWER_PROSE = re.compile(r"\banswer\s+is\s*:?\s*(.+?)(?:\.\s|\.$|[\n;]|$)", re.IGNORECASE)
-_SEEN_FIELD = re.compile(r"""["']?seen[ _]attributes["']?\s*[:=]\s*\[?([^\]\n}]*)""", re.IGNORECASE)
+_SEEN_FIELD = re.compile(r"""["']?seen[ _]attributes["']?\s*[:=]\s*\[?([^\]\n}]*?)(?=\s*(?:\.\s|\.$|[\]\n}]|$))""",
+                         re.IGNORECASE)
 
 
 def resolve_name(raw, names: list[str]) -> str | None:
@@ -124,30 +126,75 @@ def parse_seen_by_candidate(text: str, names: list[str]) -> dict[str, list[str]]
     return {}
 
 
-def parse_reasoning(text: str, names: list[str]) -> tuple[str | None, list[str]]:
-    """(ĉ_CoT or None, the attributes the model says it saw) from the CoT answer; never raises."""
+_REASONING_KEYS = _SEEN_KEYS + ("reasoning", "reason", "thoughts", "thinking", "analysis", "notes", "checks")
+_REASONING_FIELD = re.compile(r"""["']?(?:seen[ _]attributes|reasoning|analysis|notes)["']?\s*[:=]""", re.IGNORECASE)
+ANSWER_FIRST = "the answer came before its reasoning"
+
+
+@dataclass(frozen=True)
+class Reading:
+    """What the chain of thought said: ĉ_CoT (None for none, or when refused), the attributes it
+    says it saw, and why its answer was refused ("" when it was not)."""
+
+    answer: str | None
+    seen: list[str]
+    refused: str = ""
+
+
+def _prose_before(text: str) -> bool:
+    """Whether ``text`` (all that precedes an answer) holds reasoning: a reasoning field, or at
+    least three words of prose besides lead-ins such as "Sure!" and code fences."""
+    if _REASONING_FIELD.search(text):
+        return True
+    words = re.findall(r"[^\W\d_]{2,}", re.sub(r"```\w*|\b(?:sure|okay|ok|here|json|is|the)\b", " ", text,
+                                              flags=re.IGNORECASE))
+    return len(words) >= 3
+
+
+def read_reasoning(text: str, names: list[str]) -> Reading:
+    """The CoT answer, read as the prompt asks for it: reasoning first, the answer last.
+
+    An answer given before any reasoning (a JSON object whose answer key precedes every reasoning
+    key, or an "Answer: X" that opens the text) is refused: its reasoning, if any, is a rationale
+    written after the fact, which the method does not trust. Never raises."""
     for obj in json_objects(text or ""):
-        lowered = {str(k).lower().replace(" ", "_"): v for k, v in obj.items()}
+        keys = [str(k).lower().replace(" ", "_") for k in obj]
+        lowered = dict(zip(keys, obj.values()))
         answer_key = next((k for k in _ANSWER_KEYS if k in lowered), None)
         if answer_key is None:
             continue
         raw = next((lowered[k] for k in _SEEN_KEYS if k in lowered), None)
         per = _seen_by_name(raw, names)
         seen = [a for values in per.values() for a in values] if per is not None else _as_list(raw)
-        return resolve_name(lowered[answer_key], names), seen
+        if not any(k in _REASONING_KEYS for k in keys[:keys.index(answer_key)]):
+            return Reading(None, seen, ANSWER_FIRST)
+        return Reading(resolve_name(lowered[answer_key], names), seen)
     # Not JSON (truncated, prose): the last "answer: X" field, else the last "the answer is X".
     text = text or ""
-    answer = None
-    fields = list(_ANSWER_FIELD.finditer(text))
-    if fields:
-        last = fields[-1]
-        answer = resolve_name(last.group(2) if last.group(2) is not None else last.group(3), names)
-    else:
-        prose = list(_ANSWER_PROSE.finditer(text))
-        answer = resolve_name(prose[-1].group(1), names) if prose else None
     seen_match = _SEEN_FIELD.search(text)
     seen = _as_list(seen_match.group(1)) if seen_match else []
-    return answer, seen
+    if seen_match and seen_match.group(1).lstrip().startswith("{"):
+        # Per candidate ({"my mug": ["red"], …}) and cut off: the items of its lists so far.
+        rest = re.split(r"""["']?(?:reasoning|answer)["']?\s*[:=]""", text[seen_match.start(1):], maxsplit=1)[0]
+        seen = [item for found in re.findall(r"\[([^\]]*)\]?", rest) for item in _as_list(found)]
+    fields = list(_ANSWER_FIELD.finditer(text))
+    if fields:
+        last, raw = fields[-1], fields[-1].group(2) if fields[-1].group(2) is not None else fields[-1].group(3)
+    else:
+        prose = list(_ANSWER_PROSE.finditer(text))
+        if not prose:
+            return Reading(None, seen)
+        last, raw = prose[-1], prose[-1].group(1)
+    answer = resolve_name(raw, names)
+    if answer is not None and not _prose_before(text[:last.start()]):
+        return Reading(None, seen, ANSWER_FIRST)
+    return Reading(answer, seen)
+
+
+def parse_reasoning(text: str, names: list[str]) -> tuple[str | None, list[str]]:
+    """(ĉ_CoT or None, the attributes the model says it saw): :func:`read_reasoning` in short."""
+    reading = read_reasoning(text, names)
+    return reading.answer, reading.seen
 
 
 def seen_keys(seen: list[str], candidates: list[Candidate]) -> list[str]:

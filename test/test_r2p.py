@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from personal_vlm_node import r2p
+from personal_vlm_node import r2p, r2p_text
 from personal_vlm_node.errors import PersonalVLMError
 from personal_vlm_node.r2p import Candidate, ImageTextSimilarity, R2PVerifier, cascade_decision, unit
 from personal_vlm_node.testing.kit import photo
@@ -74,16 +74,17 @@ NAMES = ["my mug", "Fluffy", "Grandpa's cane"]
     ("Sure! ```json\n{'reasoning': 'fur', 'answer': 'Fluffy', 'seen_attributes': ['white fur',],}\n```",
      "Fluffy", ["white fur"]),
     ('{"reasoning": "wood", "answer": "Grandpa\'s cane", "seen_attributes": ["wooden"', "Grandpa's cane", ["wooden"]),
-    ("{'answer': 'Grandpa's cane', 'seen_attributes': ['wooden']}", "Grandpa's cane", ["wooden"]),
+    ("{'seen_attributes': ['wooden'], 'answer': 'Grandpa's cane'}", "Grandpa's cane", ["wooden"]),
     ("The mug is red, the cat is white. So the answer is Fluffy.", "Fluffy", []),
-    ("Answer: 3. Seen attributes: wooden, curved", "Grandpa's cane", ["wooden", "curved"]),
-    ('{"answer": "MY MUG", "seen_attributes": "red; cylinder"}', "my mug", ["red", "cylinder"]),
-    ('{"answer": 2}', "Fluffy", []),
-    ('{"answer": "It is my mug"}', "my mug", []),
-    ('{"answer": "the dog Rex", "seen_attributes": ["brown"]}', None, ["brown"]),
-    ('{"answer": "none", "seen_attributes": []}', None, []),
-    ('{"answer": null}', None, []),
-    ('{"answer": 7}', None, []),
+    ("Seen attributes: wooden, curved. Answer: 3", "Grandpa's cane", ["wooden", "curved"]),
+    ('{"seen_attributes": "red; cylinder", "answer": "MY MUG"}', "my mug", ["red", "cylinder"]),
+    ('{"reasoning": "the second one", "answer": 2}', "Fluffy", []),
+    ('{"notes": "a red cup", "answer": "It is my mug"}', "my mug", []),
+    ('{"seen_attributes": ["brown"], "answer": "the dog Rex"}', None, ["brown"]),
+    ('{"seen_attributes": [], "answer": "none"}', None, []),
+    ('{"reasoning": "nothing fits", "answer": null}', None, []),
+    ('{"reasoning": "?", "answer": 7}', None, []),
+    ('{"seen_attributes": {"my mug": ["red"], "Fluffy": []}, "reasoning": "only the mug is red"', None, ["red"]),
     ("answer: none of them", None, []),
     ("I cannot tell.", None, []),
     ("", None, []),
@@ -91,6 +92,26 @@ NAMES = ["my mug", "Fluffy", "Grandpa's cane"]
 ])
 def test_broken_reasoning_output_is_parsed_robustly(text, answer, seen):
     assert r2p.parse_reasoning(text, NAMES) == (answer, seen)
+
+
+@pytest.mark.parametrize("text, seen", [
+    ('{"answer": "my mug", "seen_attributes": ["red"], "reasoning": "it is red"}', ["red"]),
+    ("{'answer': 'Grandpa's cane', 'seen_attributes': ['wooden']}", ["wooden"]),
+    ('{"answer": 2}', []),
+    ("Answer: 3. Seen attributes: wooden, curved", ["wooden", "curved"]),
+    ("Sure! The answer is Fluffy.", []),
+])
+def test_an_answer_given_before_its_reasoning_is_refused(text, seen):
+    reading = r2p.read_reasoning(text, NAMES)
+    assert (reading.answer, reading.seen) == (None, seen)
+    assert reading.refused == r2p_text.ANSWER_FIRST
+
+
+def test_the_reasoning_as_the_prompt_asks_for_it_is_read_with_its_per_candidate_attributes():
+    text = ('{"seen_attributes": {"my mug": ["red", "ceramic"], "Fluffy": []}, '
+            '"reasoning": "only my mug has every attribute", "answer": "my mug"}')
+    assert r2p.read_reasoning(text, NAMES) == r2p_text.Reading("my mug", ["red", "ceramic"])
+    assert r2p.parse_seen_by_candidate(text, NAMES) == {"my mug": ["red", "ceramic"], "Fluffy": []}
 
 
 def test_names_resolve_exactly_by_index_or_inside_a_phrase_and_the_longest_wins():
@@ -221,7 +242,7 @@ def test_verification_failure_falls_back_to_pairwise_reasoning(adapters, family,
     image = photo(1)
     tokens = vlm.encode_image(image)
     candidates = _candidates(vlm)[:3]
-    _stub_reasoning(monkeypatch, vlm, '{"answer": "none", "seen_attributes": []}')
+    _stub_reasoning(monkeypatch, vlm, '{"seen_attributes": [], "answer": "none"}')
     s_va = R2PVerifier(vlm, clip).verify(tokens, image, candidates).stages["verification"]["s_va"]
     favoured, loser = max(s_va, key=s_va.get), min(s_va, key=s_va.get)
 
@@ -246,7 +267,7 @@ def test_verification_failure_falls_back_to_pairwise_reasoning(adapters, family,
     assert R2PVerifier(vlm, clip, pairwise_threshold=1.0).verify(tokens, image, candidates).decision is None
 
     # When the chain of thought agrees with the attributes, pairwise reasoning is skipped.
-    _stub_reasoning(monkeypatch, vlm, f'The answer is {favoured}.')
+    _stub_reasoning(monkeypatch, vlm, f'It has every attribute I checked, so the answer is {favoured}.')
     yes_no.clear()
     agreed = R2PVerifier(vlm, clip).verify(tokens, image, candidates)
     assert agreed.decision == favoured and agreed.stages["verification"]["passed"] is True
@@ -260,7 +281,7 @@ def test_seen_attributes_restrict_the_verification_to_those_keys(adapters, clip,
     image = photo(3)
     tokens = vlm.encode_image(image)
     candidates = _candidates(vlm)[:2]
-    _stub_reasoning(monkeypatch, vlm, '{"answer": "my mug", "seen_attributes": ["red"]}')
+    _stub_reasoning(monkeypatch, vlm, '{"seen_attributes": ["red"], "answer": "my mug"}')
     result = R2PVerifier(vlm, clip).verify(tokens, image, candidates)
     verification = result.stages["verification"]
     assert verification["keys"] == ["color"] and result.stages["reasoning"]["seen_keys"] == ["color"]
@@ -274,7 +295,7 @@ def test_without_a_contrastive_model_the_vlm_answers_yes_no_per_attribute(adapte
     image = photo(4)
     tokens = vlm.encode_image(image)
     candidates = _candidates(vlm)[:3]
-    _stub_reasoning(monkeypatch, vlm, '{"answer": "my mug", "seen_attributes": []}')
+    _stub_reasoning(monkeypatch, vlm, '{"seen_attributes": [], "answer": "my mug"}')
     result = R2PVerifier(vlm, None).verify(tokens, image, candidates)
     retrieval = result.stages["retrieval"]
     assert retrieval["text_similarity"] == "vlm_yes_no"
@@ -362,11 +383,11 @@ def test_candidates_cover_the_whole_library_without_a_pool():
 
 
 def test_reasoning_with_attributes_per_candidate_checks_each_on_its_own():
-    text = ('{"answer": "my mug", "seen_attributes": {"my mug": ["red", "ceramic"], "Fluffy": ["long tail"]}, '
-            '"reasoning": "the mug is red"}')
+    text = ('{"seen_attributes": {"my mug": ["red", "ceramic"], "Fluffy": ["long tail"]}, '
+            '"reasoning": "the mug is red", "answer": "my mug"}')
     assert r2p.parse_reasoning(text, NAMES) == ("my mug", ["red", "ceramic", "long tail"])
     assert r2p.parse_seen_by_candidate(text, NAMES) == {"my mug": ["red", "ceramic"], "Fluffy": ["long tail"]}
-    assert r2p.parse_seen_by_candidate('{"answer": "Fluffy", "seen_attributes": ["white"]}', NAMES) == {}
+    assert r2p.parse_seen_by_candidate('{"seen_attributes": ["white"], "answer": "Fluffy"}', NAMES) == {}
 
     class _Fixed:
         kind = "fixed"
@@ -387,4 +408,7 @@ def test_prompts_give_a_schema_not_values_a_model_could_copy():
     for text in (prompts.INTRODUCE, prompts.COT_PROMPT):
         assert not re.search(r'"(red|ceramic|mug)"', text)
         assert not re.search(r'"area":\s*\d', text)
-    assert prompts.COT_PROMPT.index('"answer"') < prompts.COT_PROMPT.index('"reasoning"')
+    # Reasoning first, the answer last (the order the parser insists on).
+    assert prompts.COT_PROMPT.index('"seen_attributes"') < prompts.COT_PROMPT.index('"reasoning"') \
+        < prompts.COT_PROMPT.index('"answer"')
+

@@ -11,6 +11,9 @@ from ... import prompts
 from .. import toy_world as tw
 from .model import _LOCATIONS
 
+# The attributes the chain of thought checks per candidate (material and text are the same on every toy object).
+_COT_KEYS = ("shape", "color", "pattern", "distinct_features")
+
 
 # ---- samples ---------------------------------------------------------------------------------
 class _Img:
@@ -209,11 +212,17 @@ def make_sample(task: str, rng: np.random.Generator, size: int, follow_ups: int 
             fp = c.fingerprint()
             described = "; ".join(f"{ATTRIBUTE_LABELS.get(k, k)}: {v}" for k, v in fp.items() if k != "description")
             lines.append(f"{i}. {n}: {described}. {fp['description']}")
-        seen = [shown.color, tw.PATTERN_WORDS[shown.pattern], shown.category]
-        answer = json.dumps({"reasoning": "checked colour, pattern and feature",
-                             "answer": names[present] if present >= 0 else "none", "seen_attributes": seen})
+        # The reasoning as the prompt asks for it, before the answer: per candidate, its listed
+        # attributes that the object in the image has; the answer is the candidate that has them all.
+        shown_fp = shown.fingerprint()
+        seen = {n: [c.fingerprint()[k] for k in _COT_KEYS
+                    if c.fingerprint()[k] == shown_fp[k] and c.fingerprint()[k] != "none"]
+                for c, n in zip(cands, names)}
+        answer_name = names[present] if present >= 0 else "none"
+        notes = f"only {answer_name} has every attribute" if present >= 0 else "none has every attribute"
+        answer = json.dumps({"seen_attributes": seen, "reasoning": notes, "answer": answer_name})
         return Sample(task, [_Img(image), "\n" + prompts.COT_PROMPT.format(candidates="\n".join(lines))], answer,
-                      {"present": present >= 0})
+                      {"present": present >= 0, "names": names})
     raise ValueError(task)
 
 

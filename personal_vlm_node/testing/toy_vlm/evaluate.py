@@ -15,6 +15,7 @@ def evaluate_tasks(folder, seed: int = 12345, per_task: int = 60, progress=None)
     """Accuracy of the model at ``folder`` on fresh scenes (seed never used in training), through
     the project's adapter (``load_vlm``), exactly as the methods call it."""
     from ... import ego
+    from ...r2p_text import read_reasoning
     from ...vlm import load_vlm
 
     vlm = load_vlm(str(folder), device="cpu", dtype="float32")
@@ -63,13 +64,12 @@ def evaluate_tasks(folder, seed: int = 12345, per_task: int = 60, progress=None)
                 text = vlm.generate(parts, max_new_tokens=6).text.strip().lower()
                 tally("scene", s.info["kind"].lower(), text == s.answer)
             else:
-                text = vlm.generate(parts, max_new_tokens=64).text
+                text = vlm.generate(parts, max_new_tokens=160).text
                 want = json.loads(s.answer)["answer"]
-                got = None
-                for obj in ego.json_objects(text):
-                    got = str(obj.get("answer"))
-                    break
-                tally("cot", "answer", got == want)
+                reading = read_reasoning(text, s.info["names"])
+                tally("cot", "answer", (reading.answer or "none") == want and not reading.refused)
+                tally("cot", "reasoning_first", not reading.refused and "answer" in text)
+                tally("cot", "present" if want != "none" else "absent", (reading.answer or "none") == want)
         if progress:
             progress(f"held-out {task}: done")
     out = {g: {k: round(c / n, 3) for k, (n, c) in v.items()} for g, v in results.items()}

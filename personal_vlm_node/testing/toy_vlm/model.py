@@ -42,7 +42,8 @@ def _corpus() -> str:
     words += list(tw.MARKS) + list(tw.SYLLABLES)
     words += [json.dumps({"keywords": ["red", "striped", "mug"], "area": 30})]
     words += [json.dumps(tw.ObjectLook("mug", "red", "stripes", "blue", "star").fingerprint())]
-    words += [json.dumps({"reasoning": "pattern and feature match", "answer": "none", "seen_attributes": ["red"]})]
+    words += [json.dumps({"seen_attributes": {"Fluffy": ["mug", "red and blue", "blue stripes", "star sticker"]},
+                          "reasoning": "only Fluffy has every attribute", "answer": "none"})]
     words += [str(i) for i in range(0, 101)]
     return "\n".join(words * 3)
 

@@ -55,7 +55,7 @@ class Recipe:
     # samples per step and loss weight of each task
     # (task, chats per step, loss weight, follow-up questions per chat)
     tasks: tuple = (("describe", 16, 1.0, 0), ("fingerprint", 1, 0.5, 0), ("recognize", 12, 2.0, 1),
-                    ("attribute", 3, 1.0, 1), ("scene", 2, 0.5, 0), ("cot", 1, 0.5, 0))
+                    ("attribute", 3, 1.0, 1), ("scene", 2, 0.5, 0), ("cot", 2, 0.5, 0))
     # The first share of the steps trains describe alone: reading the image is learned first,
     # without the noisy gradients of yes/no questions at chance. In a mix from step 0 (or with
     # attribute yes/no, fingerprint and scene questions beside it) the describe loss stayed on its
