@@ -103,11 +103,12 @@ class Assistant:
 
     ``options`` (:class:`AssistantOptions`) says how it runs; keyword arguments named like its
     fields override single options. ``encoder`` injects a ready frame-path encoder callable.
+    ``warn_to`` gets each warning (one line; default: ``progress``), which ``warnings`` keeps.
     """
 
     def __init__(self, vlm: VLMAdapter, store: ConceptStore, profile: ModelProfile | None = None,
                  progress=_stderr_progress, rebuild: bool = True, encoder=None,
-                 options: AssistantOptions | None = None, **overrides):
+                 options: AssistantOptions | None = None, warn_to=None, **overrides):
         options = replace(options or AssistantOptions(), **overrides)
         options.check()
         self.options = options
@@ -128,8 +129,14 @@ class Assistant:
         self.verification = options.verification
         self._yield_hooks = []
         # R2P settles what Ego itself is unsure of (|p_yes - threshold| < r2p_margin).
-        self.text_similarity = (r2p.ImageTextSimilarity(options.verifier_model, device=str(vlm.device))
-                                if options.verifier_model else None)
+        # A contrastive model whose weights cannot be had is one warning, and R2P works without it.
+        self.warnings: list[str] = []
+
+        def warn(message: str) -> None:
+            self.warnings.append(message)
+            (warn_to or self.progress)(message if warn_to else f"warning: {message}")
+
+        self.text_similarity = r2p.load_text_similarity(options.verifier_model, str(vlm.device), warn)
         self.r2p = r2p.R2PVerifier(vlm, self.text_similarity, top_k=options.r2p_top_k)
         # None: the profile's (calibrated) margin.
         self.r2p_margin = self.profile.r2p_margin if options.r2p_margin is None else options.r2p_margin

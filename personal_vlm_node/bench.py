@@ -212,7 +212,9 @@ def bench_verification(vlm, store, frames: int) -> dict:
     period = None
     for enabled in (False, True):
         # Thresholds outside the score range: every concept is "uncertain" on every frame.
-        options = AssistantOptions(accept_threshold=2.0, reject_threshold=-2.0, verification=enabled)
+        # No contrastive model: the random-weight VLM is measured, not a 1.7 GB CLIP fetched for it.
+        options = AssistantOptions(accept_threshold=2.0, reject_threshold=-2.0, verification=enabled,
+                                   verifier_model=None)
         with Assistant(vlm, store, progress=None, rebuild=False, options=options) as assistant:
             warm = [assistant.observe(_picture(224, 290 + i)).timings["total"] for i in range(2)]
             if period is None:
@@ -287,7 +289,7 @@ def run_bench(model: str | None, size: str = "tiny", device: str = "auto", dtype
     }
     with tempfile.TemporaryDirectory(prefix="bench-store-") as store_dir:
         store = ConceptStore(store_dir)
-        assistant = Assistant(vlm, store, progress=None, options=AssistantOptions(verification=False))
+        assistant = Assistant(vlm, store, progress=None, options=AssistantOptions(verification=False, verifier_model=None))
         try:
             _say("concept introduction…")
             report["introduction"] = bench_introduction(assistant, repeats)
@@ -301,7 +303,7 @@ def run_bench(model: str | None, size: str = "tiny", device: str = "auto", dtype
                 # Teaching goes through the frame path's encoder: the same series with the fastest one.
                 _say(f"concept introduction through the {report['fastest_encoder_448']} encoder…")
                 with Assistant(vlm, ConceptStore(Path(store_dir) / "fastest"), progress=None, encoder=fastest,
-                               options=AssistantOptions(verification=False)) as through:
+                               options=AssistantOptions(verification=False, verifier_model=None)) as through:
                     report["introduction_fastest_encoder"] = {
                         "encoder": report["fastest_encoder_448"], **bench_introduction(through, repeats)}
             frame = vlm.encode_image(_picture(448, 448))

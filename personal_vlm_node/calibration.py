@@ -151,7 +151,7 @@ def calibrate_thresholds(vlm, profile, dataset, progress=None, max_error: float 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="personal_vlm_calibration_") as tmp:
         assistant = Assistant(vlm, ConceptStore(Path(tmp) / "store"), profile=profile, progress=None,
-                              verification=False, rebuild=False)
+                              verification=False, rebuild=False, verifier_model=None)   # R2P is not run
         try:
             scores = split_scores(assistant, dataset, progress)
         finally:

@@ -19,8 +19,9 @@ from pathlib import Path
 from . import evaluation, media
 from .errors import PersonalVLMError
 from .names import MAX_NAME_CHARS, quoted, shown, validate_category, validate_name
-from .options import (BACKENDS, DEFAULT_MODEL, DTYPES, ENCODER_CHOICES, EXPORT_OPSET, PAIRWISE_REFERENCES, PRECISIONS,
-                      RANDOM_MODEL_SIZES, RECOGNITIONS, AssistantOptions)
+from .options import (BACKENDS, DEFAULT_MODEL, DEFAULT_VERIFIER, DTYPES, ENCODER_CHOICES, EXPORT_OPSET,
+                      PAIRWISE_REFERENCES, PRECISIONS, RANDOM_MODEL_SIZES, RECOGNITIONS, SIGLIP_VERIFIER,
+                      AssistantOptions)
 from .output import stderr_progress
 
 
@@ -124,7 +125,8 @@ def _open(args, options: AssistantOptions | None = None):
     from .assistant import Assistant
 
     return Assistant.open(args.model, store_dir=args.store, device=args.device, dtype=args.dtype,
-                          profile_path=args.profile, options=options or AssistantOptions(verification=False))
+                          profile_path=args.profile,
+                          options=options or AssistantOptions(verification=False, verifier_model=None))
 
 
 def _pictures(paths) -> list:
@@ -273,8 +275,10 @@ def _add_eval_parser(subparsers) -> argparse.ArgumentParser:
                         help="ego and cascade: Ego checks each concept in a prompt of its own, or joint: beside the "
                              "best-matching others (max_concepts_in_context memories) in one prompt "
                              "(default: the model profile's)")
-    parser.add_argument("--verifier-model", default=None,
-                        help="R2P: CLIP/SigLIP id or folder for image-text similarity (default: the VLM answers)")
+    parser.add_argument("--verifier-model", default=DEFAULT_VERIFIER,
+                        help="R2P: CLIP/SigLIP id or folder for retrieval and attribute checks (default: "
+                             f"{DEFAULT_VERIFIER}, or {SIGLIP_VERIFIER}); weights that cannot be had: a warning and "
+                             "the VLM's own yes/no; '' = no contrastive model")
     parser.add_argument("--restart", action="store_true", help="discard the results already in --out")
     return parser
 
@@ -299,7 +303,8 @@ def _cmd_eval(args) -> None:
     split = {"test_list": str(args.test_list) if args.test_list else None, "test_last": args.test_last}
     with Assistant.open(args.model, store_dir=out / "store", device=args.device, dtype=args.dtype,
                         profile_path=getattr(args, "profile", None), progress=_say,
-                        options=AssistantOptions(verification=False), rebuild=False) as assistant:
+                        # evaluate() loads the R2P verifier model of --verifier-model itself
+                        options=AssistantOptions(verification=False, verifier_model=None), rebuild=False) as assistant:
         results = evaluate(assistant, dataset, out, options, restart=args.restart, test_split=split)
     overall = results["overall"]
     if getattr(args, "json", False):

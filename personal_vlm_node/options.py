@@ -12,6 +12,9 @@ from dataclasses import dataclass, fields
 from .errors import PersonalVLMError
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
+# R2P's contrastive model by default (the paper's choice), and the SigLIP alternative.
+DEFAULT_VERIFIER = "openai/clip-vit-large-patch14-336"
+SIGLIP_VERIFIER = "google/siglip-so400m-patch14-384"
 BACKENDS = ("torch", "onnxruntime", "tensorrt")          # vision encoder on the frame path
 ENCODER_CHOICES = BACKENDS + ("auto",)                   # auto: the fastest here, measured once
 PRECISIONS = ("fp16", "fp32")                            # TensorRT engine precision
@@ -46,7 +49,7 @@ class AssistantOptions:
     verification: bool = True                 # settle uncertain matches with the model
     verifications_per_second: float = 2.0
     verification_busy_fraction: float = 0.5   # most of the time the verifier may compute (see verification_queue.py)
-    verifier_model: str | None = None         # CLIP/SigLIP id or folder for R2P; None = the VLM's yes/no
+    verifier_model: str | None = DEFAULT_VERIFIER   # CLIP/SigLIP id or folder for R2P; None = the VLM's yes/no
     r2p_margin: float | None = None           # Ego p(yes) this close to its threshold goes to R2P; None = profile's
     r2p_top_k: int = 3
     r2p_pool: int = 5

@@ -54,7 +54,8 @@ from .prompts import COT_PROMPT, PAIRWISE_PROMPT
 from .errors import PersonalVLMError
 from .options import PAIRWISE_REFERENCES
 # The similarity and the parsers are R2P's own; r2p.<name> keeps reaching them for its users.
-from .r2p_similarity import TEXT_SIMILARITY_VLM, Evidence, ImageTextSimilarity, unit  # noqa: F401
+from .r2p_similarity import (DEFAULT_VERIFIER, SIGLIP_VERIFIER, TEXT_SIMILARITY_VLM, Evidence,  # noqa: F401
+                             ImageTextSimilarity, load_text_similarity, unit)
 from .r2p_text import (ATTRIBUTE_LABELS, FINGERPRINT_KEYS, attribute_question, parse_fingerprint,  # noqa: F401
                        parse_reasoning, parse_seen_by_candidate, read_reasoning, resolve_name, seen_keys)
 from .vlm.base import ImageTokens, Memory, Part, VLMAdapter

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .errors import PersonalVLMError
+from .options import DEFAULT_VERIFIER, SIGLIP_VERIFIER  # noqa: F401  (R2P's contrastive models)
 from .prompts import ATTRIBUTE_TEXT
 from .r2p_text import attribute_question
 from .vlm.base import ImageTokens, VLMAdapter
@@ -28,6 +29,23 @@ TEXT_SIMILARITY_VLM = "vlm_yes_no"
 def unit(cosine: float) -> float:
     """[-1, 1] → [0, 1]: (cos + 1) / 2, clamped (rounding can step past ±1)."""
     return min(1.0, max(0.0, (float(cosine) + 1.0) / 2.0))
+
+
+def load_text_similarity(model: str | None, device: str = "auto", warn=None) -> ImageTextSimilarity | None:
+    """The contrastive model ``model`` for R2P, or None: none asked for (``""`` / None), or its
+    weights cannot be had (not in the Hugging Face cache and no network, a folder that is missing
+    or not a CLIP/SigLIP checkpoint). Then ``warn`` gets one line saying so, and R2P works as it
+    does without one: s_VV from the matcher, σ from the VLM's own yes/no. Never raises for that."""
+    if not model:
+        return None
+    try:
+        return ImageTextSimilarity(model, device=device)
+    except Exception as exc:  # noqa: BLE001 - a verifier that does not load is optional: say so, go on
+        if warn:
+            warn(f"R2P verifier model {model!r} not loaded, so R2P uses the matcher's visual score and the "
+                 f"VLM's own yes/no instead: {str(exc).splitlines()[0]} (set verifier_model to a CLIP/SigLIP "
+                 "folder, or to \"\" to use no contrastive model)")
+        return None
 
 
 # ---- image–text similarity σ -----------------------------------------------------------------

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import PersonalVLMError
-from .options import DEFAULT_MODEL, DTYPES, ENCODER_CHOICES, check_thresholds
+from .options import DEFAULT_MODEL, DEFAULT_VERIFIER, DTYPES, ENCODER_CHOICES, SIGLIP_VERIFIER, check_thresholds
 
 # The node's word for "the model profile's value": negative, as a ROS parameter cannot be unset.
 USE_PROFILE = -1
@@ -138,7 +138,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("overlay_jpeg_quality", int, 80, "JPEG quality of ~/overlay/compressed", low=1, high=100, live=True),
     Setting("image_transport", str, "raw", "camera input: raw = sensor_msgs/Image on image, "
             "compressed = sensor_msgs/CompressedImage on image/compressed", ("raw", "compressed")),
-    Setting("verifier_model", str, "", "CLIP/SigLIP id or folder for R2P's image-text scores; empty = the VLM's yes/no",
+    Setting("verifier_model", str, DEFAULT_VERIFIER,
+            f"CLIP/SigLIP id or folder for R2P's retrieval and attribute checks (or {SIGLIP_VERIFIER}); "
+            "weights that cannot be had = one warning and the VLM's own yes/no; empty = no contrastive model",
             option="verifier_model"),
     Setting("r2p_margin", float, float(USE_PROFILE), "Ego p(yes) this close to its threshold is settled by R2P; "
             "0 = never", low=0.0, high=0.5, live=True, option="r2p_margin", profile_key="r2p_margin",

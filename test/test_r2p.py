@@ -412,3 +412,49 @@ def test_prompts_give_a_schema_not_values_a_model_could_copy():
     assert prompts.COT_PROMPT.index('"seen_attributes"') < prompts.COT_PROMPT.index('"reasoning"') \
         < prompts.COT_PROMPT.index('"answer"')
 
+
+# ---- the contrastive verifier by default, and without its weights ------------------------------
+def test_the_node_and_the_cli_default_to_r2p_s_own_contrastive_model():
+    from personal_vlm_node import settings
+    from personal_vlm_node.cli import build_parser
+
+    assert settings.PARAMETERS["verifier_model"].default == r2p.DEFAULT_VERIFIER == "openai/clip-vit-large-patch14-336"
+    assert build_parser().parse_args(["eval", "x", "--out", "y"]).verifier_model == r2p.DEFAULT_VERIFIER
+    assert settings.option_values({**{n: s.default for n, s in settings.PARAMETERS.items()},
+                                   "verifier_model": ""})["verifier_model"] is None      # "": none at all
+
+
+def test_a_verifier_whose_weights_cannot_be_had_is_one_warning_and_r2p_runs_as_without_one(
+        adapters, tiny_checkpoints, tmp_path, monkeypatch):
+    from personal_vlm_node.assistant import Assistant
+    from personal_vlm_node.store import ConceptStore
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))            # an empty cache: the weights are nowhere
+    for model in (r2p.DEFAULT_VERIFIER, r2p.SIGLIP_VERIFIER, str(tmp_path / "missing"),
+                  str(tiny_checkpoints["qwen2_5_vl"])):             # the last: a checkpoint, but not CLIP/SigLIP
+        said = []
+        assert r2p.load_text_similarity(model, "cpu", said.append) is None
+        assert len(said) == 1 and repr(model) in said[0] and "yes/no" in said[0] and "\n" not in said[0], said
+    assert r2p.load_text_similarity("", "cpu", said.append) is None and len(said) == 1   # none asked: silent
+
+    said, progress = [], []
+    a = Assistant(adapters("qwen2_5_vl"), ConceptStore(tmp_path / "store"), progress=progress.append,
+                  warn_to=said.append, verifier_model=r2p.DEFAULT_VERIFIER, verification=False)
+    try:
+        assert a.text_similarity is None and a.r2p.text_similarity is None
+        assert a.warnings == said and len(said) == 1 and r2p.DEFAULT_VERIFIER in said[0]
+        image = photo(5)
+        tokens = a.vlm.encode_image(image)
+        stages = a.r2p.verify(tokens, image, _candidates(a.vlm)[:2]).stages
+        assert stages["retrieval"]["text_similarity"] == r2p.TEXT_SIMILARITY_VLM
+        assert {row["s_vv_from"] for row in stages["retrieval"]["candidates"]} == {"matcher"}
+    finally:
+        a.close()
+    progress.clear()
+    quiet = Assistant(adapters("qwen2_5_vl"), ConceptStore(tmp_path / "store2"), progress=progress.append,
+                      verifier_model=str(tmp_path / "missing"), verification=False)
+    try:
+        assert [m for m in progress if m.startswith("warning: ")] == [f"warning: {quiet.warnings[0]}"]
+    finally:
+        quiet.close()

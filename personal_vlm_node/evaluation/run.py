@@ -257,10 +257,11 @@ def evaluate(assistant, dataset: Dataset, out, options: EvalOptions | None = Non
     if assistant.rebuild_stale_memories():
         assistant.reload()
     if text_similarity is None and options.verifier_model and options.method in ("r2p", "cascade"):
-        from ..r2p import ImageTextSimilarity
+        from ..r2p import load_text_similarity
 
         progress(f"loading the R2P verifier model {options.verifier_model}…")
-        text_similarity = ImageTextSimilarity(options.verifier_model, device=str(assistant.vlm.device))
+        text_similarity = load_text_similarity(options.verifier_model, str(assistant.vlm.device),
+                                               lambda message: progress(f"warning: {message}"))
     if text_similarity is None and options.method in ("r2p", "cascade"):
         progress(SELF_JUDGED)
 

@@ -71,7 +71,8 @@ def run_node_bench(model: str, device: str = "cpu", dtype: str = "float32", seco
     namespace = f"/bench_{os.getpid()}"
     with tempfile.TemporaryDirectory(prefix="bench-node-") as tmp:
         values = {"model": model, "device": device, "dtype": dtype, "store_dir": str(Path(tmp) / "store"),
-                  "process_rate_hz": PROCESS_RATE_HZ, "verification": False, "overlay": True}
+                  "process_rate_hz": PROCESS_RATE_HZ, "verification": False, "overlay": True,
+                  "verifier_model": ""}     # the frame path is measured: no contrastive model to fetch
         params = params_file(Path(tmp) / "params.yaml", values)
         try:
             proc = start_node(params, namespace, Path(tmp) / "node.log")

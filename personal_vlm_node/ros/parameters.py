@@ -75,7 +75,7 @@ def open_assistant(values: dict, log):
     from ..assistant import Assistant
 
     return Assistant.open(**open_arguments(values), progress=lambda m: log.info(m),
-                          options=assistant_options(values))
+                          warn_to=lambda m: log.warning(m), options=assistant_options(values))
 
 
 class NodeParameters:
