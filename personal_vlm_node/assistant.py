@@ -295,11 +295,21 @@ class Assistant:
             return []
         return [m.name for m in self.matcher.score(tokens.features, tokens.token_boxes, top=limit)]
 
+    def in_context(self, tokens, limit: int) -> list[str]:
+        """The concepts one prompt holds: every one while they fit (at most ``limit`` memories and
+        the profile's ``context_tokens``), else the best-matching first (the similarity filter)."""
+        if limit <= 0 or len(self.matcher) == 0:
+            return []
+        scores = {m.name: m.score for m in self.matcher.score(tokens.features, tokens.token_boxes)}
+        sizes = self.matcher.memory_sizes()
+        chosen = ego.joint_context([], scores, limit, self.profile.context_tokens, lambda n: sizes.get(n, 0))
+        return sorted(chosen, key=lambda n: -scores[n])
+
     def recognize(self, image, names: list[str] | None = None) -> list[Recognition]:
         """Ego in-context recognition of ``names`` (default: the similarity filter's top-M)."""
         tokens = self.vlm.encode_image(image)
         if names is None:
-            names = self.candidates(tokens, max(1, self.profile.max_concepts_in_context))
+            names = self.in_context(tokens, max(1, self.profile.max_concepts_in_context))
         else:
             names = [validate_name(n) for n in names]
             for n in names:
@@ -307,7 +317,8 @@ class Assistant:
         joint, matched = self.joint_size(), {}
         if joint is not None and len(self.matcher):
             matched = {m.name: m.score for m in self.matcher.score(tokens.features, tokens.token_boxes)}
-        scores = ego.p_yes(self.vlm, tokens, names, lambda n: self._memories([n])[0], joint, matched)
+        scores = ego.p_yes(self.vlm, tokens, names, lambda n: self._memories([n])[0], joint, matched,
+                           self.profile.context_tokens)
         threshold = self.profile.recognize_threshold
         results = [Recognition(n, p, p >= threshold) for n, p in scores.items()]
         return sorted(results, key=lambda r: -r.p_yes)
@@ -325,7 +336,7 @@ class Assistant:
         if len(question) > MAX_QUESTION_CHARS:
             raise PersonalVLMError(f"the question is over {MAX_QUESTION_CHARS} characters")
         tokens = self.vlm.encode_image(image)
-        names = self.candidates(tokens, self.profile.max_concepts_in_context)
+        names = ego.context_order(self.in_context(tokens, self.profile.max_concepts_in_context))
         memories = self._memories(names, skip_gone=True)
         parts = prompts.ask(memories, tokens, question, self.vlm.family)
         generation = self.vlm.generate(parts, max_new_tokens=128, on_text=on_partial)

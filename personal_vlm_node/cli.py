@@ -178,8 +178,8 @@ def _cmd_recognize(args) -> None:
     rows = [{"name": r.name, "p_yes": round(r.p_yes, 4), "present": r.present} for r in results]
     text = "\n".join(f"{'yes' if r.present else 'no ':3}  p={r.p_yes:.3f}  {r.name}" for r in results)
     if taught and not args.concept and len(rows) < taught:
-        text += (f"\n(checked the {len(rows)} best-matching of {taught} concepts; "
-                 "--all checks every one, --concept chooses)")
+        text += (f"\n(checked the {len(rows)} best-matching of {taught} concepts, as many as one prompt holds "
+                 "(the profile's max_concepts_in_context, context_tokens); --all checks every one, --concept chooses)")
     _emit(args, {"concepts": rows, "checked": len(rows), "taught": taught}, text or "no concepts taught yet")
 
 

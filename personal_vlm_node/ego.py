@@ -400,12 +400,26 @@ def recognize(vlm: VLMAdapter, image: ImageTokens, memories: list[Memory]) -> di
     return {m.name: vlm.yes_probability(prompts.recognize(m, image, vlm.family)) for m in memories}
 
 
-def joint_context(names: list[str], scores: dict[str, float], size: int) -> list[str]:
-    """The memories of a joint prompt: the concepts asked about (``names``) and the best-scoring
-    others, ``size`` in all (never fewer than ``names``), in :func:`context_order`."""
+def joint_context(names: list[str], scores: dict[str, float], size: int, budget: int | None = None,
+                  size_of=None) -> list[str]:
+    """The memories of a joint prompt, in :func:`context_order`: the concepts asked about
+    (``names``, always) and then the others, best-scoring first, while they fit — at most ``size``
+    memories and, with a ``budget``, at most ``budget`` memory tokens (``size_of(name)``: K_c).
+    Every concept goes in when all fit; the similarity filter ranks only beyond that."""
     asked = list(dict.fromkeys(names))
     others = sorted((n for n in scores if n not in asked), key=lambda n: -scores[n])
-    return context_order(asked + others[:max(0, size - len(asked))])
+    chosen = list(asked)
+    used = sum(size_of(n) for n in asked) if budget is not None and size_of is not None else 0
+    for name in others:
+        if len(chosen) >= size:
+            break
+        if budget is not None and size_of is not None:
+            cost = size_of(name)
+            if used + cost > budget:
+                break                     # best first: the filter keeps the top, never skips to smaller ones
+            used += cost
+        chosen.append(name)
+    return context_order(chosen)
 
 
 def context_order(names: list[str]) -> list[str]:
@@ -419,13 +433,14 @@ def context_order(names: list[str]) -> list[str]:
 
 
 def p_yes(vlm: VLMAdapter, image: ImageTokens, names: list[str], memory_of, joint: int | None = None,
-          scores: dict[str, float] | None = None) -> dict[str, float]:
+          scores: dict[str, float] | None = None, budget: int | None = None) -> dict[str, float]:
     """Ego's p(yes) for ``names``: one prompt per concept (``joint=None``), or one prompt holding
-    the memories of ``names`` and of the best-matching others by ``scores`` (``joint`` memories in
-    all), a yes-probability per name. ``memory_of(name)`` gives a :class:`Memory`."""
+    the memories of ``names`` and of the others in ``scores`` while they fit (at most ``joint``
+    memories and ``budget`` memory tokens; beyond that the best-matching by ``scores``), a
+    yes-probability per name. ``memory_of(name)`` gives a :class:`Memory`."""
     if joint is None:
         return {n: recognize(vlm, image, [memory_of(n)])[n] for n in names}
-    together = joint_context(names, scores or {}, joint)
+    together = joint_context(names, scores or {}, joint, budget, lambda n: int(memory_of(n).tokens.shape[0]))
     return recognize_joint(vlm, image, [memory_of(n) for n in together], list(dict.fromkeys(names)))
 
 

@@ -166,7 +166,7 @@ class FramePath:
             scores=case.scores, fingerprint_of=lambda n: self.store.get(n).fingerprint, pool=settings.r2p_pool,
             image=(lambda: load_image(case.frame)) if self.text_similarity is not None else None,
             embeddings_of=self.reference_embeddings, reference_of=self.reference_tokens,
-            joint=settings.joint_size())
+            joint=settings.joint_size(), budget=settings.profile.context_tokens)
         return verdicts[case.concept]
 
     def stored_memory(self, name: str) -> dict:

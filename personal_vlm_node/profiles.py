@@ -58,7 +58,9 @@ class ModelProfile:
     reject_threshold: float = 0.55    # at or below which it is not; between goes to verification
     recognize_threshold: float = 0.5  # Ego in-context p(yes) that counts as present
     r2p_margin: float = 0.15          # Ego p(yes) this close to recognize_threshold goes to R2P
-    max_concepts_in_context: int = 5  # M: memories spliced into an /ask prompt
+    max_concepts_in_context: int = 64  # M: most memories in one prompt (/ask, joint recognition)
+    context_tokens: int = 4096        # most memory tokens in one prompt: every concept goes in while
+                                      # they fit, the best-matching first when they do not
     calibration: dict = field(default_factory=dict)   # how the layers were chosen, when measured
 
     def resolved_layers(self, num_layers: int) -> list[int]:
@@ -89,6 +91,9 @@ class ModelProfile:
             raise PersonalVLMError(f"profile: {problem}")
         if not 0.0 <= self.recognize_threshold <= 1.0:
             raise PersonalVLMError("profile: recognize_threshold must lie in [0, 1]")
+        if not isinstance(self.context_tokens, int) or self.context_tokens < self.max_memory_tokens:
+            raise PersonalVLMError(f"profile: context_tokens must be an integer >= max_memory_tokens "
+                                   f"({self.max_memory_tokens}), so one concept always fits; got {self.context_tokens!r}")
         for key in BY_PROFILE_KEY:           # the keys a user setting overrides: its range, written there
             check_profile_key(key, getattr(self, key))
         return self

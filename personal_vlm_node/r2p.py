@@ -328,7 +328,8 @@ class Verdict:
 def settle_uncertain(vlm: VLMAdapter, tokens: ImageTokens, names: list[str], memory_of, *,
                      threshold: float, margin: float, verifier: R2PVerifier, scores: dict[str, float],
                      fingerprint_of, pool: int, image=None, embeddings_of=None,
-                     reference_of=None, joint: int | None = None) -> tuple[dict[str, Verdict], R2PResult | None]:
+                     reference_of=None, joint: int | None = None,
+                     budget: int | None = None) -> tuple[dict[str, Verdict], R2PResult | None]:
     """The decision cascade for ``names``, the concepts in the matcher's uncertain band on one image.
 
     Ego's in-context p_yes decides each one; those Ego is itself unsure of (:func:`cascade_decision`)
@@ -336,8 +337,9 @@ def settle_uncertain(vlm: VLMAdapter, tokens: ImageTokens, names: list[str], mem
     matcher's scores on this image (not computed again here); ``memory_of(name)`` and
     ``fingerprint_of(name)`` give a concept's (K, D) memory and fingerprint; ``image()`` gives the
     picture for the image-text scores, asked for only when R2P runs. ``joint``: Ego asks about
-    ``names`` in one prompt that also holds the best-matching other concepts' memories (``joint``
-    memories in all; the profile's ``recognition: joint``), else one prompt per concept. The frame
+    ``names`` in one prompt that also holds the other concepts' memories while they fit (at most
+    ``joint`` memories and ``budget`` memory tokens, the best-matching first beyond that; the
+    profile's ``recognition: joint``), else one prompt per concept. The frame
     path and the evaluation both decide through this function.
     """
     from . import ego
@@ -347,7 +349,7 @@ def settle_uncertain(vlm: VLMAdapter, tokens: ImageTokens, names: list[str], mem
         return found if isinstance(found, Memory) else Memory(found, name)
 
     verdicts, unsure = {}, []
-    for name, p_yes in ego.p_yes(vlm, tokens, names, memory, joint, scores).items():
+    for name, p_yes in ego.p_yes(vlm, tokens, names, memory, joint, scores, budget).items():
         decision = cascade_decision("uncertain", p_yes, margin, threshold)
         verdicts[name] = Verdict(decision == "accept", p_yes, "r2p" if decision == "r2p" else "ego")
         if decision == "r2p":

@@ -265,10 +265,16 @@ def test_recognize_says_how_many_of_the_concepts_it_checked(cli, tmp_path):
     pictures = [photo_file(tmp_path / f"p{i}.png", 40 + i, 240, 160) for i in range(7)]
     for i, picture in enumerate(pictures):
         cli("teach", f"thing {i}", picture, "--no-wait")
-    done = cli("recognize", pictures[0])
-    assert "of 7 concepts" in done.stdout + done.stderr
+    # Every concept while they fit in one prompt (the default budget holds all 7) …
     payload = json.loads(cli("--json", "recognize", pictures[0]).stdout)
-    assert payload["taught"] == 7 and payload["checked"] == len(payload["concepts"]) < 7
+    assert payload["taught"] == payload["checked"] == len(payload["concepts"]) == 7
+    # … and the best-matching ones beyond that.
+    profile = tmp_path / "profile.yaml"
+    profile.write_text("max_concepts_in_context: 3\n")
+    done = cli("--profile", str(profile), "recognize", pictures[0])
+    assert "checked the 3 best-matching of 7 concepts" in done.stdout + done.stderr
+    payload = json.loads(cli("--profile", str(profile), "--json", "recognize", pictures[0]).stdout)
+    assert payload["taught"] == 7 and payload["checked"] == len(payload["concepts"]) == 3
     everything = json.loads(cli("--json", "recognize", pictures[0], "--all").stdout)
     assert everything["checked"] == 7
 

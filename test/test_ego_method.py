@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from personal_vlm_node import ego
+from personal_vlm_node.errors import PersonalVLMError
 from personal_vlm_node.testing.kit import photo
 from personal_vlm_node.vlm import Memory
 
@@ -337,6 +338,48 @@ def test_a_joint_prompt_holds_the_asked_concepts_and_the_best_matching_others():
     # The same concepts stand in the same order, whichever is asked and however they were listed.
     assert (ego.joint_context(["Fluffy"], scores, 9) == ego.joint_context(["keys"], scores, 9)
             == ego.context_order(["my mug", "keys", "cane", "Fluffy"]))
+
+
+def test_every_concept_is_in_context_while_they_fit_and_the_best_matching_first_beyond():
+    scores = {"cane": 0.9, "Fluffy": 0.1, "my mug": 0.5, "keys": 0.7}
+    sizes = {"cane": 30, "Fluffy": 10, "my mug": 20, "keys": 25}
+    everyone = set(scores)
+    assert set(ego.joint_context(["Fluffy"], scores, 64, 85, sizes.get)) == everyone        # 85 tokens: all fit
+    assert set(ego.joint_context(["Fluffy"], scores, 64, 84, sizes.get)) == {"Fluffy", "cane", "keys"}
+    assert set(ego.joint_context(["Fluffy"], scores, 64, 39, sizes.get)) == {"Fluffy"}     # cane (30) no longer fits
+    # The filter keeps the best-matching: it never skips one that does not fit for a smaller, worse one.
+    assert set(ego.joint_context(["Fluffy"], scores, 64, 64, sizes.get)) == {"Fluffy", "cane"}
+    assert set(ego.joint_context(["Fluffy", "cane"], scores, 64, 1, sizes.get)) == {"Fluffy", "cane"}   # asked: always
+    assert set(ego.joint_context([], scores, 2, 10_000, sizes.get)) == {"cane", "keys"}     # the count cap too
+
+
+def test_ask_and_recognition_hold_every_concept_that_fits_the_profile_s_context_budget(adapters, tmp_path):
+    from personal_vlm_node.assistant import Assistant
+    from personal_vlm_node.profiles import ModelProfile
+    from personal_vlm_node.store import ConceptStore
+
+    profile = ModelProfile(max_memory_tokens=4, min_memory_tokens=4, context_tokens=4 * 6)
+    a = Assistant(adapters("qwen2_5_vl"), ConceptStore(tmp_path / "store"), profile, progress=None,
+                  verification=False, verifier_model=None)
+    try:
+        names = [f"thing {k}" for k in range(8)]
+        for k, name in enumerate(names):
+            a.teach(name, [photo(40 + k)])
+        assert set(a.matcher.memory_sizes().values()) == {4}
+        tokens = a.vlm.encode_image(photo(40))
+        scores = {m.name: m.score for m in a.matcher.score(tokens.features, tokens.token_boxes)}
+        best = sorted(names, key=lambda n: -scores[n])
+        assert a.in_context(tokens, 64) == best[:6]                       # 6 memories of 4 tokens fit 24
+        a.profile.context_tokens = 4 * 8
+        assert a.in_context(tokens, 64) == best                           # now all of them
+        assert a.in_context(tokens, 3) == best[:3]
+        assert set(a.ask("what is this?", photo(40)).concepts) == set(names)
+        a.profile.context_tokens = 4 * 6
+        assert set(a.ask("what is this?", photo(40)).concepts) == set(best[:6])
+    finally:
+        a.close()
+    with pytest.raises(PersonalVLMError, match="context_tokens must be an integer >= max_memory_tokens"):
+        ModelProfile(max_memory_tokens=32, context_tokens=16).validate()
 
 
 def test_where_a_memory_stands_says_nothing_of_which_concept_is_asked():

@@ -314,9 +314,10 @@ def test_joint_recognition_asks_each_concept_beside_the_best_matching_others(ass
     assistant.profile.max_concepts_in_context = 2
     results = evaluation.evaluate(assistant, data, tmp_path / "out", EvalOptions(method="ego", recognition="joint"),
                                   progress=None)
-    assert results["ego"] == {"recognition": "joint", "memories_per_prompt": 2}
-    assert "joint recognition: each concept asked in one prompt with the best-matching others (2 memories" in \
-        (tmp_path / "out" / "results.md").read_text()
+    budget = assistant.profile.context_tokens
+    assert results["ego"] == {"recognition": "joint", "memories_per_prompt": 2, "context_tokens": budget}
+    assert ("joint recognition: each concept asked in one prompt with the other concepts while they fit "
+            f"(at most 2 memories, {budget} memory tokens") in (tmp_path / "out" / "results.md").read_text()
     record = evaluation.read_lines(tmp_path / "out" / "progress.jsonl")[0]
     tokens = assistant.vlm.encode_image(load_image(tmp_path / "data" / record["query"]))
     scores = {m.name: m.score for m in assistant.matcher.score(tokens.features, tokens.token_boxes)}
@@ -329,7 +330,7 @@ def test_joint_recognition_asks_each_concept_beside_the_best_matching_others(ass
     # The profile's choice by default: one prompt per concept.
     per_concept = evaluation.evaluate(assistant, data, tmp_path / "out2", EvalOptions(method="ego", max_queries=1),
                                       progress=None)
-    assert per_concept["ego"] == {"recognition": "per_concept", "memories_per_prompt": 1}
+    assert per_concept["ego"] == {"recognition": "per_concept", "memories_per_prompt": 1, "context_tokens": budget}
 
 
 def test_a_rerun_skips_the_queries_already_done(assistant, tmp_path, monkeypatch):

@@ -32,7 +32,8 @@ DEFAULTS = {
     "reject_threshold": 0.55,
     "recognize_threshold": 0.5,
     "r2p_margin": 0.15,
-    "max_concepts_in_context": 5,
+    "max_concepts_in_context": 64,
+    "context_tokens": 4096,
     "calibration": {},
 }
 
@@ -45,7 +46,8 @@ UNCALIBRATED = {
     "reject_threshold": 0.55,
     "recognize_threshold": 0.5,
     "r2p_margin": 0.15,
-    "max_concepts_in_context": 5,
+    "max_concepts_in_context": 64,
+    "context_tokens": 4096,
 }
 
 # Every key of every shipped profile except its calibration record.
@@ -60,7 +62,7 @@ SHIPPED = {
     "qwen2.5-vl-toy.yaml": {**{k: v for k, v in DEFAULTS.items() if k != "calibration"},
                             "model": "qwen2.5-vl-toy", "layers": [1, 3], "max_memory_tokens": 32,
                             "accept_threshold": 0.9709, "reject_threshold": 0.9197,
-                            "recognize_threshold": 0.6442, "r2p_margin": 0.1437},
+                            "recognize_threshold": 0.6442, "r2p_margin": 0.1437, "context_tokens": 1024},
 }
 
 

@@ -24,8 +24,9 @@ def format_value(value, digits: int = 3) -> str:
 
 def _ego_prompts(ego: dict) -> str:
     if ego["recognition"] == "joint":
-        return (f"joint recognition: each concept asked in one prompt with the best-matching others "
-                f"({ego['memories_per_prompt']} memories per prompt)")
+        budget = f", {ego['context_tokens']} memory tokens" if ego.get("context_tokens") else ""
+        return (f"joint recognition: each concept asked in one prompt with the other concepts while they fit "
+                f"(at most {ego['memories_per_prompt']} memories{budget}; the best-matching first beyond)")
     return "one prompt per concept"
 
 

@@ -112,7 +112,8 @@ class _Methods:
     def _ego_p_yes(self, tokens, concept: str, scores: dict[str, float]) -> float:
         from .. import ego
 
-        return ego.p_yes(self.assistant.vlm, tokens, [concept], self.memories.__getitem__, self.joint, scores)[concept]
+        return ego.p_yes(self.assistant.vlm, tokens, [concept], self.memories.__getitem__, self.joint, scores,
+                         self.assistant.profile.context_tokens)[concept]
 
     def _run_r2p(self, tokens, image, scores: dict[str, float], must_include=()):
         from ..r2p import candidates_from_scores
@@ -152,7 +153,8 @@ class _Methods:
             self.memories.__getitem__, threshold=self.threshold, margin=self.margin,
             verifier=self.r2p, scores=scores, fingerprint_of=self.fingerprints.__getitem__,
             pool=self.options.r2p_pool, image=lambda: image, embeddings_of=self._embeddings_of,
-            reference_of=self.assistant.reference_tokens, joint=self.joint)
+            reference_of=self.assistant.reference_tokens, joint=self.joint,
+            budget=self.assistant.profile.context_tokens)
         out = {}
         for c, stage in stages.items():
             verdict = verdicts.get(c)
@@ -308,7 +310,8 @@ def evaluate(assistant, dataset: Dataset, out, options: EvalOptions | None = Non
                     "failed": len(failed), "of_queries": len(dataset.queries)},
         "thresholds": {"accept": methods.accept, "reject": methods.reject, "recognize": methods.threshold,
                        "margin": methods.margin, "pairwise": options.pairwise_threshold},
-        "ego": {"recognition": methods.recognition, "memories_per_prompt": methods.joint or 1},
+        "ego": {"recognition": methods.recognition, "memories_per_prompt": methods.joint or 1,
+                "context_tokens": assistant.profile.context_tokens},
         "r2p": {"top_k": options.top_k, "pool": options.r2p_pool, "pairwise_reference": options.pairwise_reference,
                 "text_similarity": text_similarity.name if text_similarity is not None else SELF_JUDGED_NAME},
         **summary,
