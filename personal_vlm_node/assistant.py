@@ -336,11 +336,13 @@ class Assistant:
         if len(question) > MAX_QUESTION_CHARS:
             raise PersonalVLMError(f"the question is over {MAX_QUESTION_CHARS} characters")
         tokens = self.vlm.encode_image(image)
-        names = ego.context_order(self.in_context(tokens, self.profile.max_concepts_in_context))
-        memories = self._memories(names, skip_gone=True)
+        ranked = self.in_context(tokens, self.profile.max_concepts_in_context)       # best-matching first
+        memories = self._memories(ego.context_order(ranked), skip_gone=True)         # position says nothing
         parts = prompts.ask(memories, tokens, question, self.vlm.family)
         generation = self.vlm.generate(parts, max_new_tokens=128, on_text=on_partial)
-        return AskResult(generation.text, [m.name for m in memories], time.perf_counter() - t0, generation.stopped)
+        held = {m.name for m in memories}
+        return AskResult(generation.text, [n for n in ranked if n in held], time.perf_counter() - t0,
+                         generation.stopped)
 
     def forget(self, name: str) -> ForgetResult:
         """Forget ``name`` everywhere; the result names any folder that could not be removed."""

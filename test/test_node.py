@@ -118,6 +118,9 @@ def test_default_parameters_keep_a_calibrated_profiles_margin_and_concepts_in_co
         def info(self, message):
             pass
 
+        def warning(self, message):
+            pass
+
     with open_assistant(values, Log()) as assistant:
         assert (assistant.r2p_margin, assistant.profile.max_concepts_in_context) == (0.1437, 3)
     values.update(r2p_margin=0.2, max_concepts_in_context=2)
@@ -404,7 +407,7 @@ def test_ask_answers_about_a_given_image_and_about_the_latest_frame(ros):
     given = ros.ask("Where is the red cup?", image_msg(pixels(5)))
     assert given.success, given.message
     assert isinstance(given.answer, str)
-    # max_concepts_in_context: 2 in the params file replaces the profile's 5.
+    # max_concepts_in_context: 2 in the params file replaces the profile's 64.
     assert 1 <= len(given.concepts) <= 2 and set(given.concepts) <= taught
     assert given.concepts[0] == "red cup"           # its memory scores 1.0 on its own picture
 
@@ -1006,6 +1009,19 @@ def test_list_says_1_concept_and_diagnostics_name_the_resolved_dtype(ros, node_p
     assert ros.list().message == "0 concepts"
     assert _diagnostic_value(ros, "dtype") == "float32"
     assert "(float32, qwen2_5_vl)" in node_process.output()
+
+
+def test_a_verifier_model_without_weights_is_one_warning_at_startup_and_the_node_serves(ros, node_process):
+    """The default contrastive model (CLIP ViT-L/14-336) is not in this machine's cache and the
+    hub is offline: one WARN line at startup says so, and R2P runs on the VLM's own yes/no."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache("openai/clip-vit-large-patch14-336", "config.json"), str):
+        pytest.skip("CLIP ViT-L/14-336 is in this machine's Hugging Face cache: it loads")
+    lines = [line for line in node_process.output().splitlines() if "R2P verifier model" in line]
+    assert len(lines) == 1, lines
+    assert "[WARN]" in lines[0] and "openai/clip-vit-large-patch14-336" in lines[0] and "yes/no" in lines[0]
+    assert ros.list().success
 
 
 # ---- personal-vlm node …: the client for machines without the ros2 command --------------------
