@@ -64,6 +64,33 @@ def test_summaries_count_every_pair_per_concept_and_overall():
     assert (overall["tp"], overall["fp"], overall["tn"], overall["fn"]) == (1, 1, 1, 1)
     assert summary["macro_weighted_accuracy"] == pytest.approx((0.5 + 0.5) / 2)
     assert summary["decided_by"] == {"match": 2, "ego": 1, "r2p": 1}
+    assert list(summary["stages"]) == ["match", "ego", "r2p"]
+    assert summary["stages"]["match"] == {"decisions": 2, "accuracy": 1.0, "positives": 1, "negatives": 1,
+                                         "weighted_accuracy": 1.0, "recall": 1.0, "precision": 1.0}
+
+
+def test_the_per_stage_table_says_how_right_each_stage_is_and_ego_alone_on_the_same_pairs(tmp_path):
+    from personal_vlm_node.evaluation.report import _stage_lines
+
+    def pair(label, predicted, source, p_yes=None):
+        return {"concept": "a", "label": label, "predicted": predicted, "score": 0.5, "source": source,
+                "p_yes": p_yes}
+
+    records = [{"query": "q", "pairs": [
+        pair(True, True, "match"), pair(False, False, "match"), pair(False, False, "match"),
+        pair(True, True, "ego", 0.9), pair(False, True, "ego", 0.7),
+        # R2P right on both pairs it took from an unsure Ego, which was wrong on both of them.
+        pair(True, True, "r2p", 0.55), pair(False, False, "r2p", 0.65)]}]
+    stages = evaluation.summarize(records, ["a"], threshold=0.6)["stages"]
+    assert [(s, row["decisions"], row["accuracy"]) for s, row in stages.items()] == \
+        [("match", 3, 1.0), ("ego", 2, 0.5), ("r2p", 2, 1.0)]
+    assert "ego_alone" not in stages["match"]                                  # Ego never ran on them
+    assert stages["ego"]["ego_alone"]["accuracy"] == 0.5
+    assert stages["r2p"]["ego_alone"] == {"decisions": 2, "accuracy": 0.0, "positives": 1, "negatives": 1,
+                                          "weighted_accuracy": 0.0, "recall": 0.0, "precision": 0.0}
+    table = "\n".join(_stage_lines(stages))
+    assert "| r2p | 2 | 1.000 | 1 | 1.000 | 1.000 | 1.000 | 0.000 | 0.000 |" in table, table
+    assert _stage_lines({"ego": stages["ego"]}) == []                          # one stage: nothing to compare
 
 
 # ---- layouts -----------------------------------------------------------------------------

@@ -42,10 +42,19 @@ def recognition_metrics(counts: Counts) -> dict:
             "precision": precision, "recall": positive, "f1": f1}
 
 
-def summarize(records: list[dict], concepts: list[str]) -> dict:
-    """Overall and per-concept metrics from per-query records (records with an error are skipped)."""
+STAGES = ("match", "ego", "r2p")       # the cascade's stages, in the order they hand cases on
+
+
+def summarize(records: list[dict], concepts: list[str], threshold: float | None = None) -> dict:
+    """Overall and per-concept metrics from per-query records (records with an error are skipped).
+
+    ``stages``: per deciding stage (the pair's ``source``), its decisions and how right they were;
+    with Ego's ``threshold``, also what Ego alone (p_yes ≥ threshold) decided on the same pairs
+    (``ego_alone``), so a stage after Ego shows whether it improves on it."""
     overall, per_concept = Counts(), {c: Counts() for c in concepts}
     sources: dict[str, int] = {}
+    by_stage: dict[str, Counts] = {}
+    ego_alone: dict[str, Counts] = {}
     for record in records:
         for pair in record.get("pairs", []):
             if pair["concept"] not in per_concept:
@@ -53,7 +62,23 @@ def summarize(records: list[dict], concepts: list[str]) -> dict:
             overall.add(pair["label"], pair["predicted"])
             per_concept[pair["concept"]].add(pair["label"], pair["predicted"])
             sources[pair["source"]] = sources.get(pair["source"], 0) + 1
+            by_stage.setdefault(pair["source"], Counts()).add(pair["label"], pair["predicted"])
+            if threshold is not None and pair.get("p_yes") is not None:
+                ego_alone.setdefault(pair["source"], Counts()).add(pair["label"], pair["p_yes"] >= threshold)
     per = {c: recognition_metrics(k) for c, k in per_concept.items()}
     weighted = [m["weighted_accuracy"] for m in per.values() if m["weighted_accuracy"] is not None]
+    order = [s for s in STAGES if s in by_stage] + sorted(s for s in by_stage if s not in STAGES)
+    stages = {s: {**_stage_row(by_stage[s]),
+                  **({"ego_alone": _stage_row(ego_alone[s])} if s in ego_alone else {})} for s in order}
     return {"overall": recognition_metrics(overall), "per_concept": per, "decided_by": sources,
+            "stages": stages,
             "macro_weighted_accuracy": sum(weighted) / len(weighted) if weighted else None}
+
+
+def _stage_row(counts: Counts) -> dict:
+    """A stage's decisions: how many, the share right, and Wtd, recall, precision over them."""
+    m = recognition_metrics(counts)
+    decisions = m["positives"] + m["negatives"]
+    return {"decisions": decisions, "accuracy": _ratio(counts.tp + counts.tn, decisions),
+            "positives": m["positives"], "negatives": m["negatives"], "weighted_accuracy": m["weighted_accuracy"],
+            "recall": m["recall"], "precision": m["precision"]}

@@ -22,6 +22,24 @@ def format_value(value, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def _stage_lines(stages: dict) -> list[str]:
+    """The per-stage table: which stage decided how many pairs, how right, and — on the pairs a
+    stage after Ego decided — how right Ego alone was on them (does the stage earn its place?)."""
+    if len(stages) < 2:
+        return []
+    lines = ["## Per stage", "",
+             "Each pair is decided by one stage; \"Ego alone\" is Ego's own answer on the same pairs "
+             "(p(yes) at the recognize threshold).", "",
+             "| stage | decisions | right | positives | Wtd | recall | precision | Ego alone: right | Ego alone: Wtd |",
+             "|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for name, row in stages.items():
+        alone = row.get("ego_alone") or {}
+        cells = [row["decisions"], row["accuracy"], row["positives"], row["weighted_accuracy"], row["recall"],
+                 row["precision"], alone.get("accuracy"), alone.get("weighted_accuracy")]
+        lines.append(f"| {name} | " + " | ".join(format_value(c) for c in cells) + " |")
+    return lines + [""]
+
+
 def _ego_prompts(ego: dict) -> str:
     if ego["recognition"] == "joint":
         budget = f", {ego['context_tokens']} memory tokens" if ego.get("context_tokens") else ""
@@ -67,6 +85,7 @@ def results_markdown(results: dict) -> str:
         "",
         f"Mean Wtd over concepts: {format_value(results['macro_weighted_accuracy'])}",
         "",
+        *_stage_lines(results.get("stages") or {}),
         "## Per concept",
         "",
         header, rule,

@@ -300,7 +300,7 @@ def evaluate(assistant, dataset: Dataset, out, options: EvalOptions | None = Non
     failed = [r for r in records if "error" in r]
     if failed:
         progress(f"{len(failed)} of {total} queries failed; run the same command again to retry them")
-    summary = summarize(records, dataset.concepts)
+    summary = summarize(records, dataset.concepts, methods.threshold)
     timed = [r["seconds"] for r in records if "error" not in r]
     results = {
         "method": options.method,
