@@ -39,7 +39,13 @@ q and a short list of candidate concepts (with their visual scores from the matc
 :class:`R2PResult` keeps every stage's numbers for logs, the overlay and evaluation.
 
 The frame path uses R2P last, after the matcher and Ego's in-context check, only when Ego is itself
-unsure: :func:`cascade_decision`.
+unsure: :func:`cascade_decision`. There, when R2P's chain of thought and its attribute check agree,
+R2P's answer stands. When they do not, R2P's pairwise p_i for the concept and Ego's p_yes are two
+answers to the same yes/no question (beside the reference picture, beside the memory), and the
+cascade adds their evidence instead of letting the second replace the first:
+  present ⇔ (p_yes − τ_Ego) + (p_i − τ) ≥ 0,   score = ((p_yes − τ_Ego) + (p_i − τ) + 1) / 2.
+(Chosen on the toy's tuning worlds, where it beat letting the pairwise step decide alone; see
+docs/methods.md.)
 """
 
 from __future__ import annotations
@@ -309,6 +315,9 @@ def cascade_decision(match_decision: str, ego_p_yes: float | None = None, margin
     return "accept" if ego_p_yes >= threshold else "reject"
 
 
+PAIRWISE_WITH_EGO = "r2p_pairwise_ego"     # a Verdict's source when R2P's pairwise step and Ego decided together
+
+
 @dataclass
 class Verdict:
     """How the cascade settled one concept the matcher was unsure of, on one image."""
@@ -318,6 +327,13 @@ class Verdict:
     source: str                      # "ego", or "r2p" when Ego was itself unsure
     score: float | None = None       # R2P's score for the concept, when R2P decided
     stages: dict | None = None       # R2P's stages (:attr:`R2PResult.stages`), when R2P decided
+    settled_by: str = ""             # with source "r2p": "" R2P's own answer, PAIRWISE_WITH_EGO its
+                                     # pairwise step and Ego's p_yes together
+
+    @property
+    def stage(self) -> str:
+        """Which stage of the cascade decided: "ego", "r2p" or PAIRWISE_WITH_EGO (eval's per-stage table)."""
+        return self.settled_by or self.source
 
     @property
     def confidence(self) -> float:
@@ -361,8 +377,16 @@ def settle_uncertain(vlm: VLMAdapter, tokens: ImageTokens, names: list[str], mem
     candidates = candidates_from_scores(scores, pool, fingerprint_of, memory_of, unsure,
                                         embeddings_of=embeddings_of, reference_of=reference_of)
     result = verifier.verify(tokens, image() if image is not None else None, candidates)
+    pairwise = (result.stages.get("pairwise") or {}).get("p", {})
     for name in unsure:
-        verdicts[name].present = result.present(name)
-        verdicts[name].score = result.score_for(name)
-        verdicts[name].stages = result.stages
+        verdict = verdicts[name]
+        verdict.stages = result.stages
+        if name in pairwise:
+            # R2P's reasoning and its attribute check did not agree, so R2P fell back on a yes/no
+            # beside the reference picture: the same question Ego asked beside the memory. Neither
+            # overrides the other; their evidence adds up (see the module docstring).
+            evidence = (verdict.p_yes - threshold) + (pairwise[name] - verifier.pairwise_threshold)
+            verdict.present, verdict.score, verdict.settled_by = evidence >= 0, unit(evidence), PAIRWISE_WITH_EGO
+        else:
+            verdict.present, verdict.score = result.present(name), result.score_for(name)
     return verdicts, result

@@ -104,7 +104,7 @@ def test_profile_parameters_override_the_profile_only_when_not_negative():
 
 
 def test_default_parameters_keep_a_calibrated_profiles_margin_and_concepts_in_context(tiny_checkpoints, tmp_path):
-    # As the toy profile: a calibrated r2p_margin (0.1437), and an M other than the defaults' 5.
+    # A calibrated r2p_margin (0.1437), and an M other than the defaults' 64.
     from personal_vlm_node.ros.parameters import open_assistant
     from personal_vlm_node.settings import PARAMETERS
 

@@ -60,9 +60,9 @@ SHIPPED = {
     "smolvlm-500m-instruct.yaml": {"model": "HuggingFaceTB/SmolVLM-500M-Instruct", **UNCALIBRATED},
     # The toy writes every key: its calibration measured the layers, memory size and thresholds.
     "qwen2.5-vl-toy.yaml": {**{k: v for k, v in DEFAULTS.items() if k != "calibration"},
-                            "model": "qwen2.5-vl-toy", "layers": [1, 3], "max_memory_tokens": 32,
-                            "accept_threshold": 0.9709, "reject_threshold": 0.9197,
-                            "recognize_threshold": 0.6442, "r2p_margin": 0.1437, "context_tokens": 1024},
+                            "model": "qwen2.5-vl-toy", "layers": [0, 3], "max_memory_tokens": 32,
+                            "accept_threshold": 0.9497, "reject_threshold": 0.8142,
+                            "recognize_threshold": 0.5467, "r2p_margin": 0.1965, "context_tokens": 1024},
 }
 
 

@@ -161,7 +161,7 @@ class _Methods:
             if verdict is None:
                 out[c] = {"predicted": stage == "accept", "score": scores.get(c), "source": "match", "p_yes": None}
             else:
-                out[c] = {"predicted": verdict.present, "score": scores.get(c), "source": verdict.source,
+                out[c] = {"predicted": verdict.present, "score": scores.get(c), "source": verdict.stage,
                           "p_yes": verdict.p_yes}
         return out, result
 
