@@ -289,12 +289,6 @@ class Assistant:
                 log.info("concept %r left out: forgotten or not rebuilt for this model", n)
         return memories
 
-    def candidates(self, tokens, limit: int) -> list[str]:
-        """Similarity filter: the ``limit`` concepts whose memories best match the image's tokens."""
-        if limit <= 0 or len(self.matcher) == 0:
-            return []
-        return [m.name for m in self.matcher.score(tokens.features, tokens.token_boxes, top=limit)]
-
     def in_context(self, tokens, limit: int) -> list[str]:
         """The concepts one prompt holds: every one while they fit (at most ``limit`` memories and
         the profile's ``context_tokens``), else the best-matching first (the similarity filter)."""
@@ -306,7 +300,7 @@ class Assistant:
         return sorted(chosen, key=lambda n: -scores[n])
 
     def recognize(self, image, names: list[str] | None = None) -> list[Recognition]:
-        """Ego in-context recognition of ``names`` (default: the similarity filter's top-M)."""
+        """Ego in-context recognition of ``names`` (default: :meth:`in_context`, every concept while they fit)."""
         tokens = self.vlm.encode_image(image)
         if names is None:
             names = self.in_context(tokens, max(1, self.profile.max_concepts_in_context))
