@@ -318,7 +318,7 @@ class Assistant:
         return sorted(results, key=lambda r: -r.p_yes)
 
     def ask(self, question: str, image, on_partial=None) -> AskResult:
-        """Answer about ``image``; only the top-M matching concepts enter the prompt.
+        """Answer about ``image`` with every concept in the prompt while they fit (:meth:`in_context`).
 
         ``on_partial(answer_so_far)`` is called after each generated token; returning False stops
         the answer there (``AskResult.stopped``).
@@ -400,7 +400,8 @@ class Assistant:
         return values
 
     def joint_size(self, recognition: str | None = None) -> int | None:
-        """Memories in one joint Ego prompt (``recognition: joint``: the top-M), None per concept.
+        """Most memories in one joint Ego prompt (``recognition: joint``: M, within ``context_tokens``),
+        None per concept.
         ``recognition``: that choice instead of the profile's (eval compares the two)."""
         if (recognition or self.profile.recognition) != "joint":
             return None

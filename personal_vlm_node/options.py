@@ -22,7 +22,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")      # weight precision of t
 EXPORT_OPSET = 20              # ONNX opset of exported encoders: dynamo needs ≥ 18, TensorRT 10 parses ≤ 22
 # What R2P's pairwise step shows beside the query: the candidate's reference picture (R2P) or its memory.
 PAIRWISE_REFERENCES = ("image", "memory")
-# Ego's recognition: one prompt per concept, or the top-M concepts' memories in one prompt.
+# Ego's recognition: one prompt per concept, or every concept's memory in one prompt while they fit.
 RECOGNITIONS = ("per_concept", "joint")
 RANDOM_MODEL_SIZES = ("tiny", "realistic")                # random-weight models `bench` builds by itself
 

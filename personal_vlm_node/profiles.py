@@ -52,8 +52,8 @@ class ModelProfile:
     introduction_passes: int = 1      # 1: attention captured while generating; 2: extra forward
     max_image_pixels: int = 0         # every picture (reference or frame) downscaled to at most this
                                       # many pixels before the processor; 0 = the processor's limits
-    recognition: str = "per_concept"  # Ego check: one prompt per concept, or "joint": the top-M
-                                      # memories in one prompt, a yes-probability per name
+    recognition: str = "per_concept"  # Ego check: one prompt per concept, or "joint": all the
+                                      # memories that fit in one prompt, a yes-probability per name
     accept_threshold: float = 0.80    # matcher score at or above which a frame is a detection
     reject_threshold: float = 0.55    # at or below which it is not; between goes to verification
     recognize_threshold: float = 0.5  # Ego in-context p(yes) that counts as present
