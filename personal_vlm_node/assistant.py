@@ -289,12 +289,17 @@ class Assistant:
                 log.info("concept %r left out: forgotten or not rebuilt for this model", n)
         return memories
 
-    def in_context(self, tokens, limit: int) -> list[str]:
+    def _match_scores(self, tokens) -> dict[str, float]:
+        """Every concept's matcher score on the image's tokens."""
+        return {m.name: m.score for m in self.matcher.score(tokens.features, tokens.token_boxes)}
+
+    def in_context(self, tokens, limit: int, scores: dict[str, float] | None = None) -> list[str]:
         """The concepts one prompt holds: every one while they fit (at most ``limit`` memories and
-        the profile's ``context_tokens``), else the best-matching first (the similarity filter)."""
+        the profile's ``context_tokens``), else the best-matching first (the similarity filter).
+        ``scores``: the matcher's scores on these tokens, when already computed."""
         if limit <= 0 or len(self.matcher) == 0:
             return []
-        scores = {m.name: m.score for m in self.matcher.score(tokens.features, tokens.token_boxes)}
+        scores = self._match_scores(tokens) if scores is None else scores
         sizes = self.matcher.memory_sizes()
         chosen = ego.joint_context([], scores, limit, self.profile.context_tokens, lambda n: sizes.get(n, 0))
         return sorted(chosen, key=lambda n: -scores[n])
@@ -302,15 +307,14 @@ class Assistant:
     def recognize(self, image, names: list[str] | None = None) -> list[Recognition]:
         """Ego in-context recognition of ``names`` (default: :meth:`in_context`, every concept while they fit)."""
         tokens = self.vlm.encode_image(image)
+        joint = self.joint_size()
+        matched = self._match_scores(tokens) if len(self.matcher) and (names is None or joint is not None) else {}
         if names is None:
-            names = self.in_context(tokens, max(1, self.profile.max_concepts_in_context))
+            names = self.in_context(tokens, max(1, self.profile.max_concepts_in_context), matched)
         else:
             names = [validate_name(n) for n in names]
             for n in names:
                 self.store.get(n)
-        joint, matched = self.joint_size(), {}
-        if joint is not None and len(self.matcher):
-            matched = {m.name: m.score for m in self.matcher.score(tokens.features, tokens.token_boxes)}
         scores = ego.p_yes(self.vlm, tokens, names, lambda n: self._memories([n])[0], joint, matched,
                            self.profile.context_tokens)
         threshold = self.profile.recognize_threshold

@@ -440,8 +440,15 @@ def p_yes(vlm: VLMAdapter, image: ImageTokens, names: list[str], memory_of, join
     yes-probability per name. ``memory_of(name)`` gives a :class:`Memory`."""
     if joint is None:
         return {n: recognize(vlm, image, [memory_of(n)])[n] for n in names}
-    together = joint_context(names, scores or {}, joint, budget, lambda n: int(memory_of(n).tokens.shape[0]))
-    return recognize_joint(vlm, image, [memory_of(n) for n in together], list(dict.fromkeys(names)))
+    loaded: dict[str, Memory] = {}           # each memory loaded once: sized, then spliced
+
+    def memory(name: str) -> Memory:
+        if name not in loaded:
+            loaded[name] = memory_of(name)
+        return loaded[name]
+
+    together = joint_context(names, scores or {}, joint, budget, lambda n: int(memory(n).tokens.shape[0]))
+    return recognize_joint(vlm, image, [memory(n) for n in together], list(dict.fromkeys(names)))
 
 
 def recognize_joint(vlm: VLMAdapter, image: ImageTokens, memories: list[Memory],

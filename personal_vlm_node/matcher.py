@@ -234,7 +234,7 @@ class Matcher:
     def memory_sizes(self) -> dict[str, int]:
         """K_c, the memory tokens of each concept (what it costs in a prompt's context)."""
         bank = self._bank
-        return {n: int(k) for n, k in zip(bank.names, bank.mask.sum(dim=1).tolist())}
+        return {n: int(k) for n, k in zip(bank.names, bank.counts.tolist())}
 
     # ----------------------------------------------------------------- score
     def score(
