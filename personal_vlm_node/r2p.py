@@ -315,7 +315,7 @@ def cascade_decision(match_decision: str, ego_p_yes: float | None = None, margin
     return "accept" if ego_p_yes >= threshold else "reject"
 
 
-PAIRWISE_WITH_EGO = "r2p_pairwise_ego"     # a Verdict's source when R2P's pairwise step and Ego decided together
+PAIRWISE_WITH_EGO = "r2p_pairwise_ego"     # Verdict.settled_by when R2P's pairwise step and Ego decided together
 
 
 @dataclass
