@@ -43,8 +43,8 @@ def load_text_similarity(model: str | None, device: str = "auto", warn=None) -> 
     except Exception as exc:  # noqa: BLE001 - a verifier that does not load is optional: say so, go on
         if warn:
             warn(f"R2P verifier model {model!r} not loaded, so R2P uses the matcher's visual score and the "
-                 f"VLM's own yes/no instead: {str(exc).splitlines()[0]} (set verifier_model to a CLIP/SigLIP "
-                 "folder, or to \"\" to use no contrastive model)")
+                 f"VLM's own yes/no instead: {str(exc).splitlines()[0]} (verifier_model \"\" uses none "
+                 "without this warning)")
         return None
 
 
@@ -64,7 +64,7 @@ class ImageTextSimilarity:
 
         from .vlm import resolve_checkpoint
 
-        folder = resolve_checkpoint(model)
+        folder = resolve_checkpoint(model, setting="verifier_model")
         if device in ("", "auto"):
             device = "cuda" if torch.cuda.is_available() else "cpu"
         try:

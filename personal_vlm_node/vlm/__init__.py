@@ -36,14 +36,15 @@ def adapter_for(model_type: str) -> type[VLMAdapter]:
     raise PersonalVLMError(f"model type {model_type!r} is not supported; supported: {known}")
 
 
-def resolve_checkpoint(model: str) -> Path:
-    """A local folder holding the checkpoint: ``model`` itself, or the Hugging Face cache / hub."""
+def resolve_checkpoint(model: str, setting: str = "model") -> Path:
+    """A local folder holding the checkpoint: ``model`` itself, or the Hugging Face cache / hub.
+    ``setting``: the parameter the user gave it in, named by the error messages."""
     if not model or not model.strip():
-        raise PersonalVLMError("no model given; set `model` to a Hugging Face id or a local folder")
+        raise PersonalVLMError(f"no model given; set `{setting}` to a Hugging Face id or a local folder")
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise PersonalVLMError(f"{path} has no config.json; point `model` at a checkpoint folder")
+            raise PersonalVLMError(f"{path} has no config.json; point `{setting}` at a checkpoint folder")
         return path
     if path.is_absolute() or model.startswith((".", "~")) or model.count("/") > 1:
         raise PersonalVLMError(f"model folder not found: {model}")
@@ -64,7 +65,7 @@ def resolve_checkpoint(model: str) -> Path:
     raise PersonalVLMError(
         f"the weights of {model!r} are not in the Hugging Face cache and could not be downloaded "
         f"({reason}). Run `hf download {model}` on a machine with network and copy "
-        "~/.cache/huggingface over, or set `model` to a local checkpoint folder.")
+        f"~/.cache/huggingface over, or set `{setting}` to a local checkpoint folder.")
 
 
 def _pick_device(device: str):
