@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from .looks import IMAGE_SIZE, LAYOUTS, ObjectLook, lookalike, random_look, random_name
-from .scenes import Rendered, SceneSpec, distractor, reference_scene, render, scene
+from .scenes import Rendered, SceneSpec, distractor, render, scene
 
 
 # ---- datasets ------------------------------------------------------------------------------
@@ -104,12 +104,18 @@ def write_dataset(out: str | Path, seed: int = 0, concepts: int = 6, layout: str
     def rng_for(*key: int) -> np.random.Generator:
         return np.random.default_rng([seed, *key])
 
+    # Objects keep their share of the picture at any size (the scenes' sizes are in pixels of IMAGE_SIZE).
+    scale = image_size / IMAGE_SIZE
+
+    def sized(low: float, high: float) -> tuple[float, float]:
+        return (low * scale, high * scale) if scale != 1 else (low, high)
+
     if layout == "calibrate":
         n = max(concepts, 1) * 4
         for i in range(n):
             rng = rng_for(2, i)
             look = random_look(rng)
-            spec = scene(rng, [look], size_range=(60, 120), occlusion=0.2, image_size=image_size)
+            spec = scene(rng, [look], size_range=sized(60, 120), occlusion=0.2, image_size=image_size)
             rendered = emit(f"images/{i:03d}.png", spec)
             _save(Image.fromarray(rendered.masks[0].astype(np.uint8) * 255), out / f"masks/{i:03d}.png")
     else:
@@ -117,7 +123,9 @@ def write_dataset(out: str | Path, seed: int = 0, concepts: int = 6, layout: str
             ref_dir = {"yollava": f"{c.name}/train", "perva": f"train/{c.category_word}/{c.name}",
                        "generic": f"concepts/{c.name}"}[layout]
             for r in range(references):
-                emit(f"{ref_dir}/{r}.png", reference_scene(rng_for(3, k, r), c.look, c.name, image_size))
+                # reference_scene's, at this size: the object alone, large, unoccluded
+                emit(f"{ref_dir}/{r}.png", scene(rng_for(3, k, r), [c.look], [c.name], size_range=sized(80, 124),
+                                                 occlusion=0.0, image_size=image_size))
             if layout == "generic":
                 continue
             test_dir = {"yollava": f"{c.name}/test", "perva": f"test/{c.category_word}/{c.name}"}[layout]
@@ -125,7 +133,8 @@ def write_dataset(out: str | Path, seed: int = 0, concepts: int = 6, layout: str
                 rng = rng_for(4, k, t)
                 extra = int(rng.integers(0, 3))
                 others = [distractor(rng, looks) for _ in range(extra)]
-                spec = scene(rng, [c.look] + others, [c.name] + [None] * extra, image_size=image_size)
+                spec = scene(rng, [c.look] + others, [c.name] + [None] * extra, size_range=sized(52, 96),
+                             image_size=image_size)
                 emit(f"{test_dir}/{t}.png", spec, is_query=True)
         if layout == "generic":
             q = 0
@@ -133,7 +142,7 @@ def write_dataset(out: str | Path, seed: int = 0, concepts: int = 6, layout: str
             def query(looks_in, names_in):
                 nonlocal q
                 rng = rng_for(5, q)
-                spec = scene(rng, looks_in, names_in, image_size=image_size)
+                spec = scene(rng, looks_in, names_in, size_range=sized(52, 96), image_size=image_size)
                 rel = f"queries/{q:03d}.png"
                 emit(rel, spec, is_query=True)
                 queries.append({"image": rel, "concepts": sorted({n for n in names_in if n})})
