@@ -44,6 +44,7 @@ class VLMAdapter(ABC):
     # a frame's tokens cover the same scale; 0 = the image processor's own limits.
     max_image_pixels: int = 0
     vision_graph: type | None = None         # the family's exportable graph (a vlm.graph.VisionGraph)
+    checkpoint_folder = None                  # the folder it was loaded from (load_vlm sets it)
 
     def __init__(self, model, tokenizer, image_processor, chat_template: str, model_id: str):
         self.model = model.eval()
@@ -288,6 +289,7 @@ class VLMAdapter(ABC):
         raw = self.tokenizer.decode(generated, skip_special_tokens=True)
         captured = None
         if attention_layers:
+            _check_captured(request.steps, attention_layers)
             captured = {layer: torch.stack(request.steps[layer])[: len(generated) + 1].mean(dim=1).cpu()
                         for layer in attention_layers}                            # (T', C)
         return Generation(raw.strip(), generated, prompt, captured, raw, stopped)
@@ -305,6 +307,7 @@ class VLMAdapter(ABC):
             columns = torch.cat(prompt.image_positions)
             with attention.capture(layers, rows, columns) as request:
                 self._run(prompt.inputs_embeds, prompt.position_ids, **prompt.lm_inputs)
+        _check_captured(request.captured, layers)
         return {layer: request.captured[layer].mean(dim=0).cpu() for layer in layers}
 
     def _check_layers(self, layers) -> None:
@@ -410,11 +413,23 @@ class VLMAdapter(ABC):
                 raise PersonalVLMError("none of the requested answer spans maps to a token")
             with attention.capture(layers, torch.tensor(rows)) as request:
                 self._run(prompt.inputs_embeds, prompt.position_ids, **prompt.lm_inputs)
+        _check_captured(request.captured, layers)
         result = {}
         for layer in layers:
             probs = request.captured[layer].mean(dim=(0, 1))                     # (S,)
             result[layer] = [probs[pos.to(probs.device)].cpu() for pos in prompt.image_positions]
         return result
+
+
+def _check_captured(captured: dict, layers) -> None:
+    """Refuse a forward pass in which the attention of ``layers`` was not seen (the language model
+    no longer runs the project's attention function: another attn_implementation was set on it)."""
+    missing = [l for l in layers if l not in captured]
+    if missing:
+        raise PersonalVLMError(
+            f"the attention of layers {missing} could not be captured: this model's language model does not run "
+            f"the {attention.ATTENTION_NAME!r} attention (another attn_implementation was set on it); Ego "
+            "cannot pick memories with it")
 
 
 def read_chat_template(folder: Path, tokenizer) -> str:
