@@ -228,15 +228,33 @@ class ConceptBank:
         """
         have = self.store.memory_versions(self.vlm.identity)
         stale = [r for r in self.store.list() if r.name not in have]
-        for i, record in enumerate(stale):
-            self.progress(f"rebuilding the memory of {record.name!r} for this model ({i + 1}/{len(stale)})")
+        return self._rebuild(stale, "for this model")
+
+    def rebuild_memories_of_other_layers(self, layers: list[int], background: bool = True) -> list[str]:
+        """Pick again, with Ego's attention at ``layers``, the memories of this model that were
+        picked at other layers (taught before a calibration changed them); in the background unless
+        told otherwise. Concepts that do not say which layers picked them are left as they are."""
+        have = self.store.memory_versions(self.vlm.identity)
+        other = [r for r in self.store.list() if r.name in have and r.extra.get("layers") is not None
+                 and list(r.extra["layers"]) != list(layers)]
+        if other:
+            if background:
+                self.background.submit(self._rebuild, other, "with the calibrated layers")
+            else:
+                self._rebuild(other, "with the calibrated layers")
+        return [r.name for r in other]
+
+    def _rebuild(self, records: list, why: str) -> list[str]:
+        for i, record in enumerate(records):
+            self.progress(f"rebuilding the memory of {record.name!r} {why} ({i + 1}/{len(records)})")
             try:
                 images = self.store.load_images(record.name)
                 tokens = [self.encode_reference(image) for image in images]
                 intro = ego.introduce(self.vlm, tokens, record.name, record.category, self.introduction,
                                       rois=record.extra.get("rois"))
-                self.store.replace_memory(record.name, intro.memory, self.vlm.identity,
-                                          intro.memory_tokens, extra={**record.extra, "rebuilt": time.time()})
+                self.store.replace_memory(record.name, intro.memory, self.vlm.identity, intro.memory_tokens,
+                                          extra={**record.extra, "rebuilt": time.time(),
+                                                 "layers": list(self.introduction.layers)})
             except PersonalVLMError as exc:
                 self.progress(f"could not rebuild {record.name!r}: {exc}; it is not matched with this model")
-        return [r.name for r in stale]
+        return [r.name for r in records]

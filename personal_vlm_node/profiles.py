@@ -134,18 +134,24 @@ def profile_names(model: str) -> list[str]:
     return names
 
 
-def load_profile(model: str, path: str | Path | None = None) -> ModelProfile:
-    """The profile at ``path``, else ``<model>.yaml`` in :func:`profile_dirs` (see
-    :func:`profile_names`), else the defaults."""
+def find_profile(model: str, path: str | Path | None = None) -> Path | None:
+    """The file :func:`load_profile` reads: ``path``, else the first ``<model>.yaml`` in
+    :func:`profile_dirs`; None when the defaults apply."""
     if path:
         candidate = Path(path)
         if not candidate.is_file():
             raise PersonalVLMError(f"model profile not found: {candidate}")
-    else:
-        found = [d / name for name in profile_names(model) for d in profile_dirs() if (d / name).is_file()]
-        if not found:
-            return ModelProfile(model=model).validate()
-        candidate = found[0]
+        return candidate
+    found = [d / name for name in profile_names(model) for d in profile_dirs() if (d / name).is_file()]
+    return found[0] if found else None
+
+
+def load_profile(model: str, path: str | Path | None = None) -> ModelProfile:
+    """The profile at ``path``, else ``<model>.yaml`` in :func:`profile_dirs` (see
+    :func:`profile_names`), else the defaults."""
+    candidate = find_profile(model, path)
+    if candidate is None:
+        return ModelProfile(model=model).validate()
     try:
         data = yaml.safe_load(candidate.read_text()) or {}
     except yaml.YAMLError as exc:

@@ -116,6 +116,11 @@ SETTINGS: tuple[Setting, ...] = (
             option="backend", unknown="encoder backend"),
     Setting("engine_cache_dir", str, "", "cache for exported ONNX files and TensorRT engines; empty = $XDG_CACHE_HOME/personal_vlm/encoders",
             option="engine_cache"),
+    Setting("auto_calibrate", bool, True, "on the first start of a checkpoint whose profile is not calibrated, "
+            "measure its layers and thresholds on the built-in synthetic world (in the background, serving with "
+            "the defaults meanwhile) and cache them per checkpoint", option="auto_calibrate"),
+    Setting("calibration_cache_dir", str, "", "cache of automatic calibrations; empty = "
+            "$PERSONAL_VLM_CALIBRATION_CACHE or $XDG_CACHE_HOME/personal_vlm/calibration", option="calibration_cache"),
     Setting("process_rate_hz", float, 2.0, "most camera frames processed per second", low=0.01, high=120.0,
             live=True),
     Setting("accept_threshold", float, float(USE_PROFILE), "match score that detects without verification",

@@ -118,7 +118,8 @@ class Teacher:
             timings = {"encode": t_encode, **intro.timings}
             extra = {"rois": [list(r) if r else None for r in request.rois],
                      "areas": [i.area for i in intro.images], "area_from": [i.area_from for i in intro.images],
-                     "answers": [i.answer[:500] for i in intro.images]}
+                     "answers": [i.answer[:500] for i in intro.images],
+                     "layers": list(self.introduction.layers)}     # Ego's layers that picked the memory
             memory, keywords = intro.memory, intro.keywords
             if self.text_similarity is not None:
                 extra["reference_embeddings"] = self._reference_embeddings(request)

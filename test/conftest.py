@@ -9,6 +9,11 @@ os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 os.environ.setdefault("ROS_DOMAIN_ID", str(1 + os.getpid() % 100))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Automatic calibrations of the tests' models go to a folder of this run, never the user's cache.
+if "PERSONAL_VLM_CALIBRATION_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["PERSONAL_VLM_CALIBRATION_CACHE"] = tempfile.mkdtemp(prefix="personal_vlm_calibration_cache_")
 
 import pytest  # noqa: E402
 

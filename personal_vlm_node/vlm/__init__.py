@@ -126,4 +126,6 @@ def load_vlm(model: str, device: str = "auto", dtype: str = "auto") -> VLMAdapte
     vlm.to(dev)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     image_processor = AutoImageProcessor.from_pretrained(folder)
-    return cls(vlm, tokenizer, image_processor, read_chat_template(folder, tokenizer), model)
+    adapter = cls(vlm, tokenizer, image_processor, read_chat_template(folder, tokenizer), model)
+    adapter.checkpoint_folder = folder
+    return adapter
