@@ -19,6 +19,7 @@ def _command(params: Path) -> list[str]:
 
 
 def _params(tmp_path, **values) -> Path:
+    values = {"auto_calibrate": False, **values}
     lines = ["/**:", "  ros__parameters:"] + [f"    {k}: {v!r}".replace("'", '"') for k, v in values.items()]
     path = tmp_path / "params.yaml"
     path.write_text("\n".join(lines) + "\n")

@@ -48,7 +48,8 @@ def lifecycle_node(tiny_checkpoints, tmp_path):
     command = node_command("-r", f"__ns:={NAMESPACE}",
                            "-p", f"model:={tiny_checkpoints['qwen2_5_vl']}", "-p", "device:=cpu",
                            "-p", "dtype:=float32", "-p", f"store_dir:={tmp_path / 'store'}",
-                           "-p", "process_rate_hz:=10", "-p", "verification:=false", lifecycle=True)
+                           "-p", "process_rate_hz:=10", "-p", "verification:=false", "-p", "auto_calibrate:=false",
+                           lifecycle=True)
     log = tmp_path / "node.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=node_env(),

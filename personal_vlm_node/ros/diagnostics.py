@@ -7,7 +7,8 @@ Its level is the worst of:
 
 - ERROR: frames arrive but the worker finished none for :data:`STALL_S` s (or three periods), or frames
   failed (a bug, logged) in the window;
-- WARN: no camera frame yet, or none for :data:`NO_FRAMES_WARNING_S` s (naming the topic of the
+- WARN: the model profile is being calibrated ("calibrating (n/N, about … left)": the profile's
+  default values are in use meanwhile) or its automatic calibration failed (why); no camera frame yet, or none for :data:`NO_FRAMES_WARNING_S` s (naming the topic of the
   other transport when that one has publishers); fewer frames processed than the rate limit
   allows by more than :data:`SHORTFALL_WARNING` (frames dropped beyond the limit: the model is
   slower than ``process_rate_hz``); uncertain matches dropped unverified (verification behind its
@@ -145,6 +146,9 @@ class Diagnostics:
                         camera_silent_s=None if latest is None else now - latest[1],
                         unreadable=window["unreadable"], idle_s=now - last_handled),
             self.values, path.camera_topic, path.other_transport_topic, others)
+        calibration = self.assistant.calibration_status()
+        if calibration["state"] in ("calibrating", "failed"):
+            problems.append((WARN, calibration["text"]))
         max_rate = float(self.values["process_rate_hz"])
         level = max((lvl for lvl, _ in problems), default=OK)
         message = "; ".join(text for lvl, text in problems if lvl == level) if problems else \
@@ -171,6 +175,7 @@ class Diagnostics:
             "dtype": loaded["dtype"],
             "encoder_backend": str(self.values["encoder_backend"]),
             "verification": str(bool(self.values["verification"])).lower(),
+            "calibration": calibration["text"],
         }
         return DiagnosticStatus(level=bytes([level]), name=self.name(), message=message,
                                 hardware_id=f"{loaded['device']} / {self.values['model']}",

@@ -21,7 +21,7 @@ import sys
 
 from ..errors import PersonalVLMError
 from .node import STORE_CHECK_PERIOD_S, RosFrontend, ready_line
-from .parameters import NodeParameters, open_assistant, settings_line
+from .parameters import NodeParameters, open_assistant, settings_line, start_calibration
 from .process import NODE_NAME, init_ros, serve, shut_down
 from .services import EXECUTOR_THREADS
 
@@ -53,6 +53,7 @@ def _lifecycle_node_class():
             self.get_logger().info(
                 "configured: " + ready_line(self.parameters.values, self.assistant).removeprefix("ready: ")
                 + "; activate to start serving")
+            start_calibration(self.assistant, self.get_logger())
             return TransitionCallbackReturn.SUCCESS
 
         def on_activate(self, state):

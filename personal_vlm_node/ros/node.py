@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     import rclpy
 
-    from .parameters import NodeParameters, open_assistant, settings_line
+    from .parameters import NodeParameters, open_assistant, settings_line, start_calibration
     from .process import NODE_NAME, init_ros, serve, shut_down
     from .services import EXECUTOR_THREADS
 
@@ -129,6 +129,7 @@ def _main(argv: list[str] | None) -> int:
         log.info(frontend.describe())
         log.info(settings_line(assistant))
         log.info(ready_line(values, assistant))
+        start_calibration(assistant, log)
 
     return serve(node, EXECUTOR_THREADS, start,
                  lambda: shut_down(held["frontend"], held["assistant"]))

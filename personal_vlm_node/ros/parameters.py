@@ -78,6 +78,21 @@ def open_assistant(values: dict, log):
                           warn_to=lambda m: log.warning(m), options=assistant_options(values))
 
 
+def start_calibration(assistant, log) -> None:
+    """Say where the profile's calibration stands; measure what it lacks in the background when
+    ``auto_calibrate`` is on (the node serves with the profile's defaults meanwhile)."""
+    status = assistant.calibration_status()
+    if status["state"] == "calibrated":
+        log.info(f"profile: {status['text']}")
+    elif assistant.options.auto_calibrate:
+        log.warning(f"profile: {status['text']}; calibrating it once on the built-in synthetic world, in the "
+                    "background (progress in /diagnostics; auto_calibrate: false turns this off)")
+        assistant.calibrate_in_background(log=log.info)
+    else:
+        log.warning(f"profile: {status['text']} (auto_calibrate is false; `personal-vlm calibrate --auto` "
+                    "measures it)")
+
+
 class NodeParameters:
     """The node's parameters: declared once, checked before every change, applied while running.
 

@@ -81,9 +81,11 @@ def compressed_msg(array: np.ndarray, format: str = "png"):
 
 
 def params_file(path: str | Path, values: dict) -> Path:
-    """A ROS parameters file at ``path`` that gives ``values`` to the node in any namespace."""
+    """A ROS parameters file at ``path`` that gives ``values`` to the node in any namespace.
+    A test node does not calibrate its random-weight model unless ``values`` say ``auto_calibrate``."""
     import json
 
+    values = {"auto_calibrate": False, **values}
     lines = ["/**:", "  ros__parameters:"] + [f"    {k}: {json.dumps(v)}" for k, v in values.items()]
     path = Path(path)
     path.write_text("\n".join(lines) + "\n")
