@@ -533,6 +533,16 @@ class Assistant:
     def thresholds(self) -> tuple[float, float]:
         return self.profile.accept_threshold, self.profile.reject_threshold
 
+    def concept_accepts(self, enabled: bool | None = None) -> dict[str, float]:
+        """Each concept's own accept threshold (``concept_thresholds``; ``enabled`` overrides the
+        option): :func:`personal_vlm_node.matcher.concept_accepts` of the library's impostors. Empty
+        when off: every concept then has the profile's."""
+        from .matcher import concept_accepts
+
+        if not (self.options.concept_thresholds if enabled is None else enabled):
+            return {}
+        return concept_accepts(self.matcher.impostor_scores(), *self.thresholds())
+
     def observe(self, frame) -> FrameResult:
         """Named detections on one camera frame. Never runs the language model.
 

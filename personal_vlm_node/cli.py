@@ -281,6 +281,8 @@ def _add_eval_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--pairwise-threshold", type=float, default=0.5, help="R2P: p_i needed to decide")
     parser.add_argument("--pairwise-reference", default="image", choices=PAIRWISE_REFERENCES,
                         help="R2P's pairwise step shows the candidate's reference picture (as R2P does) or its memory")
+    parser.add_argument("--concept-thresholds", action="store_true",
+                        help="match / cascade: each concept its own accept threshold, from the library's impostors")
     parser.add_argument("--recognition", default=None, choices=RECOGNITIONS,
                         help="ego and cascade: Ego checks each concept in a prompt of its own, or joint: beside the "
                              "best-matching others (max_concepts_in_context memories) in one prompt "
@@ -306,7 +308,7 @@ def _cmd_eval(args) -> None:
                           margin=args.margin, top_k=args.top_k, pairwise_threshold=args.pairwise_threshold,
                           pairwise_reference=args.pairwise_reference, recognition=args.recognition,
                           verifier_model=args.verifier_model, r2p_pool=args.r2p_pool,
-                          max_queries=args.max_queries).check()
+                          max_queries=args.max_queries, concept_thresholds=args.concept_thresholds).check()
     out = Path(args.out).expanduser()
     _say(f"{dataset.layout} dataset: {len(dataset.concepts)} concepts, {len(dataset.queries)} queries, "
          f"{len(pairs(dataset))} pairs")

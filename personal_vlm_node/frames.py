@@ -96,12 +96,13 @@ class FramePath:
         tokens = self.vlm.encode_image(frame, encoder=self.encoder)
         t1 = time.perf_counter()
         accept, reject = self.settings.thresholds()
+        own = self.settings.concept_accepts()                  # per concept, when concept_thresholds is on
         verification = self.settings.verification
         observations, uncertain = [], []
         matches = self.matcher.score(tokens.features, tokens.token_boxes)
         scores = {m.name: m.score for m in matches}          # R2P's candidates, if it runs
         for match in matches:
-            decision = decide(match.score, accept, reject)
+            decision = decide(match.score, own.get(match.name, accept), reject)
             if decision == "accept":
                 observations.append(Observation(match.name, match.score, match.box, "match"))
             elif decision == "uncertain" and verification:

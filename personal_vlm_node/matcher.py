@@ -61,6 +61,25 @@ def decide(score: float, accept: float, reject: float) -> str:
     return "uncertain"
 
 
+IMPOSTOR_MARGIN = 0.01    # a concept's own accept lies this far above its strongest impostor's score
+
+
+def concept_accepts(impostors: dict[str, float], accept: float, reject: float,
+                    margin: float = IMPOSTOR_MARGIN) -> dict[str, float]:
+    """Per-concept accept thresholds from the library's impostors (:meth:`Matcher.impostor_scores`).
+
+    accept_c = min(accept, max((accept + reject) / 2, impostor_c + margin)): a concept that nothing
+    else in the library resembles is accepted sooner, never below the middle of the calibrated
+    band; one with a look-alike keeps the calibrated accept. With fewer than two concepts there is
+    no impostor to measure and every concept keeps ``accept``. (Raising a concept's accept above the
+    calibrated one, or fitting it to augmented views of its own pictures, was measured and lowered
+    Wtd: docs/profiles.md, Per-concept thresholds.)
+    """
+    floor = (accept + reject) / 2
+    return {name: min(accept, max(floor, score + margin)) if score is not None else accept
+            for name, score in impostors.items()}
+
+
 def _normalise(x: torch.Tensor) -> torch.Tensor:
     """L2-normalise along the last dimension; zero vectors stay zero."""
     return x / x.norm(dim=-1, keepdim=True).clamp_min(_MIN_NORM)
@@ -200,6 +219,25 @@ class Matcher:
                 counts=torch.cat([bank.counts, count]),
                 pooled=torch.cat([bank.pooled, _normalise(m.sum(dim=0))[None]]),
             )
+
+    def impostor_scores(self) -> dict[str, float | None]:
+        """For every concept c, the best score of c's memory on another concept's memory tokens
+        taken as a frame (the other's object, as the matcher sees it): how high an impostor from
+        this library scores for c. None with no other concept. Computed once per bank."""
+        bank = self._bank
+        cached = getattr(self, "_impostors", None)
+        if cached is not None and cached[0] is bank:
+            return cached[1]
+        best = torch.full((len(bank.names),), float("-inf"), dtype=self.dtype, device=self.device)
+        for d in range(len(bank.names)):
+            frame = bank.memories[d, bank.mask[d]]                                   # (K_d, D)
+            sims = torch.einsum("ckd,jd->ckj", bank.memories, frame).amax(dim=2)     # (C, K_max)
+            scores = (sims * bank.mask).sum(dim=1) / bank.counts                      # (C,)
+            scores[d] = float("-inf")
+            best = torch.maximum(best, scores)
+        out = {name: (float(v) if torch.isfinite(v) else None) for name, v in zip(bank.names, best)}
+        self._impostors = (bank, out)
+        return out
 
     def remove(self, name: str) -> None:
         """Forget a concept; unknown names are ignored (forgetting twice is not an error)."""

@@ -116,6 +116,8 @@ SETTINGS: tuple[Setting, ...] = (
             option="backend", unknown="encoder backend"),
     Setting("engine_cache_dir", str, "", "cache for exported ONNX files and TensorRT engines; empty = $XDG_CACHE_HOME/personal_vlm/encoders",
             option="engine_cache"),
+    Setting("concept_thresholds", bool, False, "each concept gets its own accept threshold, lowered (to the middle "
+            "of the band at most) when no other concept of the library scores near it", option="concept_thresholds"),
     Setting("auto_calibrate", bool, True, "on the first start of a checkpoint whose profile is not calibrated, "
             "measure its layers and thresholds on the built-in synthetic world (in the background, serving with "
             "the defaults meanwhile) and cache them per checkpoint", option="auto_calibrate"),

@@ -346,3 +346,23 @@ def test_teaching_encodes_through_the_frame_encoder_and_falls_back_where_it_cann
         assert all((2.0 * tower.features.float() - row.float()).abs().sum(-1).min() < 1e-3 for row in memory)
     finally:
         a.close()
+
+
+def test_with_concept_thresholds_a_concept_unlike_the_others_is_accepted_at_its_own_threshold(adapters, tmp_path):
+    # The profile's accept lies beyond every score: only a concept's own, lower accept can detect it.
+    profile = ModelProfile(max_memory_tokens=8, min_memory_tokens=2, accept_threshold=1.5, reject_threshold=-1.0)
+    a = Assistant(adapters("qwen2_5_vl"), ConceptStore(tmp_path / "store"), profile, progress=None,
+                  verification=False, concept_thresholds=True)
+    try:
+        a.teach("thing", [photo(4)])
+        assert a.concept_accepts() == {"thing": 1.5}                  # alone: no impostor to measure
+        a.teach("other", [photo(5)])
+        accepts = a.concept_accepts()
+        impostors = a.matcher.impostor_scores()
+        assert accepts["thing"] == pytest.approx(max(0.25, impostors["thing"] + 0.01)) and accepts["thing"] < 1.0
+        assert a.concept_accepts(enabled=False) == {}
+        for _ in range(3):
+            result = a.observe(photo(4))
+        assert "thing" in [d.name for d in result.detections]         # the profile's accept alone: never
+    finally:
+        a.close()

@@ -313,3 +313,24 @@ def test_decide_refuses_reject_not_below_accept():
         decide(0.5, accept=0.5, reject=0.5)
     with pytest.raises(PersonalVLMError):
         decide(0.5, accept=0.4, reject=0.6)
+
+
+def test_a_concept_nothing_else_resembles_is_accepted_sooner_and_one_with_a_look_alike_is_not():
+    from personal_vlm_node.matcher import IMPOSTOR_MARGIN, concept_accepts
+
+    g = torch.Generator().manual_seed(3)
+    mug = torch.randn(6, 16, generator=g)
+    twin = mug + 0.05 * torch.randn(6, 16, generator=g)            # a look-alike of the mug
+    ball = torch.randn(6, 16, generator=g)
+    m = Matcher()
+    m.set_concepts({"mug": mug, "twin": twin, "ball": ball})
+    impostors = m.impostor_scores()
+    assert impostors["mug"] > 0.95 and impostors["twin"] > 0.95 and impostors["ball"] < 0.6
+    assert m.impostor_scores() is impostors                          # once per bank
+    accepts = concept_accepts(impostors, 0.9, 0.5)
+    assert accepts["mug"] == accepts["twin"] == 0.9                  # never above the calibrated accept
+    assert accepts["ball"] == pytest.approx(max(0.7, impostors["ball"] + IMPOSTOR_MARGIN))
+    m.remove("twin")
+    assert m.impostor_scores()["mug"] < 0.6                          # the look-alike is gone: recomputed
+    m.remove("ball")
+    assert m.impostor_scores() == {"mug": None} and concept_accepts({"mug": None}, 0.9, 0.5) == {"mug": 0.9}

@@ -44,6 +44,7 @@ class EvalOptions:
     verifier_model: str | None = None      # CLIP / SigLIP for R2P; None: the VLM checks attributes
     r2p_pool: int = 10                     # R2P's candidates: the matcher's top concepts
     max_queries: int | None = None         # evaluate only the first N queries (a rerun can extend)
+    concept_thresholds: bool = False       # match / cascade: each concept's own accept (matcher.concept_accepts)
 
     def check(self) -> EvalOptions:
         if self.method not in METHODS:
@@ -78,6 +79,11 @@ class _Methods:
         problem = check_thresholds(self.accept, self.reject)
         if problem:
             raise PersonalVLMError(problem)
+        from ..matcher import concept_accepts
+
+        # Per concept, from the taught library's impostors (every concept is taught by now).
+        self.accepts = concept_accepts(assistant.matcher.impostor_scores(), self.accept, self.reject) \
+            if options.concept_thresholds else {}
         self.memories = {c: Memory.from_stored(assistant.stored_memory(c), c) for c in dataset.concepts}
         self.fingerprints = {c: assistant.store.get(c).fingerprint for c in dataset.concepts}
         self.r2p = r2p.R2PVerifier(assistant.vlm, text_similarity, top_k=options.top_k,
@@ -125,7 +131,8 @@ class _Methods:
         return self.r2p.verify(tokens, image, candidates)
 
     def _match(self, tokens, image, scores):
-        return {c: {"predicted": c in scores and scores[c] >= self.accept, "score": scores.get(c), "source": "match"}
+        return {c: {"predicted": c in scores and scores[c] >= self.accepts.get(c, self.accept), "score": scores.get(c),
+                    "source": "match"}
                 for c in self.dataset.concepts}, None
 
     def _ego(self, tokens, image, scores):
@@ -146,7 +153,7 @@ class _Methods:
         from ..matcher import decide
         from ..r2p import settle_uncertain
 
-        stages = {c: "reject" if scores.get(c) is None else decide(scores[c], self.accept, self.reject)
+        stages = {c: "reject" if scores.get(c) is None else decide(scores[c], self.accepts.get(c, self.accept), self.reject)
                   for c in self.dataset.concepts}
         verdicts, result = settle_uncertain(
             self.assistant.vlm, tokens, [c for c, stage in stages.items() if stage == "uncertain"],
@@ -309,7 +316,8 @@ def evaluate(assistant, dataset: Dataset, out, options: EvalOptions | None = Non
                     "concepts": len(dataset.concepts), "queries": len(records) - len(failed),
                     "failed": len(failed), "of_queries": len(dataset.queries)},
         "thresholds": {"accept": methods.accept, "reject": methods.reject, "recognize": methods.threshold,
-                       "margin": methods.margin, "pairwise": options.pairwise_threshold},
+                       "margin": methods.margin, "pairwise": options.pairwise_threshold,
+                       "concept_accepts": {c: round(v, 4) for c, v in methods.accepts.items()} or None},
         "ego": {"recognition": methods.recognition, "memories_per_prompt": methods.joint or 1,
                 "context_tokens": assistant.profile.context_tokens},
         "r2p": {"top_k": options.top_k, "pool": options.r2p_pool, "pairwise_reference": options.pairwise_reference,
