@@ -16,7 +16,7 @@ pytest.importorskip("rclpy")
 
 from test_node import STATUS_NAME, WAIT_S, Client, _command  # noqa: E402
 
-from personal_vlm_node.testing.kit import node_env, params_file  # noqa: E402
+from personal_vlm_node.testing.kit import image_msg, node_env, params_file, pixels  # noqa: E402
 
 
 def _start(params, log, cwd):
@@ -48,7 +48,7 @@ def test_the_first_start_calibrates_in_the_background_and_the_next_uses_the_cach
     cache = tmp_path / "calibrations"
     values = {"model": str(tiny_checkpoints["qwen2_5_vl"]), "device": "cpu", "dtype": "float32",
               "store_dir": str(tmp_path / "store"), "verification": False, "auto_calibrate": True,
-              "calibration_cache_dir": str(cache)}
+              "calibration_cache_dir": str(cache), "concept_thresholds": True}
     params = params_file(tmp_path / "params.yaml", values)
     log = tmp_path / "node.log"
     proc = _start(params, log, tmp_path)
@@ -73,6 +73,11 @@ def test_the_first_start_calibrates_in_the_background_and_the_next_uses_the_cach
         assert "calibrating" not in seen[-1][1]
         written = list(cache.glob("*.yaml"))
         assert len(written) == 1 and str(written[0]) in seen[-1][2]
+        # concept_thresholds: the list says each concept's own accept threshold.
+        for name, seed in (("red vase", 61), ("blue box", 62)):
+            assert ros.teach(name, [image_msg(pixels(seed))]).success
+        listed = ros.list()
+        assert listed.success and "own accept thresholds: blue box 0." in listed.message, listed.message
         output = log.read_text(errors="replace")
         assert "calibrating it once on the built-in synthetic world" in output
         assert "calibrated layers and thresholds in" in output and "in use now" in output
@@ -84,8 +89,11 @@ def test_the_first_start_calibrates_in_the_background_and_the_next_uses_the_cach
     log2 = tmp_path / "node2.log"
     proc = _start(params, log2, tmp_path)
     try:
-        output = log2.read_text(errors="replace")
-        assert f"profile: calibrated automatically ({written[0]})" in output
+        expected = f"profile: calibrated automatically ({written[0]})"
+        deadline = time.monotonic() + 30.0          # said right after "ready:"
+        while expected not in log2.read_text(errors="replace") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert expected in log2.read_text(errors="replace")
         time.sleep(2.0)
         assert "calibrating" not in log2.read_text(errors="replace")
     finally:

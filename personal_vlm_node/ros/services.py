@@ -263,6 +263,9 @@ class Services:
             out.memory_tokens = [int(r.memory_tokens) for r in records]
             out.keywords_json = [json.dumps(list(r.keywords), ensure_ascii=False) for r in records]
             out.message = plural(len(records), "concept")
+            own = self.assistant.concept_accepts()       # concept_thresholds on: each concept's accept
+            if own:
+                out.message += "; own accept thresholds: " + ", ".join(f"{n} {own[n]:.3f}" for n in sorted(own))
             damaged = self.assistant.damaged
             if damaged:
                 # Listed all the same (so they can be forgotten), and said to be unrecognised.
