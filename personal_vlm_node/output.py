@@ -27,6 +27,13 @@ def stderr_progress(tag: str = "personal-vlm") -> Callable[[str], None]:
     return say
 
 
+def emit(args, payload: dict, text: str) -> None:
+    """A command's result on stdout: ``payload`` as one JSON line with ``--json``, else ``text``."""
+    import json
+
+    print(json.dumps(payload, ensure_ascii=False) if getattr(args, "json", False) else text, flush=True)
+
+
 def plural(count: int, noun: str) -> str:
     """``1 concept``, ``2 concepts``."""
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"

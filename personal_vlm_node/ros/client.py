@@ -15,6 +15,7 @@ import threading
 import time
 
 from ..errors import PersonalVLMError
+from ..output import emit as _emit
 
 REQUEST_TIMEOUT_S = 600.0     # a teach on a big model on a CPU takes minutes
 # The first request of a brand-new process can race DDS discovery on a loaded machine: the node
@@ -38,10 +39,6 @@ def run(args) -> None:
         VERBS[args.verb](client, args)
     finally:
         client.close()
-
-
-def _emit(args, payload: dict, text: str) -> None:
-    print(json.dumps(payload, ensure_ascii=False) if getattr(args, "json", False) else text, flush=True)
 
 
 class NodeClient:
