@@ -173,10 +173,15 @@ def with_calibration(profile: ModelProfile, calibrated: ModelProfile, parts: lis
 def cached_profile(vlm, profile: ModelProfile, cache=None, synthetic: SyntheticSet = SYNTHETIC):
     """(``profile`` completed by this checkpoint's cached calibration, the file) or (None, the file
     it would be in). Nothing is looked up when the profile lacks nothing."""
-    parts = missing_parts(profile)
-    if not parts:
+    if not missing_parts(profile):
         return None, None
-    path = cache_path(vlm_fingerprint(vlm), profile, parts, cache, synthetic)
+    return cached_for(vlm_fingerprint(vlm), profile, cache, synthetic)
+
+
+def cached_for(fingerprint: str, profile: ModelProfile, cache=None, synthetic: SyntheticSet = SYNTHETIC):
+    """:func:`cached_profile` of the checkpoint with ``fingerprint`` (no model loaded)."""
+    parts = missing_parts(profile)
+    path = cache_path(fingerprint, profile, parts, cache, synthetic)
     if not path.is_file():
         return None, path
     try:
@@ -411,10 +416,9 @@ def describe_profile(model: str, profile_path=None, cache=None) -> dict:
         except PersonalVLMError as exc:
             note = f"the checkpoint is not here, so its cached calibration cannot be looked up ({exc})"
         else:
-            path = cache_path(checkpoint_fingerprint(folder), profile, parts, cache)
-            if path.is_file():
-                calibrated = ModelProfile(**(yaml.safe_load(path.read_text()) or {})).validate()
-                profile, state, cached_file = with_calibration(profile, calibrated, parts), "calibrated automatically", path
+            completed, path = cached_for(checkpoint_fingerprint(folder), profile, cache)
+            if completed is not None:
+                profile, state, cached_file = completed, "calibrated automatically", path
             else:
                 note = (f"not calibrated yet ({' and '.join(parts)} not measured): the node measures it on its first "
                         f"start (auto_calibrate), or run `personal-vlm --model {model} calibrate --auto`; it will "
