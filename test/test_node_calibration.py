@@ -7,28 +7,19 @@ calibration is cached and in use, and the next start uses the cache without meas
 
 from __future__ import annotations
 
-import subprocess
 import time
 
 import pytest
 
 pytest.importorskip("rclpy")
 
-from test_node import STATUS_NAME, WAIT_S, Client, _command  # noqa: E402
+from test_node import NAMESPACE, STATUS_NAME, WAIT_S, Client  # noqa: E402
 
-from personal_vlm_node.testing.kit import image_msg, node_env, params_file, pixels  # noqa: E402
+from personal_vlm_node.testing.kit import image_msg, params_file, pixels, start_node  # noqa: E402
 
 
-def _start(params, log, cwd):
-    with open(log, "w") as out:
-        proc = subprocess.Popen(_command(params), stdout=out, stderr=subprocess.STDOUT, env=node_env(), cwd=cwd)
-    deadline = time.monotonic() + WAIT_S
-    while "ready:" not in log.read_text(errors="replace"):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"the node did not become ready:\n{log.read_text(errors='replace')}")
-        time.sleep(0.2)
-    return proc
+def _start(params, log):
+    return start_node(params, NAMESPACE, log, timeout=WAIT_S)
 
 
 def _calibration_reports(ros, since: int) -> list[tuple[int, str, str]]:
@@ -51,7 +42,7 @@ def test_the_first_start_calibrates_in_the_background_and_the_next_uses_the_cach
               "calibration_cache_dir": str(cache), "concept_thresholds": True}
     params = params_file(tmp_path / "params.yaml", values)
     log = tmp_path / "node.log"
-    proc = _start(params, log, tmp_path)
+    proc = _start(params, log)
     ros = Client()
     try:
         seen = []
@@ -87,7 +78,7 @@ def test_the_first_start_calibrates_in_the_background_and_the_next_uses_the_cach
         proc.wait(timeout=60)
     # The next start: the cached calibration, at once.
     log2 = tmp_path / "node2.log"
-    proc = _start(params, log2, tmp_path)
+    proc = _start(params, log2)
     try:
         expected = f"profile: calibrated automatically ({written[0]})"
         deadline = time.monotonic() + 30.0          # said right after "ready:"
