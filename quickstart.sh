@@ -11,8 +11,6 @@ set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 VENV="$REPO/.venv"
-# The test runner is not a dependency of the package; pinned here so test runs are repeatable.
-PYTEST_REQUIREMENT="pytest==9.2.0"
 
 say() { echo "[quickstart] $*"; }
 die() { echo "[quickstart] error: $*" >&2; exit 1; }
@@ -69,14 +67,13 @@ VPY="$VENV/bin/python"
 REQUIREMENTS_STAMP="$VENV/.quickstart-requirements.sha256"
 requirements_hash=$(
     {
-        printf '%s\0' requirements.txt requirements-ros.txt | sha256_of_files
-        echo "$PYTEST_REQUIREMENT"
+        printf '%s\0' requirements.txt requirements-ros.txt requirements-test.txt | sha256_of_files
     } | sha256sum | cut -d' ' -f1
 )
 if [ "$(cat "$REQUIREMENTS_STAMP" 2>/dev/null)" != "$requirements_hash" ]; then
     say "installing requirements (first run only; a few minutes)…"
     "$VPY" -m pip install --quiet --disable-pip-version-check \
-        -r "$REPO/requirements.txt" -r "$REPO/requirements-ros.txt" "$PYTEST_REQUIREMENT"
+        -r "$REPO/requirements.txt" -r "$REPO/requirements-ros.txt" -r "$REPO/requirements-test.txt"
     echo "$requirements_hash" >"$REQUIREMENTS_STAMP"
 else
     say "requirements already installed"
