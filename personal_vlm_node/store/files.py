@@ -17,6 +17,7 @@ from PIL import Image, ImageOps
 from safetensors.torch import load, save
 
 from personal_vlm_node.errors import PersonalVLMError
+from personal_vlm_node.images import ENCODED_INFO
 from .errors import _os_error
 from .layout import _LOCK_FILE, _FILE_MODE, _OWN_FILE, _PNG_MODES, _RECORD_FILE, _SUFFIXES
 
@@ -121,7 +122,8 @@ def _fsync_dir(path: Path) -> None:
         _fsync_file(path)
 
 
-def _write_memory(path: Path, memory: dict[str, torch.Tensor]) -> None:
+def _memory_bytes(memory: dict[str, torch.Tensor]) -> bytes:
+    """A memory as safetensors bytes, each tensor on CPU and with storage of its own."""
     tensors = {}
     seen_storages = set()
     for key, value in memory.items():
@@ -132,7 +134,11 @@ def _write_memory(path: Path, memory: dict[str, torch.Tensor]) -> None:
             value = value.clone()
         seen_storages.add(storage)
         tensors[key] = value
-    _write_bytes(path, save(tensors))
+    return save(tensors)
+
+
+def _write_memory(path: Path, memory: dict[str, torch.Tensor]) -> None:
+    _write_bytes(path, _memory_bytes(memory))
 
 
 class _NonFinite(ValueError):
@@ -144,11 +150,16 @@ def _read_memory(path: Path) -> dict[str, torch.Tensor]:
     # forget removed it, and fail with a raw RuntimeError instead of a retry.
     with open(path, "rb") as f:
         data = f.read()
+    return _memory_from_bytes(data, path.name)
+
+
+def _memory_from_bytes(data: bytes, where: str) -> dict[str, torch.Tensor]:
+    """The tensors of a memory's safetensors bytes; _NonFinite when one holds NaN or infinity."""
     tensors = load(data)
     for key, value in tensors.items():
         # A flipped bit can make a NaN that would spread through every score it enters.
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise _NonFinite(f"its memory holds NaN or infinite values (tensor {key!r} in {path.name})")
+            raise _NonFinite(f"its memory holds NaN or infinite values (tensor {key!r} in {where})")
     return tensors
 
 
@@ -175,10 +186,23 @@ def _png_ready(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _write_png(path: Path, image: Image.Image) -> None:
+def _png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     _png_ready(image).save(buffer, format="PNG")
-    _write_bytes(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def _write_png(path: Path, image: Image.Image) -> None:
+    _write_bytes(path, _png_bytes(image))
+
+
+def _picture_bytes(image: Image.Image) -> tuple[bytes, str]:
+    """What a reference picture is kept as: the photo's own file when it came encoded in a kept
+    format (JPEG/PNG/WebP), else a PNG; with its file suffix."""
+    encoded = image.info.get(ENCODED_INFO)
+    if encoded is not None and encoded[1] in _SUFFIXES:
+        return encoded[0], _SUFFIXES[encoded[1]]
+    return _png_bytes(image), ".png"
 
 
 def _reference_file(directory: Path, i: int) -> Path:

@@ -17,13 +17,11 @@ from PIL import Image
 from safetensors import SafetensorError
 
 from personal_vlm_node.errors import PersonalVLMError
-from personal_vlm_node.images import ENCODED_INFO
-from personal_vlm_node.names import find_lookalike, quoted
 from . import files as _files
-from .layout import SCHEMA_VERSION, _DB_FILE, _DIR_MODE, _FILE_MODE, _MEMORY_FILE, _RECORD_FILE, _SUFFIXES
+from .layout import SCHEMA_VERSION, _DB_FILE, _DIR_MODE, _FILE_MODE, _MEMORY_FILE, _RECORD_FILE
 from .records import MemoryMissing, default_store_dir, model_key
 from .errors import (_SQLITE_CANTOPEN, _SQLITE_FULL, _SQLITE_IOERR, _damaged_error, _disk_nearly_full,
-                     _index_error, _lost_index_error, _os_error)
+                     _index_error, _lost_index_error, _missing_error, _os_error)
 from .files import (_exclusive_lock, _NonFinite, _copy_file, _file_size, _fsync_dir, _make_private,
                     _record_bytes, _remove_version, _write_bytes, _write_memory, _write_record_file)
 from .index import _COLUMNS, _create_tables, _fetch_row, _memory_record, _open_index, _row_record
@@ -301,11 +299,8 @@ class VersionFolders:
             _make_private(staging, _DIR_MODE)
             _write_memory(staging / _MEMORY_FILE, memory)
             for i, image in enumerate(images or []):
-                encoded = image.info.get(ENCODED_INFO)
-                if encoded is not None and encoded[1] in _SUFFIXES:
-                    _write_bytes(staging / f"ref_{i}{_SUFFIXES[encoded[1]]}", encoded[0])
-                else:
-                    _files._write_png(staging / f"ref_{i}.png", image)
+                data, suffix = _files._picture_bytes(image)
+                _write_bytes(staging / f"ref_{i}{suffix}", data)
             for i, source in enumerate(image_files or []):
                 _copy_file(source, staging / f"ref_{i}{source.suffix}")
             _write_bytes(staging / _RECORD_FILE, _record_bytes(record))
@@ -379,14 +374,4 @@ class VersionFolders:
         return other[0]
 
     def _missing_error(self, conn: sqlite3.Connection, name: str) -> PersonalVLMError:
-        known = sorted(row[0] for row in conn.execute("SELECT name FROM concepts"))
-        lookalike = find_lookalike(name, known)
-        if lookalike is not None:
-            return PersonalVLMError(f"no concept named {quoted(name)}; did you mean {quoted(lookalike)}? "
-                                    "(the names differ only in characters that look alike)")
-        if not known:
-            hint = "no concepts are taught yet"
-        else:
-            listed = ", ".join(quoted(n) for n in known[:10]) + (", ..." if len(known) > 10 else "")
-            hint = f"known concepts: {listed}"
-        return PersonalVLMError(f"no concept named {quoted(name)}; teach it first ({hint})")
+        return _missing_error(name, [row[0] for row in conn.execute("SELECT name FROM concepts")])
