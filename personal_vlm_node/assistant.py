@@ -26,7 +26,7 @@ from .options import AssistantOptions, check_thresholds
 from .output import stderr_progress
 from .profiles import ModelProfile, load_profile
 from .settings import ASSISTANT_LIVE, BY_NAME as SETTINGS_BY_NAME
-from .store import ConceptRecord, ConceptStore, ForgetResult, validate_name
+from .store import ConceptLibrary, ConceptRecord, ForgetResult, open_library, validate_name
 from .teaching import MAX_REFERENCE_IMAGES, Teacher, TeachResult, encode_reference, expand_rois
 from .vlm import ImageTokens, Memory, VLMAdapter, load_vlm
 
@@ -107,7 +107,7 @@ class Assistant(SelfCalibrating):
     ``warn_to`` gets each warning (one line; default: ``progress``), which ``warnings`` keeps.
     """
 
-    def __init__(self, vlm: VLMAdapter, store: ConceptStore, profile: ModelProfile | None = None,
+    def __init__(self, vlm: VLMAdapter, store: ConceptLibrary, profile: ModelProfile | None = None,
                  progress=_stderr_progress, rebuild: bool = True, encoder=None,
                  options: AssistantOptions | None = None, warn_to=None, **overrides):
         options = replace(options or AssistantOptions(), **overrides)
@@ -173,11 +173,17 @@ class Assistant(SelfCalibrating):
         """
         (options or AssistantOptions()).check()         # before the model loads: the cheap mistakes
         profile = load_profile(model, profile_path)
-        store = ConceptStore(store_dir)
+        store = open_library(store_dir)
         if progress:
             progress(f"loading {model} ({device}, {dtype})…")
-        vlm = load_vlm(model, device=device, dtype=dtype)
-        return cls(vlm, store, profile, progress=progress, options=options, **overrides)
+        try:
+            vlm = load_vlm(model, device=device, dtype=dtype)
+            assistant = cls(vlm, store, profile, progress=progress, options=options, **overrides)
+        except BaseException:
+            store.close()
+            raise
+        assistant._opened_store = True           # so close() closes it (its connections)
+        return assistant
 
     @staticmethod
     def calibrate(model: str, pairs: list[tuple] = (), dataset=None, **options) -> dict:
@@ -206,6 +212,8 @@ class Assistant(SelfCalibrating):
         self.verifier.stop()
         self._remove_yield_points()
         self._background.shutdown(wait=wait, cancel_futures=not wait)
+        if getattr(self, "_opened_store", False):
+            self.store.close()
 
     def __enter__(self):
         return self

@@ -23,6 +23,7 @@ from .options import (BACKENDS, DEFAULT_MODEL, DEFAULT_VERIFIER, DTYPES, ENCODER
                       PAIRWISE_REFERENCES, PRECISIONS, RANDOM_MODEL_SIZES, RECOGNITIONS, SIGLIP_VERIFIER,
                       AssistantOptions)
 from .cli_calibration import _cmd_calibrate, _cmd_profile, add_calibration_parsers
+from .cli_store import add_store_parser, cmd_store
 from .output import emit as _emit
 from .output import stderr_progress
 
@@ -54,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default=None,
                         help=f"Hugging Face id or local checkpoint folder (default: $PERSONAL_VLM_MODEL or "
                              f"{DEFAULT_MODEL}; bench: a random-weight model)")
-    parser.add_argument("--store", default=None, help="concept store directory (default: $XDG_DATA_HOME/personal_vlm)")
+    parser.add_argument("--store", default=None, help="concept store: a folder (default: $XDG_DATA_HOME/personal_vlm) or a "
+                        "fleet library's URL, postgresql://user@host/database (docs/store.md)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default="auto", choices=DTYPES)
     parser.add_argument("--profile", default=None, help="model profile YAML (default: models/<model>.yaml)")
@@ -93,12 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="list taught concepts")
     forget = sub.add_parser("forget", help="forget a concept and all its files")
     forget.add_argument("name")
-    store = sub.add_parser("store", help="look after the concept store itself")
-    store_verbs = store.add_subparsers(dest="store_command", required=True, parser_class=_Parser)
-    repair = store_verbs.add_parser(
-        "repair", help="rebuild a lost or damaged index from the concept folders (stop the nodes using it first)")
-    repair.add_argument("--force", action="store_true", help="rebuild even when the index looks healthy")
-
+    add_store_parser(sub, _Parser)
     add_calibration_parsers(sub, _Parser)
     _add_bench_parser(sub)
     _add_eval_parser(sub)
@@ -196,9 +193,9 @@ def _cmd_detect(args) -> None:
 
 
 def _store(args):
-    from .store import ConceptStore
+    from .store import open_library
 
-    return ConceptStore(args.store)
+    return open_library(args.store)
 
 
 def _cmd_list(args) -> None:
@@ -224,13 +221,6 @@ def _cmd_forget(args) -> None:
         print(f"personal-vlm: warning: {result.message}", file=sys.stderr)
     _emit(args, {"forgotten": result.name, "left_behind": result.left_behind},
           f"forgot {quoted(result.name, MAX_NAME_CHARS)}")
-
-
-def _cmd_store(args) -> None:
-    from .store.repair import repair_store
-
-    report = repair_store(args.store, force=args.force, progress=stderr_progress())
-    _emit(args, report.as_dict(), "\n".join(report.lines()))
 
 
 def _add_eval_parser(subparsers) -> argparse.ArgumentParser:
@@ -445,7 +435,7 @@ def _cmd_node(args) -> None:
 COMMANDS = {"teach": _cmd_teach, "ask": _cmd_ask, "recognize": _cmd_recognize, "list": _cmd_list,
             "forget": _cmd_forget, "calibrate": _cmd_calibrate, "bench": _cmd_bench,
             "detect": _cmd_detect, "eval": _cmd_eval, "export-encoder": _cmd_export,
-            "node": _cmd_node, "store": _cmd_store, "profile": _cmd_profile}
+            "node": _cmd_node, "store": cmd_store, "profile": _cmd_profile}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -453,14 +443,14 @@ def main(argv: list[str] | None = None) -> int:
     args.model = args.model or os.environ.get("PERSONAL_VLM_MODEL") or (
         None if args.command == "bench" else DEFAULT_MODEL)
     try:
-        COMMANDS[args.command](args)
+        status = COMMANDS[args.command](args)
     except PersonalVLMError as exc:
         print(f"personal-vlm: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("personal-vlm: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status if isinstance(status, int) else 0
 
 
 if __name__ == "__main__":

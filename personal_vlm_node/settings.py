@@ -109,7 +109,7 @@ SETTINGS: tuple[Setting, ...] = (
             empty="model must name a Hugging Face id or a local folder"),
     Setting("device", str, "auto", "auto, cpu, cuda or cuda:N", argument="device"),
     Setting("dtype", str, "auto", "weight precision", DTYPES, argument="dtype"),
-    Setting("store_dir", str, "", "concept store folder; empty = $XDG_DATA_HOME/personal_vlm", argument="store_dir"),
+    Setting("store_dir", str, "", "concept store: a folder (empty = $XDG_DATA_HOME/personal_vlm) or a fleet library's postgresql:// URL", argument="store_dir"),
     Setting("profile", str, "", "model profile YAML; empty = models/<model>.yaml or the defaults",
             argument="profile_path"),
     Setting("encoder_backend", str, "torch", "vision encoder on the frame path and for teaching", ENCODER_CHOICES,

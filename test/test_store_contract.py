@@ -120,6 +120,7 @@ def test_memories_of_two_models_live_side_by_side(library):
     # Precision is not part of a memory's key.
     assert model_key(MODEL_A) == model_key(MODEL_A_BF16)
     assert library.has_memory("hat", MODEL_A_BF16)
+    assert library.memory_models("hat") == [MODEL_A, MODEL_B]
 
 
 def test_memory_versions_change_only_for_the_replaced_memory(library):

@@ -47,7 +47,8 @@ Names are user text and are never used in paths; directories are named by random
 # errors (causes and advice), files (durable I/O, removing only its own files), index (SQLite),
 # folder (what a folder is), versions (the publish / pending / collect protocol), local
 # (ConceptStore), repair (rebuilding a lost index); library (ConceptLibrary: the interface every
-# backend implements, this folder's and a shared database's).
+# backend implements, this folder's and a shared database's); postgres* (PostgresLibrary, the fleet
+# library: connection, schema, watcher), offline (its local copy); open (a location → a backend).
 from personal_vlm_node.names import MAX_NAME_CHARS, validate_category, validate_name
 
 from .folder import identify_folder
@@ -55,7 +56,8 @@ from .index import StoreWatcher
 from .layout import SCHEMA_VERSION
 from .library import ConceptLibrary, LibraryWatcher
 from .local import ConceptStore
+from .open import open_library
 from .records import ConceptRecord, ForgetResult, MemoryMissing, default_store_dir, model_key
 
 __all__ = ["MAX_NAME_CHARS", "SCHEMA_VERSION", "ConceptLibrary", "ConceptRecord", "ConceptStore", "ForgetResult", "MemoryMissing",
-           "LibraryWatcher", "StoreWatcher", "default_store_dir", "identify_folder", "model_key", "validate_category", "validate_name"]
+           "LibraryWatcher", "StoreWatcher", "default_store_dir", "identify_folder", "model_key", "open_library", "validate_category", "validate_name"]

@@ -199,10 +199,16 @@ def _write_png(path: Path, image: Image.Image) -> None:
 def _picture_bytes(image: Image.Image) -> tuple[bytes, str]:
     """What a reference picture is kept as: the photo's own file when it came encoded in a kept
     format (JPEG/PNG/WebP), else a PNG; with its file suffix."""
+    encoded = kept_encoding(image)
+    return encoded if encoded is not None else (_png_bytes(image), ".png")
+
+
+def kept_encoding(image: Image.Image) -> tuple[bytes, str] | None:
+    """The photo's own bytes and suffix when it came encoded in a format the store keeps as is."""
     encoded = image.info.get(ENCODED_INFO)
     if encoded is not None and encoded[1] in _SUFFIXES:
         return encoded[0], _SUFFIXES[encoded[1]]
-    return _png_bytes(image), ".png"
+    return None
 
 
 def _reference_file(directory: Path, i: int) -> Path:

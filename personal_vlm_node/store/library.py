@@ -114,3 +114,15 @@ class ConceptLibrary(ABC):
     @abstractmethod
     def load_images(self, name: str) -> list[Image.Image]:
         """The reference pictures as stored, fully loaded."""
+
+    @abstractmethod
+    def memory_models(self, name: str) -> list[str]:
+        """The model identities the concept has a memory for (the one it was taught with first)."""
+
+    # ---- the backend's own state -----------------------------------------------------------
+    def health(self) -> str | None:
+        """None when every operation can be served; else one line saying what cannot, and why."""
+        return None
+
+    def close(self) -> None:
+        """Let go of connections and files (a no-op where there are none)."""

@@ -353,6 +353,17 @@ class ConceptStore(VersionFolders, ConceptLibrary):
                 versions[row["name"]] = others[row["name"]]
         return versions
 
+    def memory_models(self, name: str) -> list[str]:
+        """The model identities the concept has a memory for: the one it was taught with first."""
+        name = validate_name(name)
+        with self._connect() as conn:
+            row = _fetch_row(conn, name)
+            if row is None:
+                raise self._missing_error(conn, name)
+            others = [r[0] for r in conn.execute(
+                "SELECT model_fingerprint FROM memories WHERE name=? ORDER BY model", (name,))]
+        return [row["model_fingerprint"], *others]
+
     def watch(self) -> StoreWatcher:
         """A cheap check for commits by any other connection: this process's or another's."""
         return StoreWatcher(self._db_path, read_only=self.read_only)

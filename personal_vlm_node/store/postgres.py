@@ -333,10 +333,16 @@ class PostgresLibrary(ConceptLibrary):
         return self._run(work, lambda: self.cache.versions(key))
 
     def memory_models(self, name: str) -> list[str]:
-        """The model identities the concept has memories for (``store push``/``pull`` copy them all)."""
+        """The model identities the concept has a memory for: the one it was taught with first."""
         name = validate_name(name)
-        return self._run(lambda conn: [row[0] for row in conn.execute(
-            "SELECT model_identity FROM memories WHERE name=%s ORDER BY model", (name,))])
+
+        def work(conn):
+            taught = self._fetch_or_missing(conn, name).model_identity
+            others = [row[0] for row in conn.execute(
+                "SELECT model_identity FROM memories WHERE name=%s AND model<>%s ORDER BY model",
+                (name, model_key(taught)))]
+            return [taught, *others]
+        return self._run(work)
 
     def watch(self):
         from .postgres_watch import PostgresWatcher

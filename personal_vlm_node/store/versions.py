@@ -299,8 +299,11 @@ class VersionFolders:
             _make_private(staging, _DIR_MODE)
             _write_memory(staging / _MEMORY_FILE, memory)
             for i, image in enumerate(images or []):
-                data, suffix = _files._picture_bytes(image)
-                _write_bytes(staging / f"ref_{i}{suffix}", data)
+                if _files.kept_encoding(image) is not None:
+                    data, suffix = _files._picture_bytes(image)
+                    _write_bytes(staging / f"ref_{i}{suffix}", data)
+                else:
+                    _files._write_png(staging / f"ref_{i}.png", image)
             for i, source in enumerate(image_files or []):
                 _copy_file(source, staging / f"ref_{i}{source.suffix}")
             _write_bytes(staging / _RECORD_FILE, _record_bytes(record))
