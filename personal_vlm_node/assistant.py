@@ -450,7 +450,7 @@ class Assistant(SelfCalibrating):
     def describe(self) -> dict[str, str]:
         """What is loaded, as a front end reports it: model, family, device, dtype, store folder."""
         return {"model": str(self.vlm.model_id), "family": str(self.vlm.family), "device": str(self.vlm.device),
-                "dtype": str(self.vlm.dtype).replace("torch.", ""), "store": str(self.store.root)}
+                "dtype": str(self.vlm.dtype).replace("torch.", ""), "store": self.store.location()}
 
     def recognizable(self) -> list[str]:
         """The concepts with a memory for this model: those the frame path and ``recognize`` can find."""

@@ -12,7 +12,8 @@ Its level is the worst of:
   other transport when that one has publishers); fewer frames processed than the rate limit
   allows by more than :data:`SHORTFALL_WARNING` (frames dropped beyond the limit: the model is
   slower than ``process_rate_hz``); uncertain matches dropped unverified (verification behind its
-  budget); camera frames that could not be read.
+  budget); camera frames that could not be read; the fleet library cannot be reached (the node
+  recognises from its offline copy and refuses teaching: key ``library`` says since when and why).
 """
 
 from __future__ import annotations
@@ -149,6 +150,9 @@ class Diagnostics:
         calibration = self.assistant.calibration_status()
         if calibration["state"] in ("calibrating", "failed"):
             problems.append((WARN, calibration["text"]))
+        library = self.assistant.store.health()
+        if library is not None:
+            problems.append((WARN, f"concept library {library}"))
         max_rate = float(self.values["process_rate_hz"])
         level = max((lvl for lvl, _ in problems), default=OK)
         message = "; ".join(text for lvl, text in problems if lvl == level) if problems else \
@@ -176,6 +180,8 @@ class Diagnostics:
             "encoder_backend": str(self.values["encoder_backend"]),
             "verification": str(bool(self.values["verification"])).lower(),
             "calibration": calibration["text"],
+            "store": self.assistant.store.location(),
+            "library": (library or "connected") if "://" in self.assistant.store.location() else "local",
         }
         return DiagnosticStatus(level=bytes([level]), name=self.name(), message=message,
                                 hardware_id=f"{loaded['device']} / {self.values['model']}",
