@@ -46,6 +46,8 @@ UNCHECKED = {
     "touch": "scripts/check_colcon_venv.sh (COLCON_IGNORE in the venv)",
     "pip": "scripts/check_colcon_venv.sh and quickstart.sh (installs requirements.txt)",
     "export": "test/conftest.py sets the same ROS_* variables for every test",
+    "sudo": "setting up a fleet library's database; personal_vlm_node/testing/postgres.py does the same steps "
+            "(a password role, a database, CREATE EXTENSION vector) for test_store_postgres.py",
 }
 UNCHECKED_PYTHON_MODULES = {
     "venv": "scripts/check_colcon_venv.sh",
