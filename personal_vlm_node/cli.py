@@ -307,6 +307,10 @@ def _add_bench_parser(subparsers) -> None:
                        help="measure the node over ROS 2 instead: detection rate with and without overlay "
                             "subscribers, overlay bytes raw vs JPEG, at 640x480 and 1280x720")
     bench.add_argument("--seconds", type=float, default=8.0, help="with --node: length of each measured phase")
+    bench.add_argument("--library", default=None, metavar="URL",
+                       help="only the fleet library's prefilter, pgvector vs in memory, in this EMPTY PostgreSQL "
+                            "database (it writes and removes the synthetic concepts)")
+    bench.add_argument("--library-sizes", default="1000,10000,100000", help="with --library: library sizes")
 
 
 def _cmd_bench(args) -> None:
@@ -315,6 +319,19 @@ def _cmd_bench(args) -> None:
     if args.repeats < 1 or args.frames < 2:
         raise PersonalVLMError("--repeats must be >= 1 and --frames >= 2")
     dtype = "float32" if args.dtype == "auto" else args.dtype
+    if args.library:
+        from .bench_library import format_library_table, run_library_bench
+
+        try:
+            sizes = sorted({int(v) for v in args.library_sizes.split(",") if v.strip()})
+        except ValueError:
+            sizes = []
+        if not sizes or sizes[0] < 100 or sizes[-1] > 1_000_000:
+            raise PersonalVLMError("--library-sizes must be comma-separated counts in [100, 1000000]")
+        report = run_library_bench(args.library, sizes, frames=max(3, args.frames // 2),
+                                   progress=lambda m: print(f"[bench] {m}", file=sys.stderr, flush=True))
+        _print_bench(format_library_table(report), report, args.json_out)
+        return
     if args.node:
         from .bench import synthetic_model
         from .ros.bench import format_node_table, run_node_bench
