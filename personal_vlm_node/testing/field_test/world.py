@@ -189,15 +189,17 @@ class CliRun:
 class NodeRun:
     """The node as its own process, on one store, in the world's namespace."""
 
-    def __init__(self, world: World, model: Path, store: Path, rate_hz: float, tag: str):
+    def __init__(self, world: World, model: Path, store: Path | str, rate_hz: float, tag: str,
+                 namespace: str | None = None):
         self.world, self.store = world, store
+        self.namespace = namespace or world.namespace
         values = {"model": str(model), "device": "cpu", "dtype": "float32", "store_dir": str(store),
                   "process_rate_hz": rate_hz, "accept_threshold": 0.999, "reject_threshold": 0.5,
                   "max_concepts_in_context": 2, "verification": False, "overlay": False}
         params = params_file(world.out / f"node_{tag}.yaml", values)
         self.log = world.logs / f"node_{tag}.log"
         self.command = [sys.executable, "-m", "personal_vlm_node.ros.node", "--ros-args", "--params-file",
-                        str(params), "-r", f"__ns:={world.namespace}"]
+                        str(params), "-r", f"__ns:={self.namespace}"]
         self.proc = None
         self.starts = 0
 

@@ -19,37 +19,46 @@ from .world import Report, World, say
 WRITER_NAMES = ("mug", "ネコ", "Grandpa's cane", "🐈‍⬛ cat", "café", "red ball")
 
 
-def writer_main(root: str, seed: int, journal: str) -> None:
+def writer_main(root: str, seed: int, journal: str, prefix: str = "") -> None:
     """A store writer (run in a child process): every operation is journalled before ("DO") and
     after it returned ("ACK"), in one write each, so a SIGKILL leaves a readable journal. Each
-    version number is unique and fills the memory, so a reader tells whole versions apart."""
+    version number is unique and fills the memory, so a reader tells whole versions apart. ``root``
+    is a store folder or a library URL; an operation the store refuses (a library whose server is
+    down) is journalled "FAIL" — it may or may not have landed — and the writer goes on. Names are
+    ``prefix`` + one of WRITER_NAMES."""
     import torch
     from PIL import Image as PILImage
 
-    from ...store import ConceptRecord, ConceptStore
+    from ...errors import PersonalVLMError
+    from ...store import ConceptRecord, open_library
 
     rng = random.Random(seed)
     fd = os.open(journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    store = ConceptStore(root)
+    store = open_library(root)
     for step in range(1_000_000):
         version = seed * 1_000_000 + step
-        name = rng.choice(WRITER_NAMES)
+        name = prefix + rng.choice(WRITER_NAMES)
         rows = rng.randint(64, 520)
         memory = {"m": torch.full((rows, 256), float(version))}  # (K_c, D)
-        present = name in store
         roll = rng.random()
-        op = "forget" if present and roll < 0.25 else "replace" if present and roll < 0.45 else "add"
-        os.write(fd, f"DO\t{op}\t{name}\t{version}\t{rows}\n".encode())
-        if op == "forget":
-            store.forget(name)
-        elif op == "replace":
-            store.replace_memory(name, memory, "field-test", rows, extra={"version": version, "rows": rows})
-        else:
-            n_images = rng.randint(1, 3)
-            pictures = [PILImage.new("L", (16, 16), version % 256) for _ in range(n_images)]
-            extra = {"version": version, "rows": rows, "image_version": version, "n_images": n_images}
-            store.add(ConceptRecord(name, "thing", [], {}, None, rows, "field-test", extra=extra),
-                      memory, pictures, overwrite=True)
+        try:
+            present = name in store
+            op = "forget" if present and roll < 0.25 else "replace" if present and roll < 0.45 else "add"
+            os.write(fd, f"DO\t{op}\t{name}\t{version}\t{rows}\n".encode())
+            if op == "forget":
+                store.forget(name)
+            elif op == "replace":
+                store.replace_memory(name, memory, "field-test", rows, extra={"version": version, "rows": rows})
+            else:
+                n_images = rng.randint(1, 3)
+                pictures = [PILImage.new("L", (16, 16), version % 256) for _ in range(n_images)]
+                extra = {"version": version, "rows": rows, "image_version": version, "n_images": n_images}
+                store.add(ConceptRecord(name, "thing", [], {}, None, rows, "field-test", extra=extra),
+                          memory, pictures, overwrite=True)
+        except PersonalVLMError:
+            os.write(fd, f"FAIL\t-\t{name}\t{version}\t{rows}\n".encode())
+            time.sleep(0.05)
+            continue
         os.write(fd, f"ACK\t{op}\t{name}\t{version}\t{rows}\n".encode())
 
 
@@ -86,16 +95,25 @@ def store_problems(root: Path, expect_versions: bool) -> tuple[list[str], dict]:
     """Open the store (which removes what interrupted writes left) and read every concept whole.
 
     Returns (problems, name → the version its memory holds, or -1 for CLI-taught concepts)."""
-    from ...errors import PersonalVLMError
     from ...store import ConceptStore
 
-    problems, state = [], {}
+    problems = []
     store = ConceptStore(root)
     with contextlib.closing(sqlite3.connect(root / "concepts.db")) as db:
         if db.execute("PRAGMA integrity_check").fetchone()[0] != "ok":
             problems.append("the SQLite index fails its integrity check")
     if leftover_entries(root):
         problems.append("files of an interrupted write survive reopening the store")
+    more, state = version_problems(store, expect_versions)
+    return problems + more, state
+
+
+def version_problems(store, expect_versions: bool) -> tuple[list[str], dict]:
+    """Every concept of ``store`` (any backend) read whole: (problems, name → the version its memory
+    holds, or -1 for CLI-taught concepts)."""
+    from ...errors import PersonalVLMError
+
+    problems, state = [], {}
     records = store.list()
     if len(records) != len(store):
         problems.append("a row of the index cannot be read")
