@@ -4,9 +4,8 @@ Every write's transaction sends a NOTIFY on ``personal_vlm_library`` (delivered 
 ``personal_vlm_state.generation``. The watcher keeps a connection of its own that LISTENs; each
 :meth:`changed` drains what arrived, without waiting. When that connection is lost it reconnects
 with a backoff (0.5 s doubling to 5 s: a robot is back within 5 s of its server) and then
-reports a change once, so the node reads the
-library again: a teach or a forget made during the outage is caught up at once. Use it from one
-thread at a time.
+reports a change once, so the node reads the library again: a teach or a forget made during the
+outage is caught up at once. Use it from one thread at a time.
 """
 
 from __future__ import annotations
