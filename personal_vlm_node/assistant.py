@@ -154,7 +154,9 @@ class Assistant(SelfCalibrating):
             self.verifier.start()
         self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fingerprint")
         self.bank = ConceptBank(store, vlm, self.matcher, self.frames, self.introduction, self.encode_reference,
-                                self._background, self.progress, rebuild=rebuild)
+                                self._background, self.progress, rebuild=rebuild,
+                                resident_limit=self.options.resident_concepts)
+        self.frames.prefetch = self.bank.prefetch
         self.teacher = Teacher(vlm, store, self.bank, self.introduction, self.encode_reference, self._background,
                                self.progress, text_similarity=self.text_similarity)
         if rebuild:
@@ -307,6 +309,7 @@ class Assistant(SelfCalibrating):
 
     def _match_scores(self, tokens) -> dict[str, float]:
         """Every concept's matcher score on the image's tokens."""
+        self.bank.prefetch(tokens.features, tokens.token_boxes)
         return {m.name: m.score for m in self.matcher.score(tokens.features, tokens.token_boxes)}
 
     def in_context(self, tokens, limit: int, scores: dict[str, float] | None = None) -> list[str]:
@@ -454,7 +457,7 @@ class Assistant(SelfCalibrating):
 
     def recognizable(self) -> list[str]:
         """The concepts with a memory for this model: those the frame path and ``recognize`` can find."""
-        return list(self.matcher.names)
+        return self.bank.recognizable()
 
     def knows(self, name: str) -> bool:
         """Whether a concept of this name is taught (as the store has it, whatever this model's memory)."""

@@ -6,6 +6,13 @@ the store's changes (:meth:`ConceptBank.refresh`, or a watcher thread), stops ma
 the moment it is forgotten, and rebuilds, from the stored reference pictures, memories that this
 model has not got yet. A concept whose files are damaged is left out and reported; the others
 are still recognised.
+
+A fleet library larger than ``resident_limit`` concepts (of this model) is not held whole: the bank
+keeps at most that many memories resident — the most recently taught at the start, then what the
+frames ask for — and before each frame is scored, :meth:`ConceptBank.prefetch` asks the library's
+pgvector index (:meth:`~personal_vlm_node.store.postgres.PostgresLibrary.nearest`) for the concepts
+nearest to the frame's region means, loads those not resident and lets the least recently wanted
+go. Offline, the resident ones are matched.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from concurrent.futures import Executor
 from . import ego
 from .errors import PersonalVLMError
 from .frames import FramePath
-from .matcher import Matcher
+from .matcher import Matcher, region_queries
 from .store import ConceptRecord, ConceptStore, ForgetResult, MemoryMissing, validate_name
 from .vlm import VLMAdapter
 
@@ -36,7 +43,7 @@ class ConceptBank:
 
     def __init__(self, store: ConceptStore, vlm: VLMAdapter, matcher: Matcher, frames: FramePath,
                  introduction: ego.IntroductionOptions, encode_reference: Callable, background: Executor,
-                 progress: Callable[[str], None], rebuild: bool = True):
+                 progress: Callable[[str], None], rebuild: bool = True, resident_limit: int | None = None):
         self.store, self.vlm, self.matcher, self.frames = store, vlm, matcher, frames
         self.introduction = introduction
         self.encode_reference = encode_reference
@@ -52,6 +59,18 @@ class ConceptBank:
         self._watch_stop = threading.Event()
         self._watch_thread: threading.Thread | None = None
         self._watcher = store.watch()
+        self.resident_limit = resident_limit
+        self.large = False                        # a library too large to hold whole: see prefetch()
+        self.available: dict[str, str] = {}      # large: every concept with a memory for this model → its id
+        self._wanted: dict[str, float] = {}      # large: resident concept → when a frame last wanted it
+
+    def _too_large(self, versions: dict) -> bool:
+        return (self.resident_limit is not None and hasattr(self.store, "nearest")
+                and len(versions) > self.resident_limit)
+
+    def recognizable(self) -> list[str]:
+        """Every concept this model can find: in the matcher, or (a large library) on demand."""
+        return sorted(self.available) if self.large else list(self.matcher.names)
 
     # ---- loading ------------------------------------------------------------------------------
     def load(self) -> None:
@@ -59,8 +78,15 @@ class ConceptBank:
         with self.lock:
             self._watcher.changed()            # what is loaded now is current
             versions = self.store.memory_versions(self.vlm.identity)
+            records = self.store.list()
+            self.large = self._too_large(versions)
+            if self.large:
+                self.available = dict(versions)
+                newest = sorted((r for r in records if r.name in versions), key=lambda r: -r.updated)
+                versions = {r.name: versions[r.name] for r in newest[:self.resident_limit]}
+                self._wanted = {name: 0.0 for name in versions}
             bank = {}
-            for record in self.store.list():
+            for record in records:
                 self.categories[record.name] = record.category
                 if record.name not in versions:
                     continue
@@ -73,7 +99,7 @@ class ConceptBank:
                     versions.pop(record.name)
             self.matcher.set_concepts(bank)
             self.versions = versions
-            self._report_unmatched(set(self.categories) - set(bank) - set(self.damaged))
+            self._report_unmatched(set(self.categories) - set(bank) - set(self.damaged) - set(self.available))
 
     def stored_memory(self, name: str) -> dict:
         """This model's stored memory of ``name``: the tokens and their layout (positions, grids);
@@ -123,6 +149,12 @@ class ConceptBank:
         with self.lock:
             versions = self.store.memory_versions(self.vlm.identity)
             records = {r.name: r for r in self.store.list()}
+            every = versions
+            if self.large or self._too_large(versions):
+                # Only what is resident is followed, and what was newly taught is loaded.
+                known = set(self.available) | set(self.versions)
+                self.available, self.large = dict(versions), True
+                versions = {n: v for n, v in versions.items() if n in self.versions or n not in known}
             changed = False
             for name in list(self.versions):
                 if name not in versions:
@@ -155,14 +187,67 @@ class ConceptBank:
                     self.categories.pop(name, None)
             for name, record in records.items():
                 self.categories[name] = record.category
-            missing = set(records) - set(versions)
+            missing = set(records) - set(every)
             newly_missing = missing - self.unmatched
             self._report_unmatched(missing)
+            if self.large:
+                now = time.monotonic()
+                for name in self.versions:
+                    self._wanted.setdefault(name, now)
+                changed |= self._evict(keep=set())
         if newly_missing and self.rebuild:
             self.background.submit(self.rebuild_stale_memories)
         if changed:
             self.changed()
         return changed
+
+    # ---- a library too large to hold whole -------------------------------------------------------
+    def prefetch(self, features, token_boxes=None) -> None:
+        """Before a frame (N, D) is scored: make resident the concepts the library's index finds
+        nearest to its region means (at most the matcher's ``prefilter_top``). A no-op unless the
+        library is large; offline, the resident concepts are matched as they are."""
+        if not self.large:
+            return
+        try:
+            names = self.store.nearest(self.vlm.identity, region_queries(features, token_boxes),
+                                       min(self.matcher.prefilter_top, self.resident_limit))
+        except PersonalVLMError as exc:
+            log.debug("prefilter from the library skipped: %s", exc)
+            return
+        now = time.monotonic()
+        with self.lock:
+            loaded = {}
+            for name in names:
+                if name in self.versions:
+                    self._wanted[name] = now
+                elif name in self.available and name not in self.damaged:
+                    try:
+                        loaded[name] = self.checked_memory(name)
+                    except MemoryMissing:
+                        continue
+                    except PersonalVLMError as exc:
+                        self._set_damaged(name, exc)
+                        continue
+                    self._wanted[name] = now
+            if loaded:
+                self.matcher.update(add=loaded)
+                for name in loaded:
+                    self.versions[name] = self.available[name]
+            self._evict(keep=set(names))
+
+    def _evict(self, keep: set[str]) -> bool:
+        """Let the least recently wanted resident concepts go, beyond ``resident_limit``."""
+        extra = len(self.versions) - (self.resident_limit or len(self.versions))
+        if extra <= 0:
+            return False
+        order = sorted((n for n in self.versions if n not in keep), key=lambda n: self._wanted.get(n, 0.0))
+        gone = order[:extra]
+        self.matcher.update(remove=gone)
+        for name in gone:
+            self.versions.pop(name, None)
+            self._wanted.pop(name, None)
+            self.frames.forget(name)
+        return bool(gone)
 
     def watch(self, period: float = 0.2) -> None:
         """Check the store for other processes' changes every ``period`` s on a thread of its own."""
@@ -200,6 +285,10 @@ class ConceptBank:
             self.categories[record.name] = record.category
             self.frames.invalidate(record.name)
             self.versions[record.name] = self.store.memory_versions(self.vlm.identity).get(record.name, "")
+            if self.large:
+                self.available[record.name] = self.versions[record.name]
+                self._wanted[record.name] = time.monotonic()
+                self._evict(keep={record.name})
         self.changed()
 
     def forget(self, name: str) -> ForgetResult:
@@ -220,6 +309,8 @@ class ConceptBank:
         self.matcher.remove(name)
         self.frames.forget(name)
         self.versions.pop(name, None)
+        self.available.pop(name, None)
+        self._wanted.pop(name, None)
 
     def rebuild_stale_memories(self) -> list[str]:
         """Rebuild, from the stored reference images, every memory missing for this model.

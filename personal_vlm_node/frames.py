@@ -84,6 +84,7 @@ class FramePath:
                                        max_busy_fraction=options.verification_busy_fraction)
         self._lock = threading.Lock()             # tracker state: frame worker vs. forget/teach
         self._reference_cache: dict[tuple, object] = {}     # (name, what, updated) → tokens / embeddings
+        self.prefetch = None       # (features, token_boxes) → None: a large library's resident set, before scoring
 
     # ---- frames -----------------------------------------------------------------------------
     def observe(self, frame, categories: Mapping[str, str]) -> FrameResult:
@@ -99,6 +100,8 @@ class FramePath:
         own = self.settings.concept_accepts()                  # per concept, when concept_thresholds is on
         verification = self.settings.verification
         observations, uncertain = [], []
+        if self.prefetch is not None:
+            self.prefetch(tokens.features, tokens.token_boxes)
         matches = self.matcher.score(tokens.features, tokens.token_boxes)
         scores = {m.name: m.score for m in matches}          # R2P's candidates, if it runs
         for match in matches:

@@ -80,6 +80,26 @@ def concept_accepts(impostors: dict[str, float], accept: float, reject: float,
             for name, score in impostors.items()}
 
 
+def region_queries(features: torch.Tensor, token_boxes: torch.Tensor | None = None, cells: int = 4) -> torch.Tensor:
+    """(Q, D) a frame's query vectors for a library's index: the normalised mean of its tokens in
+    each cell of a ``cells`` x ``cells`` grid over the frame (by token box centres; without boxes,
+    ``cells``² runs of consecutive tokens). An object covers a few cells, so its mean dominates
+    theirs; Q <= cells² keeps one frame at a few index searches instead of one per token."""
+    f = _normalise(features.detach().to("cpu", torch.float32))                    # (N, D)
+    if token_boxes is None or token_boxes.shape[0] != f.shape[0]:
+        groups = torch.arange(f.shape[0]) * (cells * cells) // max(1, f.shape[0])
+    else:
+        boxes = token_boxes.detach().to("cpu", torch.float64)                     # (N, 4) x0 y0 x1 y1
+        cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+        def cell(v):
+            low, high = float(v.min()), float(v.max())
+            return ((v - low) / max(high - low, 1e-9) * cells).long().clamp(0, cells - 1)
+        groups = cell(cy) * cells + cell(cx)
+    sums = torch.zeros(cells * cells, f.shape[1]).index_add_(0, groups, f)      # (cells², D)
+    present = torch.bincount(groups, minlength=cells * cells) > 0
+    return _normalise(sums[present])
+
+
 def _normalise(x: torch.Tensor) -> torch.Tensor:
     """L2-normalise along the last dimension; zero vectors stay zero."""
     return x / x.norm(dim=-1, keepdim=True).clamp_min(_MIN_NORM)
@@ -238,6 +258,24 @@ class Matcher:
         out = {name: (float(v) if torch.isfinite(v) else None) for name, v in zip(bank.names, best)}
         self._impostors = (bank, out)
         return out
+
+    def update(self, add: dict[str, torch.Tensor] | None = None, remove=()) -> None:
+        """Add (or replace) several memories and remove several concepts in one rebuild of the
+        bank: what a large library's resident set changes per frame (``add`` one at a time would
+        copy the bank once per concept)."""
+        add = add or {}
+        prepared = {name: self._prepare(name, memory) for name, memory in add.items()}
+        gone = set(remove) | set(prepared)
+        with self._write_lock:
+            bank = self._bank
+            names, memories = [], []
+            for i, name in enumerate(bank.names):
+                if name not in gone:
+                    names.append(name)
+                    memories.append(bank.memories[i, :int(bank.counts[i])])    # (K_c, D), normalised
+            names += list(prepared)
+            memories += list(prepared.values())
+            self._bank = self._build(names, memories)
 
     def remove(self, name: str) -> None:
         """Forget a concept; unknown names are ignored (forgetting twice is not an error)."""

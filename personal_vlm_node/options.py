@@ -55,6 +55,7 @@ class AssistantOptions:
     r2p_pool: int = 5
     tracker_k: int = 2                        # a track appears after k detections in the last n frames
     tracker_n: int = 3
+    resident_concepts: int = 10000            # most memories in memory; a larger fleet library loads on demand (bank.prefetch)
     concept_thresholds: bool = False          # each concept's own accept, from the library's impostors (matcher.concept_accepts)
     auto_calibrate: bool = True               # the node measures an uncalibrated checkpoint once (autocalibration)
     calibration_cache: str | None = None      # automatic calibrations; None = $XDG_CACHE_HOME/personal_vlm/calibration

@@ -116,6 +116,9 @@ SETTINGS: tuple[Setting, ...] = (
             option="backend", unknown="encoder backend"),
     Setting("engine_cache_dir", str, "", "cache for exported ONNX files and TensorRT engines; empty = $XDG_CACHE_HOME/personal_vlm/encoders",
             option="engine_cache"),
+    Setting("resident_concepts", int, 10000, "most concept memories held in memory for matching; a fleet library "
+            "with more gives each frame its candidates from its pgvector index and loads them on demand", low=1, high=1000000,
+            option="resident_concepts"),
     Setting("concept_thresholds", bool, False, "each concept gets its own accept threshold, lowered (to the middle "
             "of the band at most) when no other concept of the library scores near it", option="concept_thresholds"),
     Setting("auto_calibrate", bool, True, "on the first start of a checkpoint whose profile is not calibrated, "
