@@ -319,6 +319,19 @@ def ros(node_process):
     client.close()
 
 
+def diagnostic_values(ros, since: int, key: str) -> list[tuple[int, str, str]]:
+    """(level, message, the value of ``key``) of this node's diagnostics from report ``since`` on."""
+    with ros.arrived:
+        arrays = list(ros.diagnostics[since:])
+    out = []
+    for array in arrays:
+        for status in array.status:
+            if status.name == STATUS_NAME:
+                values = {kv.key: kv.value for kv in status.values}
+                out.append((status.level[0], status.message, values.get(key, "")))
+    return out
+
+
 def names(detections: DetectionArray) -> list[str]:
     return [d.name for d in detections.detections]
 

@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("rclpy")
 
-from test_node import NAMESPACE, STATUS_NAME, WAIT_S, Client  # noqa: E402
+from test_node import NAMESPACE, WAIT_S, Client, diagnostic_values  # noqa: E402
 
 from personal_vlm_node.testing.kit import image_msg, params_file, pixels, start_node  # noqa: E402
 
@@ -23,16 +23,7 @@ def _start(params, log):
 
 
 def _calibration_reports(ros, since: int) -> list[tuple[int, str, str]]:
-    """(level, message, the calibration value) of this node's diagnostics from report ``since`` on."""
-    with ros.arrived:
-        arrays = list(ros.diagnostics[since:])
-    out = []
-    for array in arrays:
-        for status in array.status:
-            if status.name == STATUS_NAME:
-                values = {kv.key: kv.value for kv in status.values}
-                out.append((status.level[0], status.message, values.get("calibration", "")))
-    return out
+    return diagnostic_values(ros, since, "calibration")
 
 
 def test_the_first_start_calibrates_in_the_background_and_the_next_uses_the_cache(tiny_checkpoints, tmp_path):

@@ -11,13 +11,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
 pytest.importorskip("rclpy")
 
-from test_node import NAMESPACE, STATUS_NAME, WAIT_S, Client, names  # noqa: E402
+from test_node import NAMESPACE, WAIT_S, Client, diagnostic_values, names  # noqa: E402
 
 from personal_vlm_node.testing.kit import image_msg, params_file, pixels, start_node  # noqa: E402
 
@@ -33,15 +32,7 @@ def fleet_server():
 
 
 def _library_state(ros, since: int) -> list[tuple[int, str, str]]:
-    with ros.arrived:
-        arrays = list(ros.diagnostics[since:])
-    out = []
-    for array in arrays:
-        for status in array.status:
-            if status.name == STATUS_NAME:
-                values = {kv.key: kv.value for kv in status.values}
-                out.append((status.level[0], status.message, values.get("library", "")))
-    return out
+    return diagnostic_values(ros, since, "library")
 
 
 def _cli(model: str, url: str, *args: str) -> subprocess.CompletedProcess:

@@ -195,3 +195,30 @@ def _check_keywords(keywords) -> list[str]:
     if not isinstance(keywords, (list, tuple)) or not all(isinstance(k, str) for k in keywords):
         raise TypeError(f"keywords must be a list of str, got {keywords!r}")
     return list(keywords)
+
+
+def _checked_concept(record, memory, images) -> tuple[str, str, str, str]:
+    """What every backend checks before it stores a new concept: (name, keywords, fingerprint and
+    extra as JSON); PersonalVLMError or TypeError, before anything is written."""
+    from PIL import Image
+
+    from personal_vlm_node.errors import PersonalVLMError
+    from personal_vlm_node.names import validate_category, validate_name
+    from .files import _check_memory
+
+    name = validate_name(record.name)
+    if not images:
+        raise PersonalVLMError(
+            f"concept {name!r} needs at least one reference picture; teach it with a photo of the object"
+        )
+    for image in images:
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"reference pictures must be PIL images, got {type(image).__name__}")
+    _check_memory(memory)
+    keywords = _encode_json(_check_keywords(record.keywords), "keywords")
+    fingerprint = _encode_json(_check_dict(record.fingerprint, "fingerprint"), "fingerprint")
+    extra = _encode_json(_check_dict(record.extra, "extra"), "extra")
+    if not isinstance(record.category, str):
+        raise TypeError(f"category must be a str, got {type(record.category).__name__}")
+    validate_category(record.category)
+    return name, keywords, fingerprint, extra

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from personal_vlm_node.errors import PersonalVLMError
-from personal_vlm_node.names import find_lookalike, lookalike_error, validate_category, validate_name
+from personal_vlm_node.names import find_lookalike, lookalike_error, validate_name
 from . import files as _files
 from .layout import _MEMORY_FILE
 from .records import ConceptRecord, ForgetResult, model_key
@@ -17,7 +17,7 @@ from .errors import _damaged_error, _exists_error, _reason_of
 from .files import _check_memory, _check_pictures_present, _read_picture, _reference_file, _write_record_file
 from .index import (StoreWatcher, _COLUMNS, _COLUMN_NAMES, _check_dict, _check_keywords, _decode_json, _dir_of,
                     _encode_json, _fetch, _fetch_row, _memory_record, _other_memory_dirs, _record_from_row,
-                    _row_record, _settle_pending)
+                    _row_record, _settle_pending, _checked_concept)
 from .library import ConceptLibrary
 from .versions import VersionFolders
 
@@ -44,21 +44,7 @@ class ConceptStore(VersionFolders, ConceptLibrary):
         overwrite: bool = False,
     ) -> ConceptRecord:
         """Store a new concept (or, with ``overwrite``, replace one) with its memory and pictures."""
-        name = validate_name(record.name)
-        if not images:
-            raise PersonalVLMError(
-                f"concept {name!r} needs at least one reference picture; teach it with a photo of the object"
-            )
-        for image in images:
-            if not isinstance(image, Image.Image):
-                raise TypeError(f"reference pictures must be PIL images, got {type(image).__name__}")
-        _check_memory(memory)
-        keywords = _encode_json(_check_keywords(record.keywords), "keywords")
-        fingerprint = _encode_json(_check_dict(record.fingerprint, "fingerprint"), "fingerprint")
-        extra = _encode_json(_check_dict(record.extra, "extra"), "extra")
-        if not isinstance(record.category, str):
-            raise TypeError(f"category must be a str, got {type(record.category).__name__}")
-        validate_category(record.category)
+        name, keywords, fingerprint, extra = _checked_concept(record, memory, images)
 
         with self._mutating():
             with self._connect() as conn:

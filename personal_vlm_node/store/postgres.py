@@ -36,10 +36,10 @@ import torch
 from PIL import Image
 
 from personal_vlm_node.errors import PersonalVLMError
-from personal_vlm_node.names import find_lookalike, lookalike_error, quoted, validate_category, validate_name
+from personal_vlm_node.names import find_lookalike, lookalike_error, quoted, validate_name
 from .errors import _damaged_error, _exists_error, _missing_error
 from .files import _NonFinite, _check_memory, _memory_bytes, _memory_from_bytes, _picture_bytes
-from .index import _check_dict, _check_keywords, _encode_json
+from .index import _check_dict, _check_keywords, _checked_concept, _encode_json
 from .library import ConceptLibrary
 from .offline import OfflineCache
 from .postgres_connect import Connector, LibraryOffline
@@ -135,20 +135,7 @@ class PostgresLibrary(ConceptLibrary):
 
     def add(self, record: ConceptRecord, memory: dict[str, torch.Tensor], images: list[Image.Image],
             overwrite: bool = False) -> ConceptRecord:
-        name = validate_name(record.name)
-        if not images:
-            raise PersonalVLMError(
-                f"concept {name!r} needs at least one reference picture; teach it with a photo of the object")
-        for image in images:
-            if not isinstance(image, Image.Image):
-                raise TypeError(f"reference pictures must be PIL images, got {type(image).__name__}")
-        _check_memory(memory)
-        keywords = _encode_json(_check_keywords(record.keywords), "keywords")
-        fingerprint = _encode_json(_check_dict(record.fingerprint, "fingerprint"), "fingerprint")
-        extra = _encode_json(_check_dict(record.extra, "extra"), "extra")
-        if not isinstance(record.category, str):
-            raise TypeError(f"category must be a str, got {type(record.category).__name__}")
-        validate_category(record.category)
+        name, keywords, fingerprint, extra = _checked_concept(record, memory, images)
         pictures = [_picture_bytes(image) for image in images]
 
         def work(conn):

@@ -25,42 +25,16 @@ import time
 
 from ..kit import pixels
 from .client import Camera, FieldClient, teach_request, teach_type
+from .sharing import NamePoller
 from .world import NodeRun, Report, World, say
 from .writers import WRITER_NAMES, version_problems, writer_main
 
 
-class LibraryPoller:
-    """Times when concepts appear in / vanish from the library, polled every 10 ms on a thread."""
+def LibraryPoller(url: str):
+    """A fleet library's :class:`~.sharing.NamePoller`."""
+    import psycopg
 
-    def __init__(self, url: str):
-        import psycopg
-
-        self.url, self.psycopg = url, psycopg
-        self.seen: dict[str, float] = {}
-        self.gone: dict[str, float] = {}
-        self.stop_event = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        conn = None
-        while not self.stop_event.wait(0.01):
-            try:
-                conn = conn or self.psycopg.connect(self.url, autocommit=True, connect_timeout=2)
-                names = {row[0] for row in conn.execute("SELECT name FROM concepts")}
-            except self.psycopg.Error:
-                conn = None
-                continue
-            now = time.monotonic()
-            for name in names:
-                self.seen.setdefault(name, now)
-                self.gone.pop(name, None)
-            for name in set(self.seen) - names:
-                self.gone.setdefault(name, now)
-
-    def stop(self) -> None:
-        self.stop_event.set()
-        self.thread.join(2)
+    return NamePoller(lambda: psycopg.connect(url, autocommit=True, connect_timeout=2), (psycopg.Error,))
 
 
 def _first(client: FieldClient, name: str, t0: float, timeout: float, present: bool = True) -> float | None:

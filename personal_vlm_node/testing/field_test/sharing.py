@@ -16,11 +16,14 @@ from .world import SHARING_LIMIT_S, NodeRun, Report, World, say
 
 # ---- scenario 4: sharing ---------------------------------------------------------------------
 
-class StorePoller:
-    """Times when concepts appear in / vanish from a store, polled every 10 ms on a thread."""
+class NamePoller:
+    """Times when concepts appear in / vanish from a store, polled every 10 ms on a thread.
 
-    def __init__(self, root: Path):
-        self.root = root
+    ``connect()`` opens a connection to the store's index and returns ``names(connection)``'s
+    reader: ``(connection, read)``; an error while reading drops the connection and retries."""
+
+    def __init__(self, connect, errors: tuple):
+        self.connect, self.errors = connect, errors
         self.seen: dict[str, float] = {}      # name → monotonic time first seen
         self.gone: dict[str, float] = {}      # name → monotonic time first seen absent after being seen
         self.stop_event = threading.Event()
@@ -28,22 +31,33 @@ class StorePoller:
         self.thread.start()
 
     def _run(self) -> None:
-        with contextlib.closing(sqlite3.connect(self.root / "concepts.db", timeout=30.0)) as db:
-            while not self.stop_event.wait(0.01):
-                now = time.monotonic()
-                try:
-                    names = {row[0] for row in db.execute("SELECT name FROM concepts")}
-                except sqlite3.Error:
-                    continue
-                for name in names:
-                    self.seen.setdefault(name, now)
-                    self.gone.pop(name, None)
-                for name in set(self.seen) - names:
-                    self.gone.setdefault(name, now)
+        conn = None
+        while not self.stop_event.wait(0.01):
+            try:
+                conn = conn or self.connect()
+                names = {row[0] for row in conn.execute("SELECT name FROM concepts")}
+            except self.errors:
+                if conn is not None:
+                    with contextlib.suppress(*self.errors):
+                        conn.close()
+                conn = None
+                continue
+            now = time.monotonic()
+            for name in names:
+                self.seen.setdefault(name, now)
+                self.gone.pop(name, None)
+            for name in set(self.seen) - names:
+                self.gone.setdefault(name, now)
 
     def stop(self) -> None:
         self.stop_event.set()
         self.thread.join(2)
+
+
+def StorePoller(root: Path) -> NamePoller:
+    """A local store folder's :class:`NamePoller`."""
+    return NamePoller(lambda: sqlite3.connect(root / "concepts.db", timeout=30.0, check_same_thread=False),
+                      (sqlite3.Error,))
 
 
 def sharing(report: Report, world: World, node: NodeRun, client: FieldClient, rounds: int) -> None:
@@ -121,7 +135,7 @@ def _memory_dirs(root: Path, name: str) -> dict:
 
 
 def cross_models(report: Report, world: World, node: NodeRun, client: FieldClient, camera: Camera,
-                 poller: StorePoller) -> None:
+                 poller: NamePoller) -> None:
     import torch
 
     from ...assistant import Assistant
