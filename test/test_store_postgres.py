@@ -324,3 +324,24 @@ def test_tls_options_in_the_url_reach_the_server(tmp_path):
             PostgresLibrary(f"{base}?sslmode=verify-full&sslrootcert={other}", cache_dir=tmp_path)
         assert "cannot open the concept library" in _one_line(e) and "certificate" in str(e.value)
         assert "pw@" not in str(e.value) and ":pw" not in str(e.value)
+
+
+def test_two_backbones_on_one_machine_keep_their_own_offline_copies(tmp_path):
+    from safetensors.torch import save
+
+    from personal_vlm_node.store.offline import OfflineCache
+
+    a = OfflineCache.for_library("postgresql://robot@db/fleet", tmp_path)
+    b = OfflineCache.for_library("postgresql://robot@db/fleet", tmp_path)
+    record = _concept("mug")[0]
+    for cache, key, version in ((a, "qwen|x|r|d8", "v-a"), (b, "internvl|y|r|d8", "v-b")):
+        cache.set_records([record])
+        cache.set_versions(key, {"mug": version})
+        cache.put_memory(key, "mug", version, save({"memory": torch.ones(2, 8)}))
+    a.set_versions("qwen|x|r|d8", {})                 # a's memory of "mug" went away: only a's file goes
+    again = OfflineCache.for_library("postgresql://robot@db/fleet", tmp_path)
+    assert again.memory("internvl|y|r|d8", "mug") is not None
+    assert again.memory("qwen|x|r|d8", "mug") is None and set(again.records) == {"mug"}
+    files = sorted(p.name for p in next(tmp_path.iterdir()).iterdir())
+    assert "v-b.safetensors" in files and "v-a.safetensors" not in files
+    assert all((p.stat().st_mode & 0o077) == 0 for p in next(tmp_path.iterdir()).iterdir())

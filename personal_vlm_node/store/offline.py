@@ -1,8 +1,8 @@
 """A robot's offline copy of a shared concept library: records and its backbones' memories.
 
 Kept under ``$XDG_CACHE_HOME/personal_vlm/library/<hash of the library's location>/`` (0700, files
-0600): ``state.json`` (the records, and per model key the memory version of each concept) and one
-``<version>.safetensors`` per memory this process read. Every successful read of the library
+0600): ``records.json`` (the records), one ``versions-<hash of the model key>.json`` per backbone
+(each concept's memory version) and one ``<version>.safetensors`` per memory read. Every successful read of the library
 refreshes it; when the server cannot be reached, the library answers reads from it, so a robot
 keeps recognising — across a restart too. A forget, or a refresh that no longer lists a concept,
 removes the concept's record and memory files from it. Pictures are not copied: rebuilding a
@@ -40,9 +40,11 @@ class OfflineCache:
         self.folder = folder              # None: kept in memory only (the folder could not be made)
         self.records: dict[str, ConceptRecord] = {}
         self._versions: dict[str, dict[str, str]] = {}
+        self._seen: set[str] = set()              # memory versions this process has had in the copy
         self._lock = threading.Lock()
         if folder is not None:
             self._load()
+            self._seen = {v for versions in self._versions.values() for v in versions.values()}
 
     @classmethod
     def for_library(cls, location: str, cache_dir=None) -> "OfflineCache":
@@ -60,28 +62,39 @@ class OfflineCache:
     # ---- disk --------------------------------------------------------------------------------
     def _load(self) -> None:
         try:
-            state = json.loads((self.folder / "state.json").read_text(encoding="utf-8"))
-            self.records = {name: ConceptRecord(**fields) for name, fields in state["records"].items()}
-            self._versions = {key: dict(v) for key, v in state["versions"].items()}
+            records = json.loads((self.folder / "records.json").read_text(encoding="utf-8"))
+            self.records = {name: ConceptRecord(**fields) for name, fields in records.items()}
+            for path in self.folder.glob("versions-*.json"):
+                state = json.loads(path.read_text(encoding="utf-8"))
+                self._versions[state["model"]] = dict(state["versions"])
         except FileNotFoundError:
             pass
         except (OSError, ValueError, TypeError, KeyError) as e:
             logger.warning("the offline copy in %s cannot be read (%s); starting it afresh", self.folder, e)
             self.records, self._versions = {}, {}
 
+    @staticmethod
+    def _versions_file(key: str) -> str:
+        return f"versions-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
     def _save(self) -> None:
         if self.folder is None:
             return
-        state = {"records": {name: asdict(r) for name, r in self.records.items()}, "versions": self._versions}
-        self._write(self.folder / "state.json", json.dumps(state, ensure_ascii=False).encode())
-        keep = {f"{v}.safetensors" for versions in self._versions.values() for v in versions.values()}
-        for path in self.folder.glob("*.safetensors"):
-            if path.name not in keep:
-                path.unlink(missing_ok=True)
+        records = {name: asdict(r) for name, r in self.records.items()}
+        self._write(self.folder / "records.json", json.dumps(records, ensure_ascii=False).encode())
+        # One file per backbone: processes of other backbones on this machine may share the folder.
+        for key, versions in self._versions.items():
+            self._write(self.folder / self._versions_file(key),
+                        json.dumps({"model": key, "versions": versions}, ensure_ascii=False).encode())
+        # Only memories this process saw replaced or removed: the other files are other processes'.
+        keep = {v for versions in self._versions.values() for v in versions.values()}
+        for version in self._seen - keep:
+            (self.folder / f"{version}.safetensors").unlink(missing_ok=True)
+        self._seen = keep
 
     @staticmethod
     def _write(path: Path, data: bytes) -> None:
-        temporary = path.with_name(path.name + ".tmp")
+        temporary = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
             fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
             with open(fd, "wb") as f:
@@ -114,11 +127,12 @@ class OfflineCache:
     def put_memory(self, key: str, name: str, version: str, data: bytes) -> None:
         with self._lock:
             self._versions.setdefault(key, {})[name] = version
+            self._seen.add(version)
             if self.folder is not None:
                 path = self.folder / f"{version}.safetensors"
                 if not path.exists():
                     self._write(path, bytes(data))
-            # state.json is written by set_versions, which a reader calls before loading memories.
+            # The versions file is written by set_versions, which a reader calls before loading memories.
 
     def drop(self, name: str) -> None:
         with self._lock:

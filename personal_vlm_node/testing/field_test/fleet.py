@@ -63,6 +63,10 @@ def fleet(report: Report, world: World, rounds: int = 3, kills: int = 6, outage_
         return
     server = LocalServer().start()
     url = server.create_database("fleet")
+    # The offline copies of every node, CLI and writer go under the run's folder, not the home's.
+    cache = str(world.out / "cache")
+    world.env["XDG_CACHE_HOME"] = cache
+    previous_cache, os.environ["XDG_CACHE_HOME"] = os.environ.get("XDG_CACHE_HOME"), cache
     poller = LibraryPoller(url)
     nodes = [NodeRun(world, world.model_a, url, 5.0, tag, namespace=f"{world.namespace}/{tag}")
              for tag in ("fleet_a", "fleet_b")]
@@ -91,6 +95,10 @@ def fleet(report: Report, world: World, rounds: int = 3, kills: int = 6, outage_
         _killed_server(report, world, server, kills)
     finally:
         server.stop()
+        if previous_cache is None:
+            os.environ.pop("XDG_CACHE_HOME", None)
+        else:
+            os.environ["XDG_CACHE_HOME"] = previous_cache
 
 
 def _live(report, world, url, clients, cameras, poller, rounds) -> None:
