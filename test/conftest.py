@@ -14,6 +14,11 @@ if "PERSONAL_VLM_CALIBRATION_CACHE" not in os.environ:
     import tempfile
 
     os.environ["PERSONAL_VLM_CALIBRATION_CACHE"] = tempfile.mkdtemp(prefix="personal_vlm_calibration_cache_")
+# So do the offline copies of the fleet-library tests' nodes and commands.
+if "PERSONAL_VLM_LIBRARY_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["PERSONAL_VLM_LIBRARY_CACHE"] = tempfile.mkdtemp(prefix="personal_vlm_library_cache_")
 
 import pytest  # noqa: E402
 

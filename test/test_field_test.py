@@ -74,3 +74,14 @@ def test_fuzz_cases_cover_every_service_and_repeat_with_the_seed():
     assert first == cases(5)
     assert {service for service, _e, _w in first} == {"teach_concept", "ask", "list_concepts", "forget_concept"}
     assert {expect for _s, expect, _w in first} >= {"fail", "ok"}
+
+
+def test_writers_on_a_library_whose_server_is_killed_lose_no_acknowledged_operation(tmp_path, postgres_server):
+    from personal_vlm_node.testing.field_test.fleet import _killed_server
+
+    report = Report()
+    _killed_server(report, World(tmp_path, seed=5, build_models=False), postgres_server, kills=3)
+    figures = report.figures["fleet_server_killed"]
+    assert report.failures == []
+    assert figures["kills"] == 3 and figures["operations_acknowledged"] > 0
+    assert figures["acknowledged_lost"] == 0 and figures["damaged"] == []

@@ -8,7 +8,6 @@ Its own node process and its own server (the outage kills it).
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -51,16 +50,8 @@ def test_a_node_on_a_fleet_library_follows_other_writers_and_lives_through_an_ou
     model = str(tiny_checkpoints["qwen2_5_vl"])
     values = {"model": model, "device": "cpu", "dtype": "float32", "store_dir": url, "process_rate_hz": 20.0,
               "accept_threshold": 0.999, "reject_threshold": 0.5, "verification": False}
-    old_cache = os.environ.get("XDG_CACHE_HOME")
-    os.environ["XDG_CACHE_HOME"] = str(tmp_path / "cache")           # the node's offline copy goes here
-    try:
-        proc = start_node(params_file(tmp_path / "params.yaml", values), NAMESPACE, tmp_path / "node.log",
-                          timeout=WAIT_S)
-    finally:
-        if old_cache is None:
-            os.environ.pop("XDG_CACHE_HOME")
-        else:
-            os.environ["XDG_CACHE_HOME"] = old_cache
+    # Its offline copy goes to the run's folder (PERSONAL_VLM_LIBRARY_CACHE, set by conftest).
+    proc = start_node(params_file(tmp_path / "params.yaml", values), NAMESPACE, tmp_path / "node.log", timeout=WAIT_S)
     ros = Client()
     try:
         ros.wait_until(lambda: ros.frames.get_subscription_count() > 0, what="the node's camera subscription")

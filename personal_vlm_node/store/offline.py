@@ -1,9 +1,9 @@
 """A robot's offline copy of a shared concept library: records and its backbones' memories.
 
-Kept under ``$XDG_CACHE_HOME/personal_vlm/library/<hash of the library's location>/`` (0700, files
-0600): ``records.json`` (the records), one ``versions-<hash of the model key>.json`` per backbone
-(each concept's memory version) and one ``<version>.safetensors`` per memory read. Every successful read of the library
-refreshes it; when the server cannot be reached, the library answers reads from it, so a robot
+Kept under ``$XDG_CACHE_HOME/personal_vlm/library/<hash of the library's location>/`` (or
+``$PERSONAL_VLM_LIBRARY_CACHE/<hash>/``; 0700, files 0600): ``records.json`` (the records), one
+``versions-<hash of the model key>.json`` per backbone (each concept's memory version) and one
+``<version>.safetensors`` per memory read. Every successful read of the library refreshes it; when the server cannot be reached, the library answers reads from it, so a robot
 keeps recognising — across a restart too. A forget, or a refresh that no longer lists a concept,
 removes the concept's record and memory files from it. Pictures are not copied: rebuilding a
 memory for another backbone waits for the library.
@@ -28,6 +28,9 @@ logger = logging.getLogger("personal_vlm_node.store")
 
 
 def default_cache_root() -> Path:
+    """``$PERSONAL_VLM_LIBRARY_CACHE``, else ``$XDG_CACHE_HOME/personal_vlm/library``."""
+    if os.environ.get("PERSONAL_VLM_LIBRARY_CACHE"):
+        return Path(os.environ["PERSONAL_VLM_LIBRARY_CACHE"])
     xdg = os.environ.get("XDG_CACHE_HOME", "")
     base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
     return base / "personal_vlm" / "library"
