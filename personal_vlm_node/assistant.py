@@ -166,16 +166,18 @@ class Assistant(SelfCalibrating):
     @classmethod
     def open(cls, model: str, store_dir=None, device: str = "auto", dtype: str = "auto",
              profile_path=None, progress=_stderr_progress, options: AssistantOptions | None = None,
-             **overrides) -> Assistant:
+             start_offline: bool = False, **overrides) -> Assistant:
         """Load the model (HF id or folder) and the store; rebuild memories of another model.
 
         ``options`` (:class:`AssistantOptions`): encoder backend and engine cache, threshold and
-        M overrides, verification and its verifier model, R2P margin, tracker k-of-n. Keyword
+        M overrides, verification and its verifier model, R2P margin, tracker k-of-n.
+        ``start_offline``: a fleet library whose server cannot be reached is opened from this
+        machine's offline copy (the node's choice; a command refuses instead). Keyword
         arguments (``rebuild``, ``encoder`` or an option's name) go to the constructor.
         """
         (options or AssistantOptions()).check()         # before the model loads: the cheap mistakes
         profile = load_profile(model, profile_path)
-        store = open_library(store_dir)
+        store = open_library(store_dir, start_offline=start_offline)
         if progress:
             progress(f"loading {model} ({device}, {dtype})…")
         try:

@@ -5,6 +5,7 @@ in the database, outages and the offline copy, copying to and from a local store
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
@@ -241,6 +242,40 @@ def test_an_outage_keeps_reads_from_the_offline_copy_refuses_writes_and_catches_
         watcher.close()
         robot.close()
         other.close()
+
+
+def test_a_robot_restarted_in_an_outage_starts_from_its_offline_copy(postgres_server, tmp_path):
+    url = postgres_server.create_database(f"t_{uuid.uuid4().hex[:10]}")
+    first = PostgresLibrary(url, cache_dir=tmp_path / "robot")
+    first.add(*_concept("mug", direction=1))
+    first.list()
+    first.memory_versions(MODEL)
+    first.load_memory("mug", MODEL)
+    first.close()
+    postgres_server.kill()
+    try:
+        with pytest.raises(PersonalVLMError, match="cannot open the concept library"):
+            PostgresLibrary(url, cache_dir=tmp_path / "robot")                      # a command refuses
+        with pytest.raises(PersonalVLMError, match="cannot open the concept library"):
+            PostgresLibrary(url, cache_dir=tmp_path / "new", start_offline=True)   # nothing to start from
+        robot = PostgresLibrary(url, cache_dir=tmp_path / "robot", start_offline=True)
+        watcher = robot.watch()
+        assert robot.names() == ["mug"] and robot.load_memory("mug", MODEL)["memory"].shape == (3, 8)
+        assert "offline" in robot.health()
+    finally:
+        postgres_server.restart()
+    try:
+        deadline = time.monotonic() + 15
+        while robot.health() is not None:
+            with contextlib.suppress(PersonalVLMError):
+                robot.names()
+            assert time.monotonic() < deadline, "the library started offline never connected"
+            time.sleep(0.1)
+        robot.add(*_concept("cup", direction=2))
+        assert robot.names() == ["cup", "mug"]
+    finally:
+        watcher.close()
+        robot.close()
 
 
 # ---- copying concepts between a local store and a library ------------------------------------------

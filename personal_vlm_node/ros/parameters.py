@@ -74,8 +74,9 @@ def open_assistant(values: dict, log):
     """Load the model and store for these parameter values."""
     from ..assistant import Assistant
 
+    # A robot restarted while its fleet library's server is out of reach starts from its offline copy.
     return Assistant.open(**open_arguments(values), progress=lambda m: log.info(m),
-                          warn_to=lambda m: log.warning(m), options=assistant_options(values))
+                          warn_to=lambda m: log.warning(m), options=assistant_options(values), start_offline=True)
 
 
 def start_calibration(assistant, log) -> None:

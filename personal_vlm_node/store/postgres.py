@@ -62,12 +62,21 @@ def _record(row) -> ConceptRecord:
 class PostgresLibrary(ConceptLibrary):
     """The concept library in a PostgreSQL database with pgvector. Safe to share across threads."""
 
-    def __init__(self, url: str, cache_dir=None, model: str | None = None, connect_timeout: float = 5.0):
+    def __init__(self, url: str, cache_dir=None, connect_timeout: float = 5.0, start_offline: bool = False):
+        """Opens the library, refusing (one line) an unreachable server, bad credentials, a
+        database without pgvector or of a newer format. ``start_offline``: a server that cannot
+        be reached is not refused when this machine has an offline copy of the library; the
+        library then starts offline, from the copy, and connects when the server is back."""
         self._connector = Connector(url, connect_timeout=connect_timeout)
         self._lock = threading.RLock()
         self.cache = OfflineCache.for_library(self._connector.location, cache_dir)
-        self.model = model                  # the backbone whose memories the cache keeps
-        self._connector.open()              # refuses an unreachable server, bad credentials, no pgvector…
+        try:
+            self._connector.open()
+        except LibraryOffline as unreachable:
+            if not (start_offline and self.cache.records):
+                raise PersonalVLMError(unreachable.refusal) from None
+            logger.warning("%s; starting from this machine's offline copy (%d concepts)", unreachable.refusal,
+                           len(self.cache.records))
 
     # ------------------------------------------------------------------ plumbing
 

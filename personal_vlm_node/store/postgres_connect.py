@@ -27,7 +27,13 @@ _BACKOFF_FIRST, _BACKOFF_MAX = 0.5, 5.0
 
 
 class LibraryOffline(Exception):
-    """The server cannot be reached now (str: which library, and why)."""
+    """The server cannot be reached now (str: which library, and why; ``refusal``: the line
+    :meth:`Connector.open` would refuse it with)."""
+
+    refusal = ""
+
+
+_NOT_REACHABILITY = ("password", "does not exist", "certificate", "ssl", "role", "permission", "authentication")
 
 
 def is_library_url(location) -> bool:
@@ -118,7 +124,13 @@ class Connector:
         try:
             conn = self.connect()
         except psycopg.Error as e:
-            raise _open_error(self.location, e) from None
+            refusal = _open_error(self.location, e)
+            if any(word in _why(e).lower() for word in _NOT_REACHABILITY):
+                raise refusal from None
+            self._lost(e)              # the server is out of reach: the caller may start offline
+            offline = LibraryOffline(self._offline_text())
+            offline.refusal = str(refusal)
+            raise offline from None
         try:
             self._prepare(conn)
         except PersonalVLMError:

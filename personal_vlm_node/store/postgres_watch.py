@@ -28,7 +28,13 @@ class PostgresWatcher:
         self._generation: int | None = None
         self._next_try = 0.0
         self._retry = _RETRY_FIRST
-        self._listen()
+        import psycopg
+
+        try:
+            self._listen()
+        except psycopg.Error:          # a library started offline: listen once the server is back
+            self._conn = None
+            self._next_try = time.monotonic() + self._retry
 
     def _listen(self) -> None:
         """(Re)open the listening connection."""
