@@ -156,7 +156,6 @@ class Assistant(SelfCalibrating):
         self.bank = ConceptBank(store, vlm, self.matcher, self.frames, self.introduction, self.encode_reference,
                                 self._background, self.progress, rebuild=rebuild,
                                 resident_limit=self.options.resident_concepts)
-        self.frames.prefetch = self.bank.prefetch
         self.teacher = Teacher(vlm, store, self.bank, self.introduction, self.encode_reference, self._background,
                                self.progress, text_similarity=self.text_similarity)
         if rebuild:
@@ -171,9 +170,8 @@ class Assistant(SelfCalibrating):
 
         ``options`` (:class:`AssistantOptions`): encoder backend and engine cache, threshold and
         M overrides, verification and its verifier model, R2P margin, tracker k-of-n.
-        ``start_offline``: a fleet library whose server cannot be reached is opened from this
-        machine's offline copy (the node's choice; a command refuses instead). Keyword
-        arguments (``rebuild``, ``encoder`` or an option's name) go to the constructor.
+        ``start_offline``: a fleet library out of reach opens from this machine's offline copy (the
+        node's choice). Keyword arguments (``rebuild``, ``encoder``, an option's name) go to the constructor.
         """
         (options or AssistantOptions()).check()         # before the model loads: the cheap mistakes
         profile = load_profile(model, profile_path)
@@ -181,12 +179,12 @@ class Assistant(SelfCalibrating):
         if progress:
             progress(f"loading {model} ({device}, {dtype})…")
         try:
-            vlm = load_vlm(model, device=device, dtype=dtype)
-            assistant = cls(vlm, store, profile, progress=progress, options=options, **overrides)
+            assistant = cls(load_vlm(model, device=device, dtype=dtype), store, profile, progress=progress,
+                            options=options, **overrides)
         except BaseException:
             store.close()
             raise
-        assistant._opened_store = True           # so close() closes it (its connections)
+        assistant._opened_store = True
         return assistant
 
     @staticmethod
@@ -216,7 +214,7 @@ class Assistant(SelfCalibrating):
         self.verifier.stop()
         self._remove_yield_points()
         self._background.shutdown(wait=wait, cancel_futures=not wait)
-        if getattr(self, "_opened_store", False):
+        if getattr(self, "_opened_store", False):       # open() made it: its connections end here
             self.store.close()
 
     def __enter__(self):

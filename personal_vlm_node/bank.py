@@ -63,6 +63,7 @@ class ConceptBank:
         self.large = False                        # a library too large to hold whole: see prefetch()
         self.available: dict[str, str] = {}      # large: every concept with a memory for this model → its id
         self._wanted: dict[str, float] = {}      # large: resident concept → when a frame last wanted it
+        frames.prefetch = self.prefetch           # the frame path asks before it scores a frame
 
     def _too_large(self, versions: dict) -> bool:
         return (self.resident_limit is not None and hasattr(self.store, "nearest")
