@@ -1,4 +1,5 @@
-"""``personal-vlm``: teach, ask, recognize, list, forget and calibrate from a shell.
+"""``personal-vlm``: teach, ask, recognize, list, forget and calibrate from a shell; ``web`` runs the node
+with its web console (:mod:`.cli_web`).
 
 ``personal-vlm node …`` talks to a running ROS node instead (:mod:`.ros.client`; rclpy is imported
 only then, so everything else works without ROS).
@@ -23,6 +24,7 @@ from .options import (BACKENDS, DEFAULT_MODEL, DEFAULT_VERIFIER, DTYPES, ENCODER
                       PAIRWISE_REFERENCES, PRECISIONS, RANDOM_MODEL_SIZES, RECOGNITIONS, SIGLIP_VERIFIER,
                       AssistantOptions)
 from .cli_calibration import _cmd_calibrate, _cmd_profile, add_calibration_parsers
+from .cli_web import _cmd_web, add_web_parser
 from .output import emit as _emit
 from .output import stderr_progress
 
@@ -104,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_parser(sub)
     _add_export_parser(sub)
     _add_node_parser(sub)
+    add_web_parser(sub, _Parser)
     return parser
 
 
@@ -445,7 +448,7 @@ def _cmd_node(args) -> None:
 COMMANDS = {"teach": _cmd_teach, "ask": _cmd_ask, "recognize": _cmd_recognize, "list": _cmd_list,
             "forget": _cmd_forget, "calibrate": _cmd_calibrate, "bench": _cmd_bench,
             "detect": _cmd_detect, "eval": _cmd_eval, "export-encoder": _cmd_export,
-            "node": _cmd_node, "store": _cmd_store, "profile": _cmd_profile}
+            "node": _cmd_node, "store": _cmd_store, "profile": _cmd_profile, "web": _cmd_web}
 
 
 def main(argv: list[str] | None = None) -> int:
