@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
+import signal
 import subprocess
 import time
 import urllib.request
@@ -33,6 +35,8 @@ class Browser:
         import websocket
 
         folder.mkdir(parents=True, exist_ok=True)
+        active = folder / "profile" / "DevToolsActivePort"
+        active.unlink(missing_ok=True)           # a previous run's: its port is gone
         self.log = folder / "chromium.log"
         with open(self.log, "w") as log:
             # --no-sandbox: the sandbox refuses to run as root, which test containers often are.
@@ -41,8 +45,7 @@ class Browser:
                  "--no-default-browser-check", "--disable-extensions", "--disable-background-networking",
                  "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0",
                  f"--user-data-dir={folder / 'profile'}", f"--window-size={width},{height}", "about:blank"],
-                stdout=log, stderr=subprocess.STDOUT)
-        active = folder / "profile" / "DevToolsActivePort"
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + START_TIMEOUT_S
         while not (active.is_file() and len(active.read_text().split()) >= 2):
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -117,10 +120,21 @@ class Browser:
         socket = getattr(self, "socket", None)
         if socket is not None:
             socket.close()
-        if self.proc.poll() is None:
-            self.proc.terminate()
+        # Debian's chromium is a shell script that starts the browser as its child: end the whole
+        # process group this Browser started, not the script alone.
+        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
             try:
-                self.proc.wait(10)
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.proc.wait(wait)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+                continue
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline:
+                try:
+                    os.killpg(self.proc.pid, 0)
+                except ProcessLookupError:
+                    return
+                time.sleep(0.1)

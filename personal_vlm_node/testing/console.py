@@ -13,6 +13,9 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+from PIL import Image, ImageDraw
+
 from .kit import image_msg, params_file, pixels, start_node
 
 CAMERA_HZ = 10.0
@@ -45,21 +48,39 @@ def start_console_node(folder: Path, model: str, namespace: str, token: str = ""
     return proc, f"http://127.0.0.1:{port}/"
 
 
+def tabletop(width: int = 320, height: int = 240) -> np.ndarray:
+    """(height, width, 3) uint8 RGB: a wall, a table and three things on it (a red mug at about
+    x 100-190, y 60-150 of 320×240, a blue book, a green ball). Smooth, unlike :func:`.kit.pixels`,
+    so that screenshots of the console stay small; the same picture every time."""
+    picture = Image.new("RGB", (320, 240), (222, 214, 196))
+    draw = ImageDraw.Draw(picture)
+    for y in range(120, 240):                                   # the table, darker towards the viewer
+        shade = 150 - (y - 120) // 3
+        draw.line([(0, y), (320, y)], fill=(shade, shade * 2 // 3, shade // 3))
+    draw.rectangle((110, 70, 170, 145), fill=(196, 40, 36), outline=(120, 20, 18), width=3)     # the mug
+    draw.ellipse((160, 88, 192, 126), outline=(150, 30, 28), width=7)                         # its handle
+    draw.ellipse((112, 62, 168, 78), fill=(230, 230, 225), outline=(120, 20, 18), width=2)
+    draw.rectangle((215, 120, 300, 150), fill=(40, 70, 170), outline=(20, 35, 90), width=3)     # a book
+    draw.ellipse((30, 115, 80, 165), fill=(60, 160, 70), outline=(30, 90, 35), width=3)         # a ball
+    return np.asarray(picture.resize((width, height)), dtype=np.uint8).copy()
+
+
 class TestCamera:
-    """Publishes ``pixels(seed)`` on the node's camera input ``hz`` times a second on a thread;
-    :attr:`seed` may change while it runs."""
+    """Publishes ``picture`` (default ``pixels(seed)``) on the node's camera input ``hz`` times a
+    second on a thread, as a camera driver does."""
 
     __test__ = False            # not a pytest class
 
-    def __init__(self, client, seed: int = 1, hz: float = CAMERA_HZ):
-        self.client, self.seed, self.hz = client, seed, hz
+    def __init__(self, client, seed: int = 1, hz: float = CAMERA_HZ, picture: np.ndarray | None = None):
+        self.client, self.hz = client, hz
+        self.picture = pixels(seed) if picture is None else picture
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.client.publish_frame(image_msg(pixels(self.seed)))
+            self.client.publish_frame(image_msg(self.picture))
             self._stop.wait(1.0 / self.hz)
 
     def stop(self) -> None:

@@ -6,7 +6,8 @@ never wait for a browser. Every call into the node goes through a backend (``tea
 on a worker thread, since a teach or an ask waits in its line like a service request.
 
 Safety: it listens on 127.0.0.1 unless told otherwise; with a token, every request and websocket
-must carry it (``Authorization: Bearer …`` or ``?token=…``), else 401 and nothing more; request
+must carry it (``Authorization: Bearer …``, ``?token=…``, or the cookie a page opened with
+``?token=…`` gets), else 401 and nothing more; request
 bodies and websocket messages are size-limited; requests from another site's page are refused
 (POSTs must be JSON, an ``Origin`` must be this server's); the files served are a fixed list, so no
 client-supplied path reaches the filesystem.
@@ -148,6 +149,7 @@ class WebConsole:
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="web-jpeg")
         self._frame_ready: asyncio.Event | None = None
         self._tasks: list = []
+        self._cookie = f"personal_vlm_token_{self.port}"
 
     # ---- lifetime, from the node's threads -----------------------------------------------------
     @property
@@ -235,6 +237,7 @@ class WebConsole:
             await self._runner.cleanup()
             raise
         self.port = site._server.sockets[0].getsockname()[1]
+        self._cookie = f"personal_vlm_token_{self.port}"
         self._frame_ready = asyncio.Event()
         loop = asyncio.get_running_loop()
         self.live.wake = lambda: loop.call_soon_threadsafe(self._frame_ready.set)
@@ -256,11 +259,14 @@ class WebConsole:
 
     @web.middleware
     async def _guard(self, request: web.Request, handler):
+        from_query = False
         if self.token:
-            given = request.query.get("token", "")
+            given = request.cookies.get(self._cookie, "")
             header = request.headers.get("Authorization", "")
             if header.startswith("Bearer "):
                 given = header[len("Bearer "):]
+            elif "token" in request.query:
+                given, from_query = request.query["token"], True
             if not hmac.compare_digest(given.encode(), self.token.encode()):
                 return web.Response(status=401, text="401: unauthorized\n")
         origin = request.headers.get("Origin")
@@ -272,7 +278,13 @@ class WebConsole:
             response = await handler(request)
         except RequestError as exc:
             response = self._json({"success": False, "message": str(exc)}, 400)
+        if response.prepared:         # a websocket, answered already
+            return response
         response.headers.update(SECURITY_HEADERS)
+        if from_query:
+            # The page's own files and pictures are then fetched with the cookie (never sent by another
+            # site's page: SameSite=Strict).
+            response.set_cookie(self._cookie, self.token, httponly=True, samesite="Strict", path="/")
         return response
 
     @staticmethod

@@ -27,6 +27,7 @@ let retryMs = 500;
 let current = null;          // the newest frame: {seq, width, height, detections, captured, bitmap}
 let held = null;             // the frame a box is drawn on: the view stays on it until Teach or Clear
 let drag = null;
+const decidedBy = {};         // concept -> the stage (match, ego, r2p) that decided its latest detection
 const frameTimes = [];
 const latencies = [];
 
@@ -119,6 +120,12 @@ async function onFrame(buffer) {
   state.fps = frameTimes.length > 1 ? (1000 * (frameTimes.length - 1)) / (now - frameTimes[0]) : 0;
   state.latencyMs = latencies.reduce((a, b) => a + b, 0) / latencies.length;
   state.lastDetections = header.detections;
+  for (const d of header.detections) {
+    if (decidedBy[d.name] !== d.source) {
+      decidedBy[d.name] = d.source;
+      showDecided(d.name);
+    }
+  }
   state.lastSeq = header.seq;
   if (state.firstFrameMs === undefined) state.firstFrameMs = now - state.loadedAt;
   $("view-stats").textContent = `view ${state.fps.toFixed(1)} frames/s, ${state.latencyMs.toFixed(0)} ms behind the camera`;
@@ -289,13 +296,26 @@ function conceptCard(concept) {
   about.append(element("div", "meta", `keywords: ${concept.keywords.join(", ") || "-"}`));
   about.append(element("div", "meta", `${concept.memory_tokens} memory tokens from ${concept.pictures} ` +
     `picture(s); accept ≥ ${concept.accept}; fingerprint ${concept.fingerprint}`));
-  about.append(element("div", "meta", `${concept.state}` +
-    (concept.decided_by ? `; last decided by ${concept.decided_by}` : "; not seen on the live view yet")));
+  if (concept.decided_by && !decidedBy[concept.name]) decidedBy[concept.name] = concept.decided_by;
+  about.append(element("div", "meta", concept.state));
+  about.append(element("div", "meta decided", decidedText(concept.name)));
   const forget = element("button", "forget", "Forget");
   forget.addEventListener("click", () => confirmForget(about, forget, concept.name));
   about.append(forget);
   card.append(pictures, about);
   return card;
+}
+
+function showDecided(name) {
+  const card = [...document.querySelectorAll(".concept")].find((c) => c.dataset.name === name);
+  if (!card) return;
+  card.querySelector(".decided").textContent = decidedText(name);
+}
+
+function decidedText(name) {
+  const stage = { match: "the matcher (match)", ego: "Ego's in-context check (ego)", r2p: "R2P's reasoning (r2p)" };
+  const source = decidedBy[name];
+  return source ? `decided by ${stage[source] || source}` : "not seen on the live view yet";
 }
 
 function confirmForget(about, button, name) {
@@ -311,6 +331,7 @@ function confirmForget(about, button, name) {
   yes.addEventListener("click", async () => {
     yes.disabled = no.disabled = true;
     const reply = await api("/api/forget", { name });
+    if (reply.success) delete decidedBy[name];
     say("library-result", reply.message, reply.success ? "good" : "bad");
     loadLibrary();
   });
