@@ -1,5 +1,6 @@
-"""``personal-vlm``: teach, ask, recognize, list, forget and calibrate from a shell; ``web`` runs the node
-with its web console (:mod:`.cli_web`).
+"""``personal-vlm``: teach, ask, recognize, list, forget and calibrate from a shell.
+
+``personal-vlm web`` runs the node with its web console (:mod:`.cli_web`).
 
 ``personal-vlm node …`` talks to a running ROS node instead (:mod:`.ros.client`; rclpy is imported
 only then, so everything else works without ROS).

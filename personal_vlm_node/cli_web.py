@@ -22,7 +22,7 @@ def add_web_parser(sub, parser_class) -> None:
         "web", help="run the node with its web console: live view, teach by drawing a box, library, ask",
         description="Run the node (needs rclpy) with its web console on http://HOST:PORT/. Anything after "
                     "--ros-args goes to the node, e.g. --ros-args -r image:=/camera/image_raw "
-                    "--params-file config/assistant.yaml")
+                    "--params-file config/assistant.yaml (the options here win over the params file)")
     web.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})")
     web.add_argument("--host", default="127.0.0.1",
                      help="address to listen on (default: 127.0.0.1, this machine only; anything else opens the "
@@ -30,7 +30,9 @@ def add_web_parser(sub, parser_class) -> None:
     web.add_argument("--token", default=None,
                      help=f"every request must carry this token (open http://HOST:PORT/?token=…); default: "
                           f"${TOKEN_ENV}, else none")
-    web.add_argument("ros_args", nargs=argparse.REMAINDER, help="--ros-args … for the node")
+    web.add_argument("--ros-args", dest="ros_args", nargs=argparse.REMAINDER, default=[],
+                     help="everything after it goes to the node as ROS arguments (-r image:=/camera/image_raw, "
+                          "--params-file FILE, -p name:=value)")
 
 
 def node_arguments(args) -> list[str]:
@@ -41,10 +43,6 @@ def node_arguments(args) -> list[str]:
     if not args.host.strip():
         raise PersonalVLMError("--host must name an address, e.g. 127.0.0.1")
     extra = list(args.ros_args)
-    if extra and extra[0] == "--ros-args":
-        extra = extra[1:]
-    elif extra:
-        raise PersonalVLMError(f"unexpected arguments {' '.join(extra)}; ROS arguments follow --ros-args")
     token = args.token if args.token is not None else os.environ.get(TOKEN_ENV, "")
     parameters = {"web_port": args.port, "web_host": args.host, "web_token": token}
     if args.model != DEFAULT_MODEL:

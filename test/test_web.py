@@ -130,6 +130,17 @@ def test_with_the_token_the_page_and_its_files_are_served_and_nothing_else(conso
         assert status == 404, path
 
 
+def test_a_page_opened_with_the_token_gets_a_strict_cookie_for_its_own_files(console):
+    async def scenario():
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as session:
+            async with session.get(console["url"] + f"/?token={TOKEN}") as answer:
+                set_cookie = answer.headers["Set-Cookie"]
+            async with session.get(console["url"] + "/console.css") as answer:
+                return set_cookie, answer.status
+    set_cookie, status = run(scenario())
+    assert "HttpOnly" in set_cookie and "SameSite=Strict" in set_cookie and status == 200
+
+
 def _service_teach(client, name: str, roi=(0, 0, 0, 0)):
     x, y, w, h = roi
     request = TeachConcept.Request(name=name, roi=RegionOfInterest(x_offset=x, y_offset=y, width=w, height=h))
