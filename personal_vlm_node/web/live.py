@@ -15,7 +15,7 @@ from collections import OrderedDict
 from PIL import Image
 
 KEPT_FRAMES = 8          # the frames last sent to the pages, by number (a box is drawn on one of them)
-PINNED_FRAMES = 32       # frames held while a box is drawn on them, over all pages
+PINNED_FRAMES = 8        # frames held while a box is drawn on them, over all pages (one a page)
 JPEG_QUALITY = 80
 
 
