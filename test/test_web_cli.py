@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -76,6 +77,18 @@ def test_web_passes_its_options_to_the_node_as_parameters_after_the_users_ros_ar
 def test_web_refuses_what_it_cannot_serve_with_one_line(argv, problem):
     with pytest.raises(PersonalVLMError, match=problem):
         node_arguments(parsed(*argv))
+
+
+def test_the_installed_package_ships_the_page_as_in_the_sources(tmp_path):
+    # Away from the sources, so that the package found is the installed one.
+    done = subprocess.run([sys.executable, "-c", "import personal_vlm_node.web as w; print(w.__file__)"],
+                          capture_output=True, text=True, cwd=tmp_path, env=node_env(PYTHONPATH=""), timeout=60)
+    installed = Path(done.stdout.strip()).parent / "static"
+    sources = Path(__file__).resolve().parent.parent / "personal_vlm_node" / "web" / "static"
+    if installed.parent == sources.parent:
+        pytest.skip("the package is installed in editable mode: its files are the sources")
+    for name in ("index.html", "console.js", "console.css"):
+        assert (installed / name).read_bytes() == (sources / name).read_bytes(), name
 
 
 # ---- the node ---------------------------------------------------------------------------------
