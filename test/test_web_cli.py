@@ -150,3 +150,41 @@ def test_a_web_port_in_use_stops_the_node_with_one_line(tiny, tmp_path):
     assert f"the web console cannot listen on 127.0.0.1:{port}: " in output
     assert "address already in use; choose another web_port" in output
     assert "Traceback" not in output
+
+
+def _page_status(port: int):
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as answer:
+            return answer.status
+    except OSError as exc:              # refused: nothing listens
+        return type(exc).__name__
+
+
+def test_the_managed_node_serves_its_console_only_while_active(tiny, tmp_path):
+    pytest.importorskip("rclpy")
+    from lifecycle_msgs.msg import State, Transition
+
+    from personal_vlm_node.ros.client import NodeClient
+
+    namespace = f"/web_lifecycle_{os.getpid()}"
+    port = _free_port()
+    command = node_command("-r", f"__ns:={namespace}", "-p", f"model:={tiny}", "-p", "device:=cpu",
+                           "-p", "dtype:=float32", "-p", f"store_dir:={tmp_path / 'store'}", "-p", "auto_calibrate:=false",
+                           "-p", "verification:=false", "-p", f"web_port:={port}", lifecycle=True)
+    log = tmp_path / "node.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=node_env())
+    ros = NodeClient(namespace, timeout=WAIT_S, client_name="web_lifecycle_client")
+    try:
+        assert ros.change_state(Transition.TRANSITION_CONFIGURE, State.PRIMARY_STATE_INACTIVE)
+        assert _page_status(port) == "URLError"                       # inactive: no console yet
+        assert ros.change_state(Transition.TRANSITION_ACTIVATE, State.PRIMARY_STATE_ACTIVE)
+        assert _page_status(port) == 200
+        assert ros.change_state(Transition.TRANSITION_DEACTIVATE, State.PRIMARY_STATE_INACTIVE)
+        assert _page_status(port) == "URLError"
+        assert ros.change_state(Transition.TRANSITION_ACTIVATE, State.PRIMARY_STATE_ACTIVE)
+        assert _page_status(port) == 200                              # the same port again
+    finally:
+        ros.close()
+        proc.terminate()
+        proc.wait(30)
