@@ -314,3 +314,24 @@ def test_the_health_message_is_what_diagnostics_computes(console):
     for key in ("received_hz", "processed_hz", "latency_ms", "dropped_frames", "unverified_matches"):
         assert key in health["values"]
     assert health["verifications_per_second"] == 2.0 and health["verification"] is False
+
+
+def test_a_websocket_message_the_page_would_never_send_gets_one_line_and_the_socket_stays(console):
+    async def scenario():
+        async with aiohttp.ClientSession(headers=AUTH) as session:
+            socket = await session.ws_connect(console["url"] + "/ws")
+            replies = []
+            for message in ("not json", json.dumps({"type": "teach"}), json.dumps([1, 2]),
+                            json.dumps({"type": "ask", "question": 42}),
+                            json.dumps({"type": "hold", "frame": "../etc"}), json.dumps({"type": "release"})):
+                await socket.send_str(message)
+            while len(replies) < 4:
+                message = await socket.receive(timeout=WAIT_S)
+                if message.type == aiohttp.WSMsgType.TEXT and json.loads(message.data)["type"] == "error":
+                    replies.append(json.loads(message.data)["message"])
+            await frames_until(socket, lambda h: True, WAIT_S)          # still served frames
+            await socket.close()
+            return replies
+    replies = run(scenario())
+    assert replies[:3] == ["unknown message; the page sends ask, stop, hold or release"] * 3
+    assert replies[3] == "question must be text"
