@@ -62,6 +62,14 @@ def node_arguments(args) -> list[str]:
 
 def _cmd_web(args) -> None:
     argv = node_arguments(args)
+    try:
+        import aiohttp  # noqa: F401
+        import personal_vlm_interfaces  # noqa: F401
+        import rclpy  # noqa: F401
+    except ImportError as exc:
+        raise PersonalVLMError(f"`personal-vlm web` runs the ROS node with its console and needs rclpy, the "
+                               f"personal_vlm_interfaces types and aiohttp ({exc}); run it in the quick start's "
+                               ".venv or a sourced ROS workspace") from exc
     from .ros.node import main as node_main
 
     code = node_main(argv)
