@@ -181,6 +181,11 @@ def test_requests_that_are_not_json_or_too_big_or_from_another_site_are_refused(
     assert status == 413
     status, text, _ = run(fetch(url, "POST", headers={**AUTH, "Origin": "http://evil.example"}, json={"name": "x"}))
     assert status == 403
+    port = console["url"].rsplit(":", 1)[1]
+    status, text, _ = run(fetch(console["url"] + "/api/concepts", headers={**AUTH, "Host": f"evil.example:{port}"}))
+    assert status == 403 and "localhost only" in text                  # a rebound name, on a loopback console
+    status, _, _ = run(fetch(console["url"] + "/api/concepts", headers={**AUTH, "Host": f"localhost:{port}"}))
+    assert status == 200
 
 
 def test_a_websocket_message_over_the_limit_closes_that_socket_only(console):

@@ -269,6 +269,10 @@ class WebConsole:
                 given, from_query = request.query["token"], True
             if not hmac.compare_digest(given.encode(), self.token.encode()):
                 return web.Response(status=401, text="401: unauthorized\n")
+        if is_loopback(self.host) and not is_loopback(urlsplit(f"//{request.host}").hostname or ""):
+            # Listening on this machine only, a request naming another host is a page of another site
+            # whose name was pointed at 127.0.0.1 (DNS rebinding).
+            return web.Response(status=403, text="403: this console answers to 127.0.0.1 / localhost only\n")
         origin = request.headers.get("Origin")
         if origin is not None and urlsplit(origin).netloc != request.host:
             return web.Response(status=403, text="403: requests from another site's page are refused\n")
