@@ -38,6 +38,16 @@ def test_only_loopback_addresses_count_as_this_machine_only():
     assert [is_loopback(h) for h in ("0.0.0.0", "192.168.1.20", "::", "robot.local")] == [False] * 4
 
 
+def test_listening_beyond_this_machine_is_warned_of_and_more_so_without_a_token():
+    from personal_vlm_node.ros.web import exposure_warning
+
+    assert exposure_warning("127.0.0.1", "", is_loopback) is None
+    assert exposure_warning("0.0.0.0", "", is_loopback) == (
+        "the web console listens on 0.0.0.0, open to the network: anyone who reaches it can see the camera, "
+        "teach and forget; set web_token")
+    assert "anyone who reaches it with the token can" in exposure_warning("192.168.1.20", "t", is_loopback)
+
+
 @pytest.mark.parametrize("box, problem", [
     ([1, 2, 3], "four numbers"), ("1,2,3,4", "four numbers"), ([1, 2, 3, -4], "pixels in"),
     ([1, 2, True, 4], "pixels in"), ([1, 2, float("nan"), 4], "pixels in"), ([0, 0, 10**9, 1], "pixels in"),

@@ -98,6 +98,15 @@ class NodeConsoleBackend:
                 "values": {kv.key: kv.value for kv in status.values}, **budget}
 
 
+def exposure_warning(host: str, token: str, is_loopback) -> str | None:
+    """What to warn of when the console listens on ``host``: None on a loopback address."""
+    if is_loopback(host):
+        return None
+    return (f"the web console listens on {host}, open to the network: anyone who reaches it "
+            + ("with the token " if token else "") + "can see the camera, teach and forget"
+            + ("" if token else "; set web_token"))
+
+
 def start_web_console(node, assistant, values: dict, frame_path, services, diagnostics):
     """The console on ``web_host``:``web_port``, listening; a warning when it is open to the network."""
     try:
@@ -113,10 +122,9 @@ def start_web_console(node, assistant, values: dict, frame_path, services, diagn
     console.start()
     frame_path.listeners.append(console.offer_frame)
     assistant.bank_listeners.append(console.concepts_changed)
-    if not is_loopback(host):
-        log.warning(f"the web console listens on {host}, open to the network: anyone who reaches it "
-                    + ("with the token " if token else "") + "can see the camera, teach and forget"
-                    + ("" if token else "; set web_token"))
+    warning = exposure_warning(host, token, is_loopback)
+    if warning:
+        log.warning(warning)
     log.info(f"web console on {console.url}" + (" (token required)" if token else ""))
     return console
 
