@@ -25,9 +25,9 @@ from .options import (BACKENDS, DEFAULT_MODEL, DEFAULT_VERIFIER, DTYPES, ENCODER
                       PAIRWISE_REFERENCES, PRECISIONS, RANDOM_MODEL_SIZES, RECOGNITIONS, SIGLIP_VERIFIER,
                       AssistantOptions)
 from .cli_calibration import _cmd_calibrate, _cmd_profile, add_calibration_parsers
-from .cli_web import _cmd_web, add_web_parser
 from .output import emit as _emit
 from .output import stderr_progress
+from .cli_web import _cmd_web, add_web_parser
 
 
 NODE_TIMEOUT_S = 10.0   # seconds `personal-vlm node` waits for the node to appear
@@ -449,7 +449,8 @@ def _cmd_node(args) -> None:
 COMMANDS = {"teach": _cmd_teach, "ask": _cmd_ask, "recognize": _cmd_recognize, "list": _cmd_list,
             "forget": _cmd_forget, "calibrate": _cmd_calibrate, "bench": _cmd_bench,
             "detect": _cmd_detect, "eval": _cmd_eval, "export-encoder": _cmd_export,
-            "node": _cmd_node, "store": _cmd_store, "profile": _cmd_profile, "web": _cmd_web}
+            "node": _cmd_node, "store": _cmd_store, "profile": _cmd_profile}
+COMMANDS["web"] = _cmd_web
 
 
 def main(argv: list[str] | None = None) -> int:
