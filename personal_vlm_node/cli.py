@@ -450,7 +450,6 @@ COMMANDS = {"teach": _cmd_teach, "ask": _cmd_ask, "recognize": _cmd_recognize, "
             "forget": _cmd_forget, "calibrate": _cmd_calibrate, "bench": _cmd_bench,
             "detect": _cmd_detect, "eval": _cmd_eval, "export-encoder": _cmd_export,
             "node": _cmd_node, "store": _cmd_store, "profile": _cmd_profile}
-COMMANDS["web"] = _cmd_web
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -466,6 +465,9 @@ def main(argv: list[str] | None = None) -> int:
         print("personal-vlm: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+COMMANDS["web"] = _cmd_web      # personal-vlm web (cli_web.py)
 
 
 if __name__ == "__main__":
