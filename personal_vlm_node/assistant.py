@@ -357,10 +357,6 @@ class Assistant(SelfCalibrating):
     def concepts(self) -> list[ConceptRecord]:
         return self.store.list()
 
-    def reference_pictures(self, name: str) -> list:
-        """The reference pictures ``name`` was taught from, as the store keeps them."""
-        return self.store.load_images(validate_name(name))
-
     def check_name(self, name: str) -> str:
         """The concept name as stored, or PersonalVLMError saying what is wrong with it (a look-alike
         of an existing concept's name included)."""

@@ -77,13 +77,14 @@ class NodeConsoleBackend:
         key = (record.name, record.updated)
         if key not in self._picture_counts:
             try:
-                self._picture_counts[key] = len(self.assistant.reference_pictures(record.name))
+                self._picture_counts[key] = len(self.assistant.store.load_images(record.name))
             except PersonalVLMError:
                 return 0
         return self._picture_counts[key]
 
     def pictures(self, name: str) -> list:
-        return self.assistant.reference_pictures(name)
+        """The concept's reference pictures, as the store keeps them (it checks the name)."""
+        return self.assistant.store.load_images(name)
 
     def health(self) -> dict:
         """The frame path's health as /diagnostics last said it, and the verification budget."""
