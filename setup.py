@@ -22,6 +22,8 @@ setup(
     version=VERSION,
     description="Teach a robot your own things from a few pictures; named detections and answers.",
     packages=find_packages(exclude=["test", "test.*"]),
+    # The web console's page (plain HTML, CSS, JavaScript), read with importlib.resources.
+    package_data={"personal_vlm_node.web": ["static/*.html", "static/*.css", "static/*.js"]},
     python_requires=">=3.10",
     # Light dependencies only. torch is left to the user (CPU, CUDA or Jetson build);
     # requirements.txt pins the one this project is tested with. ROS packages come from the ROS
@@ -33,6 +35,8 @@ setup(
         "safetensors",
         "transformers>=5.0,<6",
     ],
+    # The web console (`personal-vlm web`, node parameter web_port); requirements.txt pins it.
+    extras_require={"web": ["aiohttp>=3.9,<4"]},
     data_files=[
         # ament index marker: makes the package discoverable by ament_index / ros2.
         ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),

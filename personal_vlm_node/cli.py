@@ -1,5 +1,7 @@
 """``personal-vlm``: teach, ask, recognize, list, forget and calibrate from a shell.
 
+``personal-vlm web`` runs the node with its web console (:mod:`.cli_web`).
+
 ``personal-vlm node …`` talks to a running ROS node instead (:mod:`.ros.client`; rclpy is imported
 only then, so everything else works without ROS).
 
@@ -26,6 +28,7 @@ from .cli_calibration import _cmd_calibrate, _cmd_profile, add_calibration_parse
 from .cli_store import add_store_parser, cmd_store
 from .output import emit as _emit
 from .output import stderr_progress
+from .cli_web import _cmd_web, add_web_parser
 
 
 NODE_TIMEOUT_S = 10.0   # seconds `personal-vlm node` waits for the node to appear
@@ -101,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_parser(sub)
     _add_export_parser(sub)
     _add_node_parser(sub)
+    add_web_parser(sub, _Parser)
     return parser
 
 
@@ -468,6 +472,9 @@ def main(argv: list[str] | None = None) -> int:
         print("personal-vlm: interrupted", file=sys.stderr)
         return 130
     return status if isinstance(status, int) else 0
+
+
+COMMANDS["web"] = _cmd_web      # personal-vlm web (cli_web.py)
 
 
 if __name__ == "__main__":

@@ -158,6 +158,13 @@ SETTINGS: tuple[Setting, ...] = (
             follows_profile=True),
     Setting("max_waiting_requests", int, 4, "most requests of one kind (teach, ask, list, forget) waiting behind the "
             "one being worked on; any more are answered at once, success false, \"busy: ...\"", low=0, high=MAX_WAITING_REQUESTS, live=True),
+    Setting("web_port", int, 0, "port of the web console (live view, teach by drawing a box, the library, ask); "
+            "0 = off", low=0, high=65535),
+    Setting("web_host", str, "127.0.0.1", "address the web console listens on; anything but a loopback address "
+            "opens it to the network (a warning is logged: set web_token)",
+            empty="web_host must name an address, e.g. 127.0.0.1"),
+    Setting("web_token", str, "", "when set, every web console request and websocket must carry this token "
+            "(401 otherwise); empty = none"),
     # Library options without a node parameter.
     Setting("r2p_top_k", int, 3, "R2P's attribute checks per candidate", low=1, parameter=False, option="r2p_top_k"),
     Setting("r2p_pool", int, 5, "R2P's candidates: the frame's best-matching concepts", low=1, parameter=False,

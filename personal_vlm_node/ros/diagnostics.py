@@ -92,6 +92,7 @@ class Diagnostics:
         self.values = values
         self.frame_path = frame_path
         self.publisher = node.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self.latest = None          # the status last published (the web console shows it)
         self._snapshots: collections.deque = collections.deque()
         self._snapshots.append(self._snapshot(time.monotonic()))
         self.timer = node.create_timer(DIAGNOSTICS_PERIOD_S, self.publish,
@@ -191,6 +192,6 @@ class Diagnostics:
         from diagnostic_msgs.msg import DiagnosticArray
         from std_msgs.msg import Header
 
-        status = self.status()
+        status = self.latest = self.status()
         header = Header(stamp=self.node.get_clock().now().to_msg())
         self.publisher.publish(DiagnosticArray(header=header, status=[status]))

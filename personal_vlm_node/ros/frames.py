@@ -169,6 +169,9 @@ class FramePath:
         self.overlay_pub = node.create_publisher(Image, "~/overlay", 1)
         self.overlay_jpeg_pub = node.create_publisher(CompressedImage, "~/overlay/compressed", 1)
         self._publishers += [self.overlay_pub, self.overlay_jpeg_pub]
+        # Called with (frame array, detections, receive time) after each processed frame: the web
+        # console's live view, which must return at once.
+        self.listeners: list = []
         self.worker = threading.Thread(target=self._run, name="frame-worker", daemon=True)
 
     def marker_lifetime(self) -> float:
@@ -300,3 +303,5 @@ class FramePath:
                 self.overlay_jpeg_pub.publish(
                     array_to_compressed_msg(drawn, msg.header, self.values["overlay_jpeg_quality"]))
         self.stats.add(time.monotonic() - received, result.timings.get("encode", 0.0))
+        for listener in list(self.listeners):
+            listener(array, detections, received)

@@ -55,15 +55,28 @@ class RosFrontend:
         self.frame_path = FramePath(node, assistant, values)
         self.services = Services(node, assistant, values, self.frame_path.latest_frame_array)
         self.diagnostics = Diagnostics(node, assistant, values, self.frame_path)
+        self.assistant = assistant
+        self.node = node
+        self.web = None         # the web console while serving, when web_port is set
 
     def start(self) -> None:
         self.frame_path.start()
+        if int(self.values["web_port"]) > 0:
+            from .web import start_web_console
+
+            self.web = start_web_console(self.node, self.assistant, self.values, self.frame_path, self.services,
+                                         self.diagnostics)
 
     def set_rate(self, hz: float) -> None:
         self.frame_path.set_rate(hz)
 
     def stop(self) -> None:
         """Refuse new requests, answer the waiting ones "shutting down", and stop the frame worker."""
+        if self.web is not None:
+            from .web import stop_web_console
+
+            stop_web_console(self.web, self.assistant, self.frame_path)
+            self.web = None
         self.services.close()
         self.frame_path.stop()
 

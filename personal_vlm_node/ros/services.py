@@ -255,6 +255,29 @@ class Services:
             raise PersonalVLMError("the node is shutting down")
         out.message = f"answered in {result.seconds:.1f} s"
 
+    # ---- the same requests from the web console (personal_vlm_node.web), in the same lines --------
+    def teach(self, request):
+        """A TeachConcept request from elsewhere in the process, checked and queued as the service's."""
+        from personal_vlm_interfaces.srv import TeachConcept
+
+        return self._teach(request, TeachConcept.Response())
+
+    def forget(self, request):
+        from personal_vlm_interfaces.srv import ForgetConcept
+
+        return self._forget(request, ForgetConcept.Response())
+
+    def ask_streaming(self, question: str, on_partial):
+        """An ask on the latest camera frame, in line with the others; ``on_partial(answer so far)``
+        after every token, returning False stops the answer there."""
+        from personal_vlm_interfaces.srv import Ask
+
+        def partial(text: str) -> bool:
+            return not self.closing and on_partial(text)
+
+        return self._serve("ask", "web console ask", Ask.Response(),
+                           lambda out: self._answer_goal(out, Ask.Request(question=question), partial))
+
     def _list(self, request, response):
         def work(out):
             records = self.assistant.concepts()
