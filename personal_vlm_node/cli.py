@@ -456,7 +456,7 @@ def _cmd_node(args) -> None:
 COMMANDS = {"teach": _cmd_teach, "ask": _cmd_ask, "recognize": _cmd_recognize, "list": _cmd_list,
             "forget": _cmd_forget, "calibrate": _cmd_calibrate, "bench": _cmd_bench,
             "detect": _cmd_detect, "eval": _cmd_eval, "export-encoder": _cmd_export,
-            "node": _cmd_node, "store": cmd_store, "profile": _cmd_profile}
+            "node": _cmd_node, "store": cmd_store, "profile": _cmd_profile, "web": _cmd_web}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -472,9 +472,6 @@ def main(argv: list[str] | None = None) -> int:
         print("personal-vlm: interrupted", file=sys.stderr)
         return 130
     return status if isinstance(status, int) else 0
-
-
-COMMANDS["web"] = _cmd_web      # personal-vlm web (cli_web.py)
 
 
 if __name__ == "__main__":
