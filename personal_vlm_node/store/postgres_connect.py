@@ -80,6 +80,8 @@ def _why(error) -> str:
     for marker in ("FATAL:", "failed:"):
         if marker in text:
             text = text.rsplit(marker, 1)[1].strip()
+    # libpq's own hint repeats the advice the caller gives.
+    text = text.split(" Is the server running", 1)[0].strip()
     return text or type(error).__name__
 
 
@@ -127,7 +129,7 @@ class Connector:
             refusal = _open_error(self.location, e)
             if any(word in _why(e).lower() for word in _NOT_REACHABILITY):
                 raise refusal from None
-            self._lost(e)              # the server is out of reach: the caller may start offline
+            self._lost(e, quiet=True)  # out of reach: the caller refuses, or starts offline and says so
             offline = LibraryOffline(self._offline_text())
             offline.refusal = str(refusal)
             raise offline from None
@@ -209,7 +211,7 @@ class Connector:
                            self.location, time.time() - self._offline_since)
         self._offline_since, self._backoff, self._next_try = None, _BACKOFF_FIRST, 0.0
 
-    def _lost(self, error) -> None:
+    def _lost(self, error, quiet: bool = False) -> None:
         if self._conn is not None:
             try:
                 self._conn.close()
@@ -219,8 +221,9 @@ class Connector:
         self._reason = _why(error)
         if self._offline_since is None:
             self._offline_since = time.time()
-            logger.warning("the concept library at %s cannot be reached (%s); recognising from the offline "
-                           "copy, reconnecting in the background", self.location, self._reason)
+            if not quiet:
+                logger.warning("the concept library at %s cannot be reached (%s); recognising from the offline "
+                               "copy, reconnecting in the background", self.location, self._reason)
         else:
             self._backoff = min(self._backoff * 2, _BACKOFF_MAX)
         self._next_try = time.monotonic() + self._backoff
