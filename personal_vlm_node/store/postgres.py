@@ -377,8 +377,6 @@ class PostgresLibrary(ConceptLibrary):
             with conn.transaction():
                 conn.execute("SET LOCAL hnsw.ef_search = %s" % max(40, int(k)))
                 conn.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
-                # A small table would be scanned once per query vector; the index answers each at once.
-                conn.execute("SET LOCAL enable_seqscan = off")
                 rows = conn.execute(
                     f"SELECT name, min(distance) AS best FROM unnest(%s::text[]) AS q(v) CROSS JOIN LATERAL ("
                     f" SELECT name, pooled::vector({dim}) <=> q.v::vector({dim}) AS distance FROM memories"
