@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import time
 
-import torch
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -86,19 +85,6 @@ def _frame_encoder(vlm: VLMAdapter, options: AssistantOptions, progress):
     return make_encoder(vlm, options.backend, cache_dir=options.engine_cache, progress=progress)
 
 
-def _install_yield_points(vlm: VLMAdapter, yield_point) -> list:
-    """Call ``yield_point`` before every linear layer of the language model and its head.
-
-    A verification (a language-model pass on the verifier's thread) then pauses within
-    milliseconds when a frame starts encoding; on other threads the call returns at once.
-    """
-    modules = [m for m in vlm.language_model.modules() if isinstance(m, torch.nn.Linear)]
-    head = getattr(vlm.model, "lm_head", None)
-    if isinstance(head, torch.nn.Linear):
-        modules.append(head)
-    return [m.register_forward_pre_hook(lambda module, args: yield_point()) for m in modules]
-
-
 class Assistant(SelfCalibrating):
     """Construct with :meth:`open` (model id or folder) or from a loaded adapter and a store.
 
@@ -150,7 +136,7 @@ class Assistant(SelfCalibrating):
         self.frames = FramePath(vlm, store, self.matcher, self.encoder, options, settings=self, r2p=self.r2p,
                                 text_similarity=self.text_similarity)
         if self.verification:
-            self._yield_hooks = _install_yield_points(vlm, self.verifier.yield_point)
+            self._yield_hooks = vlm.call_before_every_layer(self.verifier.yield_point)
             self.verifier.start()
         self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fingerprint")
         self.bank = ConceptBank(store, vlm, self.matcher, self.frames, self.introduction, self.encode_reference,
@@ -437,7 +423,7 @@ class Assistant(SelfCalibrating):
             return
         self.verification = enabled
         if enabled:
-            self._yield_hooks = _install_yield_points(self.vlm, self.verifier.yield_point)
+            self._yield_hooks = self.vlm.call_before_every_layer(self.verifier.yield_point)
             self.verifier.start()
         else:
             self.verifier.stop()

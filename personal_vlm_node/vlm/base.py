@@ -319,6 +319,16 @@ class VLMAdapter(ABC):
         """Make running and future generations stop at their next token (used at shutdown)."""
         self._interrupted.set()
 
+    def call_before_every_layer(self, callback) -> list:
+        """Call ``callback()`` before every linear layer of the language model and its head; the
+        hook handles (``.remove()`` them). The verifier's yield point goes here, so a verification
+        pauses within milliseconds when a frame starts encoding."""
+        modules = [m for m in self.language_model.modules() if isinstance(m, torch.nn.Linear)]
+        head = getattr(self.model, "lm_head", None)
+        if isinstance(head, torch.nn.Linear):
+            modules.append(head)
+        return [m.register_forward_pre_hook(lambda module, args: callback()) for m in modules]
+
     def yes_no_ids(self, system: str | None = None) -> tuple[int, int]:
         """The first token ids of "Yes" and "No" as the checkpoint's template writes an answer.
 
