@@ -22,7 +22,6 @@ from sensor_msgs.msg import RegionOfInterest  # noqa: E402
 
 from personal_vlm_node.ros.client import NodeClient  # noqa: E402
 from personal_vlm_node.testing.console import TestCamera, start_console_node  # noqa: E402
-from personal_vlm_node.testing.tiny_model import build_tiny_model  # noqa: E402
 from personal_vlm_node.web.server import MAX_REQUEST_BYTES, MAX_SOCKET_MESSAGE_BYTES, is_loopback, parse_box  # noqa: E402
 
 NAMESPACE = f"/web_test_{os.getpid()}"
@@ -67,9 +66,9 @@ def test_a_box_is_rounded_to_whole_pixels_and_none_means_no_box():
 # ---- the node with its console ------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def console(tmp_path_factory):
+def console(tmp_path_factory, tiny_checkpoints):
     folder = tmp_path_factory.mktemp("web")
-    model = build_tiny_model(folder / "tiny", "qwen2_5_vl")
+    model = tiny_checkpoints["qwen2_5_vl"]
     proc, url = start_console_node(folder, str(model), NAMESPACE, token=TOKEN)
     client = NodeClient(NAMESPACE, timeout=WAIT_S, client_name="web_test_client")
     camera = TestCamera(client, seed=1)

@@ -29,7 +29,6 @@ from PIL import Image  # noqa: E402
 from personal_vlm_node.ros.client import NodeClient  # noqa: E402
 from personal_vlm_node.testing.browser import Browser, find_chromium  # noqa: E402
 from personal_vlm_node.testing.console import TestCamera, start_console_node, tabletop  # noqa: E402
-from personal_vlm_node.testing.tiny_model import build_tiny_model  # noqa: E402
 
 NAMESPACE = f"/web_browser_test_{os.getpid()}"
 TOKEN = "browser-test-token"
@@ -58,9 +57,9 @@ def chromium():
 
 
 @pytest.fixture(scope="module")
-def node(tmp_path_factory):
+def node(tmp_path_factory, tiny_checkpoints):
     folder = tmp_path_factory.mktemp("web_browser")
-    model = build_tiny_model(folder / "tiny", "qwen2_5_vl")
+    model = tiny_checkpoints["qwen2_5_vl"]
     proc, url = start_console_node(folder, str(model), NAMESPACE, token=TOKEN)
     client = NodeClient(NAMESPACE, timeout=WAIT_S, client_name="web_browser_test_client")
     camera = TestCamera(client, picture=tabletop())

@@ -100,10 +100,8 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from personal_vlm_node.testing.tiny_model import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "qwen", "qwen2_5_vl")
+def tiny(tiny_checkpoints):
+    return tiny_checkpoints["qwen2_5_vl"]
 
 
 def _wait_for_line(proc, log, text: str) -> str:
