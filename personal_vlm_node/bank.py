@@ -66,8 +66,7 @@ class ConceptBank:
         frames.prefetch = self.prefetch           # the frame path asks before it scores a frame
 
     def _too_large(self, versions: dict) -> bool:
-        return (self.resident_limit is not None and hasattr(self.store, "nearest")
-                and len(versions) > self.resident_limit)
+        return self.resident_limit is not None and self.store.indexed and len(versions) > self.resident_limit
 
     def recognizable(self) -> list[str]:
         """Every concept this model can find: in the matcher, or (a large library) on demand."""

@@ -41,6 +41,8 @@ class ConceptLibrary(ABC):
     """The concepts a user taught: records, memories per model, reference pictures."""
 
     read_only: bool = False      # every read works; a write raises one line saying why
+    indexed: bool = False        # nearest() answers from a vector index: a library too large to hold
+                                 # whole is matched through it (ConceptBank.prefetch)
 
     @abstractmethod
     def location(self) -> str:
@@ -118,6 +120,11 @@ class ConceptLibrary(ABC):
     @abstractmethod
     def memory_models(self, name: str) -> list[str]:
         """The model identities the concept has a memory for (the one it was taught with first)."""
+
+    def nearest(self, model: str, queries: torch.Tensor, k: int) -> list[str]:
+        """The ``k`` concepts whose pooled memory vector for ``model`` is nearest to any of
+        ``queries`` (Q, D); only where ``indexed``."""
+        raise NotImplementedError(f"{type(self).__name__} has no vector index")
 
     # ---- the backend's own state -----------------------------------------------------------
     def health(self) -> str | None:
