@@ -222,3 +222,13 @@ def _checked_concept(record, memory, images) -> tuple[str, str, str, str]:
         raise TypeError(f"category must be a str, got {type(record.category).__name__}")
     validate_category(record.category)
     return name, keywords, fingerprint, extra
+
+
+def _refuse_lookalike(conn, name: str) -> None:
+    """A new ``name`` that looks like an existing concept's is refused: "мug" beside "mug" would be
+    two concepts no one can tell apart in a list. (The query suits sqlite3 and psycopg alike.)"""
+    from personal_vlm_node.names import find_lookalike, lookalike_error
+
+    lookalike = find_lookalike(name, [row[0] for row in conn.execute("SELECT name FROM concepts")])
+    if lookalike is not None:
+        raise lookalike_error(name, lookalike)

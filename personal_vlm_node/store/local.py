@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from personal_vlm_node.errors import PersonalVLMError
-from personal_vlm_node.names import find_lookalike, lookalike_error, validate_name
+from personal_vlm_node.names import validate_name
 from . import files as _files
 from .layout import _MEMORY_FILE
 from .records import ConceptRecord, ForgetResult, model_key
@@ -17,7 +17,7 @@ from .errors import _damaged_error, _exists_error, _reason_of
 from .files import _check_memory, _check_pictures_present, _read_picture, _reference_file, _write_record_file
 from .index import (StoreWatcher, _COLUMNS, _COLUMN_NAMES, _check_dict, _check_keywords, _decode_json, _dir_of,
                     _encode_json, _fetch, _fetch_row, _memory_record, _other_memory_dirs, _record_from_row,
-                    _row_record, _settle_pending, _checked_concept)
+                    _refuse_lookalike, _row_record, _settle_pending, _checked_concept)
 from .library import ConceptLibrary
 from .versions import VersionFolders
 
@@ -361,10 +361,3 @@ class ConceptStore(VersionFolders, ConceptLibrary):
             name, lambda directory, n_images: [_read_picture(_reference_file(directory, i)) for i in range(n_images)]
         )
 
-
-def _refuse_lookalike(conn, name: str) -> None:
-    """A new ``name`` that looks like an existing concept's is refused: "мug" beside "mug" would be
-    two concepts no one can tell apart in a list."""
-    lookalike = find_lookalike(name, [row[0] for row in conn.execute("SELECT name FROM concepts")])
-    if lookalike is not None:
-        raise lookalike_error(name, lookalike)
