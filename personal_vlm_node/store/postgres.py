@@ -9,8 +9,8 @@ message name the library without it.
 
 Tables: :mod:`personal_vlm_node.store.postgres_schema`. Every write is one transaction, taken
 under one advisory lock (so the look-alike check and the insert cannot interleave with another
-robot's), bumps ``personal_vlm_state.generation`` and sends a NOTIFY on ``personal_vlm_library``,
-delivered when it commits: every node's watcher sees a teach or a forget at once. Every value —
+robot's) and bumps ``personal_vlm_state.generation``, the change counter every node's watcher
+reads (:mod:`.postgres_watch`): each sees a teach or a forget at its next look. Every value —
 names, categories, keywords, vectors — goes as a query parameter, never into the SQL's text.
 
 Memories are kept per backbone (``memories.model`` is the model key, precision left out): a robot
@@ -36,14 +36,14 @@ import torch
 from PIL import Image
 
 from personal_vlm_node.errors import PersonalVLMError
-from personal_vlm_node.names import find_lookalike, lookalike_error, quoted, validate_name
+from personal_vlm_node.names import quoted, validate_name
 from .errors import _damaged_error, _exists_error, _missing_error
 from .files import _NonFinite, _check_memory, _memory_bytes, _memory_from_bytes, _picture_bytes
-from .index import _check_dict, _check_keywords, _checked_concept, _encode_json
+from .index import _check_dict, _check_keywords, _checked_concept, _encode_json, _refuse_lookalike
 from .library import ConceptLibrary
 from .offline import OfflineCache
 from .postgres_connect import Connector, LibraryOffline
-from .postgres_schema import NOTIFY_CHANNEL, WRITE_LOCK, ensure_pooled_index, pooled_vector, vector_literal
+from .postgres_schema import WRITE_LOCK, ensure_pooled_index, pooled_vector, vector_literal
 from .records import ConceptRecord, ForgetResult, MemoryMissing, model_key
 
 logger = logging.getLogger("personal_vlm_node.store")
@@ -61,6 +61,8 @@ def _record(row) -> ConceptRecord:
 
 class PostgresLibrary(ConceptLibrary):
     """The concept library in a PostgreSQL database with pgvector. Safe to share across threads."""
+
+    indexed = True               # nearest(): pgvector's HNSW index
 
     def __init__(self, url: str, cache_dir=None, connect_timeout: float = 5.0, start_offline: bool = False):
         """Opens the library, refusing (one line) an unreachable server, bad credentials, a
@@ -107,7 +109,6 @@ class PostgresLibrary(ConceptLibrary):
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
                 result = work(conn)
                 conn.execute("UPDATE personal_vlm_state SET generation = generation + 1")
-                conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, "changed"))
                 return result
         return self._run(transaction)
 
@@ -152,9 +153,7 @@ class PostgresLibrary(ConceptLibrary):
             if exists and not overwrite:
                 raise _exists_error(name)
             if not exists:
-                lookalike = find_lookalike(name, self._names(conn))
-                if lookalike is not None:
-                    raise lookalike_error(name, lookalike)
+                _refuse_lookalike(conn, name)
             # A re-taught concept starts afresh: other backbones' memories of the old pictures go too.
             conn.execute("DELETE FROM concepts WHERE name=%s", (name,))
             now = time.time()
@@ -235,9 +234,7 @@ class PostgresLibrary(ConceptLibrary):
 
         def work(conn):
             if conn.execute("SELECT 1 FROM concepts WHERE name=%s", (name,)).fetchone() is None:
-                lookalike = find_lookalike(name, self._names(conn))
-                if lookalike is not None:
-                    raise lookalike_error(name, lookalike)
+                _refuse_lookalike(conn, name)
             return name
         return self._run(work)
 

@@ -102,12 +102,14 @@ def _open_error(location: str, error) -> PersonalVLMError:
 class Connector:
     """One psycopg connection (autocommit; writes take explicit transactions), reopened on demand."""
 
-    def __init__(self, url: str, connect_timeout: float = 5.0):
+    def __init__(self, url: str, connect_timeout: float = 5.0, quiet: bool = False):
+        """``quiet``: log nothing about outages (a second connection of a library that logs them)."""
         if not is_library_url(url):
             raise PersonalVLMError(f"not a PostgreSQL URL: {url!r}")
         self.url = url
         self.location = describe_url(url)
         self.connect_timeout = connect_timeout
+        self.quiet = quiet
         self._conn = None
         self._offline_since: float | None = None
         self._reason = ""
@@ -206,7 +208,7 @@ class Connector:
             self._lost(e)
             raise LibraryOffline(self._offline_text()) from None
         self._conn = conn
-        if self._offline_since is not None:
+        if self._offline_since is not None and not self.quiet:
             logger.warning("the concept library at %s is reachable again (it was not for %.0f s)",
                            self.location, time.time() - self._offline_since)
         self._offline_since, self._backoff, self._next_try = None, _BACKOFF_FIRST, 0.0
@@ -221,7 +223,7 @@ class Connector:
         self._reason = _why(error)
         if self._offline_since is None:
             self._offline_since = time.time()
-            if not quiet:
+            if not (quiet or self.quiet):
                 logger.warning("the concept library at %s cannot be reached (%s); recognising from the offline "
                                "copy, reconnecting in the background", self.location, self._reason)
         else:

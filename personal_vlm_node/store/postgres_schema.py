@@ -28,7 +28,6 @@ import torch
 from safetensors.torch import load
 
 SCHEMA_VERSION = 2
-NOTIFY_CHANNEL = "personal_vlm_library"
 # pg_advisory_xact_lock keys: one for migrations, one that serialises writes.
 MIGRATION_LOCK = 0x70766C6D_0001
 WRITE_LOCK = 0x70766C6D_0002
