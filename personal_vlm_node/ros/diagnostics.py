@@ -151,6 +151,7 @@ class Diagnostics:
         calibration = self.assistant.calibration_status()
         if calibration["state"] in ("calibrating", "failed"):
             problems.append((WARN, calibration["text"]))
+        store = self.assistant.store.location()
         library = self.assistant.store.health()
         if library is not None:
             problems.append((WARN, f"concept library {library}"))
@@ -181,8 +182,8 @@ class Diagnostics:
             "encoder_backend": str(self.values["encoder_backend"]),
             "verification": str(bool(self.values["verification"])).lower(),
             "calibration": calibration["text"],
-            "store": self.assistant.store.location(),
-            "library": (library or "connected") if "://" in self.assistant.store.location() else "local",
+            "store": store,
+            "library": (library or "connected") if "://" in store else "local",
         }
         return DiagnosticStatus(level=bytes([level]), name=self.name(), message=message,
                                 hardware_id=f"{loaded['device']} / {self.values['model']}",
