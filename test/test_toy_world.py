@@ -92,3 +92,29 @@ def test_the_command_line_writes_a_dataset_and_refuses_bad_input(tmp_path, capsy
                     "--tests", "1", "--references", "1"]) == 0
     assert "look-alike negative pairs" in capsys.readouterr().out
     assert tw.main([str(tmp_path / "x"), "--concepts", "0"]) == 2
+
+
+def test_the_toy_report_splits_lookalikes_by_what_tells_them_apart(tmp_path):
+    from personal_vlm_node.evaluation import PROGRESS_FILE
+    from personal_vlm_node.testing.toy_report import lookalike_kinds, split_figures
+
+    world = tw.write_dataset(tmp_path / "w", seed=11, concepts=6, layout="yollava", references=1, tests=4)
+    meta = json.loads((world / "toy_world.json").read_text())
+    kinds = lookalike_kinds(meta)
+    assert set(kinds.values()) <= {"pattern", "sticker"} and len(kinds) == len(meta["lookalike_pairs"])
+    for (query, concept), kind in kinds.items():
+        look = meta["concepts"][concept]
+        twins = [o for o in meta["images"][query] if o["category"] == look["category"] and o["color"] == look["color"]]
+        if kind == "sticker":
+            assert all(o["pattern"] == look["pattern"] and o["color2"] == look["color2"] for o in twins)
+    # A run that says yes to every look-alike: the look-alike splits lose exactly their negatives.
+    hard = {tuple(p) for p in meta["lookalike_pairs"]}
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / PROGRESS_FILE, "w") as f:
+        for query in sorted({q for q, _ in hard}):
+            pairs = [{"concept": c, "label": False, "predicted": True} for q, c in sorted(hard) if q == query]
+            f.write(json.dumps({"query": query, "concepts": [], "pairs": pairs}) + "\n")
+    figures = split_figures(world, run)
+    counted = sum(figures[f"lookalike_{k}"]["negatives"] for k in ("pattern", "sticker") if f"lookalike_{k}" in figures)
+    assert counted == len(hard) and figures["lookalike"]["negative_accuracy"] == 0.0

@@ -3,7 +3,8 @@
 The toy world records which negatives show a look-alike of the concept (same category and colour,
 another pattern or mark). This splits an eval run's pairs into positives, look-alike negatives and
 other negatives, and gives Wtd, precision, recall and F1 overall, on the look-alike split
-(positives + look-alike negatives), and on single- versus multi-concept queries.
+(positives + look-alike negatives), on that split by what tells the two apart (the pattern, or only
+the sticker), and on single- versus multi-concept queries.
 
     python -m personal_vlm_node.testing.toy_report WORLD RUN_DIR [--json]
 """
@@ -18,11 +19,28 @@ from pathlib import Path
 from ..evaluation import PROGRESS_FILE, Counts, read_lines, recognition_metrics
 
 
+_LOOK_KEYS = ("category", "color", "pattern", "color2", "mark")
+
+
+def lookalike_kinds(meta: dict) -> dict[tuple[str, str], str]:
+    """(query image, concept) → what tells the concept from its look-alike in the image: "pattern"
+    (the pattern or its colour) or "sticker" (only the mark)."""
+    out = {}
+    for query, concept in meta["lookalike_pairs"]:
+        look = meta["concepts"][concept]
+        twins = [o for o in meta["images"].get(query, []) if o.get("box") and o["category"] == look["category"]
+                 and o["color"] == look["color"] and any(o[k] != look[k] for k in _LOOK_KEYS)]
+        differs_in_pattern = any(o["pattern"] != look["pattern"] or o["color2"] != look["color2"] for o in twins)
+        out[(query, concept)] = "pattern" if differs_in_pattern or not twins else "sticker"
+    return out
+
+
 def split_figures(world, run) -> dict:
     world, run = Path(world), Path(run)
     meta = json.loads((world / "toy_world.json").read_text())
-    hard = {(q, c) for q, c in meta["lookalike_pairs"]}
-    groups = {name: Counts() for name in ("all", "lookalike", "single", "multi", "no_concept")}
+    hard = lookalike_kinds(meta)
+    groups = {name: Counts() for name in ("all", "lookalike", "lookalike_pattern", "lookalike_sticker",
+                                          "single", "multi", "no_concept")}
     kinds = {"positive": [0, 0], "lookalike_negative": [0, 0], "other_negative": [0, 0]}
     for record in read_lines(run / PROGRESS_FILE):
         if "pairs" not in record:
@@ -36,6 +54,9 @@ def split_figures(world, run) -> dict:
             is_hard = (record["query"], pair["concept"]) in hard
             if label or is_hard:
                 groups["lookalike"].add(label, predicted)
+            for differs in ("pattern", "sticker"):      # positives + the look-alikes that differ so
+                if label or hard.get((record["query"], pair["concept"])) == differs:
+                    groups[f"lookalike_{differs}"].add(label, predicted)
             kind = "positive" if label else ("lookalike_negative" if is_hard else "other_negative")
             kinds[kind][0] += 1
             kinds[kind][1] += int(predicted == label)
@@ -60,11 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(figures, indent=1))
         return 0
-    print("split        Wtd    precision recall  F1     pairs")
-    for name in ("all", "lookalike", "single", "multi", "no_concept"):
+    print("split              Wtd    precision recall  F1     pairs")
+    for name in ("all", "lookalike", "lookalike_pattern", "lookalike_sticker", "single", "multi", "no_concept"):
         m = figures.get(name)
         if m:
-            print(f"{name:12s} {_fmt(m['weighted_accuracy'])}  {_fmt(m['precision'])}     {_fmt(m['recall'])}   "
+            print(f"{name:18s} {_fmt(m['weighted_accuracy'])}  {_fmt(m['precision'])}     {_fmt(m['recall'])}   "
                   f"{_fmt(m['f1'])}  {m['positives'] + m['negatives']}")
     print("accuracy by kind:", json.dumps(figures["accuracy_by_kind"]), "pairs:", json.dumps(figures["pairs_by_kind"]))
     return 0
