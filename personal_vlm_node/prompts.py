@@ -26,7 +26,6 @@ FINGERPRINT = (
 
 RECOGNIZE = "Is {name} in this image? Answer Yes or No."
 RECOGNIZE_JOINT_INTRO = "These are personal things, each shown by its name and its appearance:"
-RECOGNIZE_WHICH = "Which of them is in this image? Answer with its name, or none."
 
 ASK_INTRO = "These are personal things you know, each shown by its name and its appearance:"
 ASK_RULE = "Answer the question about the image. When one of these things is relevant, call it by its name."
@@ -77,12 +76,6 @@ def recognize_joint(memories: list[Memory], image: ImageTokens, name: str, famil
     for memory in memories:
         parts += [f"{memory.name}: ", memory, "\n"]
     return parts + [image, "\n" + _text("recognize", family, RECOGNIZE).format(name=name)]
-
-
-def recognize_which(memories: list[Memory], image: ImageTokens, family: str = "") -> list[Part]:
-    """The joint prompt asked once for all: which of these things is in the image (a name, or none)."""
-    parts = recognize_joint(memories, image, "", family)
-    return parts[:-1] + ["\n" + _text("recognize_which", family, RECOGNIZE_WHICH)]
 
 
 def ask(memories: list[Memory], image: ImageTokens, question: str, family: str = "") -> list[Part]:

@@ -71,7 +71,7 @@ def test_training_inputs_are_what_the_adapter_sends_at_inference(quick_cache):
     enc = toy_vlm_mod.Encoder(vlm.tokenizer, vlm.image_processor, vlm.config)
     tokens = (QUICK.image_size // 28) ** 2
     rng = np.random.default_rng(1)
-    for task in ("describe", "fingerprint", "recognize", "attribute", "scene", "cot", "joint"):
+    for task in ("describe", "fingerprint", "recognize", "attribute", "scene", "cot"):
         sample = toy_vlm_mod.make_sample(task, rng, QUICK.world_size)
         ids, labels, images, _ = enc.encode(sample, tokens)
         prompt = vlm.build([vlm.encode_image(p.image) if isinstance(p, toy_vlm_mod._Img) else p for p in sample.parts],
@@ -92,38 +92,6 @@ def test_training_inputs_are_what_the_adapter_sends_at_inference(quick_cache):
             t, mm_token_type_ids=(t == vlm.config.image_token_id).int(), image_grid_thw=torch.stack(grids),
             attention_mask=torch.ones_like(t))
         assert torch.equal(positions[..., :-1], prompt.position_ids), task
-
-
-def test_joint_chats_bind_names_to_several_shuffled_pictures_with_lookalikes_among_them():
-    """The multi-image task: 1-5 named pictures in the joint prompt, a query, answers per name and
-    as "which / none", drawn deterministically from the seed."""
-    from personal_vlm_node import prompts
-
-    def draw(seed):
-        rng = np.random.default_rng(seed)
-        return [toy_vlm_mod.make_sample("joint", rng, QUICK.world_size, 2, 1.0) for _ in range(150)]
-
-    samples = draw(5)
-    again = draw(5)
-    assert [(s.answer, s.info["names"], s.info["kind"]) for s in samples] == \
-        [(s.answer, s.info["names"], s.info["kind"]) for s in again]
-    assert {s.info["references"] for s in samples} == {1, 2, 3, 4, 5}
-    kinds = {s.info["kind"] for s in samples}
-    assert {"positive", "negative", "lookalike_pattern", "lookalike_mark", "which"} <= kinds
-    for s in samples:
-        names = s.info["names"]
-        pictures = [p for p in s.parts if isinstance(p, toy_vlm_mod._Img)]
-        assert [p.name for p in pictures[:-1]] == names and len(pictures) == len(names) + 1
-        assert s.parts[0] == prompts.RECOGNIZE_JOINT_INTRO + "\n"
-        if s.info["kind"] == "which":
-            assert s.parts[-1] == "\n" + prompts.RECOGNIZE_WHICH and s.answer in names + ["none"]
-        else:
-            assert s.answer in ("Yes", "No") and (s.answer == "Yes") == (s.info["kind"] == "positive")
-        assert all(a in ("Yes", "No") + tuple(names) + ("none",) for _, a in s.follow_ups)
-    # Where the asked concept stands is no cue: a present one is found at every position.
-    positions = {s.info["names"].index(s.parts[-1].split("Is ")[1].split(" in this")[0])
-                 for s in samples if s.info["kind"] == "positive"}
-    assert positions == {0, 1, 2, 3, 4}
 
 
 def test_the_toy_tokenizer_writes_each_fixed_prompt_stretch_as_one_token_and_decodes_prompts_unchanged():

@@ -195,8 +195,6 @@ def make_sample(task: str, rng: np.random.Generator, size: int, follow_ups: int 
         else:
             question, answer = f"Where is {look.phrase()}?", _location(r.boxes[i], size)
         return Sample(task, [_Img(r.image), "\n" + question], answer, {"kind": question.split()[0]})
-    if task == "joint":
-        return _joint_sample(rng, size, follow_ups, difficulty)
     if task == "cot":
         target = tw.random_look(rng)
         twin = tw.lookalike(rng, target)
@@ -226,92 +224,6 @@ def make_sample(task: str, rng: np.random.Generator, size: int, follow_ups: int 
         return Sample(task, [_Img(image), "\n" + prompts.COT_PROMPT.format(candidates="\n".join(lines))], answer,
                       {"present": present >= 0, "names": names})
     raise ValueError(task)
-
-
-def _joint_looks(rng, n: int, difficulty: float) -> list[tw.ObjectLook]:
-    """``n`` different looks; with ``difficulty`` 1 about half of the later ones are look-alikes of an earlier one."""
-    looks = [tw.random_look(rng)]
-    while len(looks) < n:
-        if rng.random() < 0.1 + 0.4 * difficulty:
-            candidate = tw.lookalike(rng, looks[int(rng.integers(len(looks)))])
-        else:
-            candidate = tw.distractor(rng, looks)
-        if candidate not in looks:
-            looks.append(candidate)
-    return looks
-
-
-def _joint_sample(rng, size: int, follow_ups: int, difficulty: float) -> Sample:
-    """Several named reference pictures in one chat (1-5, shuffled, look-alikes among them), then a
-    query picture, asked per name (Yes/No) and as "which of them / none": the multi-image binding
-    a real VLM does with whole images. The prompt is the joint recognition prompt with pictures
-    where the methods put memories or prompts; the toy never sees a memory."""
-    n = 1 + int(rng.integers(5))
-    looks = _joint_looks(rng, n, difficulty)
-    taken: set[str] = set()
-    names = [tw.random_name(rng, taken) for _ in looks]
-    refs = [_Img(tw.render(tw.reference_scene(rng, look, image_size=size)).image, name)
-            for look, name in zip(looks, names)]
-    u = rng.random()
-    if u < 0.55:
-        present = [int(rng.integers(n))]
-    elif u < 0.7 and n >= 2:
-        present = [int(i) for i in rng.choice(n, 2, replace=False)]
-    else:
-        present = []
-    if present:
-        shown = [looks[i] for i in present]
-    elif rng.random() < 0.5 * difficulty + 0.2:       # none of them, but a look-alike of one
-        shown = [tw.lookalike(rng, looks[int(rng.integers(n))])]
-        while shown[0] in looks:
-            shown = [tw.lookalike(rng, looks[int(rng.integers(n))])]
-    else:
-        shown = [tw.distractor(rng, looks)]
-    extra = int(rng.integers(0, 2))
-    objects = shown + [tw.distractor(rng, looks + shown) for _ in range(extra)]
-    objects = [objects[i] for i in rng.permutation(len(objects))]
-    spec = tw.scene(rng, objects, image_size=size)
-    rendered = tw.render(spec)
-
-    def kind_of(i: int) -> str:
-        if i in present:
-            return "positive"
-        if any(s.is_lookalike_of(looks[i]) for s in shown):
-            return "lookalike_pattern" if any(s.pattern != looks[i].pattern for s in shown
-                                              if s.is_lookalike_of(looks[i])) else "lookalike_mark"
-        return "negative"
-
-    def query_for(i: int) -> _Img:
-        return _Img(rendered.image, token_labels=lambda side, r=rendered, w=[p.look == looks[i] for p in spec.objects]:
-                    token_cover(r, w, side))
-
-    which = "none" if not present else names[present[0]] if len(present) == 1 else ""
-    asks = [int(i) for i in rng.permutation(n)][: 1 + follow_ups]
-    if present and rng.random() < 0.5:                 # half the chats ask first about one that is there
-        asks = [present[0]] + [i for i in asks if i != present[0]][:follow_ups]
-    turns = []
-    if which and rng.random() < 0.3:
-        turns.append(("which", None, which))
-    for i in asks:
-        turns.append(("name", i, "Yes" if i in present else "No"))
-    if which and not any(t[0] == "which" for t in turns) and len(turns) <= follow_ups:
-        turns.append(("which", None, which))
-    turns = turns[: 1 + follow_ups]
-    chat = []
-    for t, (form, i, answer) in enumerate(turns):
-        question = prompts.RECOGNIZE_WHICH if form == "which" else prompts.RECOGNIZE.format(name=names[i])
-        if t == 0 and form == "which":
-            parts = prompts.recognize_which(refs, query_for((present or [0])[0]))
-        elif t == 0:
-            parts = prompts.recognize_joint(refs, query_for(i), names[i])
-        else:
-            parts = [question]
-        chat.append((parts, answer))
-    (parts, answer), rest = chat[0], chat[1:]
-    first_form, first_i, _ = turns[0]
-    return Sample("joint", parts, answer,
-                  {"references": n, "form": first_form, "names": names,
-                   "kind": "which" if first_form == "which" else kind_of(first_i)}, rest)
 
 
 def rendered_kind(text: str, index: int) -> str:

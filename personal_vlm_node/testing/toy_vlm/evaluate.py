@@ -32,9 +32,9 @@ def evaluate_tasks(folder, seed: int = 12345, per_task: int = 60, progress=None)
         g[key] = (n + 1, c + int(ok))
 
     area_err = []
-    for t, task in enumerate(("describe", "recognize", "attribute", "scene", "cot", "joint")):
+    for t, task in enumerate(("describe", "recognize", "attribute", "scene", "cot")):
         rng = np.random.default_rng([seed, 100 + t])
-        count = per_task * (3 if task in ("recognize", "joint") else 1)
+        count = per_task * (3 if task == "recognize" else 1)
         for i in range(count):
             s = make_sample(task, rng, size)
             parts = realise(s.parts)
@@ -54,15 +54,6 @@ def evaluate_tasks(folder, seed: int = 12345, per_task: int = 60, progress=None)
                 if area is not None:
                     area_err.append(abs(area - s.info["area"]))
                 tally("describe", "area_within_10", area is not None and abs(area - s.info["area"]) <= 10)
-            elif task == "joint" and s.info["form"] == "which":
-                text = vlm.generate(parts, max_new_tokens=6).text.strip()
-                tally("joint", "which", text == s.answer)
-            elif task == "joint":
-                # Multi-image binding: the per-name yes/no the joint prompts ask, by what the query shows.
-                ok = (vlm.yes_probability(parts) >= 0.5) == (s.answer == "Yes")
-                tally("joint", "binding", ok)
-                tally("joint", s.info["kind"], ok)
-                tally("joint", f"references_{s.info['references']}", ok)
             elif task in ("recognize", "attribute"):
                 p = vlm.yes_probability(parts)
                 truth = s.answer == "Yes"
@@ -86,9 +77,8 @@ def evaluate_tasks(folder, seed: int = 12345, per_task: int = 60, progress=None)
     out["samples"] = {g: max(n for n, _ in v.values()) for g, v in results.items()}
     out["seed"] = seed
     # Look-alikes together, as the methods need them.
-    for group in ("recognize", "joint"):
-        rec = results.get(group, {})
-        la = [rec[k] for k in ("lookalike_pattern", "lookalike_mark") if k in rec]
-        if la:
-            out[group]["lookalike"] = round(sum(c for _, c in la) / sum(n for n, _ in la), 3)
+    rec = results.get("recognize", {})
+    la = [rec[k] for k in ("lookalike_pattern", "lookalike_mark") if k in rec]
+    if la:
+        out["recognize"]["lookalike"] = round(sum(c for _, c in la) / sum(n for n, _ in la), 3)
     return out

@@ -35,8 +35,7 @@ def _corpus() -> str:
 
     words = [prompts.INTRODUCE, prompts.FINGERPRINT, prompts.RECOGNIZE, prompts.PAIRWISE_PROMPT,
              prompts.ATTRIBUTE_QUESTION, prompts.DESCRIPTION_QUESTION, prompts.COT_PROMPT,
-             prompts.ASK_INTRO, prompts.ASK_RULE, prompts.RECOGNIZE_JOINT_INTRO, prompts.RECOGNIZE_WHICH,
-             prompts.ATTRIBUTE_TEXT, "This is", "the main subject",
+             prompts.ASK_INTRO, prompts.ASK_RULE, prompts.ATTRIBUTE_TEXT, "This is", "the main subject",
              "You are a helpful assistant.", "Yes", "No", "none", " ".join(ATTRIBUTE_LABELS.values()),
              "What colour is the", "Where is the", "sticker stickers plastic", " ".join(_LOCATIONS)]
     words += list(tw.CATEGORIES) + list(tw.COLORS) + list(tw.PATTERNS) + list(tw.PATTERN_WORDS.values())
@@ -49,8 +48,8 @@ def _corpus() -> str:
     return "\n".join(words * 3)
 
 
-_PROMPT_TEMPLATES = ("INTRODUCE", "FINGERPRINT", "RECOGNIZE", "RECOGNIZE_JOINT_INTRO", "RECOGNIZE_WHICH",
-                     "ASK_INTRO", "ASK_RULE", "COT_PROMPT", "PAIRWISE_PROMPT", "ATTRIBUTE_QUESTION", "DESCRIPTION_QUESTION")
+_PROMPT_TEMPLATES = ("INTRODUCE", "FINGERPRINT", "RECOGNIZE", "RECOGNIZE_JOINT_INTRO", "ASK_INTRO", "ASK_RULE",
+                     "COT_PROMPT", "PAIRWISE_PROMPT", "ATTRIBUTE_QUESTION", "DESCRIPTION_QUESTION")
 
 
 def prompt_phrases(min_chars: int = 12) -> list[str]:

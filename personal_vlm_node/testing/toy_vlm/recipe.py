@@ -54,12 +54,8 @@ class Recipe:
     match_weight: float = 1.0        # dense auxiliary: query-image tokens predict "shows the reference object"
     # samples per step and loss weight of each task
     # (task, chats per step, loss weight, follow-up questions per chat)
-    # joint: several named reference pictures and a query in one chat (multi-image binding, 0.22 s
-    # a step for 6 chats). Its cost is paid for by fewer describe chats (16 → 8: colour was at 92 %),
-    # two fewer two-image recognize chats (a joint chat with one reference is the same question)
-    # and one cot chat (the second did not help): a step costs about what it did (+3 %).
-    tasks: tuple = (("describe", 8, 1.0, 0), ("fingerprint", 1, 0.5, 0), ("recognize", 10, 2.0, 1),
-                    ("attribute", 3, 1.0, 1), ("scene", 2, 0.5, 0), ("cot", 1, 0.5, 0), ("joint", 5, 2.0, 2))
+    tasks: tuple = (("describe", 16, 1.0, 0), ("fingerprint", 1, 0.5, 0), ("recognize", 12, 2.0, 1),
+                    ("attribute", 3, 1.0, 1), ("scene", 2, 0.5, 0), ("cot", 2, 0.5, 0))
     # The first share of the steps trains describe alone: reading the image is learned first,
     # without the noisy gradients of yes/no questions at chance. In a mix from step 0 (or with
     # attribute yes/no, fingerprint and scene questions beside it) the describe loss stayed on its

@@ -86,9 +86,9 @@ def random_look(rng: np.random.Generator, category: str | None = None, color: st
 
 
 def lookalike(rng: np.random.Generator, look: ObjectLook) -> ObjectLook:
-    """Same category and colour; a different pattern or only a different mark (sticker), about evenly."""
+    """Same category and colour; a different pattern (usually) or only a different mark."""
     for _ in range(100):
-        if rng.random() < 0.55:
+        if rng.random() < 0.7:
             pattern = [p for p in PATTERNS if p != look.pattern][rng.integers(len(PATTERNS) - 1)]
             color2 = look.color2
             if pattern != "plain" and not color2:

@@ -123,9 +123,7 @@ def _draw_mark(img: Image.Image, look: ObjectLook, s: int) -> None:
         return
     d = ImageDraw.Draw(img)
     cx, cy = (v * s for v in _mark_center(look.category))
-    # A sticker about one merged visual token across at the model's resolution (140 px): smaller
-    # ones fell inside one token's cell and look-alikes that differ only in it were told apart 6 % of the time.
-    r = 0.2 * s
+    r = 0.13 * s
     bright = sum(COLORS[look.color]) > 450
     ink = (20, 20, 24) if bright else (250, 250, 250)
     if look.mark == "star":
