@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 
 from . import ego, prompts, r2p
 from .assistant_calibration import SelfCalibrating
+from .assistant_icpt import WithICPT
 from .bank import ConceptBank
 from .errors import PersonalVLMError
 from .frames import Detection, FramePath, FrameResult
@@ -85,7 +86,7 @@ def _frame_encoder(vlm: VLMAdapter, options: AssistantOptions, progress):
     return make_encoder(vlm, options.backend, cache_dir=options.engine_cache, progress=progress)
 
 
-class Assistant(SelfCalibrating):
+class Assistant(SelfCalibrating, WithICPT):
     """Construct with :meth:`open` (model id or folder) or from a loaded adapter and a store.
 
     ``options`` (:class:`AssistantOptions`) says how it runs; keyword arguments named like its
@@ -144,6 +145,8 @@ class Assistant(SelfCalibrating):
                                 resident_limit=self.options.resident_concepts)
         self.teacher = Teacher(vlm, store, self.bank, self.introduction, self.encode_reference, self._background,
                                self.progress, text_similarity=self.text_similarity)
+        self._open_icpt()                  # the projector, when one is named: prompts taught beside memories
+        self.teacher.prompts = self.icpt_prompts
         if rebuild:
             self.rebuild_stale_memories()
         self.bank.load()
@@ -286,7 +289,7 @@ class Assistant(SelfCalibrating):
         memories = []
         for n in names:
             try:
-                memories.append(Memory.from_stored(self.stored_memory(n), n))
+                memories.append(self.recognition_memory(n))
             except PersonalVLMError:
                 if not skip_gone:
                     raise
@@ -322,7 +325,7 @@ class Assistant(SelfCalibrating):
                 self.store.get(n)
         scores = ego.p_yes(self.vlm, tokens, names, lambda n: self._memories([n])[0], joint, matched,
                            self.profile.context_tokens)
-        threshold = self.profile.recognize_threshold
+        threshold = self.recognition_threshold
         results = [Recognition(n, p, p >= threshold) for n, p in scores.items()]
         return sorted(results, key=lambda r: -r.p_yes)
 

@@ -59,12 +59,15 @@ class UncertainMatch:
 class FrameSettings(Protocol):
     """The settings the frame path reads on every frame (they may change while it runs)."""
 
-    profile: ModelProfile            # recognize_threshold: Ego's p(yes) threshold
+    profile: ModelProfile            # context_tokens: the joint prompt's budget
     verification: bool               # settle the uncertain band at all
     r2p_margin: float                # Ego this close to its threshold → R2P
     r2p_pool: int                    # R2P's candidates without a contrastive model
+    recognition_threshold: float     # the recognition method's p(yes) that counts as present
 
     def thresholds(self) -> tuple[float, float]: ...
+
+    def recognition_memory(self, name: str) -> Memory: ...   # Ego's memory or ICPT's prompt
 
     def joint_size(self) -> int | None: ...
 
@@ -165,8 +168,8 @@ class FramePath:
             return None
         settings = self.settings
         verdicts, _ = settle_uncertain(
-            self.vlm, case.tokens, [case.concept], lambda n: Memory.from_stored(self.stored_memory(n), n),
-            threshold=settings.profile.recognize_threshold, margin=settings.r2p_margin, verifier=self.r2p,
+            self.vlm, case.tokens, [case.concept], settings.recognition_memory,
+            threshold=settings.recognition_threshold, margin=settings.r2p_margin, verifier=self.r2p,
             scores=case.scores, fingerprint_of=lambda n: self.store.get(n).fingerprint, pool=settings.r2p_pool,
             image=(lambda: load_image(case.frame)) if self.text_similarity is not None else None,
             embeddings_of=self.reference_embeddings, reference_of=self.reference_tokens,

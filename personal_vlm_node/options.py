@@ -24,6 +24,8 @@ EXPORT_OPSET = 20              # ONNX opset of exported encoders: dynamo needs â
 PAIRWISE_REFERENCES = ("image", "memory")
 # Ego's recognition: one prompt per concept, or every concept's memory in one prompt while they fit.
 RECOGNITIONS = ("per_concept", "joint")
+# What settles the matcher's uncertain band and fills /ask's prompt: Ego's memories or ICPT's prompts.
+RECOGNITION_METHODS = ("ego", "icpt")
 RANDOM_MODEL_SIZES = ("tiny", "realistic")                # random-weight models `bench` builds by itself
 
 
@@ -59,6 +61,8 @@ class AssistantOptions:
     concept_thresholds: bool = False          # each concept's own accept, from the library's impostors (matcher.concept_accepts)
     auto_calibrate: bool = True               # the node measures an uncalibrated checkpoint once (autocalibration)
     calibration_cache: str | None = None      # automatic calibrations; None = $XDG_CACHE_HOME/personal_vlm/calibration
+    recognition_method: str | None = None     # "ego" or "icpt" for the uncertain band and /ask; None = the profile's
+    icpt_projector: str | None = None         # ICPT projector file; None = the profile's icpt.projector
 
     def check(self) -> None:
         """Refuse settings that cannot work, with what to change: each field's choices and range

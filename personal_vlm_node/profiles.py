@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from .errors import PersonalVLMError
-from .options import RECOGNITIONS, check_thresholds
+from .options import RECOGNITION_METHODS, RECOGNITIONS, check_thresholds
 from .settings import BY_PROFILE_KEY, check_profile_key
 
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "models"   # in a source checkout
@@ -61,6 +61,9 @@ class ModelProfile:
     max_concepts_in_context: int = 64  # M: most memories in one prompt (/ask, joint recognition)
     context_tokens: int = 4096        # most memory tokens in one prompt: every concept goes in while
                                       # they fit, the best-matching first when they do not
+    recognition_method: str = "ego"   # the uncertain band and /ask: Ego's memories or ICPT's prompts
+    icpt: dict = field(default_factory=dict)   # ICPT: {projector: <file, absolute or in the checkpoint
+                                      # folder>, threshold: <p(yes) that counts as present, default 0.5>}
     calibration: dict = field(default_factory=dict)   # how the layers were chosen, when measured
 
     def resolved_layers(self, num_layers: int) -> list[int]:
@@ -81,7 +84,7 @@ class ModelProfile:
             raise PersonalVLMError("profile: memory_budget is a share of the image's tokens in [0, 1]")
         choices = {"memory_layout": ("image", "text"), "attention_rows": ("predict", "own"),
                    "attention_baseline": ("answer", "none"), "introduction_passes": (1, 2),
-                   "recognition": RECOGNITIONS}
+                   "recognition": RECOGNITIONS, "recognition_method": RECOGNITION_METHODS}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise PersonalVLMError(f"profile: {key} must be one of {', '.join(map(str, allowed))}, "
@@ -94,6 +97,11 @@ class ModelProfile:
         if not isinstance(self.context_tokens, int) or self.context_tokens < self.max_memory_tokens:
             raise PersonalVLMError(f"profile: context_tokens must be an integer >= max_memory_tokens "
                                    f"({self.max_memory_tokens}), so one concept always fits; got {self.context_tokens!r}")
+        unknown = sorted(set(self.icpt) - {"projector", "threshold"}) if isinstance(self.icpt, dict) else None
+        if unknown is None or unknown:
+            raise PersonalVLMError(f"profile: icpt takes the keys projector and threshold, got {self.icpt!r}")
+        if not 0.0 <= float(self.icpt.get("threshold", 0.5)) <= 1.0:
+            raise PersonalVLMError("profile: icpt.threshold must lie in [0, 1]")
         for key in BY_PROFILE_KEY:           # the keys a user setting overrides: its range, written there
             check_profile_key(key, getattr(self, key))
         return self

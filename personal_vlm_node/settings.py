@@ -15,7 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import PersonalVLMError
-from .options import DEFAULT_MODEL, DEFAULT_VERIFIER, DTYPES, ENCODER_CHOICES, SIGLIP_VERIFIER, check_thresholds
+from .options import (DEFAULT_MODEL, DEFAULT_VERIFIER, DTYPES, ENCODER_CHOICES, RECOGNITION_METHODS, SIGLIP_VERIFIER,
+                      check_thresholds)
 
 # The node's word for "the model profile's value": negative, as a ROS parameter cannot be unset.
 USE_PROFILE = -1
@@ -60,7 +61,8 @@ class Setting:
     def problem(self, value, bounded: bool = True) -> str | None:
         """Why ``value`` (a real value, not "use the profile") cannot be this setting's, or None."""
         if self.choices and value not in self.choices:
-            return f"{self.name} must be one of {', '.join(map(str, self.choices))}"
+            allowed = ", ".join(repr(c) if c == "" else str(c) for c in self.choices)
+            return f"{self.name} must be one of {allowed}"
         if bounded and (self.low is not None and value < self.low or self.high is not None and value > self.high):
             return f"{self.name} must {'be' if self.high is None else 'lie in'} {self.range_text()}"
         if self.empty and not str(value).strip():
@@ -156,6 +158,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("r2p_margin", float, float(USE_PROFILE), "Ego p(yes) this close to its threshold is settled by R2P; "
             "0 = never", low=0.0, high=0.5, live=True, option="r2p_margin", profile_key="r2p_margin",
             follows_profile=True),
+    Setting("recognition_method", str, "", "what settles the matcher's uncertain band and fills /ask's prompt: "
+            "ego (concept memories) or icpt (the projector's prompts); empty = the model profile's",
+            ("",) + RECOGNITION_METHODS, option="recognition_method"),
+    Setting("icpt_projector", str, "", "ICPT projector file (personal-vlm icpt-train); empty = the model profile's "
+            "icpt.projector; one that is missing, damaged or made for another backbone leaves ICPT unavailable "
+            "(one warning) and Ego working", option="icpt_projector"),
     Setting("max_waiting_requests", int, 4, "most requests of one kind (teach, ask, list, forget) waiting behind the "
             "one being worked on; any more are answered at once, success false, \"busy: ...\"", low=0, high=MAX_WAITING_REQUESTS, live=True),
     Setting("web_port", int, 0, "port of the web console (live view, teach by drawing a box, the library, ask); "
@@ -250,7 +258,7 @@ def markdown_table(names: tuple[str, ...] | None = None) -> str:
     for s in (PARAMETERS[n] for n in (names or PARAMETERS)):
         meaning = s.parameter_text()
         if s.choices:
-            meaning += " (" + ", ".join(f"`{c}`" for c in s.choices) + ")"
+            meaning += " (" + ", ".join(f"`{c}`" if c else "`\"\"`" for c in s.choices) + ")"
         elif s.range_text():
             meaning += f" ({s.range_text()})"
         rows.append(f"| `{s.name}` | {_markdown_default(s)} | {'live' if s.live else 'restart'} | "

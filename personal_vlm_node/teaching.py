@@ -96,6 +96,7 @@ class Teacher:
         self.background = background
         self.progress = progress
         self.text_similarity = text_similarity
+        self.prompts = None              # icpt_prompts.ConceptPrompts: ICPT's prompt stored beside the memory
         self._lock = threading.Lock()
 
     def teach(self, name: str, images: list, category: str = "", rois=None,
@@ -123,7 +124,9 @@ class Teacher:
             memory, keywords = intro.memory, intro.keywords
             if self.text_similarity is not None:
                 extra["reference_embeddings"] = self._reference_embeddings(request)
-            if previous is not None:
+            if self.prompts is not None and previous is None:
+                memory, timings["icpt"] = self.prompts.attach(memory, tokens, name)
+            if previous is not None:            # (its ICPT prompt is made again from every view when next needed)
                 memory = ego.append_views(self.bank.stored_memory(name), memory)
                 keywords = list(dict.fromkeys(previous.keywords + intro.keywords))[:12]
                 extra = {**previous.extra, **extra,

@@ -34,6 +34,8 @@ DEFAULTS = {
     "r2p_margin": 0.15,
     "max_concepts_in_context": 64,
     "context_tokens": 4096,
+    "recognition_method": "ego",
+    "icpt": {},
     "calibration": {},
 }
 
@@ -69,6 +71,18 @@ SHIPPED = {
 def test_every_profile_default_is_the_documented_one():
     assert [f.name for f in fields(ModelProfile)] == list(DEFAULTS)
     assert asdict(ModelProfile()) == DEFAULTS
+
+
+def test_a_profile_refuses_an_unknown_recognition_method_and_icpt_key():
+    from personal_vlm_node.errors import PersonalVLMError
+
+    with pytest.raises(PersonalVLMError, match="recognition_method must be one of ego, icpt"):
+        ModelProfile(recognition_method="lora").validate()
+    with pytest.raises(PersonalVLMError, match="icpt takes the keys projector and threshold"):
+        ModelProfile(icpt={"projektor": "p.safetensors"}).validate()
+    with pytest.raises(PersonalVLMError, match="icpt.threshold"):
+        ModelProfile(icpt={"threshold": 1.5}).validate()
+    assert ModelProfile(recognition_method="icpt", icpt={"projector": "p.safetensors", "threshold": 0.4}).validate()
 
 
 def test_the_shipped_profiles_are_the_pinned_ones():
