@@ -16,14 +16,15 @@ import json
 import math
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from . import evaluation, media
 from .errors import PersonalVLMError
 from .names import MAX_NAME_CHARS, quoted, shown, validate_category, validate_name
 from .options import (BACKENDS, DEFAULT_MODEL, DEFAULT_VERIFIER, DTYPES, ENCODER_CHOICES, EXPORT_OPSET,
-                      PAIRWISE_REFERENCES, PRECISIONS, RANDOM_MODEL_SIZES, RECOGNITIONS, SIGLIP_VERIFIER,
-                      AssistantOptions)
+                      PAIRWISE_REFERENCES, PRECISIONS, RANDOM_MODEL_SIZES, RECOGNITION_METHODS, RECOGNITIONS,
+                      SIGLIP_VERIFIER, AssistantOptions)
 from .cli_calibration import _cmd_calibrate, _cmd_profile, add_calibration_parsers
 from .cli_store import add_store_parser, cmd_store
 from .output import emit as _emit
@@ -63,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default="auto", choices=DTYPES)
     parser.add_argument("--profile", default=None, help="model profile YAML (default: models/<model>.yaml)")
+    parser.add_argument("--icpt-projector", default=None,
+                        help="ICPT projector file (icpt-train) for teaching and recognition (default: the profile's icpt.projector)")
+    parser.add_argument("--recognition-method", default=None, choices=RECOGNITION_METHODS,
+                        help="what recognize, ask and the uncertain band use: ego memories or icpt prompts "
+                             "(default: the profile's recognition_method)")
     parser.add_argument("--json", action="store_true", help="print results as JSON")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -113,7 +119,13 @@ def _open(args, options: AssistantOptions | None = None):
 
     return Assistant.open(args.model, store_dir=args.store, device=args.device, dtype=args.dtype,
                           profile_path=args.profile,
-                          options=options or AssistantOptions(verification=False, verifier_model=None))
+                          options=_with_method(args, options or AssistantOptions(verification=False, verifier_model=None)))
+
+
+def _with_method(args, options: AssistantOptions) -> AssistantOptions:
+    """``options`` with the global ICPT choices (--icpt-projector, --recognition-method) where given."""
+    return replace(options, icpt_projector=getattr(args, "icpt_projector", None) or options.icpt_projector,
+                   recognition_method=getattr(args, "recognition_method", None) or options.recognition_method)
 
 
 def _pictures(paths) -> list:
@@ -277,6 +289,7 @@ def _cmd_eval(args) -> None:
     options = EvalOptions(method=args.method, accept=args.accept, reject=args.reject, threshold=args.threshold,
                           margin=args.margin, top_k=args.top_k, pairwise_threshold=args.pairwise_threshold,
                           pairwise_reference=args.pairwise_reference, recognition=args.recognition,
+                          recognition_method=args.recognition_method,
                           verifier_model=args.verifier_model, r2p_pool=args.r2p_pool,
                           max_queries=args.max_queries, concept_thresholds=args.concept_thresholds).check()
     out = Path(args.out).expanduser()
@@ -286,7 +299,8 @@ def _cmd_eval(args) -> None:
     with Assistant.open(args.model, store_dir=out / "store", device=args.device, dtype=args.dtype,
                         profile_path=getattr(args, "profile", None), progress=_say,
                         # evaluate() loads the R2P verifier model of --verifier-model itself
-                        options=AssistantOptions(verification=False, verifier_model=None), rebuild=False) as assistant:
+                        options=_with_method(args, AssistantOptions(verification=False, verifier_model=None)),
+                        rebuild=False) as assistant:
         results = evaluate(assistant, dataset, out, options, restart=args.restart, test_split=split)
     overall = results["overall"]
     if getattr(args, "json", False):

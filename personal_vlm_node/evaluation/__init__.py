@@ -7,9 +7,13 @@ query; every (query, concept) pair is a *positive* when the concept is in the qu
 
 - ``match``    the matcher's late-interaction score s_c ≥ the accept threshold;
 - ``ego``      Ego's in-context check, p_yes ≥ the recognition threshold;
+- ``icpt``     ICPT's prompts in Ego's place (one prompt per concept, or all in one with
+               ``--recognition joint``), p_yes ≥ the profile's ``icpt.threshold``; needs a projector
+               (``--icpt-projector`` or the profile's ``icpt.projector``);
 - ``r2p``      R2P's decision among the matcher's top ``--r2p-pool`` concepts (present iff chosen);
 - ``cascade``  what the frame path does: the matcher's accept / reject stand, its uncertain band
-               goes to Ego, and R2P settles what Ego is unsure of (|p_yes − threshold| < margin).
+               goes to Ego (or ICPT, ``--recognition-method icpt``), and R2P settles what that
+               one is unsure of (|p_yes − threshold| < margin).
 
 Metrics, per concept and over all pairs:
     positive accuracy  TP / (TP + FN)      (recall on positives)

@@ -42,7 +42,7 @@ def recognition_metrics(counts: Counts) -> dict:
             "precision": precision, "recall": positive, "f1": f1}
 
 
-STAGES = ("match", "ego", "r2p", "r2p_pairwise_ego")   # the cascade's stages, in the order they hand cases on
+STAGES = ("match", "ego", "icpt", "r2p", "r2p_pairwise_ego")   # the cascade's stages, in the order they hand cases on
 
 
 def summarize(records: list[dict], concepts: list[str], threshold: float | None = None) -> dict:

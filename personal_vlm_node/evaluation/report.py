@@ -40,6 +40,13 @@ def _stage_lines(stages: dict) -> list[str]:
     return lines + [""]
 
 
+def _icpt_line(icpt: dict) -> str:
+    return (f"- ICPT: projector {icpt['projector']} ({icpt['projector_id']}), "
+            f"{format_value(icpt['tokens_per_concept'])} prompt tokens per concept (Ego's memory: "
+            f"{format_value(icpt['ego_tokens_per_concept'])}), {format_value(icpt['seconds_per_prompt'])} s to make "
+            f"one (encoding the views: {format_value(icpt['seconds_per_encoding'])} s)")
+
+
 def _ego_prompts(ego: dict) -> str:
     if ego["recognition"] == "joint":
         budget = f", {ego['context_tokens']} memory tokens" if ego.get("context_tokens") else ""
@@ -74,6 +81,7 @@ def results_markdown(results: dict) -> str:
         + (f"\n  - {SELF_JUDGED}" if results['method'] in ('r2p', 'cascade')
            and results['r2p']['text_similarity'] == SELF_JUDGED_NAME else ""),
         *([f"- Ego: {_ego_prompts(results['ego'])}"] if results.get("ego") and results["method"] != "match" else []),
+        *([_icpt_line(results["icpt"])] if results.get("icpt") else []),
         "- decided by: " + (", ".join(f"{k} {v}" for k, v in sorted(results["decided_by"].items())) or "–"),
         f"- seconds per query {format_value(timing['seconds_per_query'])}, per concept introduction "
         f"{format_value(timing['seconds_per_concept_introduction'])} (fingerprint complete after "

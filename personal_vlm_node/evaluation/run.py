@@ -12,13 +12,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import PersonalVLMError
-from ..options import PAIRWISE_REFERENCES, RECOGNITIONS, check_thresholds
+from ..options import PAIRWISE_REFERENCES, RECOGNITION_METHODS, RECOGNITIONS, check_thresholds
 from ..output import stderr_progress, write_atomic
 from .datasets import Dataset, Query, _relative
 from .metrics import summarize
 from .report import HISTOGRAM_PLOT, SELF_JUDGED, SELF_JUDGED_NAME, WTD_PLOT, bar_chart_png, histogram_png, results_markdown
 
-METHODS = ("match", "ego", "r2p", "cascade")
+METHODS = ("match", "ego", "icpt", "r2p", "cascade")
 
 PROGRESS_FILE = "progress.jsonl"
 INTRODUCTIONS_FILE = "introductions.jsonl"
@@ -45,6 +45,7 @@ class EvalOptions:
     r2p_pool: int = 10                     # R2P's candidates: the matcher's top concepts
     max_queries: int | None = None         # evaluate only the first N queries (a rerun can extend)
     concept_thresholds: bool = False       # match / cascade: each concept's own accept (matcher.concept_accepts)
+    recognition_method: str | None = None  # cascade: "ego" or "icpt" settles the uncertain band; None: the assistant's
 
     def check(self) -> EvalOptions:
         if self.method not in METHODS:
@@ -55,6 +56,9 @@ class EvalOptions:
             raise PersonalVLMError("--max-queries must be at least 1")
         if self.recognition not in (None, *RECOGNITIONS):
             raise PersonalVLMError(f"--recognition must be one of {', '.join(RECOGNITIONS)}, got {self.recognition!r}")
+        if self.recognition_method not in (None, *RECOGNITION_METHODS):
+            raise PersonalVLMError(f"--recognition-method must be one of {', '.join(RECOGNITION_METHODS)}, "
+                                   f"got {self.recognition_method!r}")
         if self.pairwise_reference not in PAIRWISE_REFERENCES:
             raise PersonalVLMError(f"--pairwise-reference must be one of {', '.join(PAIRWISE_REFERENCES)}, "
                                    f"got {self.pairwise_reference!r}")
@@ -85,6 +89,13 @@ class _Methods:
         self.accepts = concept_accepts(assistant.matcher.impostor_scores(), self.accept, self.reject) \
             if options.concept_thresholds else {}
         self.memories = {c: Memory.from_stored(assistant.stored_memory(c), c) for c in dataset.concepts}
+        # ICPT's prompts, for --method icpt and for a cascade whose uncertain band ICPT settles.
+        self.recognition_method = options.recognition_method or assistant.recognition_method
+        self.prompts = {}
+        if options.method == "icpt" or (options.method == "cascade" and self.recognition_method == "icpt"):
+            self.prompts = {c: assistant.icpt_prompt(c) for c in dataset.concepts}
+        if options.method == "icpt" or self.prompts and options.method == "cascade":
+            self.threshold = assistant.icpt_threshold if options.threshold is None else options.threshold
         self.fingerprints = {c: assistant.store.get(c).fingerprint for c in dataset.concepts}
         self.r2p = r2p.R2PVerifier(assistant.vlm, text_similarity, top_k=options.top_k,
                                    pairwise_threshold=options.pairwise_threshold,
@@ -142,6 +153,15 @@ class _Methods:
             out[c] = {"predicted": p >= self.threshold, "score": p, "source": "ego"}
         return out, None
 
+    def _icpt(self, tokens, image, scores):
+        from .. import ego
+
+        # ICPT's prompts stand where Ego's memories stand (one prompt per concept, or all in one).
+        p = ego.p_yes(self.assistant.vlm, tokens, list(self.dataset.concepts), self.prompts.__getitem__, self.joint,
+                      scores, self.assistant.profile.context_tokens)
+        return {c: {"predicted": p[c] >= self.threshold, "score": p[c], "source": "icpt"}
+                for c in self.dataset.concepts}, None
+
     def _r2p(self, tokens, image, scores):
         result = self._run_r2p(tokens, image, scores)
         return {c: {"predicted": result.present(c), "score": result.score_for(c), "source": "r2p"}
@@ -157,7 +177,7 @@ class _Methods:
                   for c in self.dataset.concepts}
         verdicts, result = settle_uncertain(
             self.assistant.vlm, tokens, [c for c, stage in stages.items() if stage == "uncertain"],
-            self.memories.__getitem__, threshold=self.threshold, margin=self.margin,
+            (self.prompts or self.memories).__getitem__, threshold=self.threshold, margin=self.margin,
             verifier=self.r2p, scores=scores, fingerprint_of=self.fingerprints.__getitem__,
             pool=self.options.r2p_pool, image=lambda: image, embeddings_of=self._embeddings_of,
             reference_of=self.assistant.reference_tokens, joint=self.joint,
@@ -168,7 +188,8 @@ class _Methods:
             if verdict is None:
                 out[c] = {"predicted": stage == "accept", "score": scores.get(c), "source": "match", "p_yes": None}
             else:
-                out[c] = {"predicted": verdict.present, "score": scores.get(c), "source": verdict.stage,
+                stage = "icpt" if self.prompts and verdict.stage == "ego" else verdict.stage
+                out[c] = {"predicted": verdict.present, "score": scores.get(c), "source": stage,
                           "p_yes": verdict.p_yes}
         return out, result
 
@@ -206,8 +227,11 @@ def read_lines(path: Path) -> list[dict]:
 def _settings(assistant, dataset: Dataset, options: EvalOptions, test_split: dict) -> dict:
     values = asdict(options)
     values.pop("max_queries")
+    prompts = assistant.icpt_prompts
     return {"dataset": str(dataset.root), "layout": dataset.layout, "shots": dataset.shots, **test_split,
-            "model": assistant.vlm.identity, **values}
+            "model": assistant.vlm.identity, **values,
+            # A run's prompts come from one projector: another one is another run.
+            **({"icpt_projector": prompts.id} if prompts is not None and options.method in ("icpt", "cascade") else {})}
 
 
 def _check_settings(out: Path, settings: dict, restart: bool) -> None:
@@ -231,6 +255,19 @@ def _check_settings(out: Path, settings: dict, restart: bool) -> None:
 
 
 # ---- the run -------------------------------------------------------------------------------
+def _icpt_figures(assistant, methods, introductions) -> dict | None:
+    """The projector, its prompts' length and what making one took, when ICPT ran."""
+    if not methods.prompts:
+        return None
+    prompts = assistant.icpt_prompts
+    return {"projector": str(prompts.path), "projector_id": prompts.id, "threshold": methods.threshold,
+            "tokens_per_concept": _mean([m.tokens.shape[0] for m in methods.prompts.values()]),
+            "ego_tokens_per_concept": _mean([m.tokens.shape[0] for m in methods.memories.values()]),
+            "seconds_per_prompt": _mean([r.get("icpt_seconds") for r in introductions]),
+            "seconds_per_encoding": _mean([r.get("encode_seconds") for r in introductions])}
+
+
+
 def _teach(assistant, dataset: Dataset, out: Path, progress) -> list[dict]:
     """Teach every concept not yet taught by this run (resumable); their introduction times."""
     done = {r["name"]: r for r in read_lines(out / INTRODUCTIONS_FILE)}
@@ -243,6 +280,7 @@ def _teach(assistant, dataset: Dataset, out: Path, progress) -> list[dict]:
                                      overwrite=True)
             result.wait_fingerprint()          # R2P needs it; and it must not compete with the queries
             record = {"name": name, "seconds": result.seconds, "memory_tokens": result.memory_tokens,
+                      "icpt_seconds": result.timings.get("icpt"), "encode_seconds": result.timings.get("encode"),
                       "fingerprint_seconds": result.timings.get("fingerprint_complete"),
                       "references": [_relative(p, dataset.root) for p in dataset.references[name]]}
             _append_line(out / INTRODUCTIONS_FILE, record)
@@ -320,6 +358,7 @@ def evaluate(assistant, dataset: Dataset, out, options: EvalOptions | None = Non
                        "concept_accepts": {c: round(v, 4) for c, v in methods.accepts.items()} or None},
         "ego": {"recognition": methods.recognition, "memories_per_prompt": methods.joint or 1,
                 "context_tokens": assistant.profile.context_tokens},
+        "icpt": _icpt_figures(assistant, methods, introductions),
         "r2p": {"top_k": options.top_k, "pool": options.r2p_pool, "pairwise_reference": options.pairwise_reference,
                 "text_similarity": text_similarity.name if text_similarity is not None else SELF_JUDGED_NAME},
         **summary,
@@ -351,5 +390,5 @@ def _mean(values) -> float | None:
 
 
 def _score_name(method: str) -> str:
-    return {"match": "matcher score s_c", "ego": "Ego p_yes", "r2p": "R2P score (p_i, else s)",
+    return {"match": "matcher score s_c", "ego": "Ego p_yes", "icpt": "ICPT p_yes", "r2p": "R2P score (p_i, else s)",
             "cascade": "matcher score s_c"}[method]
