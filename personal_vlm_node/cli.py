@@ -26,6 +26,7 @@ from .options import (BACKENDS, DEFAULT_MODEL, DEFAULT_VERIFIER, DTYPES, ENCODER
                       PAIRWISE_REFERENCES, PRECISIONS, RANDOM_MODEL_SIZES, RECOGNITION_METHODS, RECOGNITIONS,
                       SIGLIP_VERIFIER, AssistantOptions)
 from .cli_calibration import _cmd_calibrate, _cmd_profile, add_calibration_parsers
+from .cli_icpt import add_icpt_parser, cmd_icpt_train
 from .cli_store import add_store_parser, cmd_store
 from .output import emit as _emit
 from .output import stderr_progress
@@ -106,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     forget.add_argument("name")
     add_store_parser(sub, _Parser)
     add_calibration_parsers(sub, _Parser)
+    add_icpt_parser(sub)
     _add_bench_parser(sub)
     _add_eval_parser(sub)
     _add_export_parser(sub)
@@ -470,7 +472,8 @@ def _cmd_node(args) -> None:
 COMMANDS = {"teach": _cmd_teach, "ask": _cmd_ask, "recognize": _cmd_recognize, "list": _cmd_list,
             "forget": _cmd_forget, "calibrate": _cmd_calibrate, "bench": _cmd_bench,
             "detect": _cmd_detect, "eval": _cmd_eval, "export-encoder": _cmd_export,
-            "node": _cmd_node, "store": cmd_store, "profile": _cmd_profile, "web": _cmd_web}
+            "node": _cmd_node, "store": cmd_store, "profile": _cmd_profile, "web": _cmd_web,
+            "icpt-train": cmd_icpt_train}
 
 
 def main(argv: list[str] | None = None) -> int:
