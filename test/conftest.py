@@ -55,8 +55,9 @@ def family(request):
 # in a background process as soon as the tests are collected, so it trains while the rest of the
 # suite runs (at the lowest CPU priority, so the other tests come first), once per
 # machine. $PERSONAL_VLM_TOY_TESTS says which run: unset or "vlm" (default) the toy VLM's (about
-# 17 min of training on 2 idle cores the first time), "all" the toy CLIP's too (8 more), "0" none.
-TOY_FIXTURES = ("toy_vlm", "toy_clip")
+# 17 min of training on 2 idle cores the first time) and its ICPT projector's (4 more), "all" the toy
+# CLIP's too (8 more), "0" none.
+TOY_FIXTURES = ("toy_vlm", "toy_projector", "toy_clip")
 TOY_TESTS_ENV = "PERSONAL_VLM_TOY_TESTS"
 _background = {}
 
@@ -69,7 +70,7 @@ def toys_on(value: str | None) -> set[str]:
     if value in ("1", "all"):
         return set(TOY_FIXTURES)
     if value == "vlm":
-        return {"toy_vlm"}
+        return {"toy_vlm", "toy_projector"}
     raise pytest.UsageError(f"{TOY_TESTS_ENV}={value!r}: use vlm (default), all or 0")
 
 
@@ -137,6 +138,12 @@ def toy_vlm(request):
     """The trained toy Qwen2.5-VL: trained once per machine (≈17 min on 2 cores), then cached
     under ~/.cache/personal_vlm/toy (or $PERSONAL_VLM_TOY_CACHE) and reused by every run."""
     return _toy(request, "toy_vlm")
+
+
+@pytest.fixture(scope="session")
+def toy_projector(request):
+    """The toy VLM's ICPT projector file (testing/toy_icpt.py), trained after the toy VLM, cached like it."""
+    return _toy(request, "toy_projector")
 
 
 @pytest.fixture(scope="session")

@@ -231,8 +231,9 @@ def test_toy_clip_recipe_key_changes_with_the_recipe():
 def test_which_toy_tests_run_is_set_by_one_variable():
     import conftest
 
-    assert conftest.toys_on(None) == conftest.toys_on("vlm") == {"toy_vlm"}      # the default: the VLM's
-    assert conftest.toys_on("all") == conftest.toys_on("1") == {"toy_vlm", "toy_clip"}
+    # The default: the VLM's and its ICPT projector's.
+    assert conftest.toys_on(None) == conftest.toys_on("vlm") == {"toy_vlm", "toy_projector"}
+    assert conftest.toys_on("all") == conftest.toys_on("1") == {"toy_vlm", "toy_projector", "toy_clip"}
     assert conftest.toys_on("0") == set()
     with pytest.raises(pytest.UsageError, match="use vlm"):
         conftest.toys_on("clip please")

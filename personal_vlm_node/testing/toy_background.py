@@ -1,4 +1,4 @@
-"""Train the toys (VLM, then CLIP; or those named) in a background process while other work goes on.
+"""Train the toys (VLM, then CLIP, then the VLM's ICPT projector; or those named) in a background process while other work goes on.
 
 The test suite starts it as soon as it has collected a test that needs a toy that is not cached
 yet, and runs those tests last; ``python -m personal_vlm_node.testing.toy_background`` is that
@@ -16,12 +16,13 @@ import sys
 import time
 from pathlib import Path
 
-from . import toy_clip, toy_vlm
+from . import toy_clip, toy_icpt, toy_vlm
 
 # name -> (cached folder, the file that marks it complete, the function that trains it when missing)
 TOYS = {
     "toy_vlm": (toy_vlm.toy_vlm_folder, toy_vlm.MARKER, toy_vlm.ensure_toy_vlm),
     "toy_clip": (toy_clip.toy_clip_folder, toy_clip.MARKER, toy_clip.ensure_toy_clip),
+    "toy_projector": (toy_icpt.toy_projector_folder, toy_icpt.MARKER, toy_icpt.ensure_toy_projector),
 }
 LOG_NAME = "background-training.log"
 # The trainer (and the renderer it forks) runs at this niceness, so the other tests come first for
