@@ -125,6 +125,54 @@ def bench_introduction(assistant, repeats: int) -> dict:
             "ego_vs_fingerprint": _median(ratios)}
 
 
+def _timing_projector(vlm, cache_dir: Path) -> Path:
+    """An untrained ICPT projector for this model, of the default size: its timings are a trained
+    one's (the same layers), its answers mean nothing."""
+    from . import icpt
+
+    path = cache_dir / f"icpt-untrained-{icpt.backbone_fingerprint(vlm).replace('/', '-')}.safetensors"
+    if not path.is_file():
+        torch.manual_seed(0)
+        projector = icpt.Projector(icpt.ProjectorConfig(vlm.hidden_size))
+        tokens = vlm.encode_image(_picture(448, 3)).features.float()          # (N, D)
+        projector.set_statistics(float(tokens.norm(dim=-1).mean()), tokens.mean(0))
+        icpt.save_projector(path, projector.eval(), icpt.backbone_fingerprint(vlm))
+    return path
+
+
+def bench_icpt(vlm, store_dir: Path, repeats: int, cache_dir: Path, projector: str | None = None) -> dict:
+    """ICPT's teach (the projector's pass beside encoding) and recognise times, beside Ego's."""
+    from . import ego, icpt
+    from .assistant import Assistant
+    from .store import ConceptStore
+    from .vlm import Memory
+
+    path = Path(projector) if projector else _timing_projector(vlm, cache_dir)
+    options = AssistantOptions(verification=False, verifier_model=None, icpt_projector=str(path),
+                               recognition_method="icpt")
+    with Assistant(vlm, ConceptStore(store_dir), progress=None, options=options) as assistant:
+        if assistant.icpt_prompts is None:
+            return {"unavailable": assistant.icpt_problem}
+        assistant.teach("bench warm-up", [_picture(448, 99)]).wait_fingerprint()
+        steps: dict[str, list[float]] = {}
+        names = []
+        for r in range(repeats):
+            result = assistant.teach(f"bench concept {r}", [_picture(448, 100 + r)])
+            result.wait_fingerprint()
+            names.append(result.name)
+            for step in ("encode", "icpt", "usable"):
+                steps.setdefault(step, []).append(result.timings[step])
+        frame = vlm.encode_image(_picture(448, 448))
+        prompt = assistant.icpt_prompt(names[0])
+        memory = Memory.from_stored(assistant.stored_memory(names[0]), names[0])
+        return {"projector": str(path) if projector else "untrained (timings only)",
+                "teach_median_s": {s: _median(v) for s, v in steps.items()},
+                "prompt_tokens": [assistant.icpt_prompt(n).tokens.shape[0] for n in names],
+                "memory_tokens": [assistant.store.get(n).memory_tokens for n in names],
+                "recognize_icpt_median_s": _median(_timed(lambda: icpt.recognize(vlm, frame, [prompt]), repeats)),
+                "recognize_ego_median_s": _median(_timed(lambda: ego.recognize(vlm, frame, [memory]), repeats))}
+
+
 def bench_encoders(vlm, backends: list[str], repeats: int, cache_dir: Path) -> tuple[dict, dict]:
     """Each backend at every frame size, and torch bfloat16 when the model is float32 (the vision
     tower under autocast, as ``encoder_backend: auto`` runs it). Also returns the encoders built
@@ -263,7 +311,7 @@ def cpu_info() -> dict:
 
 def run_bench(model: str | None, size: str = "tiny", device: str = "auto", dtype: str = "float32",
               backends: tuple[str, ...] = BACKENDS, repeats: int = 3,
-              frames: int = 10, cache_dir: Path | None = None) -> dict:
+              frames: int = 10, cache_dir: Path | None = None, icpt_projector: str | None = None) -> dict:
     from .assistant import Assistant
     from .store import ConceptStore
     from .vlm import load_vlm
@@ -293,6 +341,8 @@ def run_bench(model: str | None, size: str = "tiny", device: str = "auto", dtype
         try:
             _say("concept introduction…")
             report["introduction"] = bench_introduction(assistant, repeats)
+            _say("ICPT teach and recognise…")
+            report["icpt"] = bench_icpt(vlm, Path(store_dir) / "icpt", repeats, cache_dir, icpt_projector)
             _say("encoders…")
             report["encoder"], encoders = bench_encoders(vlm, list(backends), repeats, cache_dir)
             at_448 = {name: e["448"]["median_s"] for name, e in report["encoder"].items() if "448" in e}
@@ -348,6 +398,17 @@ def format_table(report: dict) -> str:
         usable, base = fast["median_seconds"]["usable"], intro["median_seconds"]["usable"]
         rows.append((f"teach through {fast['encoder']}: encode / usable",
                      f"{fast['median_seconds']['encode']:.3f} s / {usable:.3f} s ({usable / base:.2f}× of torch)"))
+    ip = report.get("icpt") or {}
+    if "teach_median_s" in ip:
+        t = ip["teach_median_s"]
+        rows.append(("ICPT teach: encode / prompt / usable", f"{t['encode']:.3f} s / {t['icpt'] * 1000:.1f} ms / "
+                                                            f"{t['usable']:.3f} s ({ip['projector']})"))
+        rows.append(("ICPT prompt / Ego memory tokens", f"{np.mean(ip['prompt_tokens']):.1f} / "
+                                                        f"{np.mean(ip['memory_tokens']):.1f}"))
+        rows.append(("recognise one concept: ICPT / Ego", f"{ip['recognize_icpt_median_s']:.3f} s / "
+                                                          f"{ip['recognize_ego_median_s']:.3f} s"))
+    elif ip:
+        rows.append(("ICPT", f"unavailable: {ip['unavailable']}"))
     for backend, entry in report["encoder"].items():
         if "unavailable" in entry:
             rows.append((f"encoder {backend}", "unavailable"))

@@ -367,7 +367,7 @@ def _cmd_bench(args) -> None:
         return
     report = run_bench(args.model, size=args.size, device=args.device, dtype=dtype,
                        backends=tuple(b.strip() for b in args.backends.split(",") if b.strip()),
-                       repeats=args.repeats, frames=args.frames)
+                       repeats=args.repeats, frames=args.frames, icpt_projector=args.icpt_projector)
     _print_bench(format_table(report), report, args.json_out)
 
 

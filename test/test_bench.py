@@ -40,7 +40,13 @@ def test_bench_writes_every_figure_and_prints_a_table(tmp_path, monkeypatch, cap
         assert fast["median_seconds"]["encode"] > 0 and len(fast["memory_tokens"]) == 1
     assert report["machine"]["cpu"]["capability"] and "warm-up" in report["method"]
     assert report["peak_memory"]["rss_mb"] > 0
+    # ICPT: the projector's pass beside encoding when teaching, and one concept recognised each way.
+    ip = report["icpt"]
+    assert ip["projector"] == "untrained (timings only)" and 0 < ip["teach_median_s"]["icpt"] < ip["teach_median_s"]["usable"]
+    assert all(4 <= t <= 16 for t in ip["prompt_tokens"]) and ip["memory_tokens"]
+    assert ip["recognize_icpt_median_s"] > 0 and ip["recognize_ego_median_s"] > 0
     table = capsys.readouterr().out
+    assert "ICPT teach: encode / prompt / usable" in table and "recognise one concept: ICPT / Ego" in table
     assert "matcher 10,000 concepts" in table and "frame p95, verification off / on" in table
     assert "teaching: Ego usable vs R2P fingerprint" in table and "verification throughput" in table
 
@@ -54,6 +60,7 @@ def test_bench_runs_unchanged_on_a_given_checkpoint_of_other_families(tiny_check
         assert report["encoder"]["onnxruntime"]["provider"] == "CPUExecutionProvider"
         assert report["onnxruntime_speedup_448"] > 0
         assert report["ask"]["20"]["concepts_in_context"] == 20      # all fit the context budget
+        assert report["icpt"]["recognize_icpt_median_s"] > 0        # every family takes ICPT's prompts
 
 
 def test_bench_node_measures_the_frame_path_with_and_without_overlay_subscribers(tiny_checkpoints, tmp_path, capsys):
