@@ -230,7 +230,10 @@ def node_process(tiny_checkpoints, tmp_path_factory):
     model = str(tiny_checkpoints["qwen2_5_vl"])
     values = {"model": model, "device": "cpu", "dtype": "float32", "store_dir": str(tmp / "store"),
               "process_rate_hz": 20.0, "accept_threshold": 0.999, "reject_threshold": 0.5,
-              "max_concepts_in_context": 2, "verification": False, "overlay": True}
+              "max_concepts_in_context": 2, "verification": False, "overlay": True,
+              # A damaged ICPT projector: one warning at startup, and every test here runs on Ego.
+              "icpt_projector": str(tmp / "damaged-projector.safetensors"), "recognition_method": "icpt"}
+    (tmp / "damaged-projector.safetensors").write_bytes(b"not a projector")
     params = params_file(tmp / "params.yaml", values)
     log = tmp / "node.log"
     with open(log, "w") as out:
@@ -1035,6 +1038,14 @@ def test_a_verifier_model_without_weights_is_one_warning_at_startup_and_the_node
     assert len(lines) == 1, lines
     assert "[WARN]" in lines[0] and "openai/clip-vit-large-patch14-336" in lines[0] and "yes/no" in lines[0]
     assert ros.list().success
+
+
+def test_a_damaged_icpt_projector_is_one_warning_at_startup_and_ego_serves(ros, node_process):
+    lines = [line for line in node_process.output().splitlines() if "ICPT unavailable" in line]
+    assert len(lines) == 1, lines
+    assert "[WARN]" in lines[0] and "damaged-projector.safetensors" in lines[0] and "Ego recognises instead" in lines[0]
+    assert ros.teach("icpt fallback cup", [image_msg(pixels(151))]).success      # taught with Ego alone
+    assert ros.forget("icpt fallback cup").success
 
 
 # ---- personal-vlm node …: the client for machines without the ros2 command --------------------

@@ -184,9 +184,9 @@ def test_the_cascade_recognises_concepts_on_a_held_out_toy_split(toy_vlm, tmp_pa
 
 def test_icpt_recognises_concepts_on_a_held_out_toy_split_with_the_toy_projector(toy_vlm, toy_projector, tmp_path):
     results = _toy_split_results(toy_vlm, tmp_path, "icpt", icpt_projector=str(toy_projector))
-    # Chance is 0.5 (half of the negatives are look-alikes). Measured 0.819 on an Intel Xeon (Ego:
-    # 0.903 on the same split); the floor leaves 14 points for another CPU's toy and projector.
-    assert results["overall"]["weighted_accuracy"] >= 0.68
+    # Chance is 0.5 (half of the negatives are look-alikes). Measured 0.875 on an Intel Xeon (Ego:
+    # 0.903 on the same split); the floor leaves 15 points for another CPU's toy and projector.
+    assert results["overall"]["weighted_accuracy"] >= 0.72
     assert results["icpt"]["tokens_per_concept"] <= results["icpt"]["ego_tokens_per_concept"]
     assert results["decided_by"] == {"icpt": 48}
 
