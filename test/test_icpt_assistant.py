@@ -98,3 +98,26 @@ def test_icpt_named_without_a_projector_says_so_once_and_ego_recognises(adapters
     with _assistant(adapters, tmp_path / "s", recognition_method="icpt") as a:
         assert a.recognition_method == "ego"
         assert len(a.warnings) == 1 and "no ICPT projector is named" in a.warnings[0]
+
+
+def test_the_background_gap_draws_each_query_on_the_references_background_and_on_a_fresh_one(adapters, projector_file):
+    import numpy as np
+
+    from personal_vlm_node.testing import background_gap, toy_world
+
+    rng = np.random.default_rng(3)
+    look = toy_world.random_look(rng)
+    reference_spec = toy_world.reference_scene(rng, look)
+    reference = np.asarray(toy_world.render(reference_spec).image, np.float32)
+    [(same, fresh, positive), (_, _, negative)] = background_gap._queries(rng, look, reference_spec, 1)
+    assert positive and not negative
+    # The corners (clutter, no object) are the reference's in the first image, not in the second.
+    corner = (slice(0, 12), slice(0, 12))
+    assert np.abs(np.asarray(same, np.float32)[corner] - reference[corner]).mean() < 25
+    assert np.abs(np.asarray(fresh, np.float32)[corner] - reference[corner]).mean() > \
+        np.abs(np.asarray(same, np.float32)[corner] - reference[corner]).mean()
+    vlm = adapters(FAMILY)
+    figures = background_gap.measure(vlm, {"p": icpt.load_projector(projector_file, vlm)}, concepts=1, per_kind=1)
+    assert set(figures) == {"p", "ego"} and figures["p"]["pairs"] == 2
+    assert figures["p"]["gap"] == pytest.approx(figures["p"]["same_background_wtd"] - figures["p"]["fresh_background_wtd"],
+                                                abs=1e-3)
