@@ -67,7 +67,8 @@ class WithICPT:
     def icpt_prompt(self, name: str) -> Memory:
         """``name``'s ICPT prompt (made from its stored pictures when it has none yet)."""
         if self.icpt_prompts is None:
-            raise PersonalVLMError(self.icpt_problem or "ICPT is not loaded: name a projector with icpt_projector")
+            raise PersonalVLMError(self.icpt_problem or "ICPT is not loaded: name a projector (--icpt-projector, the "
+                                   "icpt_projector parameter or the profile's icpt.projector)")
         return self.icpt_prompts.prompt(name)
 
     def recognition_memory(self, name: str) -> Memory:

@@ -121,3 +121,17 @@ def test_the_background_gap_draws_each_query_on_the_references_background_and_on
     assert set(figures) == {"p", "ego"} and figures["p"]["pairs"] == 2
     assert figures["p"]["gap"] == pytest.approx(figures["p"]["same_background_wtd"] - figures["p"]["fresh_background_wtd"],
                                                 abs=1e-3)
+
+
+def test_eval_of_icpt_without_a_projector_says_so_before_teaching_anything(adapters, tmp_path):
+    from personal_vlm_node import evaluation
+    from personal_vlm_node.errors import PersonalVLMError
+    from personal_vlm_node.testing.toy_world import write_dataset
+
+    world = write_dataset(tmp_path / "w", seed=7, concepts=2, layout="yollava", references=1, tests=1)
+    with _assistant(adapters, tmp_path / "s") as a:
+        for method in ("icpt", "cascade"):
+            options = evaluation.EvalOptions(method=method, recognition_method="icpt" if method == "cascade" else None)
+            with pytest.raises(PersonalVLMError, match="ICPT is not loaded: name a projector"):
+                evaluation.evaluate(a, evaluation.load_dataset(world, shots=1), tmp_path / method, options, progress=None)
+        assert len(a.store) == 0

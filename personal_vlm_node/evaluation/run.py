@@ -312,6 +312,10 @@ def evaluate(assistant, dataset: Dataset, out, options: EvalOptions | None = Non
     if text_similarity is None and options.method in ("r2p", "cascade"):
         progress(SELF_JUDGED)
 
+    wants_icpt = options.method == "icpt" or (options.method == "cascade" and
+                                              (options.recognition_method or assistant.recognition_method) == "icpt")
+    if wants_icpt and assistant.icpt_prompts is None:
+        assistant.icpt_prompt("")           # raises: why ICPT is not loaded, before anything is taught
     introductions = _teach(assistant, dataset, out, progress)
     methods = _Methods(assistant, dataset, options, text_similarity)
     queries = dataset.queries[:options.max_queries] if options.max_queries else dataset.queries
