@@ -1044,6 +1044,7 @@ def test_a_damaged_icpt_projector_is_one_warning_at_startup_and_ego_serves(ros, 
     lines = [line for line in node_process.output().splitlines() if "ICPT unavailable" in line]
     assert len(lines) == 1, lines
     assert "[WARN]" in lines[0] and "damaged-projector.safetensors" in lines[0] and "Ego recognises instead" in lines[0]
+    assert _diagnostic_value(ros, "recognition_method").startswith("ego (ICPT unavailable: ")
     assert ros.teach("icpt fallback cup", [image_msg(pixels(151))]).success      # taught with Ego alone
     assert ros.forget("icpt fallback cup").success
 
