@@ -75,7 +75,7 @@ import torch
 import torch.nn.functional as nnf
 from torch import nn
 
-from . import prompts
+from . import ego
 from .errors import PersonalVLMError
 from .vlm.base import ImageTokens, Memory, VLMAdapter
 
@@ -284,18 +284,10 @@ def make_prompt(vlm: VLMAdapter, projector: Projector, images: list[ImageTokens]
     return Memory(prompt[:length].float().cpu().clone(), name)                      # (L_c, D)
 
 
-def recognize(vlm: VLMAdapter, image: ImageTokens, prompts_: list[Memory]) -> dict[str, float]:
-    """p(yes) per concept, each asked in a prompt of its own."""
-    return {m.name: vlm.yes_probability(prompts.recognize(m, image, vlm.family)) for m in prompts_}
-
-
-def recognize_joint(vlm: VLMAdapter, image: ImageTokens, prompts_: list[Memory],
-                    names: list[str] | None = None) -> dict[str, float]:
-    """p(yes) per name (default: every prompt's) with every candidate's prompt in one context; the
-    shared prefix (prompts + image) runs once for all names."""
-    names = [m.name for m in prompts_] if names is None else names
-    asked = [prompts.recognize_joint(prompts_, image, n, vlm.family) for n in names]
-    return dict(zip(names, vlm.yes_probabilities(asked)))
+# ICPT's prompts are layout-free memories, asked exactly as Ego's are (one prompt per concept, or
+# every prompt in one context with the shared prefix run once): Ego's functions serve both.
+recognize = ego.recognize
+recognize_joint = ego.recognize_joint
 
 
 # ---- the file ------------------------------------------------------------------------------------

@@ -44,9 +44,8 @@ import torch
 
 from . import prompts
 from .errors import PersonalVLMError
-from .icpt import (MAX_VIEWS, Projector, ProjectorConfig, background_loss, backbone_fingerprint, make_prompt,
-                   name_embeddings, object_attention_loss, recognize, recognize_joint, save_projector, separation_loss, task_loss,
-                   view_invariance_loss)
+from .icpt import (MAX_VIEWS, Projector, ProjectorConfig, background_loss, backbone_fingerprint, name_embeddings,
+                   object_attention_loss, save_projector, separation_loss, task_loss, view_invariance_loss)
 from .vlm.base import ImageTokens, Memory, VLMAdapter
 
 
@@ -255,9 +254,7 @@ def token_statistics(data: TrainingSet) -> tuple[float, torch.Tensor]:
 def _yes_no_logit(vlm: VLMAdapter, parts: list, yes: int, no: int) -> torch.Tensor:
     """z = λ_yes − λ_no of the prompt's first answer token, with gradients to its memories. ()"""
     prompt = vlm.build(parts)
-    out = vlm.language_model(inputs_embeds=prompt.inputs_embeds, position_ids=prompt.position_ids,
-                             use_cache=False, **prompt.lm_inputs)
-    logits = vlm.model.lm_head(out.last_hidden_state[:, -1]).float()             # (1, V)
+    logits, _ = vlm._run(prompt.inputs_embeds, prompt.position_ids, **prompt.lm_inputs)   # (1, V), with grads
     return logits[0, yes] - logits[0, no]
 
 
@@ -461,35 +458,3 @@ def train_projector(vlm: VLMAdapter, datasets: list[Path], out: Path, options: T
     save_projector(out, projector, fingerprint, {"training": {k: v for k, v in figures.items() if k != "out"},
                                                  "options": asdict(options)})
     return figures
-
-
-# ---- a quick check -----------------------------------------------------------------------------------
-def recognition_accuracy(vlm: VLMAdapter, projector: Projector, dataset, threshold: float = 0.5,
-                         joint: bool = False) -> dict:
-    """Every (query, concept) pair of ``dataset`` (an ``evaluation.datasets.Dataset``): prompts from
-    its references, p(yes) ≥ ``threshold`` = present. Weighted accuracy = mean of the positive
-    recall and the negative accuracy."""
-    from .evaluation.datasets import pairs
-
-    memories, seconds = {}, []
-    for name, refs in dataset.references.items():
-        images = [vlm.encode_image(p) for p in refs]
-        t0 = time.perf_counter()
-        memories[name] = make_prompt(vlm, projector, images, name)
-        seconds.append(time.perf_counter() - t0)
-    scores: dict[tuple[str, str], float] = {}
-    for query in dataset.queries:
-        tokens = vlm.encode_image(query.image)
-        asked = [c for q, c, _ in pairs(dataset) if q is query] if query.negative_for else dataset.concepts
-        found = (recognize_joint(vlm, tokens, list(memories.values()), asked) if joint
-                 else recognize(vlm, tokens, [memories[c] for c in asked]))
-        scores.update({(query.key, c): p for c, p in found.items()})
-    hits = {True: [], False: []}
-    for query, concept, positive in pairs(dataset):
-        hits[positive].append((scores[(query.key, concept)] >= threshold) == positive)
-    positive = statistics.fmean(hits[True]) if hits[True] else float("nan")
-    negative = statistics.fmean(hits[False]) if hits[False] else float("nan")
-    return {"weighted_accuracy": (positive + negative) / 2, "positive_recall": positive,
-            "negative_accuracy": negative, "pairs": len(hits[True]) + len(hits[False]),
-            "tokens_per_concept": statistics.fmean(int(m.tokens.shape[0]) for m in memories.values()),
-            "make_prompt_ms": 1000 * statistics.median(seconds)}
