@@ -64,12 +64,22 @@ class WithICPT:
         """ICPT's p(yes) that counts as present (the profile's ``icpt.threshold``)."""
         return float((self.profile.icpt or {}).get("threshold", DEFAULT_ICPT_THRESHOLD))
 
-    def icpt_prompt(self, name: str) -> Memory:
-        """``name``'s ICPT prompt (made from its stored pictures when it has none yet)."""
+    def require_icpt(self) -> ConceptPrompts:
+        """The loaded projector's prompts; PersonalVLMError saying why when ICPT is not loaded."""
         if self.icpt_prompts is None:
             raise PersonalVLMError(self.icpt_problem or "ICPT is not loaded: name a projector (--icpt-projector, the "
                                    "icpt_projector parameter or the profile's icpt.projector)")
-        return self.icpt_prompts.prompt(name)
+        return self.icpt_prompts
+
+    def icpt_prompt(self, name: str) -> Memory:
+        """``name``'s ICPT prompt (made from its stored pictures when it has none yet)."""
+        return self.require_icpt().prompt(name)
+
+    def recognition_status(self) -> str:
+        """``ego``, ``icpt (projector <id>)``, or ``ego (why ICPT is not in use)`` when it was asked for."""
+        if self.recognition_method == "icpt":
+            return f"icpt (projector {self.icpt_prompts.id})"
+        return f"ego ({self.icpt_problem})" if self.icpt_problem and self.icpt_prompts is None else "ego"
 
     def recognition_memory(self, name: str) -> Memory:
         """What the recognition method puts in a prompt for ``name``: its Ego memory or its ICPT prompt."""

@@ -90,11 +90,9 @@ class _Methods:
             if options.concept_thresholds else {}
         self.memories = {c: Memory.from_stored(assistant.stored_memory(c), c) for c in dataset.concepts}
         # ICPT's prompts, for --method icpt and for a cascade whose uncertain band ICPT settles.
-        self.recognition_method = options.recognition_method or assistant.recognition_method
         self.prompts = {}
-        if options.method == "icpt" or (options.method == "cascade" and self.recognition_method == "icpt"):
+        if _uses_icpt(assistant, options):
             self.prompts = {c: assistant.icpt_prompt(c) for c in dataset.concepts}
-        if options.method == "icpt" or self.prompts and options.method == "cascade":
             self.threshold = assistant.icpt_threshold if options.threshold is None else options.threshold
         self.fingerprints = {c: assistant.store.get(c).fingerprint for c in dataset.concepts}
         self.r2p = r2p.R2PVerifier(assistant.vlm, text_similarity, top_k=options.top_k,
@@ -231,7 +229,7 @@ def _settings(assistant, dataset: Dataset, options: EvalOptions, test_split: dic
     return {"dataset": str(dataset.root), "layout": dataset.layout, "shots": dataset.shots, **test_split,
             "model": assistant.vlm.identity, **values,
             # A run's prompts come from one projector: another one is another run.
-            **({"icpt_projector": prompts.id} if prompts is not None and options.method in ("icpt", "cascade") else {})}
+            **({"icpt_projector": prompts.id} if prompts is not None and _uses_icpt(assistant, options) else {})}
 
 
 def _check_settings(out: Path, settings: dict, restart: bool) -> None:
@@ -255,6 +253,12 @@ def _check_settings(out: Path, settings: dict, restart: bool) -> None:
 
 
 # ---- the run -------------------------------------------------------------------------------
+def _uses_icpt(assistant, options: EvalOptions) -> bool:
+    """ICPT decides: --method icpt, or a cascade whose uncertain band ICPT settles."""
+    method = options.recognition_method or assistant.recognition_method
+    return options.method == "icpt" or (options.method == "cascade" and method == "icpt")
+
+
 def _icpt_figures(assistant, methods, introductions) -> dict | None:
     """The projector, its prompts' length and what making one took, when ICPT ran."""
     if not methods.prompts:
@@ -265,7 +269,6 @@ def _icpt_figures(assistant, methods, introductions) -> dict | None:
             "ego_tokens_per_concept": _mean([m.tokens.shape[0] for m in methods.memories.values()]),
             "seconds_per_prompt": _mean([r.get("icpt_seconds") for r in introductions]),
             "seconds_per_encoding": _mean([r.get("encode_seconds") for r in introductions])}
-
 
 
 def _teach(assistant, dataset: Dataset, out: Path, progress) -> list[dict]:
@@ -312,10 +315,8 @@ def evaluate(assistant, dataset: Dataset, out, options: EvalOptions | None = Non
     if text_similarity is None and options.method in ("r2p", "cascade"):
         progress(SELF_JUDGED)
 
-    wants_icpt = options.method == "icpt" or (options.method == "cascade" and
-                                              (options.recognition_method or assistant.recognition_method) == "icpt")
-    if wants_icpt and assistant.icpt_prompts is None:
-        assistant.icpt_prompt("")           # raises: why ICPT is not loaded, before anything is taught
+    if _uses_icpt(assistant, options):
+        assistant.require_icpt()            # why ICPT is not loaded, before anything is taught
     introductions = _teach(assistant, dataset, out, progress)
     methods = _Methods(assistant, dataset, options, text_similarity)
     queries = dataset.queries[:options.max_queries] if options.max_queries else dataset.queries

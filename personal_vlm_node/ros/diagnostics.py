@@ -184,19 +184,11 @@ class Diagnostics:
             "calibration": calibration["text"],
             "store": store,
             "library": (library or "connected") if "://" in store else "local",
-            "recognition_method": self._recognition_method(),
+            "recognition_method": self.assistant.recognition_status(),
         }
         return DiagnosticStatus(level=bytes([level]), name=self.name(), message=message,
                                 hardware_id=f"{loaded['device']} / {self.values['model']}",
                                 values=[KeyValue(key=k, value=v) for k, v in values.items()])
-
-    def _recognition_method(self) -> str:
-        """``ego``, ``icpt (projector <id>)``, or ``ego`` with why ICPT is not in use when it was asked for."""
-        a = self.assistant
-        prompts = getattr(a, "icpt_prompts", None)
-        text = a.recognition_method + (f" (projector {prompts.id})" if a.recognition_method == "icpt" else "")
-        problem = getattr(a, "icpt_problem", "")
-        return f"{text} ({problem})" if problem and prompts is None else text
 
     def publish(self) -> None:
         from diagnostic_msgs.msg import DiagnosticArray
