@@ -153,20 +153,13 @@ def bench_icpt(vlm, store_dir: Path, repeats: int, cache_dir: Path, projector: s
     with Assistant(vlm, ConceptStore(store_dir), progress=None, options=options) as assistant:
         if assistant.icpt_prompts is None:
             return {"unavailable": assistant.icpt_problem}
-        assistant.teach("bench warm-up", [_picture(448, 99)]).wait_fingerprint()
-        steps: dict[str, list[float]] = {}
-        names = []
-        for r in range(repeats):
-            result = assistant.teach(f"bench concept {r}", [_picture(448, 100 + r)])
-            result.wait_fingerprint()
-            names.append(result.name)
-            for step in ("encode", "icpt", "usable"):
-                steps.setdefault(step, []).append(result.timings[step])
+        teach = bench_introduction(assistant, repeats)          # the same series, with the projector's step
+        names = [f"bench concept {r}" for r in range(repeats)]
         frame = vlm.encode_image(_picture(448, 448))
         prompt = assistant.icpt_prompt(names[0])
         memory = Memory.from_stored(assistant.stored_memory(names[0]), names[0])
         return {"projector": str(path) if projector else "untrained (timings only)",
-                "teach_median_s": {s: _median(v) for s, v in steps.items()},
+                "teach_median_s": {s: teach["median_seconds"][s] for s in ("encode", "icpt", "usable")},
                 "prompt_tokens": [assistant.icpt_prompt(n).tokens.shape[0] for n in names],
                 "memory_tokens": [assistant.store.get(n).memory_tokens for n in names],
                 "recognize_icpt_median_s": _median(_timed(lambda: icpt.recognize(vlm, frame, [prompt]), repeats)),
