@@ -75,11 +75,11 @@ class WithICPT:
         """``name``'s ICPT prompt (made from its stored pictures when it has none yet)."""
         return self.require_icpt().prompt(name)
 
-    def recognition_status(self) -> str:
-        """``ego``, ``icpt (projector <id>)``, or ``ego (why ICPT is not in use)`` when it was asked for."""
+    def recognition_status(self, why: bool = True) -> str:
+        """``ego``, ``icpt (projector <id>)``, or (``why``) ``ego (why ICPT is not in use)`` when it was asked for."""
         if self.recognition_method == "icpt":
             return f"icpt (projector {self.icpt_prompts.id})"
-        return f"ego ({self.icpt_problem})" if self.icpt_problem and self.icpt_prompts is None else "ego"
+        return f"ego ({self.icpt_problem})" if why and self.icpt_problem and self.icpt_prompts is None else "ego"
 
     def recognition_memory(self, name: str) -> Memory:
         """What the recognition method puts in a prompt for ``name``: its Ego memory or its ICPT prompt."""

@@ -1045,6 +1045,7 @@ def test_a_damaged_icpt_projector_is_one_warning_at_startup_and_ego_serves(ros, 
     assert len(lines) == 1, lines
     assert "[WARN]" in lines[0] and "damaged-projector.safetensors" in lines[0] and "Ego recognises instead" in lines[0]
     assert _diagnostic_value(ros, "recognition_method").startswith("ego (ICPT unavailable: ")
+    assert next(l for l in node_process.output().splitlines() if "ready:" in l).endswith(", recognition ego")
     assert ros.teach("icpt fallback cup", [image_msg(pixels(151))]).success      # taught with Ego alone
     assert ros.forget("icpt fallback cup").success
 

@@ -107,7 +107,7 @@ def ready_line(values: dict, assistant) -> str:
     loaded = assistant.describe()
     count = len(assistant.concepts())
     return (f"ready: {values['model']} on {loaded['device']} ({loaded['dtype']}, {loaded['family']}), "
-            f"{plural(count, 'concept')} in {loaded['store']}")
+            f"{plural(count, 'concept')} in {loaded['store']}, recognition {assistant.recognition_status(why=False)}")
 
 
 def main(argv: list[str] | None = None) -> int:
